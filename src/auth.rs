@@ -1,0 +1,123 @@
+//! Gateway API keys: who is calling.
+//!
+//! Keys are held only as SHA-256 digests; a presented key is hashed and looked
+//! up. The key comes from `Authorization: Bearer <key>` or `x-api-key`.
+
+use std::collections::HashMap;
+
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+use crate::config::{ApiKey, Tier};
+
+/// The caller a request was authenticated as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub key_name: String,
+    pub tenant: String,
+    pub tier: Tier,
+}
+
+impl Caller {
+    fn anonymous() -> Self {
+        Self {
+            key_name: "anonymous".to_owned(),
+            tenant: "anonymous".to_owned(),
+            tier: Tier::Standard,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct KeyTable {
+    by_hash: HashMap<[u8; 32], Caller>,
+    open_access: bool,
+}
+
+impl KeyTable {
+    pub fn new(keys: &[ApiKey], open_access: bool) -> Self {
+        let by_hash = keys
+            .iter()
+            .map(|k| {
+                let caller = Caller {
+                    key_name: k.name.clone(),
+                    tenant: k.tenant.clone(),
+                    tier: k.tier,
+                };
+                (k.sha256, caller)
+            })
+            .collect();
+        Self {
+            by_hash,
+            open_access,
+        }
+    }
+
+    /// The caller for these request headers, or `None` if they are not allowed in.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Option<Caller> {
+        if self.open_access {
+            return Some(Caller::anonymous());
+        }
+        let key = presented_key(headers)?;
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        self.by_hash.get(&digest).cloned()
+    }
+}
+
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+        let v = v.to_str().ok()?;
+        let (scheme, key) = v.split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| key.trim());
+    }
+    headers.get("x-api-key")?.to_str().ok().map(str::trim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> KeyTable {
+        let key = ApiKey {
+            name: "k".into(),
+            sha256: Sha256::digest(b"dk-good").into(),
+            tenant: "acme".into(),
+            tier: Tier::Critical,
+        };
+        KeyTable::new(&[key], false)
+    }
+
+    fn headers(name: &'static str, value: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, http::HeaderValue::from_static(value));
+        h
+    }
+
+    #[test]
+    fn bearer_and_x_api_key() {
+        let t = table();
+        assert_eq!(
+            t.authenticate(&headers("authorization", "Bearer dk-good"))
+                .unwrap()
+                .tenant,
+            "acme"
+        );
+        assert!(t
+            .authenticate(&headers("authorization", "bearer dk-good"))
+            .is_some());
+        assert!(t.authenticate(&headers("x-api-key", "dk-good")).is_some());
+        assert!(t
+            .authenticate(&headers("authorization", "Bearer dk-bad"))
+            .is_none());
+        assert!(t
+            .authenticate(&headers("authorization", "Basic dk-good"))
+            .is_none());
+        assert!(t.authenticate(&HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn open_access_lets_everyone_in() {
+        let t = KeyTable::new(&[], true);
+        assert!(t.authenticate(&HeaderMap::new()).is_some());
+    }
+}

@@ -1,0 +1,713 @@
+//! Stage two: from the file's text to a validated [`Config`], or every problem
+//! found, each with file, line, column and key.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+use url::Url;
+
+use super::env::expand;
+use super::raw::{RawConfig, RawKey, RawProvider, RawRoute, RawServer, Str};
+use super::*;
+
+/// Reads and validates a config file.
+pub fn load_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    load_str(&text, &file)
+}
+
+/// Validates config text; `file` names it in diagnostics.
+pub fn load_str(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let lookup = |name: &str| std::env::var(name).ok();
+    Loader {
+        text,
+        file,
+        lookup: &lookup,
+        diags: Vec::new(),
+    }
+    .load()
+}
+
+struct Loader<'a> {
+    text: &'a str,
+    file: &'a str,
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+    diags: Vec<Diagnostic>,
+}
+
+impl Loader<'_> {
+    fn load(mut self) -> Result<Config, ConfigError> {
+        let doc = match DeTable::parse(self.text) {
+            Ok(doc) => doc,
+            Err(e) => {
+                let offset = e.span().map_or(0, |s| s.start);
+                self.report_at(offset, "(syntax)", e.message().trim());
+                return Err(ConfigError::Invalid(self.diags));
+            }
+        };
+        let mut unknown = Vec::new();
+        let raw: Result<RawConfig, _> = toml::de::Deserializer::parse(self.text)
+            .and_then(|de| serde_ignored::deserialize(de, |path| unknown.push(segments(&path))));
+        for path in unknown {
+            let (offset, key) = locate(doc.get_ref(), &path);
+            self.report_at(offset, &key, "unknown key");
+        }
+        let raw = match raw {
+            Ok(raw) => raw,
+            Err(e) => {
+                let offset = e.span().map_or(0, |s| s.start);
+                let key = key_at(doc.get_ref(), offset);
+                self.report_at(offset, &key, e.message().trim());
+                return Err(ConfigError::Invalid(self.diags));
+            }
+        };
+        let config = self.validate(raw);
+        if self.diags.is_empty() {
+            if let Some(config) = config {
+                return Ok(config);
+            }
+        }
+        Err(ConfigError::Invalid(self.diags))
+    }
+
+    fn validate(&mut self, raw: RawConfig) -> Option<Config> {
+        let providers: Vec<Arc<Provider>> = raw
+            .providers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| self.provider(i, p).map(Arc::new))
+            .collect();
+        let mut seen = HashSet::new();
+        for (i, p) in raw.providers.iter().enumerate() {
+            if !seen.insert(p.name.get_ref().as_str()) {
+                self.report(
+                    &p.name,
+                    &format!("providers[{i}].name"),
+                    "duplicate provider name",
+                );
+            }
+        }
+        let by_name: HashMap<&str, (usize, &Arc<Provider>)> = providers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.as_str(), (i, p)))
+            .collect();
+        let known: Vec<&str> = raw
+            .providers
+            .iter()
+            .map(|p| p.name.get_ref().as_str())
+            .collect();
+
+        let mut routes = Vec::new();
+        let mut route_index = HashMap::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            if let Some(route) = self.route(i, r, &by_name, &known) {
+                if route_index
+                    .insert(route.alias.clone(), routes.len())
+                    .is_some()
+                {
+                    self.report(
+                        &r.model,
+                        &format!("routes[{i}].model"),
+                        "duplicate route alias",
+                    );
+                }
+                routes.push(Arc::new(route));
+            }
+        }
+        let keys: Vec<ApiKey> = raw
+            .keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| self.key(i, k))
+            .collect();
+        let mut hashes = HashSet::new();
+        for (i, k) in keys.iter().enumerate() {
+            if !hashes.insert(k.sha256) {
+                self.report_at(0, &format!("keys[{i}]"), "the same key is configured twice");
+            }
+        }
+        let server = self.server(&raw.server, keys.is_empty())?;
+        Some(Config {
+            server,
+            providers,
+            routes,
+            keys,
+            route_index,
+        })
+    }
+
+    fn server(&mut self, raw: &RawServer, no_keys: bool) -> Option<Server> {
+        let listen = match &raw.listen {
+            Some(s) => self.socket_addr(s, "server.listen")?,
+            None => DEFAULT_LISTEN.parse().ok()?,
+        };
+        let admin_listen = match &raw.admin_listen {
+            Some(s) => Some(self.socket_addr(s, "server.admin_listen")?),
+            None => None,
+        };
+        let explicit_open = raw.allow_unauthenticated.unwrap_or(false);
+        if no_keys && !explicit_open && !listen.ip().is_loopback() {
+            let at = raw.listen.as_ref().map_or(0, |s| s.span().start);
+            self.report_at(
+                at,
+                "server.listen",
+                &format!(
+                    "no [[keys]] are configured and {listen} is not a loopback address; \
+                     add [[keys]] or set `allow_unauthenticated = true` to run open on purpose"
+                ),
+            );
+        }
+        let max_body_bytes = match &raw.max_body_bytes {
+            Some(n) if *n.get_ref() == 0 => {
+                self.report(n, "server.max_body_bytes", "must be greater than 0");
+                return None;
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+            None => usize::try_from(DEFAULT_MAX_BODY_BYTES).unwrap_or(usize::MAX),
+        };
+        Some(Server {
+            listen,
+            admin_listen,
+            open_access: no_keys,
+            max_body_bytes,
+        })
+    }
+
+    fn provider(&mut self, i: usize, p: &RawProvider) -> Option<Provider> {
+        let at = |field: &str| format!("providers[{i}].{field}");
+        let name = p.name.get_ref().trim().to_owned();
+        if name.is_empty() {
+            self.report(&p.name, &at("name"), "must not be empty");
+        }
+        let kind = match p.kind.get_ref().as_str() {
+            "openai" => Some(ProviderKind::OpenAi),
+            "openai-compatible" => Some(ProviderKind::OpenAiCompatible),
+            "anthropic" => Some(ProviderKind::Anthropic),
+            "gemini" => Some(ProviderKind::Gemini),
+            other => {
+                self.report(
+                    &p.kind,
+                    &at("kind"),
+                    &format!(
+                        "unknown provider kind `{other}` (expected one of: {})",
+                        ProviderKind::NAMES.join(", ")
+                    ),
+                );
+                None
+            }
+        };
+        let base_url = self.url(&p.base_url, &at("base_url"));
+        let status_page = match &p.status_page {
+            Some(s) => Some(self.url(s, &at("status_page"))?),
+            None => None,
+        };
+        let api_key = match &p.api_key {
+            Some(s) => Some(Secret::new(self.expand(s, &at("api_key"))?)),
+            None => None,
+        };
+        let connect_timeout = match &p.connect_timeout {
+            Some(s) => self.duration(s, &at("connect_timeout"))?,
+            None => DEFAULT_CONNECT_TIMEOUT,
+        };
+        Some(Provider {
+            name,
+            kind: kind?,
+            base_url: base_url?,
+            api_key,
+            status_page,
+            connect_timeout,
+        })
+    }
+
+    fn route(
+        &mut self,
+        i: usize,
+        r: &RawRoute,
+        providers: &HashMap<&str, (usize, &Arc<Provider>)>,
+        known: &[&str],
+    ) -> Option<Route> {
+        let alias = r.model.get_ref().trim().to_owned();
+        if alias.is_empty() {
+            self.report(&r.model, &format!("routes[{i}].model"), "must not be empty");
+        }
+        if r.targets.is_empty() {
+            self.report(
+                &r.model,
+                &format!("routes[{i}].targets"),
+                "a route needs at least one target",
+            );
+        }
+        let mut targets = Vec::new();
+        for (j, t) in r.targets.iter().enumerate() {
+            let at = |field: &str| format!("routes[{i}].targets[{j}].{field}");
+            let provider = providers.get(t.provider.get_ref().as_str());
+            if provider.is_none() && !known.contains(&t.provider.get_ref().as_str()) {
+                self.report(
+                    &t.provider,
+                    &at("provider"),
+                    &format!(
+                        "unknown provider `{}` (configured: {})",
+                        t.provider.get_ref(),
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+            if t.model.get_ref().trim().is_empty() {
+                self.report(&t.model, &at("model"), "must not be empty");
+            }
+            let weight = t.weight.as_ref().map_or(1, |w| *w.get_ref());
+            if let (Some((index, provider)), false) =
+                (provider, t.model.get_ref().trim().is_empty())
+            {
+                targets.push(Target {
+                    provider: Arc::clone(provider),
+                    provider_index: *index,
+                    model: t.model.get_ref().clone(),
+                    weight,
+                });
+            }
+        }
+        let defaults = Timeouts::default();
+        let mut timeout = |field: &str, value: &Option<Str>, default: Duration| match value {
+            Some(s) => self.duration(s, &format!("routes[{i}].timeouts.{field}")),
+            None => Some(default),
+        };
+        let timeouts = Timeouts {
+            first_byte: timeout("first_byte", &r.timeouts.first_byte, defaults.first_byte)?,
+            idle: timeout("idle", &r.timeouts.idle, defaults.idle)?,
+            total: timeout("total", &r.timeouts.total, defaults.total)?,
+        };
+        Some(Route {
+            alias,
+            targets,
+            timeouts,
+        })
+    }
+
+    fn key(&mut self, i: usize, k: &RawKey) -> Option<ApiKey> {
+        let at = |field: &str| format!("keys[{i}].{field}");
+        let sha256 = match (&k.key, &k.key_sha256) {
+            (Some(plain), None) => {
+                let plain = self.expand(plain, &at("key"))?;
+                if plain.is_empty() {
+                    self.report(k.key.as_ref()?, &at("key"), "must not be empty");
+                    return None;
+                }
+                Sha256::digest(plain.as_bytes()).into()
+            }
+            (None, Some(hash)) => {
+                let text = self.expand(hash, &at("key_sha256"))?;
+                let mut out = [0u8; 32];
+                if hex::decode_to_slice(text.trim(), &mut out).is_err() {
+                    self.report(
+                        hash,
+                        &at("key_sha256"),
+                        "must be 64 hexadecimal characters (a SHA-256 digest)",
+                    );
+                    return None;
+                }
+                out
+            }
+            (Some(plain), Some(_)) => {
+                self.report(
+                    plain,
+                    &at("key"),
+                    "give either `key` or `key_sha256`, not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                self.report(
+                    &k.tenant,
+                    &format!("keys[{i}]"),
+                    "needs `key` or `key_sha256`",
+                );
+                return None;
+            }
+        };
+        let tenant = k.tenant.get_ref().trim().to_owned();
+        if tenant.is_empty() {
+            self.report(&k.tenant, &at("tenant"), "must not be empty");
+        }
+        let tier = match &k.tier {
+            None => Tier::Standard,
+            Some(t) => match t.get_ref().as_str() {
+                "critical" => Tier::Critical,
+                "standard" => Tier::Standard,
+                "sheddable" => Tier::Sheddable,
+                other => {
+                    self.report(
+                        t,
+                        &at("tier"),
+                        &format!(
+                            "unknown tier `{other}` (expected one of: {})",
+                            Tier::NAMES.join(", ")
+                        ),
+                    );
+                    return None;
+                }
+            },
+        };
+        let name = k
+            .name
+            .as_ref()
+            .map_or_else(|| format!("key-{i}"), |n| n.get_ref().clone());
+        Some(ApiKey {
+            name,
+            sha256,
+            tenant,
+            tier,
+        })
+    }
+
+    fn expand(&mut self, value: &Str, key: &str) -> Option<String> {
+        match expand(value.get_ref(), self.lookup) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.report(value, key, &e.to_string());
+                None
+            }
+        }
+    }
+
+    fn url(&mut self, value: &Str, key: &str) -> Option<Url> {
+        let text = self.expand(value, key)?;
+        match Url::parse(&text) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+            Ok(u) => {
+                self.report(
+                    value,
+                    key,
+                    &format!("`{}` URLs are not supported; use http or https", u.scheme()),
+                );
+                None
+            }
+            Err(e) => {
+                self.report(value, key, &format!("not a valid URL: {e}"));
+                None
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, value: &Str, key: &str) -> Option<SocketAddr> {
+        let text = self.expand(value, key)?;
+        match text.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.report(
+                    value,
+                    key,
+                    &format!("`{text}` is not an IP:port address (for example 127.0.0.1:8080)"),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, value: &Str, key: &str) -> Option<Duration> {
+        match parse_duration(value.get_ref()) {
+            Some(d) if !d.is_zero() => Some(d),
+            _ => {
+                self.report(
+                    value,
+                    key,
+                    &format!(
+                        "`{}` is not a duration (for example 250ms, 30s, 5m)",
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn report<T>(&mut self, at: &Spanned<T>, key: &str, message: &str) {
+        self.report_at(at.span().start, key, message);
+    }
+
+    fn report_at(&mut self, offset: usize, key: &str, message: &str) {
+        let (line, column) = line_col(self.text, offset);
+        self.diags.push(Diagnostic {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: key.to_owned(),
+            message: message.to_owned(),
+        });
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, column)
+}
+
+#[derive(Debug, Clone)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+fn segments(path: &serde_ignored::Path) -> Vec<Segment> {
+    use serde_ignored::Path;
+    let mut out = match path {
+        Path::Root => return Vec::new(),
+        Path::Seq { parent, .. }
+        | Path::Map { parent, .. }
+        | Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => segments(parent),
+    };
+    match path {
+        Path::Seq { index, .. } => out.push(Segment::Index(*index)),
+        Path::Map { key, .. } => out.push(Segment::Key(key.clone())),
+        _ => {}
+    }
+    out
+}
+
+fn render_path(path: &[Segment]) -> String {
+    let mut out = String::new();
+    for s in path {
+        match s {
+            Segment::Key(k) if out.is_empty() => out.push_str(k),
+            Segment::Key(k) => {
+                out.push('.');
+                out.push_str(k);
+            }
+            Segment::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// The byte offset of the key at `path` and its printable name.
+fn locate(root: &DeTable, path: &[Segment]) -> (usize, String) {
+    let mut offset = 0;
+    let mut table = Some(root);
+    let mut array: Option<&toml::de::DeArray> = None;
+    for seg in path {
+        let value: Option<&Spanned<DeValue>> = match (seg, table, array) {
+            (Segment::Key(k), Some(t), _) => {
+                t.iter()
+                    .find(|(key, _)| key.get_ref() == k)
+                    .map(|(key, v)| {
+                        offset = key.span().start;
+                        v
+                    })
+            }
+            (Segment::Index(i), _, Some(a)) => a.get(*i),
+            _ => None,
+        };
+        let Some(value) = value else { break };
+        if matches!(seg, Segment::Index(_)) {
+            offset = value.span().start;
+        }
+        (table, array) = match value.get_ref() {
+            DeValue::Table(t) => (Some(t), None),
+            DeValue::Array(a) => (None, Some(a)),
+            _ => (None, None),
+        };
+    }
+    (offset, render_path(path))
+}
+
+/// The deepest key whose key or value contains `offset`, as a printable path.
+/// Searches every table: a `[section]` header's span does not cover its body.
+fn key_at(root: &DeTable, offset: usize) -> String {
+    let mut path = Vec::new();
+    if find_in_table(root, offset, &mut path) {
+        render_path(&path)
+    } else {
+        "(document)".to_owned()
+    }
+}
+
+fn find_in_table(table: &DeTable, offset: usize, path: &mut Vec<Segment>) -> bool {
+    table.iter().any(|(k, v)| {
+        path.push(Segment::Key(k.get_ref().to_string()));
+        let hit = find_in_value(v, offset, path)
+            || k.span().contains(&offset)
+            || v.span().contains(&offset)
+            || v.span().end == offset;
+        if !hit {
+            path.pop();
+        }
+        hit
+    })
+}
+
+fn find_in_value(value: &Spanned<DeValue>, offset: usize, path: &mut Vec<Segment>) -> bool {
+    match value.get_ref() {
+        DeValue::Table(t) => find_in_table(t, offset, path),
+        DeValue::Array(a) => a.iter().enumerate().any(|(i, v)| {
+            path.push(Segment::Index(i));
+            let hit = find_in_value(v, offset, path) || v.span().contains(&offset);
+            if !hit {
+                path.pop();
+            }
+            hit
+        }),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, Vec<Diagnostic>> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let lookup = move |name: &str| env.get(name).cloned();
+        Loader {
+            text,
+            file: "t.toml",
+            lookup: &lookup,
+            diags: Vec::new(),
+        }
+        .load()
+        .map_err(|e| match e {
+            ConfigError::Invalid(d) => d,
+            ConfigError::Read { .. } => unreachable!(),
+        })
+    }
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+api_key = "${OPENAI_API_KEY}"
+
+[[routes]]
+model = "fast"
+targets = [{ provider = "openai", model = "gpt-4o-mini" }]
+timeouts = { first_byte = "10s" }
+
+[[keys]]
+key = "${TEAM_KEY}"
+tenant = "acme"
+tier = "critical"
+"#;
+
+    #[test]
+    fn a_good_config_loads() {
+        let c = load(GOOD, &[("OPENAI_API_KEY", "sk-1"), ("TEAM_KEY", "dk-1")]).unwrap();
+        let route = c.route("fast").unwrap();
+        assert_eq!(route.targets[0].model, "gpt-4o-mini");
+        assert_eq!(route.timeouts.first_byte, Duration::from_secs(10));
+        assert_eq!(route.timeouts.idle, Timeouts::default().idle);
+        assert_eq!(c.providers[0].api_key.as_ref().unwrap().expose(), "sk-1");
+        assert_eq!(c.keys[0].tier, Tier::Critical);
+        assert!(!c.server.open_access);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_line_and_key() {
+        let text = r#"[server]
+listen = "127.0.0.1:0"
+colour = "blue"
+
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "not a url"
+api_key = "${MISSING_KEY}"
+bse_url = "x"
+
+[[routes]]
+model = "fast"
+targets = [{ provider = "opena", model = "gpt-4o-mini" }]
+"#;
+        let diags = load(text, &[]).unwrap_err();
+        let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
+        let has = |needle: &str| lines.iter().any(|l| l.contains(needle));
+        assert!(has("t.toml:3:1: server.colour: unknown key"), "{lines:#?}");
+        assert!(
+            has("t.toml:10:1: providers[0].bse_url: unknown key"),
+            "{lines:#?}"
+        );
+        assert!(
+            has("t.toml:8:12: providers[0].base_url: not a valid URL"),
+            "{lines:#?}"
+        );
+        assert!(
+            has("t.toml:9:11: providers[0].api_key: environment variable `MISSING_KEY` is not set"),
+            "{lines:#?}"
+        );
+        assert!(has("t.toml:14:25: routes[0].targets[0].provider: unknown provider `opena` (configured: openai)"), "{lines:#?}");
+        assert_eq!(diags.len(), 5, "{lines:#?}");
+    }
+
+    #[test]
+    fn type_errors_and_syntax_errors_name_a_line() {
+        let diags = load("[server]\nmax_body_bytes = \"big\"\n", &[]).unwrap_err();
+        assert_eq!(
+            (diags[0].line, diags[0].key.as_str()),
+            (2, "server.max_body_bytes"),
+            "{diags:?}"
+        );
+        let diags = load("[server\nlisten = 1\n", &[]).unwrap_err();
+        assert_eq!(diags[0].line, 1, "{diags:?}");
+        let diags = load("[[providers]]\nname = \"a\"\n", &[]).unwrap_err();
+        assert!(diags[0].message.contains("kind"), "{diags:?}");
+    }
+
+    #[test]
+    fn open_access_needs_loopback_or_consent() {
+        let open = "[server]\nlisten = \"0.0.0.0:8080\"\n";
+        let diags = load(open, &[]).unwrap_err();
+        assert!(diags[0].message.contains("allow_unauthenticated"));
+        let c = load(
+            "[server]\nlisten = \"0.0.0.0:8080\"\nallow_unauthenticated = true\n",
+            &[],
+        )
+        .unwrap();
+        assert!(c.server.open_access);
+        assert!(load("", &[]).unwrap().server.open_access);
+    }
+
+    #[test]
+    fn keys_by_hash_and_bad_hashes() {
+        let hash = hex::encode(Sha256::digest(b"dk-1"));
+        let c = load(
+            &format!("[[keys]]\nkey_sha256 = \"{hash}\"\ntenant = \"t\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.keys[0].sha256, <[u8; 32]>::from(Sha256::digest(b"dk-1")));
+        let diags = load(
+            "[[keys]]\nkey_sha256 = \"abc\"\ntenant = \"t\"\ntier = \"gold\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(diags[0].key, "keys[0].key_sha256");
+    }
+}

@@ -1,0 +1,261 @@
+//! Configuration: one TOML file, loaded in two stages.
+//!
+//! 1. [`raw`] deserialises the file into structs that keep every value's span.
+//! 2. [`load`] validates them into the typed [`Config`] below, where bad states
+//!    cannot be represented: durations are `Duration`, URLs are `Url`, a route's
+//!    targets point at providers that exist, secrets are [`Secret`].
+//!
+//! Every problem becomes a [`Diagnostic`] naming file, line, column and key;
+//! loading collects all of them instead of stopping at the first.
+
+mod env;
+mod load;
+pub mod raw;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use load::{load_file, load_str};
+use url::Url;
+
+/// A validated configuration. Immutable once built; a reload builds a new one.
+#[derive(Debug)]
+pub struct Config {
+    pub server: Server,
+    pub providers: Vec<Arc<Provider>>,
+    pub routes: Vec<Arc<Route>>,
+    pub keys: Vec<ApiKey>,
+    route_index: HashMap<String, usize>,
+}
+
+impl Config {
+    /// The route a client's `model` alias names.
+    pub fn route(&self, alias: &str) -> Option<&Arc<Route>> {
+        self.route_index.get(alias).map(|&i| &self.routes[i])
+    }
+
+    /// Route aliases in config order.
+    pub fn aliases(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|r| r.alias.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    /// Serve without `[[keys]]`. Only ever true when keys are empty and either
+    /// the config says so or the listener is on loopback.
+    pub open_access: bool,
+    pub max_body_bytes: usize,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    OpenAi,
+    OpenAiCompatible,
+    Anthropic,
+    Gemini,
+}
+
+impl ProviderKind {
+    pub const NAMES: &'static [&'static str] =
+        &["openai", "openai-compatible", "anthropic", "gemini"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::OpenAiCompatible => "openai-compatible",
+            Self::Anthropic => "anthropic",
+            Self::Gemini => "gemini",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Provider {
+    pub name: String,
+    pub kind: ProviderKind,
+    /// Base URL including the API version path, e.g. `https://api.openai.com/v1`.
+    pub base_url: Url,
+    pub api_key: Option<Secret>,
+    pub status_page: Option<Url>,
+    pub connect_timeout: Duration,
+}
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct Route {
+    /// The `model` name clients send.
+    pub alias: String,
+    /// Ordered: the first is preferred.
+    pub targets: Vec<Target>,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug)]
+pub struct Target {
+    pub provider: Arc<Provider>,
+    /// Position of `provider` in [`Config::providers`].
+    pub provider_index: usize,
+    /// The model name sent upstream.
+    pub model: String,
+    pub weight: u32,
+}
+
+/// Per-attempt time limits. There is no single "request timeout": a total
+/// limit alone would either kill long streams or let a dead upstream hang.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From sending the request to the response headers, and for streams to
+    /// the first body chunk.
+    pub first_byte: Duration,
+    /// Longest gap between two body chunks.
+    pub idle: Duration,
+    /// Whole attempt, body included.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            first_byte: Duration::from_secs(60),
+            idle: Duration::from_secs(30),
+            total: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub tenant: String,
+    pub tier: Tier,
+}
+
+/// Priority under overload, highest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tier {
+    Critical,
+    Standard,
+    Sheddable,
+}
+
+impl Tier {
+    pub const NAMES: &'static [&'static str] = &["critical", "standard", "sheddable"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Critical => "critical",
+            Self::Standard => "standard",
+            Self::Sheddable => "sheddable",
+        }
+    }
+}
+
+/// A secret from the config. It never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted key path, e.g. `routes[0].targets[1].provider`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file, self.line, self.column, self.key, self.message
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read config: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{}", render(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+fn render(diags: &[Diagnostic]) -> String {
+    let mut out = String::new();
+    for (i, d) in diags.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&d.to_string());
+    }
+    out
+}
+
+/// Parses durations written as `250ms`, `5s`, `2m` or `1h`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("5 parsecs"), None);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("sk-live-123".into());
+        assert!(!format!("{s:?}").contains("sk-live"));
+    }
+}

@@ -1,0 +1,71 @@
+//! The config file as written: serde structs with spans, before validation.
+//!
+//! Unknown keys are not rejected here at the first one; the loader collects
+//! every unknown key (with `serde_ignored`) so `detour check` can report them all.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub type Str = Spanned<String>;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub providers: Vec<RawProvider>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub keys: Vec<RawKey>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawServer {
+    pub listen: Option<Str>,
+    pub admin_listen: Option<Str>,
+    pub allow_unauthenticated: Option<bool>,
+    pub max_body_bytes: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawProvider {
+    pub name: Str,
+    pub kind: Str,
+    pub base_url: Str,
+    pub api_key: Option<Str>,
+    pub status_page: Option<Str>,
+    pub connect_timeout: Option<Str>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawRoute {
+    pub model: Str,
+    #[serde(default)]
+    pub targets: Vec<RawTarget>,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawTarget {
+    pub provider: Str,
+    pub model: Str,
+    pub weight: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawTimeouts {
+    pub first_byte: Option<Str>,
+    pub idle: Option<Str>,
+    pub total: Option<Str>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawKey {
+    pub name: Option<Str>,
+    pub key: Option<Str>,
+    pub key_sha256: Option<Str>,
+    pub tenant: Str,
+    pub tier: Option<Str>,
+}

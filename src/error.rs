@@ -1,0 +1,221 @@
+//! The client-facing error type and the one place that turns it into a
+//! response in the client's format.
+//!
+//! Each boundary has its own error type (`config::ConfigError`,
+//! `protocol::openai::InvalidRequest`, `upstream::UpstreamError`);
+//! [`GatewayError`] is what a request can end in, and [`ApiError::into_response`]
+//! is the only code that writes an error body.
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{header, HeaderValue, StatusCode};
+
+use crate::protocol::openai::{self, InvalidRequest};
+use crate::upstream::{TimeoutKind, UpstreamError};
+
+/// The API format the client speaks; errors are written in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFormat {
+    OpenAi,
+}
+
+impl ClientFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    InvalidRequest(#[from] InvalidRequest),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("the model `{alias}` does not exist; available models: {}", list(.available))]
+    ModelNotFound {
+        alias: String,
+        available: Vec<String>,
+    },
+    #[error("unknown path {method} {path}")]
+    NotFound { method: String, path: String },
+    #[error("route `{alias}` has no target that can serve {endpoint}")]
+    NoTarget {
+        alias: String,
+        endpoint: &'static str,
+    },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "none are configured".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// A [`GatewayError`] on its way to a client that speaks `format`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub error: GatewayError,
+    pub format: ClientFormat,
+}
+
+impl<E: Into<GatewayError>> From<E> for ApiError {
+    fn from(e: E) -> Self {
+        Self {
+            error: e.into(),
+            format: ClientFormat::OpenAi,
+        }
+    }
+}
+
+/// How an error shows to the client, independent of the wire format.
+struct Shape<'a> {
+    status: StatusCode,
+    kind: &'a str,
+    code: Option<&'a str>,
+    param: Option<&'a str>,
+}
+
+impl GatewayError {
+    fn shape(&self) -> Shape<'_> {
+        let shape = |status, kind, code| Shape {
+            status,
+            kind,
+            code,
+            param: None,
+        };
+        match self {
+            Self::InvalidRequest(e) => Shape {
+                param: e.param.as_deref(),
+                ..shape(StatusCode::BAD_REQUEST, "invalid_request_error", None)
+            },
+            Self::PayloadTooLarge { .. } => shape(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("request_too_large"),
+            ),
+            Self::BodyRead(_) => shape(StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            Self::Unauthorized => shape(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
+            Self::ModelNotFound { .. } => Shape {
+                param: Some("model"),
+                ..shape(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    Some("model_not_found"),
+                )
+            },
+            Self::NotFound { .. } => shape(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("unknown_url"),
+            ),
+            Self::NoTarget { .. } => shape(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("unsupported_endpoint"),
+            ),
+            Self::Upstream(e) => upstream_shape(e),
+        }
+    }
+}
+
+fn upstream_shape(e: &UpstreamError) -> Shape<'static> {
+    let shape = |status, code| Shape {
+        status,
+        kind: "upstream_error",
+        code: Some(code),
+        param: None,
+    };
+    match e {
+        UpstreamError::Timeout { kind, .. } => shape(
+            StatusCode::GATEWAY_TIMEOUT,
+            match kind {
+                TimeoutKind::Connect => "upstream_connect_timeout",
+                TimeoutKind::FirstByte => "upstream_first_byte_timeout",
+                TimeoutKind::Idle => "upstream_idle_timeout",
+                TimeoutKind::Total => "upstream_total_timeout",
+            },
+        ),
+        UpstreamError::Connect { .. } => shape(StatusCode::BAD_GATEWAY, "upstream_connect_error"),
+        UpstreamError::Transport { .. } => {
+            shape(StatusCode::BAD_GATEWAY, "upstream_transport_error")
+        }
+        UpstreamError::Status { status, .. } => match status.as_u16() {
+            429 => Shape {
+                kind: "rate_limit_error",
+                ..shape(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded")
+            },
+            401..=403 => shape(StatusCode::BAD_GATEWAY, "upstream_credentials_rejected"),
+            _ => shape(StatusCode::BAD_GATEWAY, "upstream_server_error"),
+        },
+    }
+}
+
+/// Upstream 4xx answers that are the caller's fault and are relayed as they
+/// are (the provider's body is already in OpenAI shape for OpenAI kinds).
+pub fn is_callers_fault(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 404 | 409 | 413 | 415 | 422)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let GatewayError::Upstream(UpstreamError::Status {
+            status,
+            content_type,
+            body,
+            ..
+        }) = &self.error
+        {
+            if is_callers_fault(*status) && self.format == ClientFormat::OpenAi {
+                let mut resp = (*status, body.clone()).into_response();
+                let ct = content_type
+                    .clone()
+                    .unwrap_or(HeaderValue::from_static("application/json"));
+                resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+                return resp;
+            }
+        }
+        let shape = self.error.shape();
+        let message = self.error.to_string();
+        let body = match self.format {
+            ClientFormat::OpenAi => {
+                openai::error_body(&message, shape.kind, shape.param, shape.code)
+            }
+        };
+        let mut resp = (shape.status, body).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let GatewayError::Upstream(UpstreamError::Status {
+            retry_after: Some(v),
+            ..
+        }) = &self.error
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v.clone());
+        }
+        resp
+    }
+}
+
+/// The event that ends a stream which failed after it started, in the
+/// client's stream format.
+pub fn stream_error_event(format: ClientFormat, error: &GatewayError) -> Bytes {
+    let shape = error.shape();
+    match format {
+        ClientFormat::OpenAi => openai::error_event(&error.to_string(), shape.kind, shape.code),
+    }
+}

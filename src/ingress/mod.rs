@@ -1,0 +1,62 @@
+//! Ingress: the client-facing API formats. Each submodule reads requests in
+//! one format, checks them, and hands them to [`crate::proxy`].
+
+pub mod openai;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body_util::{BodyExt, Limited};
+
+use crate::error::GatewayError;
+
+/// The request id, from the client's `x-request-id` or generated.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    /// The client's id if it is short printable ASCII, else a fresh one.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let theirs = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
+        match theirs {
+            Some(id) => Self(id.to_owned()),
+            None => Self(format!("req_{:032x}", fastrand::u128(..))),
+        }
+    }
+}
+
+/// Slow clients get this long to send their body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reads a request body of at most `limit` bytes.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(GatewayError::PayloadTooLarge { limit });
+    }
+    let collected =
+        tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
+    match collected {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::PayloadTooLarge { limit })
+        }
+        Ok(Err(e)) => Err(GatewayError::BodyRead(e.to_string())),
+        Err(_) => Err(GatewayError::BodyRead(format!(
+            "the body did not arrive within {}s",
+            BODY_READ_TIMEOUT.as_secs()
+        ))),
+    }
+}

@@ -1,0 +1,82 @@
+//! The OpenAI API: `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use http::{header, HeaderValue};
+
+use super::{read_body, RequestId};
+use crate::error::ClientFormat;
+use crate::protocol::openai::{model_list, ChatRequest, EmbeddingsRequest};
+use crate::providers::Endpoint;
+use crate::proxy::{forward, reject, Forward};
+use crate::state::Gateway;
+use crate::telemetry::RequestRecord;
+
+const FORMAT: ClientFormat = ClientFormat::OpenAi;
+
+pub async fn chat_completions(
+    State(gw): State<Arc<Gateway>>,
+    Extension(id): Extension<RequestId>,
+    req: Request,
+) -> Response {
+    let live = gw.live();
+    let record = RequestRecord::new(id.0, FORMAT, Endpoint::ChatCompletions.as_str());
+    let (parts, body) = req.into_parts();
+    let body = match read_body(&parts.headers, body, live.config.server.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return reject(record, FORMAT, e),
+    };
+    let parsed = match ChatRequest::parse(&body) {
+        Ok(p) => p,
+        Err(e) => return reject(record, FORMAT, e.into()),
+    };
+    let fwd = Forward {
+        endpoint: Endpoint::ChatCompletions,
+        format: FORMAT,
+        alias: parsed.model,
+        body,
+        model_span: parsed.model_span,
+        stream: parsed.stream,
+    };
+    forward(&live, fwd, record).await
+}
+
+pub async fn embeddings(
+    State(gw): State<Arc<Gateway>>,
+    Extension(id): Extension<RequestId>,
+    req: Request,
+) -> Response {
+    let live = gw.live();
+    let record = RequestRecord::new(id.0, FORMAT, Endpoint::Embeddings.as_str());
+    let (parts, body) = req.into_parts();
+    let body = match read_body(&parts.headers, body, live.config.server.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return reject(record, FORMAT, e),
+    };
+    let parsed = match EmbeddingsRequest::parse(&body) {
+        Ok(p) => p,
+        Err(e) => return reject(record, FORMAT, e.into()),
+    };
+    let fwd = Forward {
+        endpoint: Endpoint::Embeddings,
+        format: FORMAT,
+        alias: parsed.model,
+        body,
+        model_span: parsed.model_span,
+        stream: false,
+    };
+    forward(&live, fwd, record).await
+}
+
+pub async fn models(State(gw): State<Arc<Gateway>>) -> Response {
+    let live = gw.live();
+    let mut resp = model_list(live.config.aliases()).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

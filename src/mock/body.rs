@@ -1,0 +1,181 @@
+//! Replies and the response body type, including the paced, cuttable SSE body.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+/// What a flavor or the control API wants to send, before pacing and faults are applied.
+pub(crate) struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub payload: Payload,
+}
+
+pub(crate) enum Payload {
+    /// A complete `application/json` body.
+    Json(Bytes),
+    /// `text/event-stream`: one complete event (`data: ...\n\n`) per item.
+    Sse(Vec<Bytes>),
+}
+
+impl Reply {
+    pub(crate) fn json(status: StatusCode, body: impl Into<Bytes>) -> Self {
+        Self {
+            status,
+            headers: HeaderMap::new(),
+            payload: Payload::Json(body.into()),
+        }
+    }
+
+    pub(crate) fn sse(events: Vec<Bytes>) -> Self {
+        Self {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            payload: Payload::Sse(events),
+        }
+    }
+}
+
+/// The body of every mock response: either one buffer, or a paced event stream.
+pub(crate) enum MockBody {
+    Full(Option<Bytes>),
+    Sse(SseBody),
+}
+
+impl MockBody {
+    pub(crate) fn full(bytes: Bytes) -> Self {
+        if bytes.is_empty() {
+            Self::Full(None)
+        } else {
+            Self::Full(Some(bytes))
+        }
+    }
+
+    pub(crate) fn empty() -> Self {
+        Self::Full(None)
+    }
+}
+
+impl Body for MockBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Sse(sse) => sse.poll_event(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(bytes) => bytes.is_none(),
+            Self::Sse(sse) => sse.is_done(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Self::Full(None) => SizeHint::with_exact(0),
+            Self::Sse(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// Sends events one frame at a time: `first_delay` before the first, `gap` between the
+/// rest. With `cut_after`, it ends with an error after that many events, which makes
+/// hyper abort the connection (HTTP/1: no terminating chunk; HTTP/2: `RST_STREAM`).
+pub(crate) struct SseBody {
+    events: std::vec::IntoIter<Bytes>,
+    delay: Duration,
+    gap: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    timer_armed: bool,
+    cut_after: Option<usize>,
+    sent: usize,
+    cut_yielded: bool,
+}
+
+impl SseBody {
+    pub(crate) fn new(
+        events: Vec<Bytes>,
+        first_delay: Duration,
+        gap: Duration,
+        cut_after: Option<usize>,
+    ) -> Self {
+        Self {
+            events: events.into_iter(),
+            delay: first_delay,
+            gap,
+            timer: None,
+            timer_armed: false,
+            cut_after,
+            sent: 0,
+            cut_yielded: false,
+        }
+    }
+
+    fn cutting(&self) -> bool {
+        self.cut_after.is_some_and(|n| self.sent >= n)
+    }
+
+    fn is_done(&self) -> bool {
+        !self.cutting() && self.events.len() == 0
+    }
+
+    fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.is_done() {
+            return Poll::Ready(None);
+        }
+        if !self.delay.is_zero() {
+            if !self.timer_armed {
+                let deadline = Instant::now() + self.delay;
+                match &mut self.timer {
+                    Some(timer) => timer.as_mut().reset(deadline),
+                    None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+                self.timer_armed = true;
+            }
+            if let Some(timer) = &mut self.timer {
+                ready!(timer.as_mut().poll(cx));
+            }
+            self.timer_armed = false;
+            self.delay = Duration::ZERO;
+        }
+        if self.cutting() {
+            if !self.cut_yielded {
+                // Return Pending once so hyper flushes the events already buffered;
+                // an error now would drop them along with the connection.
+                self.cut_yielded = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            return Poll::Ready(Some(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "mock fault: stream cut",
+            ))));
+        }
+        match self.events.next() {
+            Some(event) => {
+                self.sent += 1;
+                self.delay = self.gap;
+                Poll::Ready(Some(Ok(Frame::data(event))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The control API under `/_mock/`, served on the same listener as the traffic and
+//! never counted as traffic.
+//!
+//! | request | effect | answer |
+//! |---|---|---|
+//! | `GET /_mock/faults` | | current [`Faults`] |
+//! | `PUT /_mock/faults` | replace the faults (missing keys take defaults) | the new faults, or 400 |
+//! | `DELETE /_mock/faults` | clear the faults | the (default) faults |
+//! | `GET /_mock/stats` | | [`Stats`](super::Stats) |
+//! | `GET /_mock/requests` | | the last 100 [`RecordedRequest`](super::RecordedRequest)s, oldest first |
+//! | `POST /_mock/reset` | clear faults, stats, recorded requests; arrival numbers restart | `{"reset":true}` |
+//!
+//! Errors use the OpenAI error shape `{"error":{"message","type","param","code"}}`.
+
+use std::sync::Arc;
+
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use serde::Serialize;
+
+use super::body::Reply;
+use super::faults::Faults;
+use super::openai;
+use super::server::{read_body, Shared};
+
+pub(crate) const PREFIX: &str = "/_mock/";
+
+const ENDPOINTS: [&str; 4] = [
+    "/_mock/faults",
+    "/_mock/stats",
+    "/_mock/requests",
+    "/_mock/reset",
+];
+
+pub(crate) async fn handle(shared: &Shared, req: Request<Incoming>) -> Reply {
+    let (parts, body) = req.into_parts();
+    match (&parts.method, parts.uri.path()) {
+        (&Method::GET, "/_mock/faults") => json(&*shared.faults.load_full()),
+        (&Method::PUT, "/_mock/faults") => {
+            let body = match read_body(body).await {
+                Ok(body) => body,
+                Err(reply) => return reply,
+            };
+            match parse_faults(&body) {
+                Ok(faults) => {
+                    let reply = json(&faults);
+                    shared.faults.store(Arc::new(faults));
+                    reply
+                }
+                Err(message) => openai::error(
+                    StatusCode::BAD_REQUEST,
+                    &message,
+                    "invalid_request_error",
+                    None,
+                    None,
+                ),
+            }
+        }
+        (&Method::DELETE, "/_mock/faults") => {
+            shared.faults.store(Arc::new(Faults::default()));
+            json(&Faults::default())
+        }
+        (&Method::GET, "/_mock/stats") => json(&shared.counters.snapshot()),
+        (&Method::GET, "/_mock/requests") => json(&shared.recorder.snapshot()),
+        (&Method::POST, "/_mock/reset") => {
+            shared.reset();
+            json(&serde_json::json!({"reset": true}))
+        }
+        (method, path) if ENDPOINTS.contains(&path) => openai::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("mock control: {method} is not allowed on {path}"),
+            "invalid_request_error",
+            None,
+            None,
+        ),
+        (method, path) => openai::error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "mock control: no endpoint {method} {path}; try {}",
+                ENDPOINTS.join(", ")
+            ),
+            "invalid_request_error",
+            None,
+            None,
+        ),
+    }
+}
+
+/// Parses and validates a `PUT /_mock/faults` body; the message says what is wrong.
+pub(crate) fn parse_faults(body: &[u8]) -> Result<Faults, String> {
+    let faults: Faults =
+        serde_json::from_slice(body).map_err(|e| format!("invalid faults JSON: {e}"))?;
+    faults
+        .validate()
+        .map_err(|e| format!("invalid faults: {e}"))?;
+    Ok(faults)
+}
+
+fn json(value: &impl Serialize) -> Reply {
+    match serde_json::to_vec(value) {
+        Ok(body) => Reply::json(StatusCode::OK, body),
+        Err(e) => openai::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("mock control: could not serialise the answer: {e}"),
+            "server_error",
+            None,
+            None,
+        ),
+    }
+}

@@ -1,0 +1,479 @@
+//! The OpenAI wire format: request checks, the `model` rewrite, error bodies,
+//! and usage found in responses and streams.
+//!
+//! Requests are checked, not rebuilt: [`ChatRequest::parse`] reads the fields
+//! the gateway acts on and validates the types of the common ones, borrowing
+//! from the body. [`rewrite_model`] then splices the upstream model name into
+//! the original bytes, so a passthrough request is forwarded without a full
+//! re-serialisation and unknown fields survive untouched.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// A request body that the gateway refuses, with the field to blame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidRequest {
+    pub message: String,
+    /// The offending field as a path (`messages[0].role`), when known.
+    pub param: Option<String>,
+}
+
+impl InvalidRequest {
+    fn new(message: impl Into<String>, param: impl Into<Option<String>>) -> Self {
+        Self {
+            message: message.into(),
+            param: param.into(),
+        }
+    }
+}
+
+/// What the gateway needs to know about a chat completion request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatRequest {
+    /// The route alias the client asked for.
+    pub model: String,
+    /// Byte range of the `model` value (including its quotes) in the body.
+    pub model_span: Range<usize>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// What the gateway needs to know about an embeddings request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddingsRequest {
+    pub model: String,
+    pub model_span: Range<usize>,
+}
+
+// Shapes used only to check types; every field not named here passes through
+// unchecked. Unknown fields are allowed: providers add them all the time.
+#[derive(Deserialize)]
+struct ChatCheck<'a> {
+    #[serde(borrow)]
+    model: &'a RawValue,
+    #[serde(borrow)]
+    messages: Vec<MessageCheck<'a>>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptionsCheck>,
+    #[allow(dead_code)]
+    temperature: Option<f64>,
+    #[allow(dead_code)]
+    top_p: Option<f64>,
+    #[allow(dead_code)]
+    n: Option<u32>,
+    #[allow(dead_code)]
+    max_tokens: Option<u64>,
+    #[allow(dead_code)]
+    max_completion_tokens: Option<u64>,
+    #[serde(borrow)]
+    #[allow(dead_code)]
+    tools: Option<Vec<ToolCheck<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct MessageCheck<'a> {
+    #[serde(borrow)]
+    #[allow(dead_code)]
+    role: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct ToolCheck<'a> {
+    #[serde(borrow, rename = "type")]
+    #[allow(dead_code)]
+    kind: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptionsCheck {
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingsCheck<'a> {
+    #[serde(borrow)]
+    model: &'a RawValue,
+    #[serde(borrow)]
+    #[allow(dead_code)]
+    input: &'a RawValue,
+}
+
+impl ChatRequest {
+    pub fn parse(body: &[u8]) -> Result<Self, InvalidRequest> {
+        let check: ChatCheck = deserialize_checked(body)?;
+        if check.messages.is_empty() {
+            return Err(InvalidRequest::new(
+                "'messages' must contain at least one message",
+                Some("messages".to_owned()),
+            ));
+        }
+        let (model, model_span) = model_of(body, check.model)?;
+        let stream = check.stream.unwrap_or(false);
+        let include_usage = check
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        Ok(Self {
+            model,
+            model_span,
+            stream,
+            include_usage,
+        })
+    }
+}
+
+impl EmbeddingsRequest {
+    pub fn parse(body: &[u8]) -> Result<Self, InvalidRequest> {
+        let check: EmbeddingsCheck = deserialize_checked(body)?;
+        let (model, model_span) = model_of(body, check.model)?;
+        Ok(Self { model, model_span })
+    }
+}
+
+fn deserialize_checked<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, InvalidRequest> {
+    // serde accepts a struct written as an array; a request body must be an object.
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        None => return Err(InvalidRequest::new("request body is empty", None)),
+        Some(_) => {
+            return Err(InvalidRequest::new(
+                "request body must be a JSON object",
+                None,
+            ))
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(describe)?;
+    de.end()
+        .map_err(|e| InvalidRequest::new(format!("request body is not valid JSON: {e}"), None))?;
+    Ok(value)
+}
+
+/// Turns a serde error into a message that names the field.
+fn describe(err: serde_path_to_error::Error<serde_json::Error>) -> InvalidRequest {
+    let path = err.path().to_string();
+    let inner = err.into_inner();
+    let detail = strip_position(&inner.to_string());
+    match inner.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            InvalidRequest::new(format!("request body is not valid JSON: {inner}"), None)
+        }
+        _ if path == "." => {
+            // A problem with the top level: missing field or not an object.
+            let param = missing_field(&detail);
+            let message = match &param {
+                Some(field) => format!("missing required parameter: '{field}'"),
+                None => format!("request body must be a JSON object: {detail}"),
+            };
+            InvalidRequest::new(message, param)
+        }
+        _ => match missing_field(&detail) {
+            Some(field) => InvalidRequest::new(
+                format!("missing required parameter: '{path}.{field}'"),
+                Some(format!("{path}.{field}")),
+            ),
+            None => {
+                InvalidRequest::new(format!("invalid value for '{path}': {detail}"), Some(path))
+            }
+        },
+    }
+}
+
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_owned(),
+        None => msg.to_owned(),
+    }
+}
+
+fn missing_field(detail: &str) -> Option<String> {
+    let rest = detail.strip_prefix("missing field `")?;
+    Some(rest.split('`').next()?.to_owned())
+}
+
+/// Reads the `model` value and finds its byte range in `body`.
+fn model_of(body: &[u8], raw: &RawValue) -> Result<(String, Range<usize>), InvalidRequest> {
+    let model: String = serde_json::from_str(raw.get()).map_err(|_| {
+        InvalidRequest::new(
+            format!(
+                "invalid value for 'model': expected a string, got {}",
+                raw.get()
+            ),
+            Some("model".to_owned()),
+        )
+    })?;
+    // `RawValue` borrows from the body, so its text is a subslice of it.
+    let start = (raw.get().as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+    let span = start..start + raw.get().len();
+    if body.get(span.clone()) != Some(raw.get().as_bytes()) {
+        return Err(InvalidRequest::new(
+            "could not locate 'model'",
+            Some("model".to_owned()),
+        ));
+    }
+    Ok((model, span))
+}
+
+/// Replaces the `model` value at `span` with `model`, copying the rest verbatim.
+pub fn rewrite_model(body: &[u8], span: Range<usize>, model: &str) -> Bytes {
+    let quoted = serde_json::Value::from(model).to_string();
+    let mut out = BytesMut::with_capacity(body.len() + quoted.len());
+    out.put_slice(&body[..span.start]);
+    out.put_slice(quoted.as_bytes());
+    out.put_slice(&body[span.end..]);
+    out.freeze()
+}
+
+/// Token counts as OpenAI reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    usage: Option<Usage>,
+}
+
+/// Usage from a complete (non-streamed) response body, if present.
+pub fn usage_of(body: &[u8]) -> Option<Usage> {
+    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+}
+
+/// Watches a relayed stream for usage and the `[DONE]` terminator without
+/// parsing chunks that cannot hold them.
+#[derive(Debug, Default)]
+pub struct StreamWatch {
+    pub usage: Option<Usage>,
+    pub done: bool,
+    /// Data events seen (excluding `[DONE]`).
+    pub chunks: u64,
+}
+
+impl StreamWatch {
+    /// Feeds complete events (as framed by [`super::sse::EventFramer`]).
+    pub fn observe(&mut self, events: &[u8]) {
+        for data in super::sse::data_payloads(events) {
+            if data.starts_with(b"[DONE]") {
+                self.done = true;
+                continue;
+            }
+            self.chunks += 1;
+            if contains(&data, b"\"usage\"") {
+                if let Some(u) = usage_of(&data) {
+                    self.usage = Some(u);
+                }
+            }
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// An error body in OpenAI's shape.
+pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Bytes {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        error: Detail<'a>,
+    }
+    #[derive(Serialize)]
+    struct Detail<'a> {
+        message: &'a str,
+        #[serde(rename = "type")]
+        kind: &'a str,
+        param: Option<&'a str>,
+        code: Option<&'a str>,
+    }
+    let body = Body {
+        error: Detail {
+            message,
+            kind,
+            param,
+            code,
+        },
+    };
+    // Serialising plain strings cannot fail; an empty body would still be a
+    // well-formed HTTP error.
+    serde_json::to_vec(&body)
+        .map(Bytes::from)
+        .unwrap_or_default()
+}
+
+/// A stream event carrying an error, for streams that fail after their start.
+pub fn error_event(message: &str, kind: &str, code: Option<&str>) -> Bytes {
+    let body = error_body(message, kind, None, code);
+    let mut out = BytesMut::with_capacity(body.len() + 8);
+    out.put_slice(b"data: ");
+    out.put_slice(&body);
+    out.put_slice(b"\n\n");
+    out.freeze()
+}
+
+/// `GET /v1/models` body listing the given aliases.
+pub fn model_list<'a>(aliases: impl Iterator<Item = &'a str>) -> Bytes {
+    #[derive(Serialize)]
+    struct Model<'a> {
+        id: &'a str,
+        object: &'static str,
+        created: u64,
+        owned_by: &'static str,
+    }
+    #[derive(Serialize)]
+    struct List<'a> {
+        object: &'static str,
+        data: Vec<Model<'a>>,
+    }
+    let list = List {
+        object: "list",
+        data: aliases
+            .map(|id| Model {
+                id,
+                object: "model",
+                created: 0,
+                owned_by: "detour",
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&list)
+        .map(Bytes::from)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> InvalidRequest {
+        match ChatRequest::parse(body.as_bytes()) {
+            Ok(r) => unreachable!("expected an error, parsed {r:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn parses_the_fields_the_gateway_needs() {
+        let body = br#"{"model":"fast","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"x_unknown":1}"#;
+        let r = ChatRequest::parse(body).unwrap();
+        assert_eq!(r.model, "fast");
+        assert_eq!(&body[r.model_span.clone()], b"\"fast\"");
+        assert!(r.stream && r.include_usage);
+    }
+
+    #[test]
+    fn rewrite_changes_only_the_model() {
+        let body = br#"{ "messages": [{"role":"user","content":"\"model\": x"}], "model" : "fast", "z": [1,2] }"#;
+        let r = ChatRequest::parse(body).unwrap();
+        let out = rewrite_model(body, r.model_span, "gpt-4o\"mini");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{ "messages": [{"role":"user","content":"\"model\": x"}], "model" : "gpt-4o\"mini", "z": [1,2] }"#
+        );
+    }
+
+    #[test]
+    fn escaped_model_names_are_decoded() {
+        let body = br#"{"model":"f\u0061st","messages":[{"role":"user"}]}"#;
+        assert_eq!(ChatRequest::parse(body).unwrap().model, "fast");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(err(r#"{"messages":[]}"#).param.as_deref(), Some("model"));
+        assert_eq!(err(r#"{"model":"m"}"#).param.as_deref(), Some("messages"));
+        assert_eq!(
+            err(r#"{"model":3,"messages":[{"role":"user"}]}"#)
+                .param
+                .as_deref(),
+            Some("model")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","messages":[]}"#).param.as_deref(),
+            Some("messages")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#)
+                .param
+                .as_deref(),
+            Some("stream")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","messages":[{"content":"x"}]}"#)
+                .param
+                .as_deref(),
+            Some("messages[0].role")
+        );
+        assert_eq!(
+            err(r#"{"model":"m","messages":[{"role":"user"}],"temperature":"hot"}"#)
+                .param
+                .as_deref(),
+            Some("temperature")
+        );
+        let e = err(r#"{"model":"m","#);
+        assert!(e.message.contains("not valid JSON"), "{}", e.message);
+        assert!(err(r#"[1,2]"#).message.contains("JSON object"));
+        assert!(
+            err(r#"{"model":"m","messages":[{"role":"user"}]} trailing"#)
+                .message
+                .contains("JSON")
+        );
+    }
+
+    #[test]
+    fn duplicate_model_keys_are_refused() {
+        err(r#"{"model":"a","model":"b","messages":[{"role":"user"}]}"#);
+    }
+
+    #[test]
+    fn stream_watch_finds_usage_and_done() {
+        let mut w = StreamWatch::default();
+        w.observe(b"data: {\"choices\":[],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\ndata: [DONE]\n\n");
+        assert_eq!(w.usage.map(|u| u.total_tokens), Some(7));
+        assert!(w.done);
+        assert_eq!(w.chunks, 2);
+    }
+
+    proptest::proptest! {
+        /// No input makes the parser panic, and whatever it accepts can be rewritten
+        /// into valid JSON with the new model.
+        #[test]
+        fn parser_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = ChatRequest::parse(&body);
+            let _ = EmbeddingsRequest::parse(&body);
+        }
+
+        #[test]
+        fn rewrite_keeps_json_valid(
+            model in "\\PC{0,16}",
+            target in "\\PC{0,16}",
+            extra in "x_[a-z]{1,8}",
+            stream in proptest::bool::ANY,
+        ) {
+            let body = serde_json::json!({
+                "messages": [{"role": "user", "content": model.clone()}],
+                "model": model,
+                extra.clone(): [1, {"model": "inner"}],
+                "stream": stream,
+            });
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let parsed = ChatRequest::parse(&bytes).unwrap();
+            proptest::prop_assert_eq!(&parsed.model, body["model"].as_str().unwrap());
+            let out = rewrite_model(&bytes, parsed.model_span, &target);
+            let mut back: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            proptest::prop_assert_eq!(back["model"].as_str(), Some(target.as_str()));
+            back["model"] = body["model"].clone();
+            proptest::prop_assert_eq!(back, body);
+        }
+    }
+}

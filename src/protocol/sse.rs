@@ -1,0 +1,195 @@
+//! Server-sent events framing for relaying streams.
+//!
+//! The gateway relays upstream SSE bytes as they arrive, but only whole events:
+//! an event ends at a blank line (`\n\n` or `\r\n\r\n`). Holding back a partial
+//! trailing event costs nothing in the common case (upstream chunks end on an
+//! event boundary, so the chunk is passed on without a copy) and guarantees that
+//! if the stream fails mid-way, an error event appended by the gateway is never
+//! glued onto half an event: the client never sees truncated JSON.
+
+use bytes::{Bytes, BytesMut};
+
+/// Splits a byte stream into runs of complete SSE events.
+#[derive(Debug, Default)]
+pub struct EventFramer {
+    /// Bytes of an event that has not ended yet.
+    partial: BytesMut,
+}
+
+impl EventFramer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds a chunk; returns the complete events it closes (possibly empty).
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+        if self.partial.is_empty() {
+            match last_event_end(&chunk) {
+                Some(end) if end == chunk.len() => return chunk,
+                Some(end) => {
+                    self.partial.extend_from_slice(&chunk[end..]);
+                    return chunk.slice(..end);
+                }
+                None => {
+                    self.partial.extend_from_slice(&chunk);
+                    return Bytes::new();
+                }
+            }
+        }
+        // A boundary may straddle the old partial data and the new chunk, so
+        // search from a few bytes back.
+        let search_from = self.partial.len().saturating_sub(3);
+        self.partial.extend_from_slice(&chunk);
+        match last_event_end(&self.partial[search_from..]) {
+            Some(end) => self.partial.split_to(search_from + end).freeze(),
+            None => Bytes::new(),
+        }
+    }
+
+    /// True when no partial event is held back.
+    pub fn is_at_boundary(&self) -> bool {
+        self.partial.is_empty()
+    }
+
+    /// Bytes of an unfinished event at the end of the stream.
+    pub fn pending(&self) -> usize {
+        self.partial.len()
+    }
+}
+
+/// Index just past the last blank line (end of the last complete event).
+fn last_event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = buf.len();
+    while i >= 2 {
+        if buf[i - 1] == b'\n' {
+            if buf[i - 2] == b'\n' {
+                return Some(i);
+            }
+            if i >= 4 && &buf[i - 4..i] == b"\r\n\r\n" {
+                return Some(i);
+            }
+        }
+        i -= 1;
+    }
+    None
+}
+
+/// Iterates over the `data:` payloads of complete events (joined per event
+/// with `\n`, as the SSE spec says), skipping comments and other fields.
+pub fn data_payloads(events: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
+    split_events(events).filter_map(|event| {
+        let mut data: Option<Vec<u8>> = None;
+        for line in event.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(rest) = line.strip_prefix(b"data:") {
+                let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+                match data.as_mut() {
+                    Some(d) => {
+                        d.push(b'\n');
+                        d.extend_from_slice(rest);
+                    }
+                    None => data = Some(rest.to_vec()),
+                }
+            }
+        }
+        data
+    })
+}
+
+fn split_events(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = buf;
+    std::iter::from_fn(move || loop {
+        if rest.is_empty() {
+            return None;
+        }
+        let (event, tail) = match find_blank_line(rest) {
+            Some((end, skip)) => (&rest[..end], &rest[end + skip..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        rest = tail;
+        if !event.iter().all(|b| *b == b'\n' || *b == b'\r') {
+            return Some(event);
+        }
+    })
+}
+
+/// Position of the first blank line and the length of its separator.
+fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
+            return Some((i, 2));
+        }
+        if buf[i] == b'\r' && buf.get(i..i + 4) == Some(b"\r\n\r\n") {
+            return Some((i, 4));
+        }
+        i += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_all(chunks: &[&[u8]]) -> Vec<Bytes> {
+        let mut f = EventFramer::new();
+        chunks
+            .iter()
+            .map(|c| f.push(Bytes::copy_from_slice(c)))
+            .collect()
+    }
+
+    #[test]
+    fn whole_events_pass_through_unchanged() {
+        let out = frame_all(&[b"data: a\n\ndata: b\n\n"]);
+        assert_eq!(out[0], Bytes::from_static(b"data: a\n\ndata: b\n\n"));
+    }
+
+    #[test]
+    fn partial_event_is_held_until_it_ends() {
+        let out = frame_all(&[b"data: a\n\ndata: {\"x\"", b":1}\n", b"\n"]);
+        assert_eq!(out[0], Bytes::from_static(b"data: a\n\n"));
+        assert!(out[1].is_empty());
+        assert_eq!(out[2], Bytes::from_static(b"data: {\"x\":1}\n\n"));
+    }
+
+    #[test]
+    fn crlf_boundaries_are_events_too() {
+        let out = frame_all(&[b"data: a\r\n", b"\r\ndata: b"]);
+        assert!(out[0].is_empty());
+        assert_eq!(out[1], Bytes::from_static(b"data: a\r\n\r\n"));
+    }
+
+    #[test]
+    fn payloads_join_multiline_data_and_skip_comments() {
+        let got: Vec<Vec<u8>> =
+            data_payloads(b": ping\n\ndata: a\ndata:b\n\nevent: x\ndata: [DONE]\n\n").collect();
+        assert_eq!(got, vec![b"a\nb".to_vec(), b"[DONE]".to_vec()]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn framing_never_loses_or_reorders_bytes(
+            events in proptest::collection::vec("[a-z{}\":]{0,12}", 0..8),
+            cuts in proptest::collection::vec(0usize..200, 0..6),
+        ) {
+            let stream: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+            let bytes = stream.as_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort_unstable();
+            let mut f = EventFramer::new();
+            let mut out = Vec::new();
+            let mut start = 0;
+            for cut in cuts.into_iter().chain(std::iter::once(bytes.len())) {
+                let piece = f.push(Bytes::copy_from_slice(&bytes[start..cut]));
+                // Every emitted run ends on an event boundary.
+                proptest::prop_assert!(piece.is_empty() || piece.ends_with(b"\n\n"));
+                out.extend_from_slice(&piece);
+                start = cut;
+            }
+            proptest::prop_assert_eq!(out, bytes.to_vec());
+            proptest::prop_assert!(f.is_at_boundary());
+        }
+    }
+}
