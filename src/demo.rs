@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::config;
 use crate::mock::{self, Flavor, MockOptions, MockServer};
-use crate::state::{Gateway, Live};
+use crate::state::Gateway;
 
 /// The demo's config, for mocks at `primary` and `backup`.
 pub fn config_text(listen: SocketAddr, primary: SocketAddr, backup: SocketAddr) -> String {
@@ -70,7 +70,7 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
     let addr = listener.local_addr()?;
     let text = config_text(addr, primary.addr(), backup.addr());
     let cfg = config::load_str(&text, "demo.toml")?;
-    let gw = Arc::new(Gateway::new(Live::build(cfg)?));
+    let gw = Arc::new(Gateway::new(cfg)?);
     let gateway = crate::server::Running::start(gw, listener).await?;
     Ok(Demo {
         primary,

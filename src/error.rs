@@ -44,11 +44,10 @@ pub enum GatewayError {
     },
     #[error("unknown path {method} {path}")]
     NotFound { method: String, path: String },
-    #[error("route `{alias}` has no target that can serve {endpoint}")]
-    NoTarget {
-        alias: String,
-        endpoint: &'static str,
-    },
+    #[error("no target of route `{alias}` is healthy right now (breakers open, cooling down, or overridden down)")]
+    NoHealthyTarget { alias: String },
+    #[error("every target of route `{alias}` failed: {tried}")]
+    AllTargetsFailed { alias: String, tried: String },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
@@ -122,10 +121,15 @@ impl GatewayError {
                 "invalid_request_error",
                 Some("unknown_url"),
             ),
-            Self::NoTarget { .. } => shape(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                Some("unsupported_endpoint"),
+            Self::NoHealthyTarget { .. } => shape(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_error",
+                Some("no_healthy_target"),
+            ),
+            Self::AllTargetsFailed { .. } => shape(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_error",
+                Some("all_targets_failed"),
             ),
             Self::Upstream(e) => upstream_shape(e),
         }
@@ -153,6 +157,11 @@ fn upstream_shape(e: &UpstreamError) -> Shape<'static> {
         UpstreamError::Transport { .. } => {
             shape(StatusCode::BAD_GATEWAY, "upstream_transport_error")
         }
+        UpstreamError::ErrorEvent { .. } => shape(StatusCode::BAD_GATEWAY, "upstream_stream_error"),
+        UpstreamError::Untranslated { .. } => Shape {
+            kind: "invalid_request_error",
+            ..shape(StatusCode::BAD_REQUEST, "untranslatable")
+        },
         UpstreamError::Status { status, .. } => match status.as_u16() {
             429 => Shape {
                 kind: "rate_limit_error",

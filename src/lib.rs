@@ -2,10 +2,13 @@
 //!
 //! See ARCHITECTURE.md for the code map and the path of a request.
 
+pub mod admin;
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod health;
 pub mod ingress;
 pub mod mock;
 pub mod protocol;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use detour::config::{self, ConfigError};
 use detour::mock::{self, Flavor, MockOptions};
-use detour::state::{Gateway, Live};
+use detour::state::Gateway;
 use detour::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
@@ -147,18 +147,37 @@ fn config_failed(e: &ConfigError) -> ExitCode {
 
 async fn serve(cfg: config::Config) -> anyhow::Result<()> {
     let listen = cfg.server.listen;
+    let admin_listen = cfg.server.admin_listen;
     if cfg.server.open_access {
         tracing::warn!(
             "NO API KEYS CONFIGURED: detour is serving without authentication on {listen}; \
              anyone who can reach this address can use your providers"
         );
     }
-    let live = Live::build(cfg)?;
-    let gw = Arc::new(Gateway::new(live));
+    let gw = Arc::new(Gateway::new(cfg)?);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     tracing::info!("detour listening on http://{}", listener.local_addr()?);
+    if let Some(admin_listen) = admin_listen {
+        let token = std::env::var(detour::admin::TOKEN_ENV).ok();
+        if token.as_deref().is_none_or(str::is_empty) {
+            tracing::warn!(
+                "admin listener on {admin_listen} refuses every call: set {} to enable it",
+                detour::admin::TOKEN_ENV
+            );
+        }
+        let admin = tokio::net::TcpListener::bind(admin_listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {admin_listen} (admin): {e}"))?;
+        tracing::info!("admin listening on http://{}", admin.local_addr()?);
+        let router = detour::admin::router(Arc::clone(&gw), token);
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(admin, router).await {
+                tracing::error!("admin listener failed: {e}");
+            }
+        });
+    }
     detour::server::serve(gw, listener, shutdown_signal()).await?;
     tracing::info!("detour stopped");
     Ok(())

@@ -23,6 +23,23 @@ use crate::protocol::sse::EventFramer;
 use crate::telemetry::RequestRecord;
 use crate::upstream::{TimeoutKind, UpstreamError};
 
+/// The message of an error event among the first events of a stream.
+fn first_error_event(events: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct MaybeError {
+        error: Option<serde_json::Value>,
+    }
+    crate::protocol::sse::data_payloads(events).find_map(|data| {
+        let e = serde_json::from_slice::<MaybeError>(&data).ok()?.error?;
+        Some(
+            e.get("message")
+                .and_then(|m| m.as_str())
+                .unwrap_or("error event")
+                .to_owned(),
+        )
+    })
+}
+
 /// Non-streamed bodies up to this size are kept (as cheap `Bytes` handles)
 /// to read usage from once they end.
 const USAGE_SCAN_LIMIT: usize = 256 * 1024;
@@ -36,8 +53,13 @@ pub struct RelayBody {
     timer: Pin<Box<Sleep>>,
     total_deadline: Instant,
     got_first_chunk: bool,
+    first_byte: Option<Duration>,
+    started: Instant,
     state: State,
-    record: RequestRecord,
+    /// Events read by [`RelayBody::prime`], sent before anything else.
+    primed: Option<Bytes>,
+    /// Attached when the attempt is committed to the client.
+    record: Option<RequestRecord>,
 }
 
 enum Mode {
@@ -67,7 +89,6 @@ impl RelayBody {
         timeouts: Timeouts,
         format: ClientFormat,
         started: Instant,
-        record: RequestRecord,
     ) -> Self {
         let total_deadline = started + timeouts.total;
         let first = if event_stream {
@@ -95,18 +116,88 @@ impl RelayBody {
             timer: Box::pin(tokio::time::sleep_until(first.min(total_deadline))),
             total_deadline,
             got_first_chunk: false,
+            first_byte: None,
+            started,
             state: State::Relaying,
-            record,
+            primed: None,
+            record: None,
         }
+    }
+
+    /// Commits the body to a client request: from now on it writes that
+    /// request's log line.
+    pub fn attach(&mut self, mut record: RequestRecord) {
+        if let Some(fb) = self.first_byte {
+            record.first_byte.get_or_insert(fb);
+        }
+        self.record = Some(record);
+    }
+
+    /// For event streams: reads until the first whole event, without sending
+    /// anything, so that a stream which fails before its first event, or whose
+    /// first event is an error, can still fail over invisibly to the client.
+    pub async fn prime(&mut self) -> Result<(), UpstreamError> {
+        if !matches!(self.mode, Mode::Events { .. }) {
+            return Ok(());
+        }
+        std::future::poll_fn(|cx| self.poll_prime(cx)).await
+    }
+
+    fn poll_prime(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        loop {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if let Some(events) = self.on_chunk(data) {
+                        if let Some(message) = first_error_event(&events) {
+                            return Poll::Ready(Err(UpstreamError::ErrorEvent {
+                                provider: self.provider.clone(),
+                                message,
+                            }));
+                        }
+                        self.primed = Some(events);
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Err(UpstreamError::Transport {
+                        provider: self.provider.clone(),
+                        detail: format!("stream failed before its first event: {e}"),
+                    }))
+                }
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err(UpstreamError::Transport {
+                        provider: self.provider.clone(),
+                        detail: "stream ended before its first event".to_owned(),
+                    }))
+                }
+                Poll::Pending => {
+                    if self.timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let kind = self.expired();
+                    return Poll::Ready(Err(UpstreamError::Timeout {
+                        provider: self.provider.clone(),
+                        kind,
+                        after: self.limit(kind),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Time from the attempt's start to its first body chunk, once known.
+    pub fn first_byte(&self) -> Option<Duration> {
+        self.first_byte
     }
 
     fn on_chunk(&mut self, data: Bytes) -> Option<Bytes> {
         let now = Instant::now();
         if !self.got_first_chunk {
             self.got_first_chunk = true;
-            if matches!(self.mode, Mode::Events { .. }) {
-                self.record.first_byte = Some(now.duration_since(self.record.started));
-            }
+            self.first_byte = Some(now.duration_since(self.started));
         }
         self.timer
             .as_mut()
@@ -136,7 +227,9 @@ impl RelayBody {
     fn on_end(&mut self) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match &mut self.mode {
             Mode::Events { framer, watch } => {
-                self.record.usage = watch.usage;
+                if let Some(r) = &mut self.record {
+                    r.usage = watch.usage;
+                }
                 if !watch.done || !framer.is_at_boundary() {
                     let detail = format!(
                         "stream ended before its end marker ({} chunks relayed)",
@@ -149,8 +242,8 @@ impl RelayBody {
                 }
             }
             Mode::Plain { kept, kept_len } => {
-                if *kept_len <= USAGE_SCAN_LIMIT {
-                    self.record.usage = match kept.as_slice() {
+                if let (true, Some(r)) = (*kept_len <= USAGE_SCAN_LIMIT, &mut self.record) {
+                    r.usage = match kept.as_slice() {
                         [one] => usage_of(one),
                         many => usage_of(&many.concat()),
                     };
@@ -158,19 +251,15 @@ impl RelayBody {
             }
         }
         self.state = State::Done;
-        self.record.outcome = "ok";
+        if let Some(r) = self.record.take() {
+            r.finish("ok");
+        }
         Poll::Ready(None)
     }
 
     /// The upstream failed after the client got its headers.
     fn fail(&mut self, error: UpstreamError) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        tracing::warn!(
-            request_id = %self.record.request_id,
-            provider = %self.provider,
-            error = %error,
-            "upstream failed after the response started"
-        );
-        self.record.outcome = match &error {
+        let outcome = match &error {
             UpstreamError::Timeout {
                 kind: TimeoutKind::Idle,
                 ..
@@ -182,6 +271,15 @@ impl RelayBody {
             UpstreamError::Timeout { .. } => "first_byte_timeout",
             _ => "upstream_broke_off",
         };
+        if let Some(r) = self.record.take() {
+            tracing::warn!(
+                request_id = %r.request_id,
+                provider = %self.provider,
+                error = %error,
+                "upstream failed after the response started"
+            );
+            r.finish(outcome);
+        }
         match self.mode {
             Mode::Events { .. } => {
                 // Any partial event held back is dropped: the client gets only
@@ -240,6 +338,9 @@ impl Body for RelayBody {
         let this = self.get_mut();
         if !matches!(this.state, State::Relaying) {
             return this.poll_state();
+        }
+        if let Some(events) = this.primed.take() {
+            return Poll::Ready(Some(Ok(Frame::data(events))));
         }
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {

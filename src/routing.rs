@@ -1,11 +1,216 @@
-//! Which target of a route serves a request.
+//! Which targets of a route to try for one request, and in what order.
 //!
-//! For now the first target of the route; weighted balancing, health and
-//! failover order arrive with the resilience work and slot in here.
+//! 1. Targets are grouped by `priority` (lower first); a group is tried before
+//!    the next one.
+//! 2. Inside a group, the order is a weighted random draw without replacement
+//!    (weight × slow-start share), so traffic is balanced by weight.
+//! 3. A target that its health says to skip (open breaker, cool-down,
+//!    misconfigured, overridden down) is left out; an open breaker whose wait is
+//!    over stays in its place as a probe candidate.
+//! 4. Demotion: a target in slow start is moved behind every other target with
+//!    probability `1 - share`; a target whose time-to-first-byte EWMA is more than
+//!    [`DEMOTE_FACTOR`] times the fastest available peer's (and above
+//!    [`DEMOTE_FLOOR`]) goes behind every healthy peer too. Demoted targets still
+//!    serve when everything ahead of them fails.
+//! 5. An override `up` keeps a target in place whatever its health.
 
-use crate::config::{Route, Target};
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Targets to try, in order.
-pub fn plan(route: &Route) -> impl Iterator<Item = &Target> {
-    route.targets.iter().take(1)
+use crate::config::Route;
+use crate::health::{Override, ProviderHealth, Status, TargetHealth};
+
+pub const DEMOTE_FACTOR: f64 = 3.0;
+pub const DEMOTE_FLOOR: Duration = Duration::from_millis(50);
+
+/// One target to try.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    /// Index into `route.targets`.
+    pub index: usize,
+    /// The attempt must first claim the breaker's probe slot.
+    pub probe: bool,
+}
+
+/// The order of targets to try. `health` is parallel to `route.targets`;
+/// `overrides` is indexed by provider.
+pub fn plan(
+    route: &Route,
+    health: &[Arc<TargetHealth>],
+    overrides: &[Arc<ProviderHealth>],
+    rng: &mut fastrand::Rng,
+) -> Vec<Candidate> {
+    struct Entry {
+        index: usize,
+        priority: u32,
+        weight: f64,
+        probe: bool,
+        demoted: bool,
+        ttfb: Option<Duration>,
+    }
+    let mut entries: Vec<Entry> = Vec::with_capacity(route.targets.len());
+    for (index, target) in route.targets.iter().enumerate() {
+        let over = overrides
+            .get(target.provider_index)
+            .map_or(Override::Auto, |o| o.get());
+        let Some(h) = health.get(index) else { continue };
+        let (share, probe) = match over {
+            Override::Down => continue,
+            Override::Up => (1.0, false),
+            Override::Auto => match h.status() {
+                Status::Skip => continue,
+                Status::Probe => (1.0, true),
+                Status::Available(share) => (share, false),
+            },
+        };
+        let demoted = share < 1.0 && rng.f64() >= share;
+        entries.push(Entry {
+            index,
+            priority: target.priority,
+            weight: f64::from(target.weight.max(1)),
+            probe,
+            demoted,
+            ttfb: if over == Override::Up {
+                None
+            } else {
+                h.ttfb_ewma()
+            },
+        });
+    }
+    let fastest = entries
+        .iter()
+        .filter(|e| !e.probe)
+        .filter_map(|e| e.ttfb)
+        .min();
+    if let Some(fastest) = fastest {
+        for e in &mut entries {
+            if let Some(t) = e.ttfb {
+                if t > DEMOTE_FLOOR && t.as_secs_f64() > DEMOTE_FACTOR * fastest.as_secs_f64() {
+                    e.demoted = true;
+                }
+            }
+        }
+    }
+    // Weighted shuffle inside each priority group: sort by a key drawn as
+    // u^(1/w) (Efraimidis–Spirakis), highest first.
+    let mut keyed: Vec<(bool, u32, f64, Entry)> = entries
+        .into_iter()
+        .map(|e| {
+            let key = rng.f64().powf(1.0 / e.weight);
+            (e.demoted, e.priority, key, e)
+        })
+        .collect();
+    keyed.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(b.2.total_cmp(&a.2)));
+    keyed
+        .into_iter()
+        .map(|(_, _, _, e)| Candidate {
+            index: e.index,
+            probe: e.probe,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BreakerPolicy, Provider, ProviderKind, RetryPolicy, Target, Timeouts};
+    use crate::health::{Clock, Failure};
+
+    fn route(targets: &[(usize, u32, u32)]) -> Route {
+        let provider = Arc::new(Provider {
+            name: "p".into(),
+            kind: ProviderKind::OpenAi,
+            base_url: "http://127.0.0.1:1/v1".parse().unwrap(),
+            api_key: None,
+            status_page: None,
+            connect_timeout: Duration::from_secs(1),
+        });
+        Route {
+            alias: "r".into(),
+            targets: targets
+                .iter()
+                .map(|&(provider_index, priority, weight)| Target {
+                    provider: Arc::clone(&provider),
+                    provider_index,
+                    model: format!("m{provider_index}"),
+                    weight,
+                    priority,
+                })
+                .collect(),
+            timeouts: Timeouts::default(),
+            retries: RetryPolicy::default(),
+            breaker: BreakerPolicy::default(),
+            hedge_after: None,
+        }
+    }
+
+    fn health(n: usize) -> Vec<Arc<TargetHealth>> {
+        let clock = Clock::new();
+        (0..n)
+            .map(|i| {
+                Arc::new(TargetHealth::new(
+                    &format!("p{i}"),
+                    "m",
+                    clock,
+                    BreakerPolicy::default(),
+                ))
+            })
+            .collect()
+    }
+
+    fn overrides(n: usize) -> Vec<Arc<ProviderHealth>> {
+        (0..n)
+            .map(|_| Arc::new(ProviderHealth::default()))
+            .collect()
+    }
+
+    fn order(plan: &[Candidate]) -> Vec<usize> {
+        plan.iter().map(|c| c.index).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn priority_order_and_skipping() {
+        let r = route(&[(0, 0, 1), (1, 1, 1), (2, 2, 1)]);
+        let h = health(3);
+        let o = overrides(3);
+        let mut rng = fastrand::Rng::with_seed(1);
+        assert_eq!(order(&plan(&r, &h, &o, &mut rng)), vec![0, 1, 2]);
+        for _ in 0..5 {
+            h[0].on_failure(Failure::Fault);
+        }
+        assert_eq!(
+            order(&plan(&r, &h, &o, &mut rng)),
+            vec![1, 2],
+            "open breaker is skipped"
+        );
+        o[1].set(Override::Down);
+        assert_eq!(order(&plan(&r, &h, &o, &mut rng)), vec![2]);
+        o[0].set(Override::Up);
+        assert_eq!(
+            order(&plan(&r, &h, &o, &mut rng)),
+            vec![0, 2],
+            "up overrides the breaker"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weights_split_a_group() {
+        let r = route(&[(0, 0, 3), (1, 0, 1)]);
+        let (h, o) = (health(2), overrides(2));
+        let mut rng = fastrand::Rng::with_seed(7);
+        let firsts = (0..4000)
+            .filter(|_| plan(&r, &h, &o, &mut rng)[0].index == 0)
+            .count();
+        assert!((2800..3200).contains(&firsts), "{firsts}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_much_slower_target_is_demoted() {
+        let r = route(&[(0, 0, 1), (1, 1, 1)]);
+        let (h, o) = (health(2), overrides(2));
+        h[0].on_success(Duration::from_millis(900));
+        h[1].on_success(Duration::from_millis(100));
+        let mut rng = fastrand::Rng::with_seed(1);
+        assert_eq!(order(&plan(&r, &h, &o, &mut rng)), vec![1, 0]);
+    }
 }

@@ -58,6 +58,13 @@ pub enum UpstreamError {
     },
     #[error("connection to provider `{provider}` failed: {detail}")]
     Transport { provider: String, detail: String },
+    #[error("provider `{provider}` is of kind `{kind}`, whose translation is not available yet")]
+    Untranslated {
+        provider: String,
+        kind: &'static str,
+    },
+    #[error("provider `{provider}` sent an error event before any content: {message}")]
+    ErrorEvent { provider: String, message: String },
     #[error("provider `{provider}` answered {status}")]
     Status {
         provider: String,
@@ -72,7 +79,12 @@ impl UpstreamError {
     /// Whether another target may be tried (used by failover).
     pub fn retryable(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::Timeout { .. } | Self::Transport { .. } => true,
+            Self::Connect { .. }
+            | Self::Timeout { .. }
+            | Self::Transport { .. }
+            | Self::ErrorEvent { .. } => true,
+            // Another target of the route may speak the client's format.
+            Self::Untranslated { .. } => true,
             Self::Status { status, .. } => {
                 status.is_server_error()
                     || matches!(status.as_u16(), 401 | 402 | 403 | 408 | 429 | 529)

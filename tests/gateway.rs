@@ -324,44 +324,54 @@ async fn bad_input_gets_a_clear_4xx_in_openai_shape() {
     );
 }
 
-#[tokio::test]
-async fn callers_upstream_4xx_is_relayed_and_provider_faults_are_mapped() {
+/// A fresh single-target gateway whose provider has `fault` on; returns the
+/// answer to one chat request.
+async fn one_request_with_fault(fault: Value) -> reqwest::Response {
     let up = mock().await;
+    up.set_faults(faults(fault));
     let gw = gateway(&one_route(up.addr(), "", "")).await;
-    let url = format!("{}/v1/chat/completions", gw.url());
+    client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap()
+}
 
-    up.set_faults(faults(json!({"error_rate": 1.0, "error_status": 400})));
-    let (s, v) = error_of(client().post(&url).json(&chat(false)).send().await.unwrap()).await;
+#[tokio::test]
+async fn callers_upstream_4xx_is_relayed() {
+    let resp = one_request_with_fault(json!({"error_rate": 1.0, "error_status": 400})).await;
+    let (s, v) = error_of(resp).await;
     assert_eq!(s, 400);
     assert_eq!(
         v["error"]["type"], "invalid_request_error",
         "the provider's own error is relayed: {v}"
     );
+}
 
-    up.set_faults(faults(json!({"error_rate": 1.0, "error_status": 500})));
-    let resp = client().post(&url).json(&chat(false)).send().await.unwrap();
+#[tokio::test]
+async fn provider_faults_are_mapped_for_a_single_target() {
+    let resp = one_request_with_fault(json!({"error_rate": 1.0, "error_status": 500})).await;
     assert_eq!(resp.headers()["x-detour-provider"], "p");
+    assert_eq!(resp.headers()["x-detour-tried"], "p/gpt-up=status_5xx");
     let (s, v) = error_of(resp).await;
     assert_eq!(s, 502);
     assert_eq!(v["error"]["code"], "upstream_server_error");
 
-    up.set_faults(faults(
-        json!({"rate_limit_rate": 1.0, "retry_after_secs": 7}),
-    ));
-    let resp = client().post(&url).json(&chat(false)).send().await.unwrap();
+    let resp = one_request_with_fault(json!({"rate_limit_rate": 1.0, "retry_after_secs": 7})).await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["retry-after"], "7");
 
-    up.set_faults(faults(json!({"error_rate": 1.0, "error_status": 401})));
-    let (s, v) = error_of(client().post(&url).json(&chat(false)).send().await.unwrap()).await;
+    let resp = one_request_with_fault(json!({"error_rate": 1.0, "error_status": 401})).await;
+    let (s, v) = error_of(resp).await;
     assert_eq!(
         s, 502,
         "a provider rejecting detour's key is not the client's 401"
     );
     assert_eq!(v["error"]["code"], "upstream_credentials_rejected");
 
-    up.set_faults(faults(json!({"reset_rate": 1.0})));
-    let (s, v) = error_of(client().post(&url).json(&chat(false)).send().await.unwrap()).await;
+    let resp = one_request_with_fault(json!({"reset_rate": 1.0})).await;
+    let (s, v) = error_of(resp).await;
     assert_eq!(s, 502);
     assert!(
         v["error"]["message"].as_str().unwrap().contains("`p`"),
@@ -423,7 +433,7 @@ async fn first_byte_timeout_is_a_504_that_names_it() {
 }
 
 #[tokio::test]
-async fn a_stream_whose_first_chunk_never_comes_times_out_on_first_byte() {
+async fn a_stream_whose_first_event_never_comes_is_a_first_byte_504() {
     let up = mock().await;
     up.set_faults(faults(json!({"ttfb_ms": 5000})));
     let gw = gateway(&one_route(
@@ -432,21 +442,19 @@ async fn a_stream_whose_first_chunk_never_comes_times_out_on_first_byte() {
         "",
     ))
     .await;
-    let text = client()
+    let started = Instant::now();
+    let resp = client()
         .post(format!("{}/v1/chat/completions", gw.url()))
         .json(&chat(true))
         .send()
         .await
-        .unwrap()
-        .text()
-        .await
         .unwrap();
-    let data = sse_data(&text);
-    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
-    assert_eq!(
-        last["error"]["code"], "upstream_first_byte_timeout",
-        "{text}"
-    );
+    // Nothing was sent before the first event, so the client gets a plain
+    // error response, not a broken stream.
+    let (s, v) = error_of(resp).await;
+    assert_eq!(s, 504);
+    assert_eq!(v["error"]["code"], "upstream_first_byte_timeout");
+    assert!(started.elapsed() < Duration::from_secs(3));
 }
 
 #[tokio::test]

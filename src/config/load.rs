@@ -270,6 +270,10 @@ impl Loader<'_> {
                 self.report(&t.model, &at("model"), "must not be empty");
             }
             let weight = t.weight.as_ref().map_or(1, |w| *w.get_ref());
+            let priority = t
+                .priority
+                .as_ref()
+                .map_or(u32::try_from(j).unwrap_or(u32::MAX), |p| *p.get_ref());
             if let (Some((index, provider)), false) =
                 (provider, t.model.get_ref().trim().is_empty())
             {
@@ -278,6 +282,7 @@ impl Loader<'_> {
                     provider_index: *index,
                     model: t.model.get_ref().clone(),
                     weight,
+                    priority,
                 });
             }
         }
@@ -291,10 +296,95 @@ impl Loader<'_> {
             idle: timeout("idle", &r.timeouts.idle, defaults.idle)?,
             total: timeout("total", &r.timeouts.total, defaults.total)?,
         };
+        let retries = self.retries(i, &r.retries)?;
+        let breaker = self.breaker(i, &r.breaker)?;
+        let hedge_after = match &r.hedge_after {
+            Some(s) => Some(self.duration(s, &format!("routes[{i}].hedge_after"))?),
+            None => None,
+        };
         Some(Route {
             alias,
             targets,
             timeouts,
+            retries,
+            breaker,
+            hedge_after,
+        })
+    }
+
+    fn retries(&mut self, i: usize, r: &super::raw::RawRetries) -> Option<RetryPolicy> {
+        let d = RetryPolicy::default();
+        let at = |f: &str| format!("routes[{i}].retries.{f}");
+        let budget = match &r.budget {
+            Some(b) if !(0.0..=10.0).contains(b.get_ref()) => {
+                self.report(
+                    b,
+                    &at("budget"),
+                    "must be between 0.0 and 10.0 (a share of requests)",
+                );
+                return None;
+            }
+            Some(b) => *b.get_ref(),
+            None => d.budget,
+        };
+        let max_attempts = match &r.max_attempts {
+            Some(m) if *m.get_ref() == 0 => {
+                self.report(m, &at("max_attempts"), "must be at least 1");
+                return None;
+            }
+            Some(m) => *m.get_ref(),
+            None => d.max_attempts,
+        };
+        let backoff = match &r.backoff {
+            Some(s) => self.duration(s, &at("backoff"))?,
+            None => d.backoff,
+        };
+        Some(RetryPolicy {
+            budget,
+            min_per_sec: r
+                .min_per_sec
+                .as_ref()
+                .map_or(d.min_per_sec, |m| *m.get_ref()),
+            max_attempts,
+            backoff,
+        })
+    }
+
+    fn breaker(&mut self, i: usize, b: &super::raw::RawBreaker) -> Option<BreakerPolicy> {
+        let d = BreakerPolicy::default();
+        let at = |f: &str| format!("routes[{i}].breaker.{f}");
+        let failure_rate = match &b.failure_rate {
+            Some(r) if !(0.0..=1.0).contains(r.get_ref()) || *r.get_ref() == 0.0 => {
+                self.report(r, &at("failure_rate"), "must be in (0.0, 1.0]");
+                return None;
+            }
+            Some(r) => *r.get_ref(),
+            None => d.failure_rate,
+        };
+        let mut dur = |f: &str, v: &Option<Str>, default: Duration| match v {
+            Some(s) => self.duration(s, &at(f)),
+            None => Some(default),
+        };
+        let window = dur("window", &b.window, d.window)?;
+        let open_for = dur("open_for", &b.open_for, d.open_for)?;
+        // "0s" turns slow start off, so zero is allowed here.
+        let slow_start = match &b.slow_start {
+            Some(s) if parse_duration(s.get_ref()) == Some(Duration::ZERO) => Duration::ZERO,
+            _ => dur("slow_start", &b.slow_start, d.slow_start)?,
+        };
+        Some(BreakerPolicy {
+            consecutive_failures: b
+                .consecutive_failures
+                .as_ref()
+                .map_or(d.consecutive_failures, |c| (*c.get_ref()).max(1)),
+            failure_rate,
+            min_requests: b
+                .min_requests
+                .as_ref()
+                .map_or(d.min_requests, |m| *m.get_ref()),
+            window,
+            open_for,
+            slow_start,
         })
     }
 

@@ -37,6 +37,11 @@ impl Config {
         self.route_index.get(alias).map(|&i| &self.routes[i])
     }
 
+    /// The position of the route `alias` names in [`Config::routes`].
+    pub fn route_position(&self, alias: &str) -> Option<usize> {
+        self.route_index.get(alias).copied()
+    }
+
     /// Route aliases in config order.
     pub fn aliases(&self) -> impl Iterator<Item = &str> {
         self.routes.iter().map(|r| r.alias.as_str())
@@ -98,6 +103,61 @@ pub struct Route {
     /// Ordered: the first is preferred.
     pub targets: Vec<Target>,
     pub timeouts: Timeouts,
+    pub retries: RetryPolicy,
+    pub breaker: BreakerPolicy,
+    pub hedge_after: Option<Duration>,
+}
+
+/// How a route retries on other targets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Retries allowed as a fraction of requests (0.2 = 20%).
+    pub budget: f64,
+    /// Retries allowed per second regardless of the ratio.
+    pub min_per_sec: u32,
+    /// Most attempts for one request, the first included.
+    pub max_attempts: u32,
+    /// Base of the jittered exponential backoff between attempts.
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            budget: 0.2,
+            min_per_sec: 5,
+            max_attempts: 3,
+            backoff: Duration::from_millis(5),
+        }
+    }
+}
+
+/// When a target's circuit breaker opens and how it recovers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerPolicy {
+    pub consecutive_failures: u32,
+    /// Failure share over `window` that opens the breaker...
+    pub failure_rate: f64,
+    /// ...once the window holds at least this many requests.
+    pub min_requests: u32,
+    pub window: Duration,
+    /// How long an open breaker waits before one probe request.
+    pub open_for: Duration,
+    /// A recovered target's share of traffic ramps up over this long.
+    pub slow_start: Duration,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            min_requests: 20,
+            window: Duration::from_secs(10),
+            open_for: Duration::from_secs(5),
+            slow_start: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -107,7 +167,11 @@ pub struct Target {
     pub provider_index: usize,
     /// The model name sent upstream.
     pub model: String,
+    /// Relative share inside its priority group.
     pub weight: u32,
+    /// Lower is preferred; targets with equal priority form a group that
+    /// shares traffic by weight. Defaults to the target's position.
+    pub priority: u32,
 }
 
 /// Per-attempt time limits. There is no single "request timeout": a total

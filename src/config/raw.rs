@@ -45,6 +45,31 @@ pub struct RawRoute {
     pub targets: Vec<RawTarget>,
     #[serde(default)]
     pub timeouts: RawTimeouts,
+    #[serde(default)]
+    pub retries: RawRetries,
+    #[serde(default)]
+    pub breaker: RawBreaker,
+    /// Start a second attempt on the next target after this long without a
+    /// first byte (opt-in).
+    pub hedge_after: Option<Str>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRetries {
+    pub budget: Option<Spanned<f64>>,
+    pub min_per_sec: Option<Spanned<u32>>,
+    pub max_attempts: Option<Spanned<u32>>,
+    pub backoff: Option<Str>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawBreaker {
+    pub consecutive_failures: Option<Spanned<u32>>,
+    pub failure_rate: Option<Spanned<f64>>,
+    pub min_requests: Option<Spanned<u32>>,
+    pub window: Option<Str>,
+    pub open_for: Option<Str>,
+    pub slow_start: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +77,7 @@ pub struct RawTarget {
     pub provider: Str,
     pub model: Str,
     pub weight: Option<Spanned<u32>>,
+    pub priority: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

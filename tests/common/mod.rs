@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use detour::mock::{self, Faults, Flavor, MockOptions, MockServer};
 use detour::server::Running;
-use detour::state::{Gateway, Live};
+use detour::state::Gateway;
 use tokio::net::TcpListener;
 
 pub async fn mock_with(opts: MockOptions) -> MockServer {
@@ -21,7 +21,7 @@ pub async fn mock() -> MockServer {
 
 pub async fn gateway(config: &str) -> Running {
     let cfg = detour::config::load_str(config, "test.toml").unwrap_or_else(|e| panic!("{e}"));
-    let gw = Arc::new(Gateway::new(Live::build(cfg).unwrap()));
+    let gw = Arc::new(Gateway::new(cfg).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     Running::start(gw, listener).await.unwrap()
 }
@@ -69,4 +69,13 @@ pub fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
         .filter_map(|e| e.trim().strip_prefix("data: ").map(str::to_owned))
         .collect()
+}
+
+/// Serves the admin API of `gw` on a loopback port; returns its base URL.
+pub async fn admin(gw: &Running, token: &str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = detour::admin::router(Arc::clone(&gw.gateway), Some(token.to_owned()));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
 }

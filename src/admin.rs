@@ -1,0 +1,176 @@
+//! The admin listener: a separate port for operators, every call
+//! authenticated with `Authorization: Bearer $DETOUR_ADMIN_TOKEN`.
+//!
+//! - `GET  /admin/health` — every target's breaker, latency, cool-down,
+//!   misconfiguration, and every provider's override;
+//! - `POST /admin/providers/{name}/down|up|auto` — manual override, effective on
+//!   the next request;
+//! - `GET  /admin/config` — the live config with secrets masked.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::StatusCode;
+use serde::Serialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::health::{Override, TargetSnapshot};
+use crate::state::Gateway;
+
+/// The environment variable that holds the admin token.
+pub const TOKEN_ENV: &str = "DETOUR_ADMIN_TOKEN";
+
+#[derive(Clone)]
+struct AdminState {
+    gw: Arc<Gateway>,
+    /// SHA-256 of the token; `None` refuses every call.
+    token: Option<[u8; 32]>,
+}
+
+pub fn router(gw: Arc<Gateway>, token: Option<String>) -> Router {
+    let state = AdminState {
+        gw,
+        token: token
+            .filter(|t| !t.is_empty())
+            .map(|t| Sha256::digest(t.as_bytes()).into()),
+    };
+    Router::new()
+        .route("/admin/health", get(health))
+        .route("/admin/config", get(config))
+        .route("/admin/providers/{name}/{action}", post(set_override))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({"error": {"message": message}}))).into_response()
+}
+
+async fn authorize(State(s): State<AdminState>, req: Request, next: Next) -> Response {
+    let Some(expected) = s.token else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the admin API is disabled: set DETOUR_ADMIN_TOKEN",
+        );
+    };
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
+    if presented != Some(expected) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong admin token");
+    }
+    next.run(req).await
+}
+
+#[derive(Serialize)]
+struct Health {
+    providers: Vec<ProviderView>,
+    routes: Vec<RouteView>,
+}
+
+#[derive(Serialize)]
+struct ProviderView {
+    name: String,
+    kind: &'static str,
+    #[serde(rename = "override")]
+    over: Override,
+}
+
+#[derive(Serialize)]
+struct RouteView {
+    model: String,
+    targets: Vec<TargetSnapshot>,
+}
+
+async fn health(State(s): State<AdminState>) -> Json<Health> {
+    let live = s.gw.live();
+    let providers = live
+        .config
+        .providers
+        .iter()
+        .zip(&live.overrides)
+        .map(|(p, o)| ProviderView {
+            name: p.name.clone(),
+            kind: p.kind.as_str(),
+            over: o.get(),
+        })
+        .collect();
+    let routes = live
+        .config
+        .routes
+        .iter()
+        .zip(&live.routes)
+        .map(|(r, st)| RouteView {
+            model: r.alias.clone(),
+            targets: st.health.iter().map(|h| h.snapshot()).collect(),
+        })
+        .collect();
+    Json(Health { providers, routes })
+}
+
+async fn set_override(
+    State(s): State<AdminState>,
+    Path((name, action)): Path<(String, String)>,
+) -> Response {
+    let over = match action.as_str() {
+        "down" => Override::Down,
+        "up" => Override::Up,
+        "auto" => Override::Auto,
+        _ => return error(StatusCode::NOT_FOUND, "action must be down, up or auto"),
+    };
+    let live = s.gw.live();
+    let Some(i) = live.config.providers.iter().position(|p| p.name == name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("no provider named `{name}`"),
+        );
+    };
+    live.overrides[i].set(over);
+    tracing::warn!(provider = %name, ?over, "provider override set by admin");
+    Json(json!({"provider": name, "override": over})).into_response()
+}
+
+async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let live = s.gw.live();
+    let c = &live.config;
+    Json(json!({
+        "server": {
+            "listen": c.server.listen.to_string(),
+            "admin_listen": c.server.admin_listen.map(|a| a.to_string()),
+            "open_access": c.server.open_access,
+            "max_body_bytes": c.server.max_body_bytes,
+        },
+        "providers": c.providers.iter().map(|p| json!({
+            "name": p.name,
+            "kind": p.kind.as_str(),
+            "base_url": p.base_url.as_str(),
+            "api_key": p.api_key.as_ref().map(|_| "***"),
+            "connect_timeout_ms": p.connect_timeout.as_millis() as u64,
+        })).collect::<Vec<_>>(),
+        "routes": c.routes.iter().map(|r| json!({
+            "model": r.alias,
+            "targets": r.targets.iter().map(|t| json!({
+                "provider": t.provider.name, "model": t.model,
+                "weight": t.weight, "priority": t.priority,
+            })).collect::<Vec<_>>(),
+            "timeouts_ms": {
+                "first_byte": r.timeouts.first_byte.as_millis() as u64,
+                "idle": r.timeouts.idle.as_millis() as u64,
+                "total": r.timeouts.total.as_millis() as u64,
+            },
+            "retries": {"budget": r.retries.budget, "min_per_sec": r.retries.min_per_sec, "max_attempts": r.retries.max_attempts},
+            "hedge_after_ms": r.hedge_after.map(|d| d.as_millis() as u64),
+        })).collect::<Vec<_>>(),
+        "keys": c.keys.iter().map(|k| json!({
+            "name": k.name, "tenant": k.tenant, "tier": k.tier.as_str(),
+        })).collect::<Vec<_>>(),
+    }))
+}

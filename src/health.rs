@@ -1,0 +1,559 @@
+//! Health of each target, fed by real traffic.
+//!
+//! Per target (provider + upstream model):
+//! - a **circuit breaker** (closed → open → half-open → closed), opened by
+//!   consecutive failures or by the failure rate over a sliding window, as in
+//!   Hystrix and resilience4j; after `open_for` one probe request is let through
+//!   (half-open), and its outcome closes or re-opens the breaker;
+//! - a **cool-down** from the provider's `retry-after` on 429/503/529;
+//! - **latency**: an EWMA of time to first byte, used to demote a target that has
+//!   become much slower than its peers;
+//! - **slow start** after recovery: the share of traffic offered to a target that
+//!   just closed its breaker ramps linearly over a window, as Envoy's slow start
+//!   does, instead of jumping back to full load;
+//! - a **misconfigured** mark when the provider rejects detour's own credentials.
+//!
+//! Per provider, a manual **override** (`down` / `up` / `auto`) from the admin API.
+//!
+//! Everything is atomics: the request path never takes a lock. Races between
+//! concurrent updates can lose an increment; the breaker only needs to be
+//! approximately right, and never blocks a request to be exact.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::config::BreakerPolicy;
+
+/// Milliseconds on one monotonic clock shared by all health state.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    base: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Self {
+            base: Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+
+/// Buckets in the sliding failure-rate window.
+const BUCKETS: usize = 10;
+
+/// What routing may do with a target now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Status {
+    /// Send traffic; the share is below 1.0 during slow start.
+    Available(f64),
+    /// The breaker is open but its wait is over: one request may probe.
+    Probe,
+    /// Open breaker, cool-down, misconfigured or overridden down.
+    Skip,
+}
+
+/// Why an attempt failed, as health sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Errors, timeouts, resets, 5xx: counts towards the breaker.
+    Fault,
+    /// 429 / overloaded with a cool-down.
+    Throttled { cool_down: Duration },
+    /// The provider refused detour's credentials.
+    Credentials,
+}
+
+#[derive(Debug)]
+pub struct TargetHealth {
+    pub provider: String,
+    pub model: String,
+    clock: Clock,
+    policy: BreakerPolicy,
+    state: AtomicU8,
+    consecutive: AtomicU32,
+    opened_at: AtomicU64,
+    closed_at: AtomicU64,
+    probe_in_flight: AtomicU8,
+    cool_down_until: AtomicU64,
+    misconfigured_until: AtomicU64,
+    /// EWMA of time to first byte in microseconds (0 = no sample yet).
+    ttfb_ewma_us: AtomicU64,
+    buckets: [Bucket; BUCKETS],
+    transitions: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Bucket {
+    /// Which window slot (time / bucket width) the counts belong to.
+    epoch: AtomicU64,
+    ok: AtomicU32,
+    failed: AtomicU32,
+}
+
+/// A cooled-down or misconfigured target is skipped this long at most when
+/// the provider gave no `retry-after`.
+const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(1);
+const MAX_COOL_DOWN: Duration = Duration::from_secs(60);
+const MISCONFIGURED_FOR: Duration = Duration::from_secs(30);
+/// EWMA weight of a new sample.
+const EWMA_ALPHA: f64 = 0.2;
+
+impl TargetHealth {
+    pub fn new(provider: &str, model: &str, clock: Clock, policy: BreakerPolicy) -> Self {
+        Self {
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+            clock,
+            policy,
+            state: AtomicU8::new(CLOSED),
+            consecutive: AtomicU32::new(0),
+            opened_at: AtomicU64::new(0),
+            // No slow start for a target that was never unhealthy.
+            closed_at: AtomicU64::new(0),
+            probe_in_flight: AtomicU8::new(0),
+            cool_down_until: AtomicU64::new(0),
+            misconfigured_until: AtomicU64::new(0),
+            ttfb_ewma_us: AtomicU64::new(0),
+            buckets: Default::default(),
+            transitions: AtomicU64::new(0),
+        }
+    }
+
+    pub fn state(&self) -> BreakerState {
+        match self.state.load(Relaxed) {
+            OPEN => BreakerState::Open,
+            HALF_OPEN => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
+
+    /// Whether a request may be sent now; reads only. A [`Status::Probe`]
+    /// must be claimed with [`Self::claim_probe`] right before the attempt.
+    pub fn status(&self) -> Status {
+        let now = self.clock.now_ms();
+        if now < self.cool_down_until.load(Relaxed) || now < self.misconfigured_until.load(Relaxed)
+        {
+            return Status::Skip;
+        }
+        match self.state.load(Relaxed) {
+            CLOSED => Status::Available(self.slow_start_share(now)),
+            OPEN if now.saturating_sub(self.opened_at.load(Relaxed))
+                >= ms(self.policy.open_for) =>
+            {
+                Status::Probe
+            }
+            _ => Status::Skip,
+        }
+    }
+
+    /// Takes the single half-open probe slot; false if another request has it.
+    pub fn claim_probe(&self) -> bool {
+        let won = self
+            .state
+            .compare_exchange(OPEN, HALF_OPEN, Relaxed, Relaxed)
+            .is_ok();
+        if won {
+            self.probe_in_flight.store(1, Relaxed);
+            self.transitions.fetch_add(1, Relaxed);
+            tracing::info!(provider = %self.provider, model = %self.model, "breaker half-open: probing");
+        }
+        won
+    }
+
+    fn slow_start_share(&self, now: u64) -> f64 {
+        let window = ms(self.policy.slow_start);
+        let closed_at = self.closed_at.load(Relaxed);
+        if window == 0 || closed_at == 0 {
+            return 1.0;
+        }
+        let since = now.saturating_sub(closed_at);
+        if since >= window {
+            return 1.0;
+        }
+        // Start at 10% so the recovered target gets some traffic at once.
+        (0.1 + 0.9 * since as f64 / window as f64).min(1.0)
+    }
+
+    pub fn on_success(&self, ttfb: Duration) {
+        let now = self.clock.now_ms();
+        self.consecutive.store(0, Relaxed);
+        self.bucket(now).ok.fetch_add(1, Relaxed);
+        self.observe_ttfb(ttfb);
+        // Only the probe closes the breaker: a success from a request sent
+        // before the breaker opened says nothing about now.
+        if self.state.load(Relaxed) == HALF_OPEN {
+            self.close(now);
+        }
+    }
+
+    pub fn on_failure(&self, failure: Failure) {
+        let now = self.clock.now_ms();
+        match failure {
+            Failure::Throttled { cool_down } => {
+                let d = if cool_down.is_zero() {
+                    DEFAULT_COOL_DOWN
+                } else {
+                    cool_down.min(MAX_COOL_DOWN)
+                };
+                self.cool_down_until.store(now + ms(d), Relaxed);
+                tracing::info!(provider = %self.provider, model = %self.model, cool_down_ms = ms(d), "target cooling down");
+                if self.state.load(Relaxed) == HALF_OPEN {
+                    self.open(now);
+                }
+                return;
+            }
+            Failure::Credentials => {
+                self.misconfigured_until
+                    .store(now + ms(MISCONFIGURED_FOR), Relaxed);
+                tracing::error!(
+                    provider = %self.provider,
+                    "provider rejected detour's credentials: check this provider's api_key"
+                );
+            }
+            Failure::Fault => {}
+        }
+        let consecutive = self.consecutive.fetch_add(1, Relaxed) + 1;
+        self.bucket(now).failed.fetch_add(1, Relaxed);
+        match self.state.load(Relaxed) {
+            HALF_OPEN => self.open(now),
+            CLOSED => {
+                let (ok, failed) = self.window(now);
+                let total = ok + failed;
+                let rate_trips = total >= self.policy.min_requests
+                    && f64::from(failed) >= self.policy.failure_rate * f64::from(total);
+                if consecutive >= self.policy.consecutive_failures || rate_trips {
+                    self.open(now);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The attempt ended without telling anything about the target (the client
+    /// left, or another hedge won): release a probe slot if it held one.
+    pub fn on_abandoned(&self) {
+        if self.state.load(Relaxed) == HALF_OPEN && self.probe_in_flight.swap(0, Relaxed) == 1 {
+            let _ = self
+                .state
+                .compare_exchange(HALF_OPEN, OPEN, Relaxed, Relaxed);
+        }
+    }
+
+    pub fn is_misconfigured(&self) -> bool {
+        self.clock.now_ms() < self.misconfigured_until.load(Relaxed)
+    }
+
+    pub fn ttfb_ewma(&self) -> Option<Duration> {
+        match self.ttfb_ewma_us.load(Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    pub fn transitions(&self) -> u64 {
+        self.transitions.load(Relaxed)
+    }
+
+    fn observe_ttfb(&self, ttfb: Duration) {
+        let sample = u64::try_from(ttfb.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = self.ttfb_ewma_us.load(Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            (EWMA_ALPHA * sample as f64 + (1.0 - EWMA_ALPHA) * old as f64) as u64
+        };
+        self.ttfb_ewma_us.store(new.max(1), Relaxed);
+    }
+
+    fn open(&self, now: u64) {
+        self.opened_at.store(now, Relaxed);
+        self.probe_in_flight.store(0, Relaxed);
+        if self.state.swap(OPEN, Relaxed) != OPEN {
+            self.transitions.fetch_add(1, Relaxed);
+            tracing::warn!(provider = %self.provider, model = %self.model, "breaker opened");
+        }
+    }
+
+    fn close(&self, now: u64) {
+        self.probe_in_flight.store(0, Relaxed);
+        if self.state.swap(CLOSED, Relaxed) != CLOSED {
+            self.closed_at.store(now.max(1), Relaxed);
+            self.transitions.fetch_add(1, Relaxed);
+            self.clear_window();
+            tracing::info!(provider = %self.provider, model = %self.model, "breaker closed: target recovered");
+        }
+    }
+
+    fn bucket_width(&self) -> u64 {
+        (ms(self.policy.window) / BUCKETS as u64).max(1)
+    }
+
+    fn bucket(&self, now: u64) -> &Bucket {
+        let epoch = now / self.bucket_width();
+        let b = &self.buckets[(epoch % BUCKETS as u64) as usize];
+        let seen = b.epoch.load(Relaxed);
+        if seen != epoch
+            && b.epoch
+                .compare_exchange(seen, epoch, Relaxed, Relaxed)
+                .is_ok()
+        {
+            b.ok.store(0, Relaxed);
+            b.failed.store(0, Relaxed);
+        }
+        b
+    }
+
+    /// Successes and failures in the sliding window.
+    fn window(&self, now: u64) -> (u32, u32) {
+        let current = now / self.bucket_width();
+        self.buckets
+            .iter()
+            .filter(|b| current.saturating_sub(b.epoch.load(Relaxed)) < BUCKETS as u64)
+            .fold((0, 0), |(ok, failed), b| {
+                (ok + b.ok.load(Relaxed), failed + b.failed.load(Relaxed))
+            })
+    }
+
+    fn clear_window(&self) {
+        for b in &self.buckets {
+            b.ok.store(0, Relaxed);
+            b.failed.store(0, Relaxed);
+        }
+    }
+
+    pub fn snapshot(&self) -> TargetSnapshot {
+        let now = self.clock.now_ms();
+        let (ok, failed) = self.window(now);
+        TargetSnapshot {
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+            breaker: self.state(),
+            consecutive_failures: self.consecutive.load(Relaxed),
+            window_ok: ok,
+            window_failed: failed,
+            cooling_down_ms: self.cool_down_until.load(Relaxed).saturating_sub(now),
+            misconfigured: self.is_misconfigured(),
+            ttfb_ewma_ms: self.ttfb_ewma().map(|d| d.as_secs_f64() * 1e3),
+            slow_start_share: self.slow_start_share(now),
+            breaker_transitions: self.transitions(),
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetSnapshot {
+    pub provider: String,
+    pub model: String,
+    pub breaker: BreakerState,
+    pub consecutive_failures: u32,
+    pub window_ok: u32,
+    pub window_failed: u32,
+    pub cooling_down_ms: u64,
+    pub misconfigured: bool,
+    pub ttfb_ewma_ms: Option<f64>,
+    pub slow_start_share: f64,
+    pub breaker_transitions: u64,
+}
+
+/// A manual override of a provider's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Override {
+    Auto,
+    Up,
+    Down,
+}
+
+#[derive(Debug, Default)]
+pub struct ProviderHealth {
+    over: AtomicU8,
+}
+
+impl ProviderHealth {
+    pub fn get(&self) -> Override {
+        match self.over.load(Relaxed) {
+            1 => Override::Up,
+            2 => Override::Down,
+            _ => Override::Auto,
+        }
+    }
+
+    pub fn set(&self, o: Override) {
+        self.over.store(
+            match o {
+                Override::Auto => 0,
+                Override::Up => 1,
+                Override::Down => 2,
+            },
+            Relaxed,
+        );
+    }
+}
+
+/// Health state that outlives config reloads, looked up when a config is
+/// built so that the request path holds direct references.
+#[derive(Debug, Default)]
+pub struct Registry {
+    clock: Clock,
+    // Only touched when a config is built, never on the request path.
+    targets: RwLock<HashMap<(String, String), Arc<TargetHealth>>>,
+    providers: RwLock<HashMap<String, Arc<ProviderHealth>>>,
+}
+
+impl Registry {
+    pub fn target(&self, provider: &str, model: &str, policy: BreakerPolicy) -> Arc<TargetHealth> {
+        let key = (provider.to_owned(), model.to_owned());
+        let mut map = self.targets.write().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            map.entry(key).or_insert_with(|| {
+                Arc::new(TargetHealth::new(provider, model, self.clock, policy))
+            }),
+        )
+    }
+
+    pub fn provider(&self, name: &str) -> Arc<ProviderHealth> {
+        let mut map = self.providers.write().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(map.entry(name.to_owned()).or_default())
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> BreakerPolicy {
+        BreakerPolicy {
+            consecutive_failures: 3,
+            failure_rate: 0.5,
+            min_requests: 10,
+            window: Duration::from_secs(10),
+            open_for: Duration::from_secs(5),
+            slow_start: Duration::from_secs(10),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_open_then_a_probe_closes() {
+        let h = TargetHealth::new("p", "m", Clock::new(), policy());
+        for _ in 0..2 {
+            h.on_failure(Failure::Fault);
+        }
+        assert_eq!(h.state(), BreakerState::Closed);
+        h.on_failure(Failure::Fault);
+        assert_eq!(h.state(), BreakerState::Open);
+        assert_eq!(h.status(), Status::Skip);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(h.status(), Status::Probe, "one probe after open_for");
+        assert!(h.claim_probe());
+        assert!(!h.claim_probe(), "only one probe at a time");
+        assert_eq!(h.status(), Status::Skip);
+        h.on_success(Duration::from_millis(10));
+        assert_eq!(h.state(), BreakerState::Closed);
+        // Slow start: the share ramps from 10% to 100% over the window.
+        let Status::Available(share) = h.status() else {
+            panic!()
+        };
+        assert!((0.09..0.2).contains(&share), "{share}");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let Status::Available(share) = h.status() else {
+            panic!()
+        };
+        assert!((0.5..0.6).contains(&share), "{share}");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(h.status(), Status::Available(1.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_reopens() {
+        let h = TargetHealth::new("p", "m", Clock::new(), policy());
+        for _ in 0..3 {
+            h.on_failure(Failure::Fault);
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(h.claim_probe());
+        h.on_failure(Failure::Fault);
+        assert_eq!(h.state(), BreakerState::Open);
+        assert_eq!(h.status(), Status::Skip);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_rate_over_the_window_opens() {
+        let h = TargetHealth::new("p", "m", Clock::new(), policy());
+        // Alternating: never 3 in a row, but half of 10+ requests fail.
+        for _ in 0..6 {
+            h.on_success(Duration::from_millis(1));
+            h.on_failure(Failure::Fault);
+        }
+        assert_eq!(h.state(), BreakerState::Open, "{:?}", h.snapshot());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_failures_leave_the_window() {
+        let h = TargetHealth::new("p", "m", Clock::new(), policy());
+        for _ in 0..6 {
+            h.on_success(Duration::from_millis(1));
+            h.on_failure(Failure::Fault);
+            h.on_success(Duration::from_millis(1));
+            tokio::time::advance(Duration::from_secs(3)).await;
+        }
+        assert_eq!(h.state(), BreakerState::Closed, "{:?}", h.snapshot());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_cools_down_without_opening() {
+        let h = TargetHealth::new("p", "m", Clock::new(), policy());
+        h.on_failure(Failure::Throttled {
+            cool_down: Duration::from_secs(2),
+        });
+        assert_eq!(h.status(), Status::Skip);
+        assert_eq!(h.state(), BreakerState::Closed);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(h.status(), Status::Available(1.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ttfb_ewma_tracks_latency() {
+        let h = TargetHealth::new("p", "m", Clock::new(), policy());
+        h.on_success(Duration::from_millis(100));
+        assert_eq!(h.ttfb_ewma(), Some(Duration::from_millis(100)));
+        for _ in 0..30 {
+            h.on_success(Duration::from_millis(10));
+        }
+        assert!(h.ttfb_ewma().unwrap() < Duration::from_millis(12));
+    }
+}

@@ -1,0 +1,362 @@
+//! Failover across targets, circuit breakers, retry budgets, cool-downs and
+//! overrides, over real loopback HTTP against `detour mock`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+/// Route `fast`: `primary` then `backup`, with `policy` lines added to the route.
+fn two_targets(primary: SocketAddr, backup: SocketAddr, policy: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[[providers]]
+name = "primary"
+kind = "openai"
+base_url = "http://{primary}/v1"
+
+[[providers]]
+name = "backup"
+kind = "openai-compatible"
+base_url = "http://{backup}/v1"
+
+[[routes]]
+model = "fast"
+targets = [
+  {{ provider = "primary", model = "gpt-a" }},
+  {{ provider = "backup", model = "local-b" }},
+]
+{policy}
+"#
+    )
+}
+
+async fn post(gw: &detour::server::Running, stream: bool) -> reqwest::Response {
+    client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .json(&chat(stream))
+        .send()
+        .await
+        .unwrap()
+}
+
+fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn a_failing_primary_is_invisible_to_the_client() {
+    let (primary, backup) = (mock().await, mock().await);
+    primary.set_faults(faults(json!({"error_rate": 1.0, "error_status": 500})));
+    let gw = gateway(&two_targets(primary.addr(), backup.addr(), "")).await;
+    let resp = post(&gw, false).await;
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert_eq!(h["x-detour-provider"], "backup");
+    assert_eq!(h["x-detour-model"], "local-b");
+    assert_eq!(h["x-detour-attempts"], "2");
+    assert_eq!(h["x-detour-tried"], "primary/gpt-a=status_5xx");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["model"], "local-b");
+    assert_eq!(backup.requests()[0].body["model"], "local-b");
+}
+
+#[tokio::test]
+async fn refused_connections_hangs_and_resets_fail_over() {
+    let backup = mock().await;
+    // Refused.
+    let gw = gateway(&two_targets(dead_addr(), backup.addr(), "")).await;
+    let resp = post(&gw, false).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["x-detour-tried"],
+        "primary/gpt-a=connect_error"
+    );
+
+    // Hang: the first-byte timeout moves on.
+    let primary = mock().await;
+    primary.set_faults(faults(json!({"hang_rate": 1.0})));
+    let policy = r#"timeouts = { first_byte = "300ms" }"#;
+    let gw = gateway(&two_targets(primary.addr(), backup.addr(), policy)).await;
+    let started = Instant::now();
+    let resp = post(&gw, false).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["x-detour-tried"],
+        "primary/gpt-a=first_byte_timeout"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // Reset.
+    primary.set_faults(faults(json!({"reset_rate": 1.0})));
+    let gw = gateway(&two_targets(primary.addr(), backup.addr(), "")).await;
+    let resp = post(&gw, false).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-detour-provider"], "backup");
+}
+
+#[tokio::test]
+async fn a_stream_that_dies_before_its_first_event_fails_over_invisibly() {
+    let (primary, backup) = (mock().await, mock().await);
+    primary.set_faults(faults(json!({"cut_after_chunks": 0})));
+    let gw = gateway(&two_targets(primary.addr(), backup.addr(), "")).await;
+    let resp = post(&gw, true).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-detour-provider"], "backup");
+    let text = resp.text().await.unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.last().unwrap(), "[DONE]", "{text}");
+    assert!(!text.contains("error"), "{text}");
+}
+
+#[tokio::test]
+async fn the_callers_own_4xx_does_not_fail_over() {
+    let (primary, backup) = (mock().await, mock().await);
+    primary.set_faults(faults(json!({"error_rate": 1.0, "error_status": 400})));
+    let gw = gateway(&two_targets(primary.addr(), backup.addr(), "")).await;
+    let resp = post(&gw, false).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["x-detour-attempts"], "1");
+    assert_eq!(backup.stats().requests, 0);
+}
+
+#[tokio::test]
+async fn rejected_provider_credentials_fail_over_and_show_in_health() {
+    let (primary, backup) = (mock().await, mock().await);
+    primary.set_faults(faults(json!({"error_rate": 1.0, "error_status": 401})));
+    let gw = gateway(&two_targets(primary.addr(), backup.addr(), "")).await;
+    let resp = post(&gw, false).await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "the client never sees detour's own key problem"
+    );
+    assert_eq!(
+        resp.headers()["x-detour-tried"],
+        "primary/gpt-a=credentials_rejected"
+    );
+    // The target is now skipped while marked misconfigured.
+    let resp = post(&gw, false).await;
+    assert_eq!(resp.headers()["x-detour-attempts"], "1");
+    assert_eq!(resp.headers()["x-detour-provider"], "backup");
+    assert_eq!(primary.stats().requests, 1);
+
+    let admin = admin(&gw, "t0ken").await;
+    let health: Value = client()
+        .get(format!("{admin}/admin/health"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        health["routes"][0]["targets"][0]["misconfigured"], true,
+        "{health}"
+    );
+}
+
+#[tokio::test]
+async fn the_breaker_opens_and_stops_sending_to_a_dead_primary() {
+    let (primary, backup) = (mock().await, mock().await);
+    primary.set_faults(faults(json!({"error_rate": 1.0, "error_status": 503})));
+    let policy = r#"breaker = { consecutive_failures = 3, open_for = "60s" }"#;
+    let gw = gateway(&two_targets(primary.addr(), backup.addr(), policy)).await;
+    for _ in 0..20 {
+        assert_eq!(post(&gw, false).await.status(), 200);
+    }
+    assert_eq!(primary.stats().requests, 3, "only until the breaker opened");
+    assert_eq!(backup.stats().requests, 20);
+}
+
+#[tokio::test]
+async fn a_probe_closes_the_breaker_when_the_primary_recovers() {
+    let (primary, backup) = (mock().await, mock().await);
+    primary.set_faults(faults(json!({"error_rate": 1.0, "error_status": 500})));
+    let policy = r#"breaker = { consecutive_failures = 2, open_for = "300ms", slow_start = "0s" }"#;
+    let gw = gateway(&two_targets(primary.addr(), backup.addr(), policy)).await;
+    for _ in 0..4 {
+        post(&gw, false).await;
+    }
+    assert_eq!(primary.stats().requests, 2);
+    primary.set_faults(faults(json!({})));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let resp = post(&gw, false).await;
+    assert_eq!(
+        resp.headers()["x-detour-provider"],
+        "primary",
+        "the probe succeeds"
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            post(&gw, false).await.headers()["x-detour-provider"],
+            "primary"
+        );
+    }
+}
+
+#[tokio::test]
+async fn retry_after_cools_a_target_down_then_traffic_returns() {
+    let (primary, backup) = (mock().await, mock().await);
+    primary.set_faults(faults(
+        json!({"rate_limit_rate": 1.0, "retry_after_secs": 1}),
+    ));
+    let gw = gateway(&two_targets(primary.addr(), backup.addr(), "")).await;
+    let resp = post(&gw, false).await;
+    assert_eq!(resp.headers()["x-detour-tried"], "primary/gpt-a=status_429");
+    for _ in 0..5 {
+        assert_eq!(post(&gw, false).await.headers()["x-detour-attempts"], "1");
+    }
+    assert_eq!(primary.stats().requests, 1, "cooling down: no traffic");
+    primary.set_faults(faults(json!({})));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        post(&gw, false).await.headers()["x-detour-provider"],
+        "primary"
+    );
+}
+
+#[tokio::test]
+async fn when_everything_is_down_answers_are_fast_503s_and_upstream_load_is_bounded() {
+    let (primary, backup) = (mock().await, mock().await);
+    for m in [&primary, &backup] {
+        m.set_faults(faults(json!({"error_rate": 1.0, "error_status": 500})));
+    }
+    let policy = r#"
+retries = { budget = 0.2, min_per_sec = 0 }
+breaker = { consecutive_failures = 1000, failure_rate = 1.0, min_requests = 1000 }
+"#;
+    let gw = gateway(&two_targets(primary.addr(), backup.addr(), policy)).await;
+    let n = 200;
+    for _ in 0..n {
+        let resp = post(&gw, false).await;
+        assert!(
+            resp.status() == 503 || resp.status() == 502,
+            "{}",
+            resp.status()
+        );
+    }
+    let upstream = primary.stats().requests + backup.stats().requests;
+    assert!(
+        upstream as f64 <= 1.2 * n as f64 + 1.0,
+        "upstream requests {upstream} for {n} client requests exceed the 20% budget"
+    );
+
+    // With breakers that open, answers come fast and without upstream calls.
+    let policy = r#"breaker = { consecutive_failures = 2, open_for = "60s" }"#;
+    let gw = gateway(&two_targets(primary.addr(), backup.addr(), policy)).await;
+    for _ in 0..3 {
+        post(&gw, false).await;
+    }
+    let before = primary.stats().requests + backup.stats().requests;
+    let started = Instant::now();
+    let resp = post(&gw, false).await;
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(resp.status(), 503);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "no_healthy_target");
+    assert_eq!(primary.stats().requests + backup.stats().requests, before);
+}
+
+#[tokio::test]
+async fn all_targets_failing_is_a_503_naming_each() {
+    let (primary, backup) = (mock().await, mock().await);
+    primary.set_faults(faults(json!({"error_rate": 1.0, "error_status": 500})));
+    let gw = gateway(&two_targets(primary.addr(), dead_addr(), "")).await;
+    let resp = post(&gw, false).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-detour-attempts"], "2");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "all_targets_failed");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("primary/gpt-a=status_5xx") && msg.contains("backup/local-b=connect_error"),
+        "{msg}"
+    );
+    drop(backup);
+}
+
+#[tokio::test]
+async fn admin_overrides_take_effect_on_the_next_request() {
+    let (primary, backup) = (mock().await, mock().await);
+    let gw = gateway(&two_targets(primary.addr(), backup.addr(), "")).await;
+    let admin = admin(&gw, "t0ken").await;
+    let c = client();
+    let resp = c
+        .post(format!("{admin}/admin/providers/primary/down"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "the admin token is required");
+    let resp = c
+        .post(format!("{admin}/admin/providers/primary/down"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        post(&gw, false).await.headers()["x-detour-provider"],
+        "backup"
+    );
+    assert_eq!(primary.stats().requests, 0);
+    c.post(format!("{admin}/admin/providers/primary/auto"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        post(&gw, false).await.headers()["x-detour-provider"],
+        "primary"
+    );
+    let resp = c
+        .post(format!("{admin}/admin/providers/nope/down"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}
+
+#[tokio::test]
+async fn weights_balance_a_priority_group() {
+    let (a, b) = (mock().await, mock().await);
+    let config = format!(
+        r#"
+[[providers]]
+name = "a"
+kind = "openai"
+base_url = "http://{}/v1"
+
+[[providers]]
+name = "b"
+kind = "openai"
+base_url = "http://{}/v1"
+
+[[routes]]
+model = "fast"
+targets = [
+  {{ provider = "a", model = "m", priority = 0, weight = 3 }},
+  {{ provider = "b", model = "m", priority = 0, weight = 1 }},
+]
+"#,
+        a.addr(),
+        b.addr()
+    );
+    let gw = gateway(&config).await;
+    for _ in 0..200 {
+        post(&gw, false).await;
+    }
+    let share = a.stats().requests as f64 / 200.0;
+    assert!((0.65..0.85).contains(&share), "a got {share}");
+}
