@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::config::HedgeAfter;
 use crate::health::{Override, TargetSnapshot};
 use crate::state::Gateway;
 
@@ -167,7 +168,10 @@ async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
                 "total": r.timeouts.total.as_millis() as u64,
             },
             "retries": {"budget": r.retries.budget, "min_per_sec": r.retries.min_per_sec, "max_attempts": r.retries.max_attempts},
-            "hedge_after_ms": r.hedge_after.map(|d| d.as_millis() as u64),
+            "hedge_after": r.hedge_after.map(|h| match h {
+                HedgeAfter::Fixed(d) => format!("{}ms", d.as_millis()),
+                HedgeAfter::P95 => "p95".to_owned(),
+            }),
         })).collect::<Vec<_>>(),
         "keys": c.keys.iter().map(|k| json!({
             "name": k.name, "tenant": k.tenant, "tier": k.tier.as_str(),

@@ -32,10 +32,13 @@ pub struct RetryBudget {
 impl RetryBudget {
     pub fn new(policy: &RetryPolicy, clock: Clock) -> Self {
         let ratio_milli = (policy.budget * SCALE as f64).round() as i64;
+        let cap = (10 * SCALE).max(ratio_milli * 100);
         Self {
             ratio_milli,
-            cap: (10 * SCALE).max(ratio_milli * 100),
-            balance: AtomicI64::new(0),
+            cap,
+            // Start as a route in steady state would be: a fresh gateway
+            // meeting an outage can fail over its first burst of requests.
+            balance: AtomicI64::new(cap),
             min_per_sec: u64::from(policy.min_per_sec),
             floor_second: AtomicU64::new(0),
             floor_used: AtomicU64::new(0),
@@ -95,6 +98,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_are_a_fraction_of_requests() {
         let b = budget(0.2, 0);
+        // Spend the initial reserve first.
+        while b.balance.load(Relaxed) >= SCALE {
+            assert!(b.try_withdraw());
+        }
         let mut retries = 0;
         for _ in 0..1000 {
             b.deposit();
@@ -108,6 +115,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_floor_allows_a_few_per_second() {
         let b = budget(0.0, 3);
+        b.balance.store(0, Relaxed);
         let granted = (0..10).filter(|_| b.try_withdraw()).count();
         assert_eq!(granted, 3);
         tokio::time::advance(std::time::Duration::from_secs(1)).await;

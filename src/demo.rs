@@ -35,6 +35,7 @@ targets = [
   {{ provider = "backup", model = "local-llama" }},
 ]
 timeouts = {{ first_byte = "5s", idle = "5s" }}
+breaker = {{ consecutive_failures = 3, open_for = "2s", slow_start = "8s" }}
 "#
     )
 }
@@ -93,7 +94,7 @@ detour demo is running.
 Try it:
 
   curl -s {url}/v1/models
-  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \
+  curl -si {url}/v1/chat/completions -H 'content-type: application/json' \
     -d '{{"model":"demo","messages":[{{"role":"user","content":"Hello"}}]}}'
   curl -sN {url}/v1/chat/completions -H 'content-type: application/json' \
     -d '{{"model":"demo","stream":true,"messages":[{{"role":"user","content":"Hello"}}]}}'
@@ -101,15 +102,86 @@ Try it:
   # or with the OpenAI SDK:
   python -c 'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="none"); print(c.chat.completions.create(model="demo", messages=[{{"role":"user","content":"Hi"}}]).choices[0].message.content)'
 
-Break the primary and watch the answers (failover arrives with the resilience work):
-
+  # break the primary yourself, and mend it:
   curl -s -X PUT http://{primary}/_mock/faults -d '{{"error_rate":1.0,"error_status":500}}'
+  curl -s -X DELETE http://{primary}/_mock/faults
 
+Below, a request every half second, and a scripted outage of the primary
+every 30 seconds. Watch traffic move to the backup and come back.
 Press Ctrl-C to stop.
 "#,
         primary = demo.primary.addr(),
         backup = demo.backup.addr(),
     );
-    shutdown.await;
+    tokio::select! {
+        () = shutdown => {}
+        () = show_failover(&demo) => {}
+    }
     Ok(())
+}
+
+/// Sends a request every half second and prints who served it, while the
+/// primary goes through a scripted outage: healthy 8 s, failing 12 s,
+/// recovering (slow start) 10 s.
+async fn show_failover(demo: &Demo) {
+    let client = match reqwest::Client::builder().no_proxy().build() {
+        Ok(c) => c,
+        Err(_) => return std::future::pending().await,
+    };
+    let url = format!("{}/v1/chat/completions", demo.gateway.url());
+    let body = r#"{"model":"demo","messages":[{"role":"user","content":"Hello"}]}"#;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    for n in 0u64.. {
+        tick.tick().await;
+        match n % 60 {
+            16 => {
+                demo.primary.set_faults(outage());
+                println!("--- outage: the primary now answers every request with 500 ---");
+            }
+            40 => {
+                demo.primary.set_faults(mock::Faults::default());
+                println!("--- the primary has recovered; detour probes it, then ramps its share back up ---");
+            }
+            _ => {}
+        }
+        let started = tokio::time::Instant::now();
+        let sent = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        match sent {
+            Ok(resp) => {
+                let h = resp.headers();
+                let get = |k: &str| {
+                    h.get(k)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned()
+                };
+                let tried = h
+                    .get("x-detour-tried")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|t| format!("  (failed over from {t})"))
+                    .unwrap_or_default();
+                println!(
+                    "request {n:>4}: {} from {:<8} attempts {} {ms:>6.1} ms{tried}",
+                    resp.status().as_u16(),
+                    get("x-detour-provider"),
+                    get("x-detour-attempts"),
+                );
+            }
+            Err(e) => println!("request {n:>4}: failed: {e}"),
+        }
+    }
+}
+
+fn outage() -> mock::Faults {
+    mock::Faults {
+        error_rate: 1.0,
+        error_status: 500,
+        ..mock::Faults::default()
+    }
 }

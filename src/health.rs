@@ -105,6 +105,11 @@ pub struct TargetHealth {
     misconfigured_until: AtomicU64,
     /// EWMA of time to first byte in microseconds (0 = no sample yet).
     ttfb_ewma_us: AtomicU64,
+    /// EWMA of the absolute deviation from it, for a p95 estimate.
+    ttfb_dev_us: AtomicU64,
+    last_sample_ms: AtomicU64,
+    /// EWMA (as f64 bits) of how often this target lost a hedge race.
+    lost_races: AtomicU64,
     buckets: [Bucket; BUCKETS],
     transitions: AtomicU64,
 }
@@ -141,6 +146,9 @@ impl TargetHealth {
             cool_down_until: AtomicU64::new(0),
             misconfigured_until: AtomicU64::new(0),
             ttfb_ewma_us: AtomicU64::new(0),
+            ttfb_dev_us: AtomicU64::new(0),
+            last_sample_ms: AtomicU64::new(0),
+            lost_races: AtomicU64::new(0f64.to_bits()),
             buckets: Default::default(),
             transitions: AtomicU64::new(0),
         }
@@ -203,6 +211,7 @@ impl TargetHealth {
 
     pub fn on_success(&self, ttfb: Duration) {
         let now = self.clock.now_ms();
+        self.update_lost_races(0.0);
         self.consecutive.store(0, Relaxed);
         self.bucket(now).ok.fetch_add(1, Relaxed);
         self.observe_ttfb(ttfb);
@@ -281,15 +290,68 @@ impl TargetHealth {
         self.transitions.load(Relaxed)
     }
 
-    fn observe_ttfb(&self, ttfb: Duration) {
+    /// Records a time to first byte. Also fed by attempts that lost a hedge
+    /// race, with the time they had taken so far: a lower bound, but enough
+    /// to show that the target has become slow.
+    pub fn observe_ttfb(&self, ttfb: Duration) {
         let sample = u64::try_from(ttfb.as_micros()).unwrap_or(u64::MAX).max(1);
         let old = self.ttfb_ewma_us.load(Relaxed);
-        let new = if old == 0 {
-            sample
+        let (new, dev) = if old == 0 {
+            (sample, sample / 2)
         } else {
-            (EWMA_ALPHA * sample as f64 + (1.0 - EWMA_ALPHA) * old as f64) as u64
+            let dev = self.ttfb_dev_us.load(Relaxed) as f64;
+            let diff = (sample as f64 - old as f64).abs();
+            (
+                (EWMA_ALPHA * sample as f64 + (1.0 - EWMA_ALPHA) * old as f64) as u64,
+                (EWMA_ALPHA * diff + (1.0 - EWMA_ALPHA) * dev) as u64,
+            )
         };
         self.ttfb_ewma_us.store(new.max(1), Relaxed);
+        self.ttfb_dev_us.store(dev, Relaxed);
+        self.last_sample_ms
+            .store(self.clock.now_ms().max(1), Relaxed);
+    }
+
+    /// The attempt was cancelled because another target answered first; it
+    /// had waited `elapsed` without a first byte.
+    pub fn on_race_lost(&self, elapsed: Duration) {
+        self.observe_ttfb(elapsed);
+        self.update_lost_races(1.0);
+    }
+
+    /// How often, recently, this target lost hedge races (0.0–1.0).
+    pub fn lost_race_share(&self) -> f64 {
+        f64::from_bits(self.lost_races.load(Relaxed))
+    }
+
+    fn update_lost_races(&self, sample: f64) {
+        let old = f64::from_bits(self.lost_races.load(Relaxed));
+        let new = EWMA_ALPHA * sample + (1.0 - EWMA_ALPHA) * old;
+        self.lost_races.store(new.to_bits(), Relaxed);
+    }
+
+    /// For a demoted target: lets one request through per `open_for`, so
+    /// that its recovery is noticed. True for the request that gets it.
+    pub fn claim_latency_probe(&self) -> bool {
+        let now = self.clock.now_ms();
+        let last = self.last_sample_ms.load(Relaxed);
+        now.saturating_sub(last) >= ms(self.policy.open_for)
+            && self
+                .last_sample_ms
+                .compare_exchange(last, now.max(1), Relaxed, Relaxed)
+                .is_ok()
+    }
+
+    /// An estimate of the 95th percentile of time to first byte: mean plus two
+    /// mean deviations, the way TCP estimates its retransmission timeout
+    /// (RFC 6298) without keeping a histogram.
+    pub fn ttfb_p95(&self) -> Option<Duration> {
+        let mean = self.ttfb_ewma()?;
+        Some(mean + Duration::from_micros(2 * self.ttfb_dev_us.load(Relaxed)))
+    }
+
+    pub fn policy(&self) -> &BreakerPolicy {
+        &self.policy
     }
 
     fn open(&self, now: u64) {
@@ -362,6 +424,7 @@ impl TargetHealth {
             misconfigured: self.is_misconfigured(),
             ttfb_ewma_ms: self.ttfb_ewma().map(|d| d.as_secs_f64() * 1e3),
             slow_start_share: self.slow_start_share(now),
+            lost_race_share: self.lost_race_share(),
             breaker_transitions: self.transitions(),
         }
     }
@@ -383,6 +446,7 @@ pub struct TargetSnapshot {
     pub misconfigured: bool,
     pub ttfb_ewma_ms: Option<f64>,
     pub slow_start_share: f64,
+    pub lost_race_share: f64,
     pub breaker_transitions: u64,
 }
 

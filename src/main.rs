@@ -66,7 +66,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    // The demo prints its own story; its request logs would drown it.
+    let level = if matches!(cli.command, Command::Demo { .. }) {
+        "error"
+    } else {
+        "info"
+    };
+    telemetry::init(cli.log_format, level);
     // One crypto provider for every TLS connection; installing can only fail
     // if one is already installed, which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -18,16 +18,18 @@
 //! A retry needs a token from the route's retry budget; without one, the
 //! request ends with the last error instead of adding load to a failing fleet.
 
+use std::future::Future;
 use std::ops::Range;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
-use crate::config::{Route, Target};
+use crate::config::{HedgeAfter, Route, Target};
 use crate::error::{ApiError, ClientFormat, GatewayError};
 use crate::health::{Failure, TargetHealth};
 use crate::providers::{Adapter, Endpoint};
@@ -89,37 +91,105 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
     let state = &live.routes[position];
     state.budget.deposit();
     let mut rng = fastrand::Rng::new();
-    let plan = routing::plan(route, &state.health, &live.overrides, &mut rng);
+    let mut plan = routing::plan(route, &state.health, &live.overrides, &mut rng).into_iter();
 
     let mut tried = Tried::default();
     let mut attempts = 0u32;
     let mut last: Option<(usize, UpstreamError)> = None;
-    for candidate in plan {
-        if attempts >= route.retries.max_attempts {
-            break;
-        }
-        let target = &route.targets[candidate.index];
-        let health = &state.health[candidate.index];
-        if attempts > 0 {
-            if !state.budget.try_withdraw() {
-                tracing::warn!(request_id = %record.request_id, route = %route.alias, "retry budget exhausted: not failing over");
+    let mut in_flight = FuturesUnordered::new();
+    // Attempts in flight: target index and start, so that an attempt which
+    // loses a hedge race still tells health how slow it was.
+    let mut pending: Vec<(usize, Instant)> = Vec::new();
+    // Launches the next candidate that can take a request; false when none can.
+    let mut launch = |in_flight: &mut FuturesUnordered<_>,
+                      pending: &mut Vec<(usize, Instant)>,
+                      attempts: &mut u32,
+                      tried: &mut Tried,
+                      rng: &mut fastrand::Rng| {
+        while *attempts < route.retries.max_attempts {
+            let Some(candidate) = plan.next() else {
+                return false;
+            };
+            let target = &route.targets[candidate.index];
+            let health = &state.health[candidate.index];
+            if *attempts > 0 && !state.budget.try_withdraw() {
+                tracing::warn!(request_id = %record.request_id, route = %route.alias, "retry budget exhausted: not trying another target");
                 tried.push(target, "skipped_budget_exhausted");
-                break;
+                return false;
             }
-            backoff(route, attempts, &mut rng).await;
+            if candidate.probe && !health.claim_probe() {
+                continue;
+            }
+            let delay = if *attempts > 0 && in_flight.is_empty() {
+                backoff(route, *attempts, rng)
+            } else {
+                Duration::ZERO
+            };
+            *attempts += 1;
+            pending.push((candidate.index, Instant::now()));
+            let fut = guarded(
+                candidate.probe,
+                health,
+                delay,
+                attempt(live, route, target, &req),
+            );
+            in_flight.push(Box::pin(async move { (candidate.index, fut.await) }));
+            return true;
         }
-        if candidate.probe && !health.claim_probe() {
-            continue;
-        }
-        attempts += 1;
-        let outcome = {
-            let guard = ProbeGuard(health);
-            let outcome = attempt(live, route, target, &req).await;
-            std::mem::forget(guard);
-            outcome
+        false
+    };
+
+    launch(
+        &mut in_flight,
+        &mut pending,
+        &mut attempts,
+        &mut tried,
+        &mut rng,
+    );
+    let mut hedging = route.hedge_after;
+    while !in_flight.is_empty() {
+        let hedge_after = match hedging {
+            _ if in_flight.len() != 1 => None,
+            Some(HedgeAfter::Fixed(d)) => Some(d),
+            Some(HedgeAfter::P95) => Some(
+                pending
+                    .first()
+                    .and_then(|(i, _)| state.health[*i].ttfb_p95())
+                    .unwrap_or(Duration::from_millis(100))
+                    .max(Duration::from_millis(1)),
+            ),
+            None => None,
         };
-        match outcome {
+        let hedge_timer = async move {
+            match hedge_after {
+                Some(after) => tokio::time::sleep(after).await,
+                None => std::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            Some(outcome) = in_flight.next() => outcome,
+            () = hedge_timer => {
+                // The attempt in flight is slow: race a second target against it.
+                if launch(&mut in_flight, &mut pending, &mut attempts, &mut tried, &mut rng) {
+                    tracing::info!(request_id = %record.request_id, route = %route.alias, "hedging: started a second attempt");
+                }
+                hedging = None;
+                continue;
+            }
+        };
+        let (index, result) = outcome;
+        pending.retain(|(i, _)| *i != index);
+        let target = &route.targets[index];
+        let health = &state.health[index];
+        match result {
             Ok(mut committed) => {
+                // Dropping the others cancels them (their connections close);
+                // each lost a race, so it was at least this slow.
+                drop(in_flight);
+                for (i, started) in &pending {
+                    state.health[*i].on_race_lost(started.elapsed());
+                    tracing::info!(request_id = %record.request_id, provider = %route.targets[*i].provider.name, "hedge lost the race: cancelled");
+                }
                 health.on_success(committed.body.first_byte().unwrap_or_default());
                 record.attempts = attempts;
                 record.provider = Some(target.provider.name.clone());
@@ -132,6 +202,7 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 return with_attempt_headers(resp, Some(target), attempts, &tried);
             }
             Err(error) if !error.retryable() => {
+                drop(in_flight);
                 record.attempts = attempts;
                 record.provider = Some(target.provider.name.clone());
                 record.model = Some(target.model.clone());
@@ -152,7 +223,16 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                     "attempt failed; failing over if another target is available"
                 );
                 tried.push(target, reason_of(&error));
-                last = Some((candidate.index, error));
+                last = Some((index, error));
+                if in_flight.is_empty() {
+                    launch(
+                        &mut in_flight,
+                        &mut pending,
+                        &mut attempts,
+                        &mut tried,
+                        &mut rng,
+                    );
+                }
             }
         }
     }
@@ -183,14 +263,30 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
     with_attempt_headers(resp, target, attempts, &tried)
 }
 
-/// Releases a half-open probe slot if the attempt is dropped midway (the
-/// client went away). Forgotten once the attempt has an outcome.
-struct ProbeGuard<'a>(&'a TargetHealth);
-
-impl Drop for ProbeGuard<'_> {
-    fn drop(&mut self) {
-        self.0.on_abandoned();
+/// Runs an attempt after `delay`. If it claimed a breaker's probe slot and is
+/// dropped before it ends (the client left, or a hedge won), the slot is
+/// released so the target can be probed again.
+async fn guarded<T>(
+    probe: bool,
+    health: &TargetHealth,
+    delay: Duration,
+    attempt: impl Future<Output = T>,
+) -> T {
+    struct ProbeGuard<'a>(Option<&'a TargetHealth>);
+    impl Drop for ProbeGuard<'_> {
+        fn drop(&mut self) {
+            if let Some(h) = self.0 {
+                h.on_abandoned();
+            }
+        }
     }
+    let mut guard = ProbeGuard(probe.then_some(health));
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let out = attempt.await;
+    guard.0 = None;
+    out
 }
 
 /// One attempt on one target, up to the point where the client can be given
@@ -240,12 +336,10 @@ async fn attempt(
 }
 
 /// Full-jitter exponential backoff before retry number `attempts`.
-async fn backoff(route: &Route, attempts: u32, rng: &mut fastrand::Rng) {
+fn backoff(route: &Route, attempts: u32, rng: &mut fastrand::Rng) -> Duration {
     let base = route.retries.backoff.as_micros() as u64;
     let cap = base.saturating_mul(1 << attempts.saturating_sub(1).min(10));
-    if cap > 0 {
-        tokio::time::sleep(Duration::from_micros(rng.u64(0..=cap))).await;
-    }
+    Duration::from_micros(rng.u64(0..=cap))
 }
 
 fn failure_of(error: &UpstreamError) -> Failure {

@@ -116,7 +116,8 @@ impl RelayBody {
             timer: Box::pin(tokio::time::sleep_until(first.min(total_deadline))),
             total_deadline,
             got_first_chunk: false,
-            first_byte: None,
+            // A plain body's first byte is its headers, which just arrived.
+            first_byte: (!event_stream).then(|| started.elapsed()),
             started,
             state: State::Relaying,
             primed: None,

@@ -11,7 +11,13 @@
 //!    probability `1 - share`; a target whose time-to-first-byte EWMA is more than
 //!    [`DEMOTE_FACTOR`] times the fastest available peer's (and above
 //!    [`DEMOTE_FLOOR`]) goes behind every healthy peer too. Demoted targets still
-//!    serve when everything ahead of them fails.
+//!    serve when everything ahead of them fails. A target that keeps losing
+//!    hedge races (more than [`LOSING_SHARE`] recently) is demoted the same way.
+//!    One request per `open_for` still goes to a demoted target first, so that
+//!    a recovered target is noticed.
+//!    When the preferred target is slower than [`DEMOTE_FLOOR`], a share
+//!    [`EXPLORE_SHARE`] of requests goes first to a peer that has no latency
+//!    sample yet, so that a brownout can be compared with something.
 //! 5. An override `up` keeps a target in place whatever its health.
 
 use std::sync::Arc;
@@ -22,6 +28,10 @@ use crate::health::{Override, ProviderHealth, Status, TargetHealth};
 
 pub const DEMOTE_FACTOR: f64 = 3.0;
 pub const DEMOTE_FLOOR: Duration = Duration::from_millis(50);
+/// A target that lost more than this share of its recent hedge races is demoted.
+pub const LOSING_SHARE: f64 = 0.5;
+/// Share of requests sent to an unmeasured peer while the preferred target is slow.
+pub const EXPLORE_SHARE: f64 = 0.1;
 
 /// One target to try.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,13 +92,37 @@ pub fn plan(
         .filter(|e| !e.probe)
         .filter_map(|e| e.ttfb)
         .min();
-    if let Some(fastest) = fastest {
-        for e in &mut entries {
-            if let Some(t) = e.ttfb {
-                if t > DEMOTE_FLOOR && t.as_secs_f64() > DEMOTE_FACTOR * fastest.as_secs_f64() {
-                    e.demoted = true;
-                }
+    for e in &mut entries {
+        let Some(h) = health.get(e.index) else {
+            continue;
+        };
+        let slow = match (e.ttfb, fastest) {
+            (Some(t), Some(fastest)) => {
+                t > DEMOTE_FLOOR && t.as_secs_f64() > DEMOTE_FACTOR * fastest.as_secs_f64()
             }
+            _ => false,
+        };
+        let losing = h.lost_race_share() > LOSING_SHARE;
+        // One request per `open_for` still goes to a demoted target first,
+        // so that its recovery is noticed.
+        if (slow || losing) && !h.claim_latency_probe() {
+            e.demoted = true;
+        }
+    }
+    // Exploration: when the preferred target is slow, send a small share of
+    // requests to a peer with no latency sample yet, so that demotion has
+    // something to compare with.
+    let preferred_slow = entries
+        .iter()
+        .filter(|e| !e.demoted)
+        .min_by_key(|e| e.priority)
+        .and_then(|e| e.ttfb)
+        .is_some_and(|t| t > DEMOTE_FLOOR);
+    if preferred_slow && rng.f64() < EXPLORE_SHARE {
+        if let Some(e) = entries.iter_mut().find(|e| e.ttfb.is_none() && !e.probe) {
+            e.priority = 0;
+            e.demoted = false;
+            e.weight = f64::MAX;
         }
     }
     // Weighted shuffle inside each priority group: sort by a key drawn as

@@ -24,6 +24,7 @@ async fn start_default() -> MockServer {
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
+        .no_proxy()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap()
@@ -624,6 +625,7 @@ async fn models_list_and_unknown_paths() {
 async fn h2c_prior_knowledge_is_served_too() {
     let server = start_default().await;
     let client = reqwest::Client::builder()
+        .no_proxy()
         .http2_prior_knowledge()
         .timeout(Duration::from_secs(10))
         .build()
@@ -749,6 +751,7 @@ async fn hang_fault_never_answers() {
     let client = client();
     set_faults(&client, &server, json!({"hang_rate": 1.0})).await;
     let impatient = reqwest::Client::builder()
+        .no_proxy()
         .timeout(Duration::from_millis(300))
         .build()
         .unwrap();
@@ -838,6 +841,102 @@ async fn cut_after_chunks_aborts_the_stream_without_done() {
     assert_eq!(events.len(), 3, "{text}");
     assert!(events.iter().all(|e| e != "[DONE]"));
     assert_eq!(server.stats().faults.cut, 1);
+}
+
+#[tokio::test]
+async fn stream_error_after_chunks_sends_the_error_event_and_ends_cleanly() {
+    let server = start_default().await;
+    let client = client();
+    set_faults(
+        &client,
+        &server,
+        json!({"chunks": 4, "stream_error_after_chunks": 2}),
+    )
+    .await;
+    let resp = chat(&client, &server, &with(hello("m"), json!({"stream": true}))).await;
+    assert_eq!(resp.status(), 200);
+    // `text()` fails if the body does not end cleanly.
+    let events = sse_data(&resp.text().await.unwrap());
+    // role chunk, 2 content chunks, the error; no finish, no [DONE]
+    assert_eq!(events.len(), 4, "{events:?}");
+    let chunks: Vec<Value> = events
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks[1]["choices"][0]["delta"]["content"].is_string());
+    assert!(chunks[2]["choices"][0]["delta"]["content"].is_string());
+    let error = &chunks[3];
+    assert_openai_error(error);
+    assert_eq!(error["error"]["type"], "server_error");
+    assert!(error.get("choices").is_none());
+
+    // 0: right after the opening (role) chunk.
+    set_faults(&client, &server, json!({"stream_error_after_chunks": 0})).await;
+    let resp = chat(&client, &server, &with(hello("m"), json!({"stream": true}))).await;
+    let events = sse_data(&resp.text().await.unwrap());
+    assert_eq!(events.len(), 2);
+    assert!(events[1].starts_with(r#"{"error":"#));
+
+    // More than there are: all the content, then the error instead of the finish.
+    set_faults(
+        &client,
+        &server,
+        json!({"chunks": 3, "stream_error_after_chunks": 99}),
+    )
+    .await;
+    let resp = chat(&client, &server, &with(hello("m"), json!({"stream": true}))).await;
+    let events = sse_data(&resp.text().await.unwrap());
+    assert_eq!(events.len(), 5);
+    assert!(events.iter().all(|e| !e.contains("finish_reason\":\"stop")));
+
+    // Non-streamed requests are unaffected.
+    let resp = chat(&client, &server, &hello("m")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(server.stats().faults.stream_error, 3);
+}
+
+#[tokio::test]
+async fn should_retry_adds_the_header_to_fault_replies() {
+    let server = start_default().await;
+    let client = client();
+    set_faults(
+        &client,
+        &server,
+        json!({"error_rate": 1.0, "error_status": 503, "should_retry": false}),
+    )
+    .await;
+    let resp = chat(&client, &server, &hello("m")).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(header(&resp, "x-should-retry"), "false");
+    set_faults(
+        &client,
+        &server,
+        json!({"rate_limit_rate": 1.0, "should_retry": true}),
+    )
+    .await;
+    let resp = chat(&client, &server, &hello("m")).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(header(&resp, "x-should-retry"), "true");
+    set_faults(&client, &server, json!({"error_rate": 1.0})).await;
+    let resp = chat(&client, &server, &hello("m")).await;
+    assert!(resp.headers().get("x-should-retry").is_none());
+}
+
+#[tokio::test]
+async fn malformed_cuts_json_bodies_but_not_streams() {
+    let server = start_default().await;
+    let client = client();
+    set_faults(&client, &server, json!({"malformed": true})).await;
+    let resp = chat(&client, &server, &hello("m")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "content-type"), "application/json");
+    let bytes = resp.bytes().await.unwrap();
+    assert!(!bytes.is_empty());
+    assert!(serde_json::from_slice::<Value>(&bytes).is_err());
+    let resp = chat(&client, &server, &with(hello("m"), json!({"stream": true}))).await;
+    stream_chunks(&resp.text().await.unwrap());
+    assert_eq!(server.stats().faults.malformed, 1);
 }
 
 // ---------------------------------------------------------------------------------
@@ -938,7 +1037,8 @@ async fn stats_count_traffic_but_not_control_calls() {
     let raw = get_json(&client, &server, "/_mock/stats").await;
     assert_eq!(
         raw["faults"],
-        json!({"error": 0, "rate_limit": 0, "reset": 0, "hang": 0, "cut": 0})
+        json!({"error": 0, "rate_limit": 0, "reset": 0, "hang": 0, "cut": 0,
+               "stream_error": 0, "malformed": 0})
     );
 
     let recorded = server.requests();
@@ -1020,11 +1120,33 @@ async fn faults_set_in_rust_are_visible_over_http() {
 }
 
 #[tokio::test]
-async fn other_flavors_are_not_implemented_yet() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = mock::spawn(Flavor::Anthropic, listener, MockOptions::default())
+async fn every_flavor_starts_and_reports_itself() {
+    for flavor in [
+        Flavor::Openai,
+        Flavor::Anthropic,
+        Flavor::Gemini,
+        Flavor::Statuspage,
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = mock::spawn(flavor, listener, MockOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(server.flavor(), flavor);
+    }
+}
+
+#[tokio::test]
+async fn status_control_exists_only_on_the_statuspage_flavor() {
+    let server = start_default().await;
+    let resp = client()
+        .get(format!("{}/_mock/status", server.url()))
+        .send()
         .await
-        .err()
-        .expect("anthropic is not implemented");
-    assert_eq!(err.to_string(), "flavor `anthropic` is not implemented yet");
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let body = body_json(resp).await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("statuspage"));
 }

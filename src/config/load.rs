@@ -299,7 +299,10 @@ impl Loader<'_> {
         let retries = self.retries(i, &r.retries)?;
         let breaker = self.breaker(i, &r.breaker)?;
         let hedge_after = match &r.hedge_after {
-            Some(s) => Some(self.duration(s, &format!("routes[{i}].hedge_after"))?),
+            Some(s) if s.get_ref() == "p95" => Some(HedgeAfter::P95),
+            Some(s) => Some(HedgeAfter::Fixed(
+                self.duration(s, &format!("routes[{i}].hedge_after"))?,
+            )),
             None => None,
         };
         Some(Route {

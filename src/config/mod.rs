@@ -105,7 +105,15 @@ pub struct Route {
     pub timeouts: Timeouts,
     pub retries: RetryPolicy,
     pub breaker: BreakerPolicy,
-    pub hedge_after: Option<Duration>,
+    pub hedge_after: Option<HedgeAfter>,
+}
+
+/// When a second attempt races a slow first one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HedgeAfter {
+    Fixed(Duration),
+    /// The first target's estimated p95 time to first byte (at least 1 ms).
+    P95,
 }
 
 /// How a route retries on other targets.

@@ -50,7 +50,8 @@ pub struct RawRoute {
     #[serde(default)]
     pub breaker: RawBreaker,
     /// Start a second attempt on the next target after this long without a
-    /// first byte (opt-in).
+    /// first byte (opt-in): a duration, or "p95" for the first target's
+    /// estimated p95 time to first byte.
     pub hedge_after: Option<Str>,
 }
 

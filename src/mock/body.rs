@@ -11,6 +11,19 @@ use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+/// Per-request inputs that do not come from the request itself.
+pub(crate) struct Ctx<'a> {
+    pub seed: u64,
+    /// Arrival number of the request, for ids.
+    pub seq: u64,
+    /// OpenAI's `system_fingerprint`.
+    pub fingerprint: &'a str,
+    /// Content pieces per streamed answer.
+    pub chunks: usize,
+    /// The request id the flavor puts in its headers (and Anthropic in error bodies).
+    pub request_id: &'a str,
+}
+
 /// What a flavor or the control API wants to send, before pacing and faults are applied.
 pub(crate) struct Reply {
     pub status: StatusCode,
@@ -21,8 +34,48 @@ pub(crate) struct Reply {
 pub(crate) enum Payload {
     /// A complete `application/json` body.
     Json(Bytes),
-    /// `text/event-stream`: one complete event (`data: ...\n\n`) per item.
-    Sse(Vec<Bytes>),
+    /// A body sent one event at a time (SSE, or Gemini's JSON-array stream).
+    Stream(Stream),
+    /// Any other complete body (the status page's HTML errors).
+    Other {
+        content_type: &'static str,
+        body: Bytes,
+    },
+}
+
+/// A streamed answer, and where it can be broken off by `stream_error_after_chunks`.
+pub(crate) struct Stream {
+    pub content_type: &'static str,
+    /// One complete event per item (for SSE `data: ...\n\n`, with `event:` if any).
+    pub events: Vec<Bytes>,
+    /// `breaks[k]` is the number of events sent once `k` content chunks have been
+    /// sent: `breaks[0]` is right after the opening event(s), the last entry is where
+    /// the content ends and the finish begins.
+    pub breaks: Vec<usize>,
+    /// The provider's mid-stream error event: `[0]` when it is the very first event,
+    /// `[1]` otherwise (they differ only for JSON-array streams).
+    pub error: [&'static [u8]; 2],
+}
+
+impl Stream {
+    /// Keeps the events up to `k` content chunks (all the content if there are fewer),
+    /// then the error event; the finish and terminator never come.
+    pub(crate) fn fail_after(&mut self, k: usize) {
+        let at = self
+            .breaks
+            .get(k)
+            .or(self.breaks.last())
+            .copied()
+            .unwrap_or(0)
+            .min(self.events.len());
+        self.events.truncate(at);
+        let error = if at == 0 {
+            self.error[0]
+        } else {
+            self.error[1]
+        };
+        self.events.push(Bytes::from_static(error));
+    }
 }
 
 impl Reply {
@@ -34,11 +87,19 @@ impl Reply {
         }
     }
 
-    pub(crate) fn sse(events: Vec<Bytes>) -> Self {
+    pub(crate) fn stream(stream: Stream) -> Self {
         Self {
             status: StatusCode::OK,
             headers: HeaderMap::new(),
-            payload: Payload::Sse(events),
+            payload: Payload::Stream(stream),
+        }
+    }
+
+    pub(crate) fn other(status: StatusCode, content_type: &'static str, body: Bytes) -> Self {
+        Self {
+            status,
+            headers: HeaderMap::new(),
+            payload: Payload::Other { content_type, body },
         }
     }
 }

@@ -47,6 +47,19 @@ pub struct Faults {
     pub chunks: Option<usize>,
     /// Overrides `MockOptions::chunk_gap` (pause between consecutive stream events).
     pub chunk_gap_ms: Option<u64>,
+    /// Streams (every LLM flavor) answer 200, send the opening event(s) and this many
+    /// content chunks, then the provider's mid-stream error event, and end the body
+    /// cleanly (no finish, no terminator). 0 = the error right after the opening event
+    /// (Gemini, which has none: as the very first event). If the answer has fewer
+    /// chunks, the error replaces the finish.
+    pub stream_error_after_chunks: Option<usize>,
+    /// OpenAI and Anthropic: `x-should-retry: true|false` on the replies of
+    /// `error_rate` and `rate_limit_rate` faults (the Stainless SDKs obey it over the
+    /// status). Unset: no header.
+    pub should_retry: Option<bool>,
+    /// Every 200 JSON body is cut in half (invalid JSON, same headers). Streams are
+    /// not affected. Meant for the status page, works on every flavor.
+    pub malformed: bool,
 }
 
 impl Default for Faults {
@@ -63,6 +76,9 @@ impl Default for Faults {
             cut_after_chunks: None,
             chunks: None,
             chunk_gap_ms: None,
+            stream_error_after_chunks: None,
+            should_retry: None,
+            malformed: false,
         }
     }
 }

@@ -4,7 +4,9 @@
 //! Everything here is pure and stable across runs and Rust versions (no `DefaultHasher`),
 //! so a seed reproduces the same bytes everywhere.
 
-use serde_json::Value;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
 
 /// splitmix64's finaliser (Steele, Lea, Flood 2014): a cheap bijective scrambler.
 fn splitmix64(x: u64) -> u64 {
@@ -174,6 +176,137 @@ pub(crate) fn tokens_for(bytes: usize) -> u64 {
     (bytes as u64).div_ceil(4).max(1)
 }
 
+/// The mock's answer text: a greeting naming the model (or a sentence quoting a tool
+/// result) followed by 16 filler words drawn from `rng`.
+pub(crate) fn answer_text(
+    model: &str,
+    tool_result: Option<&str>,
+    rng: &mut fastrand::Rng,
+) -> String {
+    let mut text = match tool_result {
+        Some(result) => format!("Mock model {model} received the tool result: {result}."),
+        None => format!("Hello from mock model {model}."),
+    };
+    push_words(&mut text, rng, 16);
+    text.push('.');
+    text
+}
+
+/// Cuts `text` to at most `limit` tokens' worth of bytes (see [`tokens_for`]), at a
+/// character boundary. True if it was cut.
+pub(crate) fn truncate_to_tokens(text: &mut String, limit: u64) -> bool {
+    let max_bytes = usize::try_from(limit.max(1).saturating_mul(4)).unwrap_or(usize::MAX);
+    if text.len() <= max_bytes {
+        return false;
+    }
+    let mut cut = max_bytes;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    true
+}
+
+/// Cuts `text` before the earliest occurrence of any non-empty stop sequence and
+/// returns the sequence that matched.
+pub(crate) fn cut_at_stop<'a>(
+    text: &mut String,
+    stops: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let earliest = stops
+        .into_iter()
+        .filter(|stop| !stop.is_empty())
+        .filter_map(|stop| text.find(stop).map(|at| (at, stop)))
+        .min_by_key(|(at, _)| *at);
+    let (at, stop) = earliest?;
+    text.truncate(at);
+    Some(stop)
+}
+
+/// A JSON object with a placeholder for each required property of a JSON Schema (or
+/// Gemini's OpenAPI-subset `Schema`, whose type names are upper case): the first
+/// `enum` value if any, else string → `"mock"`, number/integer → 1, boolean → true,
+/// anything else → null.
+pub(crate) fn mock_args(parameters: Option<&Value>) -> Value {
+    let properties = parameters.and_then(|p| p.get("properties"));
+    let required = parameters
+        .and_then(|p| p.get("required"))
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut args = Map::new();
+    for name in required.iter().filter_map(Value::as_str) {
+        let schema = properties.and_then(|p| p.get(name));
+        args.insert(name.to_owned(), mock_value(schema));
+    }
+    Value::Object(args)
+}
+
+fn mock_value(schema: Option<&Value>) -> Value {
+    let Some(schema) = schema else {
+        return Value::Null;
+    };
+    if let Some(first) = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+    {
+        return first.clone();
+    }
+    let kind = match schema.get("type") {
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(Value::Array(kinds)) => kinds
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|k| !k.eq_ignore_ascii_case("null"))
+            .unwrap_or("null"),
+        _ => "null",
+    };
+    match kind.to_ascii_lowercase().as_str() {
+        "string" => Value::from("mock"),
+        "number" | "integer" => Value::from(1),
+        "boolean" => Value::Bool(true),
+        _ => Value::Null,
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// RFC 3339 in UTC: `2026-08-01T12:00:00Z`, or with `.000` milliseconds.
+pub(crate) fn rfc3339(time: SystemTime, millis: bool) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    if millis {
+        let ms = since.subsec_millis();
+        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{ms:03}Z")
+    } else {
+        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 /// Standard base64 (RFC 4648 §4) with padding.
 pub(crate) fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -219,6 +352,27 @@ mod tests {
             assert!(pieces.len() <= n.max(1));
         }
         assert_eq!(split_pieces("abcdefgh", 4), ["ab", "cd", "ef", "gh"]);
+    }
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        let at = |secs| UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        assert_eq!(rfc3339(at(0), false), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(at(1_700_000_000), false), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(at(951_782_400), true), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(at(4_102_444_799), false), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn stops_and_truncation() {
+        let mut text = "hello mock world".to_owned();
+        assert_eq!(cut_at_stop(&mut text, ["world", "", "mock"]), Some("mock"));
+        assert_eq!(text, "hello ");
+        assert_eq!(cut_at_stop(&mut text, ["zzz"]), None);
+        let mut text = "abcdefghij".to_owned();
+        assert!(truncate_to_tokens(&mut text, 2));
+        assert_eq!(text, "abcdefgh");
+        assert!(!truncate_to_tokens(&mut text, 2));
     }
 
     #[test]

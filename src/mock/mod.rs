@@ -1,9 +1,19 @@
 //! `detour mock`: fake upstream providers with scriptable faults.
 //!
 //! The gateway's tests and benchmarks use a mock as their upstream, and users point
-//! detour at one to drill failover. Only the OpenAI flavor exists so far; it follows
-//! `PROVIDERS.md` §1 (bodies, SSE order, error shapes, headers) and adds a few fields
-//! real clients must ignore (`x_mock`, `obfuscation`).
+//! detour at one to drill failover. Flavors, each following `PROVIDERS.md`:
+//!
+//! - `openai` (§1, `openai.rs`): chat completions, embeddings, models;
+//! - `anthropic` (§2, `anthropic.rs`): messages (plain and streamed), count_tokens,
+//!   models; requires `anthropic-version`;
+//! - `gemini` (§3, `gemini.rs`): generateContent, streamGenerateContent (SSE or JSON
+//!   array), countTokens, models;
+//! - `statuspage` (§5.2, `statuspage.rs`): a Statuspage v2 page whose state is set with
+//!   [`MockServer::set_status`] or `PUT /_mock/status` (see [`PageStatus`]).
+//!
+//! The LLM flavors answer any model name, call the first offered tool with arguments
+//! built from its schema, quote tool results back, and add a few fields real clients
+//! must ignore (`x_mock`, `obfuscation`, `caller`).
 //!
 //! # Fault model
 //!
@@ -18,12 +28,20 @@
 //!   gives up;
 //! - **rate limit** (`rate_limit_rate`): 429 with `retry-after: retry_after_secs`,
 //!   `x-ratelimit-*` and a `rate_limit_exceeded` body;
-//! - **error** (`error_rate`): `error_status` with the provider's body for that status.
+//! - **error** (`error_rate`): `error_status` with the provider's body for that status
+//!   (Anthropic: 529 is `overloaded_error`; status page: an HTML page).
+//!
+//! Rate limits per flavor: OpenAI and Anthropic send `retry-after` and their rate-limit
+//! headers; Gemini only `RetryInfo.retryDelay` in the body, as Google does.
+//! `should_retry` adds `x-should-retry` to OpenAI and Anthropic fault replies.
 //!
 //! Shape faults apply to every request: `latency_ms` before the headers; `ttfb_ms`
 //! between headers and the first stream event (or added to the latency when not
-//! streaming); `chunks` / `chunk_gap_ms` reshape streams; `cut_after_chunks` aborts a
-//! stream after that many events, so no `[DONE]` arrives and the body is incomplete.
+//! streaming); `chunks` / `chunk_gap_ms` reshape streams; `stream_error_after_chunks`
+//! ends a 200 stream with the provider's mid-stream error event after that many
+//! content chunks (body ends cleanly); `cut_after_chunks` aborts a stream after that
+//! many events, so no terminator arrives and the body is incomplete; `malformed` cuts
+//! every 200 JSON body in half.
 //!
 //! So a run is reproducible: the same seed and the same request order give the same
 //! fault decisions, and the generated content depends only on the seed and the request
@@ -36,13 +54,16 @@
 //! `ArcSwap`, atomic counters, a lock-free ring of recorded requests whose conversion to
 //! JSON is deferred until asked), logs nothing per request, and sets `TCP_NODELAY`.
 
+mod anthropic;
 mod body;
 mod control;
 mod faults;
+mod gemini;
 mod gen;
 mod openai;
 mod record;
 mod server;
+mod statuspage;
 
 use std::fmt;
 use std::io;
@@ -56,6 +77,9 @@ use tokio::task::JoinHandle;
 
 pub use faults::Faults;
 pub use record::{FaultStats, RecordedRequest, Stats, RECORDED_REQUESTS};
+pub use statuspage::{
+    ComponentStatus, Incident, IncidentStatus, Indicator, PageStatus, DEFAULT_COMPONENTS,
+};
 
 use server::Shared;
 
@@ -94,7 +118,10 @@ pub struct MockOptions {
     pub chunks: usize,
     /// Pause between consecutive stream events (default 0).
     pub chunk_gap: Duration,
-    /// If set, traffic must carry `Authorization: Bearer <key>`, else 401.
+    /// If set, traffic must carry the key the provider's way, else the provider's
+    /// auth error: OpenAI `Authorization: Bearer` (401); Anthropic `x-api-key` or
+    /// `Authorization: Bearer` (401); Gemini `x-goog-api-key` or `?key=` (wrong key
+    /// 400 `API_KEY_INVALID`, none 403). The status page ignores it.
     pub api_key: Option<String>,
 }
 
@@ -129,6 +156,20 @@ impl MockServer {
         format!("http://{}", self.addr)
     }
 
+    pub fn flavor(&self) -> Flavor {
+        self.shared.flavor
+    }
+
+    /// Statuspage flavor: replaces the page's state, like `PUT /_mock/status`.
+    pub fn set_status(&self, status: PageStatus) {
+        self.shared.set_status(&status);
+    }
+
+    /// Statuspage flavor: the page's state with every field filled in.
+    pub fn status(&self) -> PageStatus {
+        self.shared.page.load().status.clone()
+    }
+
     /// Replaces the faults (not validated; see [`Faults::validate`]).
     pub fn set_faults(&self, faults: Faults) {
         self.shared.faults.store(Arc::new(faults));
@@ -147,7 +188,8 @@ impl MockServer {
         self.shared.recorder.snapshot()
     }
 
-    /// Same as `POST /_mock/reset`: clears faults, stats and recorded requests.
+    /// Same as `POST /_mock/reset`: clears faults, stats, recorded requests and the
+    /// page status.
     pub fn reset(&self) {
         self.shared.reset();
     }
@@ -163,25 +205,14 @@ impl Drop for MockServer {
     }
 }
 
-fn ensure_implemented(flavor: Flavor) -> io::Result<()> {
-    match flavor {
-        Flavor::Openai => Ok(()),
-        Flavor::Anthropic | Flavor::Gemini | Flavor::Statuspage => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            format!("flavor `{flavor}` is not implemented yet"),
-        )),
-    }
-}
-
 /// Serves `flavor` on `listener` in a background task until the handle is dropped.
 pub async fn spawn(
     flavor: Flavor,
     listener: TcpListener,
     opts: MockOptions,
 ) -> io::Result<MockServer> {
-    ensure_implemented(flavor)?;
     let addr = listener.local_addr()?;
-    let shared = Arc::new(Shared::new(opts));
+    let shared = Arc::new(Shared::new(flavor, opts));
     let (stop, stopped) = watch::channel(());
     let accept = tokio::spawn(server::accept_loop(listener, Arc::clone(&shared), stopped));
     Ok(MockServer {
@@ -195,7 +226,6 @@ pub async fn spawn(
 /// `detour mock`: binds `listen`, prints `detour mock (FLAVOR) listening on http://ADDR`,
 /// and serves until ctrl-c.
 pub async fn run(flavor: Flavor, listen: SocketAddr, opts: MockOptions) -> io::Result<()> {
-    ensure_implemented(flavor)?;
     let server = spawn(flavor, bind(listen)?, opts).await?;
     println!(
         "detour mock ({flavor}) listening on http://{}",

@@ -5,7 +5,7 @@
 //! Content is a function of the seed and the request (model + messages, or model +
 //! input); ids are a function of the seed and the request's arrival number.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, AUTHORIZATION};
@@ -13,8 +13,8 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use super::body::Reply;
-use super::gen::{self, Fnv};
+use super::body::{Ctx, Reply, Stream};
+use super::gen::{self, unix_now, Fnv};
 
 /// Which endpoint a request is for; decided before the body is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,16 +41,6 @@ impl Route {
 }
 
 const MODEL_PREFIX: &str = "/v1/models/";
-
-/// Per-request inputs that do not come from the request itself.
-pub(crate) struct Ctx<'a> {
-    pub seed: u64,
-    /// Arrival number of the request, for ids.
-    pub seq: u64,
-    pub fingerprint: &'a str,
-    /// Content pieces per streamed choice.
-    pub chunks: usize,
-}
 
 /// Answers one (non-faulted, authenticated) request.
 pub(crate) fn serve(
@@ -116,6 +106,16 @@ fn not_found(method: &Method, path: &str) -> Reply {
         None,
         None,
     )
+}
+
+/// An error whose type follows from the status (for failures outside a handler).
+pub(crate) fn status_error(status: StatusCode, message: &str) -> Reply {
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    error(status, message, kind, None, None)
 }
 
 /// The reply for an `error_rate` fault: the status with the body OpenAI sends for it.
@@ -249,7 +249,7 @@ const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-toke
 /// Headers OpenAI puts on every response (§1.6). Rate-limit headers already set by a
 /// 429 are kept.
 pub(crate) fn stamp_headers(headers: &mut HeaderMap, request_id: &str, processing: Duration) {
-    if let Ok(id) = HeaderValue::try_from(format!("req_{request_id}")) {
+    if let Ok(id) = HeaderValue::try_from(request_id) {
         headers.insert(X_REQUEST_ID, id);
     }
     let ms = u64::try_from(processing.as_millis()).unwrap_or(u64::MAX);
@@ -323,13 +323,6 @@ fn text_len(content: &Value) -> usize {
             .sum(),
         _ => 0,
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------
@@ -453,50 +446,9 @@ fn plan<'a>(req: &'a Map<String, Value>, messages: &'a [Value]) -> Result<Plan<'
     }
 }
 
-/// A JSON object with a placeholder for each required property of a JSON Schema:
-/// the first `enum` value if any, else string → `"mock"`, number/integer → 1,
-/// boolean → true, anything else → null.
+/// The arguments JSON for a tool call: see [`gen::mock_args`].
 fn mock_arguments(parameters: Option<&Value>) -> String {
-    let properties = parameters.and_then(|p| p.get("properties"));
-    let required = parameters
-        .and_then(|p| p.get("required"))
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let mut args = Map::new();
-    for name in required.iter().filter_map(Value::as_str) {
-        let schema = properties.and_then(|p| p.get(name));
-        args.insert(name.to_owned(), mock_value(schema));
-    }
-    Value::Object(args).to_string()
-}
-
-fn mock_value(schema: Option<&Value>) -> Value {
-    let Some(schema) = schema else {
-        return Value::Null;
-    };
-    if let Some(first) = schema
-        .get("enum")
-        .and_then(Value::as_array)
-        .and_then(|e| e.first())
-    {
-        return first.clone();
-    }
-    let kind = match schema.get("type") {
-        Some(Value::String(kind)) => kind.as_str(),
-        Some(Value::Array(kinds)) => kinds
-            .iter()
-            .filter_map(Value::as_str)
-            .find(|k| *k != "null")
-            .unwrap_or("null"),
-        _ => "null",
-    };
-    match kind {
-        "string" => Value::from("mock"),
-        "number" | "integer" => Value::from(1),
-        "boolean" => Value::Bool(true),
-        _ => Value::Null,
-    }
+    gen::mock_args(parameters).to_string()
 }
 
 enum Content {
@@ -617,7 +569,7 @@ fn chat_completions(body: &[u8], ctx: &Ctx<'_>) -> Result<Reply, Rejected> {
             obfuscate,
         };
         let pad_rng = fastrand::Rng::with_seed(gen::mix(content_seed, 0x0bf5));
-        Ok(Reply::sse(stream_events(
+        Ok(Reply::stream(stream_events(
             &head, &choices, &usage, &shape, pad_rng,
         )))
     } else {
@@ -634,23 +586,10 @@ fn text_choice(
     max_tokens: Option<u64>,
     rng: &mut fastrand::Rng,
 ) -> Choice {
-    let mut text = match tool_result {
-        Some(result) => format!("Mock model {model} received the tool result: {result}."),
-        None => format!("Hello from mock model {model}."),
-    };
-    gen::push_words(&mut text, rng, 16);
-    text.push('.');
+    let mut text = gen::answer_text(model, tool_result, rng);
     let mut finish = "stop";
-    if let Some(limit) = max_tokens {
-        let max_bytes = usize::try_from(limit.max(1).saturating_mul(4)).unwrap_or(usize::MAX);
-        if text.len() > max_bytes {
-            let mut cut = max_bytes;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-            finish = "length";
-        }
+    if max_tokens.is_some_and(|limit| gen::truncate_to_tokens(&mut text, limit)) {
+        finish = "length";
     }
     Choice {
         tokens: gen::tokens_for(text.len()),
@@ -758,14 +697,15 @@ impl Events {
 
 /// The §1.4 sequence: role chunk per choice, content or argument pieces (choices
 /// interleaved), a finish chunk per choice with `delta: {}`, the usage chunk when asked
-/// for, then `data: [DONE]`.
+/// for, then `data: [DONE]`. Each content or argument piece is a content chunk for
+/// `stream_error_after_chunks`.
 fn stream_events(
     head: &Head<'_>,
     choices: &[Choice],
     usage: &Value,
     shape: &StreamShape,
     pad: fastrand::Rng,
-) -> Vec<Bytes> {
+) -> Stream {
     let prefix = format!(
         "data: {{\"id\":{},\"object\":\"chat.completion.chunk\",\"created\":{},\"model\":{},\"service_tier\":\"default\",\"system_fingerprint\":{},\"choices\":",
         Value::from(head.id),
@@ -801,6 +741,8 @@ fn stream_events(
         };
         events.push_choice(index, delta, None);
     }
+    let mut breaks = Vec::with_capacity(rounds * choices.len() + 1);
+    breaks.push(events.out.len());
     for round in 0..rounds {
         for (index, choice) in choices.iter().enumerate() {
             let Some(piece) = pieces.get(index).and_then(|p| p.get(round)) else {
@@ -813,6 +755,7 @@ fn stream_events(
                 }),
             };
             events.push_choice(index, delta, None);
+            breaks.push(events.out.len());
         }
     }
     for (index, choice) in choices.iter().enumerate() {
@@ -822,8 +765,19 @@ fn stream_events(
         events.push("[]", Some(usage));
     }
     events.out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    events.out
+    Stream {
+        content_type: SSE,
+        events: events.out,
+        breaks,
+        error: [STREAM_ERROR; 2],
+    }
 }
+
+pub(crate) const SSE: &str = "text/event-stream; charset=utf-8";
+
+/// What OpenAI sends when a stream fails after the 200 (§0, §1.4): a data event whose
+/// JSON has a top-level `error`, and no `[DONE]`.
+const STREAM_ERROR: &[u8] = b"data: {\"error\":{\"message\":\"The server had an error while processing your request. Sorry about that!\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n";
 
 // ---------------------------------------------------------------------------------
 // Embeddings (§1.9)

@@ -20,6 +20,12 @@ pub struct Stats {
     pub chat_completions: u64,
     /// Requests to `POST /v1/embeddings`, faulted ones included.
     pub embeddings: u64,
+    /// Anthropic: requests to `POST /v1/messages`, faulted ones included.
+    pub messages: u64,
+    /// Gemini: requests to `:generateContent` and `:streamGenerateContent`.
+    pub generate_content: u64,
+    /// Status page: requests for one of the `/api/v2/*.json` documents.
+    pub status_polls: u64,
     pub faults: FaultStats,
 }
 
@@ -31,6 +37,10 @@ pub struct FaultStats {
     pub reset: u64,
     pub hang: u64,
     pub cut: u64,
+    /// Streams ended by `stream_error_after_chunks`.
+    pub stream_error: u64,
+    /// JSON bodies broken by `malformed`.
+    pub malformed: u64,
 }
 
 /// The endpoint classes that have their own counter.
@@ -38,6 +48,9 @@ pub struct FaultStats {
 pub(crate) enum Endpoint {
     ChatCompletions,
     Embeddings,
+    Messages,
+    GenerateContent,
+    StatusPoll,
     Other,
 }
 
@@ -46,11 +59,16 @@ pub(crate) struct Counters {
     requests: AtomicU64,
     chat_completions: AtomicU64,
     embeddings: AtomicU64,
+    messages: AtomicU64,
+    generate_content: AtomicU64,
+    status_polls: AtomicU64,
     error: AtomicU64,
     rate_limit: AtomicU64,
     reset: AtomicU64,
     hang: AtomicU64,
     cut: AtomicU64,
+    stream_error: AtomicU64,
+    malformed: AtomicU64,
 }
 
 impl Counters {
@@ -59,6 +77,9 @@ impl Counters {
         match endpoint {
             Endpoint::ChatCompletions => self.chat_completions.fetch_add(1, Relaxed),
             Endpoint::Embeddings => self.embeddings.fetch_add(1, Relaxed),
+            Endpoint::Messages => self.messages.fetch_add(1, Relaxed),
+            Endpoint::GenerateContent => self.generate_content.fetch_add(1, Relaxed),
+            Endpoint::StatusPoll => self.status_polls.fetch_add(1, Relaxed),
             Endpoint::Other => 0,
         };
         self.requests.fetch_add(1, Relaxed)
@@ -79,17 +100,30 @@ impl Counters {
         self.cut.fetch_add(1, Relaxed);
     }
 
+    pub(crate) fn stream_error(&self) {
+        self.stream_error.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn malformed(&self) {
+        self.malformed.fetch_add(1, Relaxed);
+    }
+
     pub(crate) fn snapshot(&self) -> Stats {
         Stats {
             requests: self.requests.load(Relaxed),
             chat_completions: self.chat_completions.load(Relaxed),
             embeddings: self.embeddings.load(Relaxed),
+            messages: self.messages.load(Relaxed),
+            generate_content: self.generate_content.load(Relaxed),
+            status_polls: self.status_polls.load(Relaxed),
             faults: FaultStats {
                 error: self.error.load(Relaxed),
                 rate_limit: self.rate_limit.load(Relaxed),
                 reset: self.reset.load(Relaxed),
                 hang: self.hang.load(Relaxed),
                 cut: self.cut.load(Relaxed),
+                stream_error: self.stream_error.load(Relaxed),
+                malformed: self.malformed.load(Relaxed),
             },
         }
     }
@@ -99,11 +133,16 @@ impl Counters {
             &self.requests,
             &self.chat_completions,
             &self.embeddings,
+            &self.messages,
+            &self.generate_content,
+            &self.status_polls,
             &self.error,
             &self.rate_limit,
             &self.reset,
             &self.hang,
             &self.cut,
+            &self.stream_error,
+            &self.malformed,
         ] {
             counter.store(0, Relaxed);
         }

@@ -1,6 +1,7 @@
 //! Accept loop, per-connection task, and the request pipeline:
 //! count → read body → record → decide fault → (reset | hang | 429 | error | serve)
-//! → wait `latency` → headers → (streams: wait `ttfb`, then paced events).
+//! → reshape (malformed, stream error) → wait `latency` → headers → (streams: wait
+//! `ttfb`, then paced events). The flavor decides routes, auth, bodies and headers.
 
 use std::convert::Infallible;
 use std::io;
@@ -22,17 +23,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::body::{MockBody, Payload, Reply, SseBody};
+use super::body::{Ctx, MockBody, Payload, Reply, SseBody};
 use super::faults::{Decision, Faults};
-use super::gen;
-use super::openai::{self, Route};
 use super::record::{Counters, Endpoint, Recorder};
-use super::{control, MockOptions};
+use super::statuspage::{self, Page, PageStatus};
+use super::{anthropic, control, gemini, gen, openai, Flavor, MockOptions};
 
 /// State shared by the server handle, the accept loop and every connection.
 pub(crate) struct Shared {
+    pub flavor: Flavor,
     pub opts: MockOptions,
     pub faults: ArcSwap<Faults>,
+    /// The status page's state (used by the statuspage flavor only).
+    pub page: ArcSwap<Page>,
     pub counters: Counters,
     pub recorder: Recorder,
     fingerprint: String,
@@ -40,11 +43,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(opts: MockOptions) -> Self {
+    pub(crate) fn new(flavor: Flavor, opts: MockOptions) -> Self {
         let fingerprint = format!("fp_{:010x}", gen::mix(opts.seed, 0xf1) >> 24);
         Self {
+            flavor,
             opts,
             faults: ArcSwap::from_pointee(Faults::default()),
+            page: ArcSwap::from_pointee(Page::new(&PageStatus::default(), None)),
             counters: Counters::default(),
             recorder: Recorder::new(),
             fingerprint,
@@ -52,10 +57,19 @@ impl Shared {
         }
     }
 
-    /// Clears faults, counters and recorded requests; arrival numbers restart at 0, so
-    /// the fault sequence after a reset is the same as after start.
+    /// Replaces the status page's state.
+    pub(crate) fn set_status(&self, status: &PageStatus) {
+        let previous = self.page.load_full();
+        self.page
+            .store(Arc::new(Page::new(status, Some(&previous))));
+    }
+
+    /// Clears faults, counters, recorded requests and the page status; arrival numbers
+    /// restart at 0, so the fault sequence after a reset is the same as after start.
     pub(crate) fn reset(&self) {
         self.faults.store(Arc::new(Faults::default()));
+        self.page
+            .store(Arc::new(Page::new(&PageStatus::default(), None)));
         self.counters.clear();
         self.recorder.clear();
     }
@@ -118,7 +132,7 @@ impl ConnCtl {
 /// the hyper connection (closing one descriptor sends nothing while the duplicate is
 /// open), then drop the duplicate: the last close with linger 0 makes the kernel send
 /// RST. Hang: drop the hyper connection and read from the duplicate until the peer
-/// closes it.
+/// closes it. On h2c both affect the whole connection, other streams included.
 async fn serve_connection(
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -192,6 +206,60 @@ async fn handle(
     Ok(traffic(&shared, &ctl, req, start).await)
 }
 
+/// A request's endpoint in its flavor.
+#[derive(Clone, Copy, Debug)]
+enum Route {
+    Openai(openai::Route),
+    Anthropic(anthropic::Route),
+    Gemini(gemini::Route),
+    Statuspage(statuspage::Route),
+}
+
+impl Route {
+    fn of(flavor: Flavor, method: &http::Method, path: &str) -> Self {
+        match flavor {
+            Flavor::Openai => Self::Openai(openai::Route::of(method, path)),
+            Flavor::Anthropic => Self::Anthropic(anthropic::Route::of(method, path)),
+            Flavor::Gemini => Self::Gemini(gemini::Route::of(method, path)),
+            Flavor::Statuspage => Self::Statuspage(statuspage::Route::of(method, path)),
+        }
+    }
+
+    fn endpoint(self) -> Endpoint {
+        use statuspage::Route as S;
+        match self {
+            Self::Openai(openai::Route::ChatCompletions) => Endpoint::ChatCompletions,
+            Self::Openai(openai::Route::Embeddings) => Endpoint::Embeddings,
+            Self::Anthropic(anthropic::Route::Messages) => Endpoint::Messages,
+            Self::Gemini(gemini::Route::Generate | gemini::Route::Stream) => {
+                Endpoint::GenerateContent
+            }
+            Self::Statuspage(S::NotFound) => Endpoint::Other,
+            Self::Statuspage(_) => Endpoint::StatusPoll,
+            Self::Openai(_) | Self::Anthropic(_) | Self::Gemini(_) => Endpoint::Other,
+        }
+    }
+}
+
+fn request_id(flavor: Flavor, seed: u64, seq: u64) -> String {
+    match flavor {
+        Flavor::Anthropic => anthropic::request_id(seed, seq),
+        Flavor::Openai | Flavor::Gemini | Flavor::Statuspage => {
+            format!("req_{}", gen::hex_id(seed, seq))
+        }
+    }
+}
+
+/// The flavor's error for a failure outside its handlers (an unreadable body).
+fn status_error(flavor: Flavor, status: StatusCode, message: &str, ctx: &Ctx<'_>) -> Reply {
+    match flavor {
+        Flavor::Openai => openai::status_error(status, message),
+        Flavor::Anthropic => anthropic::status_error(status, message, ctx),
+        Flavor::Gemini => gemini::status_error(status, message),
+        Flavor::Statuspage => statuspage::html(status, message),
+    }
+}
+
 /// The pipeline for every non-control request.
 async fn traffic(
     shared: &Shared,
@@ -199,59 +267,89 @@ async fn traffic(
     req: Request<Incoming>,
     start: Instant,
 ) -> Response<MockBody> {
-    let route = Route::of(req.method(), req.uri().path());
-    let endpoint = match route {
-        Route::ChatCompletions => Endpoint::ChatCompletions,
-        Route::Embeddings => Endpoint::Embeddings,
-        Route::Models | Route::Model | Route::NotFound => Endpoint::Other,
-    };
+    let flavor = shared.flavor;
+    let route = Route::of(flavor, req.method(), req.uri().path());
     let seed = shared.opts.seed;
-    let seq = shared.counters.arrive(endpoint);
+    let seq = shared.counters.arrive(route.endpoint());
+    let request_id = request_id(flavor, seed, seq);
+    let mut ctx = Ctx {
+        seed,
+        seq,
+        fingerprint: &shared.fingerprint,
+        chunks: shared.opts.chunks.max(1),
+        request_id: &request_id,
+    };
     let stamp = |mut response: Response<MockBody>| {
-        let id = gen::hex_id(seed, seq);
-        openai::stamp_headers(response.headers_mut(), &id, start.elapsed());
+        let headers = response.headers_mut();
+        match flavor {
+            Flavor::Openai => openai::stamp_headers(headers, &request_id, start.elapsed()),
+            Flavor::Anthropic => anthropic::stamp_headers(headers, &request_id),
+            Flavor::Gemini => gemini::stamp_headers(headers, start.elapsed()),
+            Flavor::Statuspage => {}
+        }
         response
     };
     let (parts, body) = req.into_parts();
     let body = match read_body(body).await {
         Ok(body) => body,
-        Err(reply) => return stamp(response(reply, unpaced)),
+        Err((status, message)) => {
+            let reply = status_error(flavor, status, &message, &ctx);
+            return stamp(response(reply, unpaced));
+        }
     };
     shared.recorder.record(seq, &parts, &body);
 
     let faults = shared.faults.load_full();
+    if let Some(chunks) = faults.chunks {
+        ctx.chunks = chunks.max(1);
+    }
     let decision = faults.decide(seed, seq);
     shared.counters.fault(decision);
     let latency = Duration::from_millis(faults.latency_ms);
     let ttfb = Duration::from_millis(faults.ttfb_ms);
-    let reply = match decision {
+    let mut reply = match decision {
         Decision::Hang => return ctl.take_over(ConnAction::Hang).await,
         Decision::Reset => {
             pause(latency).await;
             return ctl.take_over(ConnAction::Reset).await;
         }
-        Decision::RateLimit => openai::rate_limited(faults.retry_after_secs),
-        Decision::Error => openai::injected_error(faults.error_status),
-        Decision::Serve => {
-            let denied = shared
-                .opts
-                .api_key
-                .as_deref()
-                .and_then(|key| openai::check_auth(&parts.headers, key));
-            denied.unwrap_or_else(|| {
-                let ctx = openai::Ctx {
-                    seed,
-                    seq,
-                    fingerprint: &shared.fingerprint,
-                    chunks: faults.chunks.unwrap_or(shared.opts.chunks).max(1),
-                };
-                openai::serve(route, &parts.method, parts.uri.path(), &body, &ctx)
-            })
+        Decision::RateLimit | Decision::Error => {
+            let secs = faults.retry_after_secs;
+            let status = faults.error_status;
+            let mut reply = match (flavor, decision == Decision::RateLimit) {
+                (Flavor::Openai, true) => openai::rate_limited(secs),
+                (Flavor::Openai, false) => openai::injected_error(status),
+                (Flavor::Anthropic, true) => anthropic::rate_limited(secs, &ctx),
+                (Flavor::Anthropic, false) => anthropic::injected_error(status, &ctx),
+                (Flavor::Gemini, true) => gemini::rate_limited(secs),
+                (Flavor::Gemini, false) => gemini::injected_error(status),
+                (Flavor::Statuspage, true) => statuspage::rate_limited(secs),
+                (Flavor::Statuspage, false) => statuspage::injected_error(status),
+            };
+            if let (Some(retry), Flavor::Openai | Flavor::Anthropic) = (faults.should_retry, flavor)
+            {
+                let value = HeaderValue::from_static(if retry { "true" } else { "false" });
+                reply.headers.insert(X_SHOULD_RETRY, value);
+            }
+            reply
         }
+        Decision::Serve => serve(shared, route, &parts, &body, &ctx),
     };
+    if faults.malformed && reply.status == StatusCode::OK {
+        if let Payload::Json(json) = &mut reply.payload {
+            *json = json.slice(..json.len() / 2);
+            shared.counters.malformed();
+        }
+    }
+    if let (Some(after), Payload::Stream(stream)) =
+        (faults.stream_error_after_chunks, &mut reply.payload)
+    {
+        stream.fail_after(after);
+        shared.counters.stream_error();
+    }
     match &reply.payload {
-        Payload::Json(_) => pause(latency + ttfb).await,
-        Payload::Sse(_) => pause(latency).await,
+        Payload::Stream(_) => pause(latency).await,
+        Payload::Json(_) | Payload::Other { .. } => pause(latency + ttfb).await,
     }
     let paced = |events: Vec<Bytes>| {
         let cut = faults.cut_after_chunks.filter(|&n| n < events.len());
@@ -266,14 +364,39 @@ async fn traffic(
     stamp(response(reply, paced))
 }
 
+const X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
+
+/// Auth (if a key is set), then the flavor's answer.
+fn serve(
+    shared: &Shared,
+    route: Route,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    ctx: &Ctx<'_>,
+) -> Reply {
+    let key = shared.opts.api_key.as_deref();
+    let (path, query) = (parts.uri.path(), parts.uri.query());
+    match route {
+        Route::Openai(route) => key
+            .and_then(|key| openai::check_auth(&parts.headers, key))
+            .unwrap_or_else(|| openai::serve(route, &parts.method, path, body, ctx)),
+        Route::Anthropic(route) => key
+            .and_then(|key| anthropic::check_auth(&parts.headers, key, ctx))
+            .unwrap_or_else(|| anthropic::serve(route, path, &parts.headers, body, ctx)),
+        Route::Gemini(route) => key
+            .and_then(|key| gemini::check_auth(&parts.headers, query, key))
+            .unwrap_or_else(|| gemini::serve(route, path, query, body, ctx)),
+        // Status pages are public: no key.
+        Route::Statuspage(route) => statuspage::serve(route, &shared.page.load()),
+    }
+}
+
 /// Turns a reply into a response; `sse` decides how a stream is paced.
 fn response(reply: Reply, sse: impl FnOnce(Vec<Bytes>) -> SseBody) -> Response<MockBody> {
     let (content_type, body) = match reply.payload {
         Payload::Json(bytes) => ("application/json", MockBody::full(bytes)),
-        Payload::Sse(events) => (
-            "text/event-stream; charset=utf-8",
-            MockBody::Sse(sse(events)),
-        ),
+        Payload::Stream(stream) => (stream.content_type, MockBody::Sse(sse(stream.events))),
+        Payload::Other { content_type, body } => (content_type, MockBody::full(body)),
     };
     let mut response = Response::new(body);
     *response.status_mut() = reply.status;
@@ -296,22 +419,17 @@ async fn pause(delay: Duration) {
 
 const MAX_BODY_BYTES: usize = 32 << 20;
 
-pub(crate) async fn read_body(body: Incoming) -> Result<Bytes, Reply> {
+/// The body, or the status and message to refuse it with.
+pub(crate) async fn read_body(body: Incoming) -> Result<Bytes, (StatusCode, String)> {
     match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(openai::error(
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err((
             StatusCode::PAYLOAD_TOO_LARGE,
-            "mock: request body is larger than 32 MiB",
-            "invalid_request_error",
-            None,
-            None,
+            "mock: request body is larger than 32 MiB".to_owned(),
         )),
-        Err(error) => Err(openai::error(
+        Err(error) => Err((
             StatusCode::BAD_REQUEST,
-            &format!("mock: could not read the request body: {error}"),
-            "invalid_request_error",
-            None,
-            None,
+            format!("mock: could not read the request body: {error}"),
         )),
     }
 }
