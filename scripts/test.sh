@@ -10,7 +10,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai' 2>/dev/nul
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --locked --all-targets --no-fail-fast
+  cargo nextest run --locked --all-targets --no-fail-fast -E 'not binary(chaos)'
+  # The chaos suite measures latency under load: alone, after the rest.
+  cargo nextest run --locked --test chaos --no-fail-fast
   # nextest does not run doc tests.
   cargo test --locked --doc
 else

@@ -20,7 +20,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::config::HedgeAfter;
-use crate::health::{Override, TargetSnapshot};
+use crate::health::{Override, PageState, TargetSnapshot};
 use crate::state::Gateway;
 
 /// The environment variable that holds the admin token.
@@ -83,6 +83,8 @@ struct ProviderView {
     kind: &'static str,
     #[serde(rename = "override")]
     over: Override,
+    status_page: PageState,
+    status_page_error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -102,6 +104,8 @@ async fn health(State(s): State<AdminState>) -> Json<Health> {
             name: p.name.clone(),
             kind: p.kind.as_str(),
             over: o.get(),
+            status_page: o.page_state(),
+            status_page_error: o.page_error(),
         })
         .collect();
     let routes = live

@@ -459,9 +459,24 @@ pub enum Override {
     Down,
 }
 
+/// What a provider's status page says, as routing uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PageState {
+    /// No status page, or not read yet.
+    Unknown,
+    Operational,
+    Degraded,
+    Down,
+}
+
+/// Per-provider state: the manual override and the status page.
 #[derive(Debug, Default)]
 pub struct ProviderHealth {
     over: AtomicU8,
+    page: AtomicU8,
+    /// The last status-page problem (cold path: written by the poller only).
+    page_error: RwLock<Option<String>>,
 }
 
 impl ProviderHealth {
@@ -482,6 +497,33 @@ impl ProviderHealth {
             },
             Relaxed,
         );
+    }
+
+    pub fn page_state(&self) -> PageState {
+        match self.page.load(Relaxed) {
+            1 => PageState::Operational,
+            2 => PageState::Degraded,
+            3 => PageState::Down,
+            _ => PageState::Unknown,
+        }
+    }
+
+    pub fn set_page(&self, state: PageState, error: Option<String>) {
+        let v = match state {
+            PageState::Unknown => 0,
+            PageState::Operational => 1,
+            PageState::Degraded => 2,
+            PageState::Down => 3,
+        };
+        self.page.store(v, Relaxed);
+        *self.page_error.write().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    pub fn page_error(&self) -> Option<String> {
+        self.page_error
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

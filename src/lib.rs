@@ -18,5 +18,6 @@ pub mod relay;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod statuspage;
 pub mod telemetry;
 pub mod upstream;

@@ -18,13 +18,14 @@
 //!    When the preferred target is slower than [`DEMOTE_FLOOR`], a share
 //!    [`EXPLORE_SHARE`] of requests goes first to a peer that has no latency
 //!    sample yet, so that a brownout can be compared with something.
-//! 5. An override `up` keeps a target in place whatever its health.
+//! 5. A provider whose status page says `down` is skipped; `degraded` demotes it.
+//! 6. An override `up` keeps a target in place whatever its health.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Route;
-use crate::health::{Override, ProviderHealth, Status, TargetHealth};
+use crate::health::{Override, PageState, ProviderHealth, Status, TargetHealth};
 
 pub const DEMOTE_FACTOR: f64 = 3.0;
 pub const DEMOTE_FLOOR: Duration = Duration::from_millis(50);
@@ -64,16 +65,21 @@ pub fn plan(
             .get(target.provider_index)
             .map_or(Override::Auto, |o| o.get());
         let Some(h) = health.get(index) else { continue };
+        let page = overrides
+            .get(target.provider_index)
+            .map_or(PageState::Unknown, |o| o.page_state());
         let (share, probe) = match over {
             Override::Down => continue,
             Override::Up => (1.0, false),
+            Override::Auto if page == PageState::Down => continue,
             Override::Auto => match h.status() {
                 Status::Skip => continue,
                 Status::Probe => (1.0, true),
                 Status::Available(share) => (share, false),
             },
         };
-        let demoted = share < 1.0 && rng.f64() >= share;
+        let demoted = (share < 1.0 && rng.f64() >= share)
+            || (over == Override::Auto && page == PageState::Degraded);
         entries.push(Entry {
             index,
             priority: target.priority,
@@ -157,6 +163,8 @@ mod tests {
             base_url: "http://127.0.0.1:1/v1".parse().unwrap(),
             api_key: None,
             status_page: None,
+            status_components: Vec::new(),
+            status_poll: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
         });
         Route {

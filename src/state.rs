@@ -6,7 +6,7 @@
 //! the [`Registry`], which outlives configs: a reload keeps what detour has
 //! learned about each target.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use arc_swap::ArcSwap;
 
@@ -76,16 +76,43 @@ impl Live {
 pub struct Gateway {
     live: ArcSwap<Live>,
     registry: Registry,
+    /// Status-page pollers of the live config (cold path: config changes only).
+    pollers: RwLock<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Gateway {
+    /// Builds the gateway; inside a tokio runtime it also starts the
+    /// status-page pollers.
     pub fn new(config: Config) -> Result<Self, AdapterError> {
         let registry = Registry::default();
         let live = Live::build(config, &registry)?;
-        Ok(Self {
+        let gw = Self {
             live: ArcSwap::from_pointee(live),
             registry,
-        })
+            pollers: RwLock::new(Vec::new()),
+        };
+        gw.restart_pollers();
+        Ok(gw)
+    }
+
+    fn restart_pollers(&self) {
+        let live = self.live();
+        let mut pollers = self.pollers.write().unwrap_or_else(|e| e.into_inner());
+        for p in pollers.drain(..) {
+            p.abort();
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for (provider, health) in live.config.providers.iter().zip(&live.overrides) {
+            if provider.status_page.is_some() {
+                let task = rt.spawn(crate::statuspage::poll(
+                    Arc::clone(provider),
+                    Arc::clone(health),
+                ));
+                pollers.push(task.abort_handle());
+            }
+        }
     }
 
     /// A snapshot of the live state for one request.
@@ -97,10 +124,24 @@ impl Gateway {
     pub fn swap(&self, config: Config) -> Result<(), AdapterError> {
         let live = Live::build(config, &self.registry)?;
         self.live.store(Arc::new(live));
+        self.restart_pollers();
         Ok(())
     }
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        for p in self
+            .pollers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            p.abort();
+        }
     }
 }

@@ -409,3 +409,82 @@ async fn a_fast_primary_is_never_hedged() {
     }
     assert_eq!(backup.stats().requests, 0);
 }
+
+#[tokio::test]
+async fn a_status_page_outage_steers_traffic_before_any_request_fails() {
+    use detour::mock::{ComponentStatus, Flavor, MockOptions, PageStatus};
+    let (primary, backup) = (mock().await, mock().await);
+    let page = detour::mock::spawn(
+        Flavor::Statuspage,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        MockOptions::default(),
+    )
+    .await
+    .unwrap();
+    let config = two_targets(primary.addr(), backup.addr(), "").replace(
+        "name = \"primary\"\n",
+        &format!(
+            "name = \"primary\"\nstatus_page = \"http://{}/api/v2/summary.json\"\nstatus_components = [\"API\"]\nstatus_poll = \"100ms\"\n",
+            page.addr()
+        ),
+    );
+    let gw = gateway(&config).await;
+    let admin = admin(&gw, "t").await;
+    let health = || async {
+        let v: Value = client()
+            .get(format!("{admin}/admin/health"))
+            .bearer_auth("t")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["providers"][0].clone()
+    };
+    // Wait for the first poll.
+    while health().await["status_page"] != "operational" {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        post(&gw, false).await.headers()["x-detour-provider"],
+        "primary"
+    );
+
+    page.set_status(PageStatus::operational().with_component("API", ComponentStatus::MajorOutage));
+    while health().await["status_page"] != "down" {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = primary.stats().requests;
+    for _ in 0..10 {
+        let resp = post(&gw, false).await;
+        assert_eq!(resp.headers()["x-detour-provider"], "backup");
+        assert_eq!(resp.headers()["x-detour-attempts"], "1");
+    }
+    assert_eq!(
+        primary.stats().requests,
+        before,
+        "no request went to a provider whose page says down"
+    );
+
+    // A broken page changes nothing, and is reported.
+    page.set_faults(faults(json!({"malformed": true})));
+    while health().await["status_page_error"].is_null() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        health().await["status_page"],
+        "down",
+        "the last state stays"
+    );
+
+    page.set_faults(faults(json!({})));
+    page.set_status(PageStatus::operational());
+    while health().await["status_page"] != "operational" {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        post(&gw, false).await.headers()["x-detour-provider"],
+        "primary"
+    );
+}

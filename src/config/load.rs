@@ -215,6 +215,10 @@ impl Loader<'_> {
             Some(s) => Some(Secret::new(self.expand(s, &at("api_key"))?)),
             None => None,
         };
+        let status_poll = match &p.status_poll {
+            Some(s) => self.duration(s, &at("status_poll"))?,
+            None => DEFAULT_STATUS_POLL,
+        };
         let connect_timeout = match &p.connect_timeout {
             Some(s) => self.duration(s, &at("connect_timeout"))?,
             None => DEFAULT_CONNECT_TIMEOUT,
@@ -225,6 +229,8 @@ impl Loader<'_> {
             base_url: base_url?,
             api_key,
             status_page,
+            status_components: p.status_components.clone().unwrap_or_default(),
+            status_poll,
             connect_timeout,
         })
     }

@@ -90,9 +90,14 @@ pub struct Provider {
     /// Base URL including the API version path, e.g. `https://api.openai.com/v1`.
     pub base_url: Url,
     pub api_key: Option<Secret>,
+    /// A Statuspage v2 `summary.json` URL.
     pub status_page: Option<Url>,
+    pub status_components: Vec<String>,
+    pub status_poll: Duration,
     pub connect_timeout: Duration,
 }
+
+pub const DEFAULT_STATUS_POLL: Duration = Duration::from_secs(30);
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

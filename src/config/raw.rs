@@ -35,6 +35,10 @@ pub struct RawProvider {
     pub base_url: Str,
     pub api_key: Option<Str>,
     pub status_page: Option<Str>,
+    /// Components of the status page that matter (default: the page's
+    /// overall indicator).
+    pub status_components: Option<Vec<String>>,
+    pub status_poll: Option<Str>,
     pub connect_timeout: Option<Str>,
 }
 

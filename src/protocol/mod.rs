@@ -4,5 +4,7 @@
 //! HTTP clients or the gateway's state. It is the most-tested part of detour and
 //! must build and test fast.
 
+pub mod chat;
 pub mod openai;
 pub mod sse;
+pub mod translate;
