@@ -10,19 +10,31 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 
+use crate::protocol::chat::{ErrorKind, Format};
 use crate::protocol::openai::{self, InvalidRequest};
+use crate::protocol::translate;
 use crate::upstream::{TimeoutKind, UpstreamError};
 
 /// The API format the client speaks; errors are written in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientFormat {
     OpenAi,
+    Anthropic,
 }
 
 impl ClientFormat {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OpenAi => "openai",
+            Self::Anthropic => "anthropic",
+        }
+    }
+
+    /// The wire format this client speaks.
+    pub fn wire(self) -> Format {
+        match self {
+            Self::OpenAi => Format::OpenAi,
+            Self::Anthropic => Format::Anthropic,
         }
     }
 }
@@ -42,6 +54,9 @@ pub enum GatewayError {
         alias: String,
         available: Vec<String>,
     },
+    /// The request cannot be expressed for the chosen provider.
+    #[error("{0}")]
+    Untranslatable(String),
     #[error("unknown path {method} {path}")]
     NotFound { method: String, path: String },
     #[error("no target of route `{alias}` is healthy right now (breakers open, cooling down, or overridden down)")]
@@ -103,6 +118,11 @@ impl GatewayError {
                 Some("request_too_large"),
             ),
             Self::BodyRead(_) => shape(StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            Self::Untranslatable(_) => shape(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("untranslatable"),
+            ),
             Self::Unauthorized => shape(
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
@@ -158,7 +178,7 @@ fn upstream_shape(e: &UpstreamError) -> Shape<'static> {
             shape(StatusCode::BAD_GATEWAY, "upstream_transport_error")
         }
         UpstreamError::ErrorEvent { .. } => shape(StatusCode::BAD_GATEWAY, "upstream_stream_error"),
-        UpstreamError::Untranslated { .. } => Shape {
+        UpstreamError::Untranslatable { .. } => Shape {
             kind: "invalid_request_error",
             ..shape(StatusCode::BAD_REQUEST, "untranslatable")
         },
@@ -185,38 +205,93 @@ impl IntoResponse for ApiError {
             status,
             content_type,
             body,
+            format,
             ..
         }) = &self.error
         {
-            if is_callers_fault(*status) && self.format == ClientFormat::OpenAi {
-                let mut resp = (*status, body.clone()).into_response();
-                let ct = content_type
-                    .clone()
-                    .unwrap_or(HeaderValue::from_static("application/json"));
-                resp.headers_mut().insert(header::CONTENT_TYPE, ct);
-                return resp;
+            if is_callers_fault(*status) {
+                // The caller's own mistake: relay it, as it is when the
+                // provider speaks the client's format, else re-shaped.
+                if *format == self.format.wire() {
+                    let mut resp = (*status, body.clone()).into_response();
+                    let ct = content_type
+                        .clone()
+                        .unwrap_or(HeaderValue::from_static("application/json"));
+                    resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+                    return resp;
+                }
+                let message = translate::parse_error(*format, body)
+                    .map(|e| e.message)
+                    .unwrap_or_else(|| format!("the provider rejected the request ({status})"));
+                return render(
+                    self.format,
+                    *status,
+                    &message,
+                    ErrorKind::from_status(status.as_u16()),
+                    None,
+                    None,
+                    None,
+                );
             }
         }
         let shape = self.error.shape();
         let message = self.error.to_string();
-        let body = match self.format {
-            ClientFormat::OpenAi => {
-                openai::error_body(&message, shape.kind, shape.param, shape.code)
+        let retry_after = match &self.error {
+            GatewayError::Upstream(UpstreamError::Status { retry_after, .. }) => {
+                retry_after.clone()
             }
+            _ => None,
         };
-        let mut resp = (shape.status, body).into_response();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let GatewayError::Upstream(UpstreamError::Status {
-            retry_after: Some(v),
-            ..
-        }) = &self.error
-        {
-            resp.headers_mut().insert(header::RETRY_AFTER, v.clone());
+        render(
+            self.format,
+            shape.status,
+            &message,
+            ErrorKind::from_status(shape.status.as_u16()),
+            Some(shape.kind),
+            shape.code,
+            shape.param,
+        )
+        .with_retry_after(retry_after)
+    }
+}
+
+/// Writes one error response in the client's format.
+fn render(
+    format: ClientFormat,
+    status: StatusCode,
+    message: &str,
+    kind: ErrorKind,
+    openai_type: Option<&str>,
+    code: Option<&str>,
+    param: Option<&str>,
+) -> Response {
+    let body = match format {
+        ClientFormat::OpenAi => openai::error_body(
+            message,
+            openai_type.unwrap_or_else(|| translate::openai::error_type(kind)),
+            param,
+            code,
+        ),
+        ClientFormat::Anthropic => translate::anthropic::error_body(kind, message),
+    };
+    let mut resp = (status, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+trait WithRetryAfter {
+    fn with_retry_after(self, v: Option<HeaderValue>) -> Self;
+}
+
+impl WithRetryAfter for Response {
+    fn with_retry_after(mut self, v: Option<HeaderValue>) -> Self {
+        if let Some(v) = v {
+            self.headers_mut().insert(header::RETRY_AFTER, v);
         }
-        resp
+        self
     }
 }
 
@@ -224,7 +299,12 @@ impl IntoResponse for ApiError {
 /// client's stream format.
 pub fn stream_error_event(format: ClientFormat, error: &GatewayError) -> Bytes {
     let shape = error.shape();
+    let message = error.to_string();
     match format {
-        ClientFormat::OpenAi => openai::error_event(&error.to_string(), shape.kind, shape.code),
+        ClientFormat::OpenAi => openai::error_event(&message, shape.kind, shape.code),
+        ClientFormat::Anthropic => translate::anthropic::error_event(
+            ErrorKind::from_status(shape.status.as_u16()),
+            &message,
+        ),
     }
 }

@@ -108,6 +108,8 @@ pub struct TargetHealth {
     /// EWMA of the absolute deviation from it, for a p95 estimate.
     ttfb_dev_us: AtomicU64,
     last_sample_ms: AtomicU64,
+    /// When a request was last sent here to explore (see `routing`).
+    explored_ms: AtomicU64,
     /// EWMA (as f64 bits) of how often this target lost a hedge race.
     lost_races: AtomicU64,
     buckets: [Bucket; BUCKETS],
@@ -149,6 +151,7 @@ impl TargetHealth {
             ttfb_dev_us: AtomicU64::new(0),
             last_sample_ms: AtomicU64::new(0),
             lost_races: AtomicU64::new(0f64.to_bits()),
+            explored_ms: AtomicU64::new(0),
             buckets: Default::default(),
             transitions: AtomicU64::new(0),
         }
@@ -339,6 +342,18 @@ impl TargetHealth {
             && self
                 .last_sample_ms
                 .compare_exchange(last, now.max(1), Relaxed, Relaxed)
+                .is_ok()
+    }
+
+    /// For a target with no latency sample while its preferred peer is slow:
+    /// true for one request per `every`.
+    pub fn claim_exploration(&self, every: Duration) -> bool {
+        let now = self.clock.now_ms().max(1);
+        let last = self.explored_ms.load(Relaxed);
+        (last == 0 || now.saturating_sub(last) >= ms(every))
+            && self
+                .explored_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
                 .is_ok()
     }
 

@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::ops::Range;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -32,8 +33,10 @@ use tokio::time::Instant;
 use crate::config::{HedgeAfter, Route, Target};
 use crate::error::{ApiError, ClientFormat, GatewayError};
 use crate::health::{Failure, TargetHealth};
-use crate::providers::{Adapter, Endpoint};
-use crate::relay::RelayBody;
+use crate::protocol::chat::{ChatRequest, Format};
+use crate::protocol::translate::{self, StreamDecoder, StreamEncoder, TranslateError};
+use crate::providers::{Adapter, Endpoint, Outgoing};
+use crate::relay::{RelayBody, Shape};
 use crate::routing;
 use crate::state::Live;
 use crate::telemetry::RequestRecord;
@@ -48,7 +51,26 @@ pub struct Forward {
     pub body: Bytes,
     pub model_span: Range<usize>,
     pub stream: bool,
+    /// OpenAI clients: `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// The request in the IR; parsed only when a target needs translation
+    /// (ingress may fill it when it parsed the IR anyway).
+    pub ir: OnceLock<Result<ChatRequest, TranslateError>>,
 }
+
+impl Forward {
+    /// The request in the IR, parsed from the client's format on first use.
+    fn ir(&self) -> Result<&ChatRequest, TranslateError> {
+        let parsed = self.ir.get_or_init(|| match self.format {
+            ClientFormat::OpenAi => translate::openai::parse_request(&self.body),
+            ClientFormat::Anthropic => translate::anthropic::parse_request(&self.body),
+        });
+        parsed.as_ref().map_err(Clone::clone)
+    }
+}
+
+/// Largest non-streamed answer read whole to be translated.
+const MAX_TRANSLATED_BODY: usize = 32 * 1024 * 1024;
 
 /// An attempt that produced a response the client can get.
 struct Committed {
@@ -210,7 +232,7 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 return with_attempt_headers(resp, Some(target), attempts, &tried);
             }
             Err(error) => {
-                if !matches!(error, UpstreamError::Untranslated { .. }) {
+                if !matches!(error, UpstreamError::Untranslatable { .. }) {
                     health.on_failure(failure_of(&error));
                 }
                 tracing::warn!(
@@ -298,20 +320,20 @@ async fn attempt(
     req: &Forward,
 ) -> Result<Committed, UpstreamError> {
     let adapter = &live.adapters[target.provider_index];
-    let Adapter::OpenAi(openai) = adapter else {
-        return Err(UpstreamError::Untranslated {
-            provider: target.provider.name.clone(),
-            kind: target.provider.kind.as_str(),
-        });
+    let upstream_req = {
+        let ir = || req.ir();
+        let out = Outgoing {
+            endpoint: req.endpoint,
+            format: req.format.wire(),
+            body: &req.body,
+            model_span: req.model_span.clone(),
+            stream: req.stream,
+            ir: &ir,
+        };
+        adapter.request(&out, &target.model)?
     };
-    let upstream_req = openai.request(
-        req.endpoint,
-        &req.body,
-        req.model_span.clone(),
-        &target.model,
-    );
     let started = Instant::now();
-    let answer = openai
+    let answer = adapter
         .upstream()
         .send(upstream_req, &route.timeouts, started)
         .await?;
@@ -319,9 +341,49 @@ async fn attempt(
         .headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let crate::upstream::Answer {
+        status,
+        mut headers,
+        body: upstream_body,
+    } = answer;
+    let upstream_format = adapter.format();
+    let client_format = req.format.wire();
+    let mut inner = Some(upstream_body);
+    let shape = match (upstream_format == client_format, event_stream) {
+        (true, true) if client_format == Format::OpenAi => Shape::OpenAiEvents,
+        // Other formats are decoded to know where the stream ends.
+        (true, true) => Shape::Decoded {
+            decoder: Box::new(StreamDecoder::new(upstream_format)),
+            encoder: None,
+        },
+        (true, false) => Shape::Plain,
+        (false, true) => Shape::Decoded {
+            decoder: Box::new(StreamDecoder::new(upstream_format)),
+            encoder: Some(Box::new(encoder_for(req))),
+        },
+        (false, false) => {
+            let whole = inner
+                .take()
+                .unwrap_or_else(|| reqwest::Body::from(Bytes::new()));
+            let body = read_whole(adapter, whole, &route.timeouts, started).await?;
+            let translated = translate_response(upstream_format, req.format, &body)
+                .map_err(|e| adapter.upstream().transport(e.to_string()))?;
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Shape::Ready(translated)
+        }
+    };
+    if shape_is_translated_stream(&shape) {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+    }
     let mut body = RelayBody::new(
-        answer.body,
-        event_stream,
+        inner.unwrap_or_else(|| reqwest::Body::from(Bytes::new())),
+        shape,
         target.provider.name.clone(),
         route.timeouts,
         req.format,
@@ -329,10 +391,77 @@ async fn attempt(
     );
     body.prime().await?;
     Ok(Committed {
-        status: answer.status,
-        headers: answer.headers,
+        status,
+        headers,
         body,
     })
+}
+
+fn shape_is_translated_stream(shape: &Shape) -> bool {
+    matches!(
+        shape,
+        Shape::Decoded {
+            encoder: Some(_),
+            ..
+        }
+    )
+}
+
+/// The stream encoder for the client's format.
+fn encoder_for(req: &Forward) -> StreamEncoder {
+    match req.format {
+        ClientFormat::OpenAi => StreamEncoder::OpenAi(translate::openai::StreamEncoder::new(
+            unix_now(),
+            req.include_usage,
+        )),
+        ClientFormat::Anthropic => {
+            StreamEncoder::Anthropic(translate::anthropic::StreamEncoder::new())
+        }
+    }
+}
+
+fn translate_response(
+    upstream: Format,
+    client: ClientFormat,
+    body: &[u8],
+) -> Result<Bytes, TranslateError> {
+    let resp = match upstream {
+        Format::OpenAi => translate::openai::parse_response(body)?,
+        Format::Anthropic => translate::anthropic::parse_response(body)?,
+        Format::Gemini => translate::gemini::parse_response(body)?,
+    };
+    match client {
+        ClientFormat::OpenAi => Ok(translate::openai::encode_response(&resp, unix_now())),
+        ClientFormat::Anthropic => translate::anthropic::encode_response(&resp),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reads a whole (non-streamed) answer to translate it, within the attempt's
+/// idle and total limits.
+async fn read_whole(
+    adapter: &Adapter,
+    body: reqwest::Body,
+    timeouts: &crate::config::Timeouts,
+    started: Instant,
+) -> Result<Bytes, UpstreamError> {
+    let deadline = started + timeouts.total;
+    let collect =
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, MAX_TRANSLATED_BODY));
+    match tokio::time::timeout_at(deadline, collect).await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) => Err(adapter
+            .upstream()
+            .transport(format!("reading the answer: {e}"))),
+        Err(_) => Err(adapter
+            .upstream()
+            .timeout(crate::upstream::TimeoutKind::Total, timeouts)),
+    }
 }
 
 /// Full-jitter exponential backoff before retry number `attempts`.
@@ -380,7 +509,7 @@ fn reason_of(error: &UpstreamError) -> &'static str {
         },
         UpstreamError::Transport { .. } => "transport_error",
         UpstreamError::ErrorEvent { .. } => "stream_error_event",
-        UpstreamError::Untranslated { .. } => "untranslated",
+        UpstreamError::Untranslatable { .. } => "untranslatable",
         UpstreamError::Status { status, .. } => match status.as_u16() {
             429 => "status_429",
             401..=403 => "credentials_rejected",

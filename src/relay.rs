@@ -12,16 +12,35 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Timeouts;
 use crate::error::{stream_error_event, ClientFormat, GatewayError};
+use crate::protocol::chat::{ErrorKind, StreamEvent, Usage};
 use crate::protocol::openai::{usage_of, StreamWatch};
 use crate::protocol::sse::EventFramer;
+use crate::protocol::translate::{StreamDecoder, StreamEncoder};
 use crate::telemetry::RequestRecord;
 use crate::upstream::{TimeoutKind, UpstreamError};
+
+/// Notes what a run of decoded events says about the stream.
+fn observe(
+    events: &[StreamEvent],
+    usage: &mut Option<Usage>,
+    done: &mut bool,
+    error: &mut Option<String>,
+) {
+    for e in events {
+        match e {
+            StreamEvent::Usage(u) => *usage = Some(*u),
+            StreamEvent::Done => *done = true,
+            StreamEvent::Error { message, .. } => *error = Some(message.clone()),
+            _ => {}
+        }
+    }
+}
 
 /// The message of an error event among the first events of a stream.
 fn first_error_event(events: &[u8]) -> Option<String> {
@@ -63,13 +82,43 @@ pub struct RelayBody {
 }
 
 enum Mode {
-    /// `text/event-stream`: relayed in whole events, watched for usage and `[DONE]`.
+    /// OpenAI SSE to an OpenAI client: relayed in whole events, watched for
+    /// usage and `[DONE]`. The fast path: nothing is parsed but usage.
     Events {
         framer: EventFramer,
         watch: StreamWatch,
     },
+    /// SSE in another format, or to be passed through in Anthropic's:
+    /// decoded into IR events; re-encoded for the client when `encoder` is
+    /// set, else relayed as it came.
+    Decoded {
+        framer: EventFramer,
+        decoder: Box<StreamDecoder>,
+        encoder: Option<Box<StreamEncoder>>,
+        usage: Option<Usage>,
+        done: bool,
+        /// An error event arrived from the provider.
+        error: Option<String>,
+    },
     /// Any other body: relayed chunk by chunk.
     Plain { kept: Vec<Bytes>, kept_len: usize },
+    /// A body the gateway made whole (a translated non-streamed answer).
+    Ready(Option<Bytes>),
+}
+
+/// How an upstream body reaches the client.
+pub enum Shape {
+    /// OpenAI SSE to an OpenAI client.
+    OpenAiEvents,
+    /// SSE decoded with `decoder`; re-encoded with `encoder` if given.
+    Decoded {
+        decoder: Box<StreamDecoder>,
+        encoder: Option<Box<StreamEncoder>>,
+    },
+    /// Bytes as they come.
+    Plain,
+    /// A complete body already in the client's format.
+    Ready(Bytes),
 }
 
 enum State {
@@ -84,28 +133,37 @@ impl RelayBody {
     /// before its first-byte deadline.
     pub fn new(
         inner: reqwest::Body,
-        event_stream: bool,
+        shape: Shape,
         provider: String,
         timeouts: Timeouts,
         format: ClientFormat,
         started: Instant,
     ) -> Self {
         let total_deadline = started + timeouts.total;
+        let event_stream = matches!(shape, Shape::OpenAiEvents | Shape::Decoded { .. });
         let first = if event_stream {
             started + timeouts.first_byte
         } else {
             Instant::now() + timeouts.idle
         };
-        let mode = if event_stream {
-            Mode::Events {
+        let mode = match shape {
+            Shape::OpenAiEvents => Mode::Events {
                 framer: EventFramer::new(),
                 watch: StreamWatch::default(),
-            }
-        } else {
-            Mode::Plain {
+            },
+            Shape::Decoded { decoder, encoder } => Mode::Decoded {
+                framer: EventFramer::new(),
+                decoder,
+                encoder,
+                usage: None,
+                done: false,
+                error: None,
+            },
+            Shape::Plain => Mode::Plain {
                 kept: Vec::new(),
                 kept_len: 0,
-            }
+            },
+            Shape::Ready(body) => Mode::Ready(Some(body)),
         };
         Self {
             inner,
@@ -138,7 +196,7 @@ impl RelayBody {
     /// anything, so that a stream which fails before its first event, or whose
     /// first event is an error, can still fail over invisibly to the client.
     pub async fn prime(&mut self) -> Result<(), UpstreamError> {
-        if !matches!(self.mode, Mode::Events { .. }) {
+        if !matches!(self.mode, Mode::Events { .. } | Mode::Decoded { .. }) {
             return Ok(());
         }
         std::future::poll_fn(|cx| self.poll_prime(cx)).await
@@ -151,7 +209,27 @@ impl RelayBody {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
-                    if let Some(events) = self.on_chunk(data) {
+                    let out = self.on_chunk(data);
+                    if let Mode::Decoded {
+                        error: Some(message),
+                        ..
+                    } = &self.mode
+                    {
+                        return Poll::Ready(Err(UpstreamError::ErrorEvent {
+                            provider: self.provider.clone(),
+                            message: message.clone(),
+                        }));
+                    }
+                    let out = match out {
+                        Ok(out) => out,
+                        Err(detail) => {
+                            return Poll::Ready(Err(UpstreamError::Transport {
+                                provider: self.provider.clone(),
+                                detail,
+                            }))
+                        }
+                    };
+                    if let Some(events) = out {
                         if let Some(message) = first_error_event(&events) {
                             return Poll::Ready(Err(UpstreamError::ErrorEvent {
                                 provider: self.provider.clone(),
@@ -194,7 +272,9 @@ impl RelayBody {
         self.first_byte
     }
 
-    fn on_chunk(&mut self, data: Bytes) -> Option<Bytes> {
+    /// Takes one upstream chunk; returns the bytes for the client (if any),
+    /// or why the upstream's stream cannot be used.
+    fn on_chunk(&mut self, data: Bytes) -> Result<Option<Bytes>, String> {
         let now = Instant::now();
         if !self.got_first_chunk {
             self.got_first_chunk = true;
@@ -207,10 +287,39 @@ impl RelayBody {
             Mode::Events { framer, watch } => {
                 let events = framer.push(data);
                 if events.is_empty() {
-                    return None;
+                    return Ok(None);
                 }
                 watch.observe(&events);
-                Some(events)
+                Ok(Some(events))
+            }
+            Mode::Decoded {
+                framer,
+                decoder,
+                encoder,
+                usage,
+                done,
+                error,
+            } => {
+                let events = framer.push(data);
+                if events.is_empty() {
+                    return Ok(None);
+                }
+                let mut out = BytesMut::new();
+                for payload in crate::protocol::sse::data_payloads(&events) {
+                    let decoded = decoder.push(&payload).map_err(|e| e.to_string())?;
+                    observe(&decoded, usage, done, error);
+                    if let Some(encoder) = encoder {
+                        for event in &decoded {
+                            encoder.encode(event, &mut out);
+                        }
+                    }
+                }
+                let out = if encoder.is_some() {
+                    out.freeze()
+                } else {
+                    events
+                };
+                Ok((!out.is_empty()).then_some(out))
             }
             Mode::Plain { kept, kept_len } => {
                 *kept_len += data.len();
@@ -219,13 +328,15 @@ impl RelayBody {
                 } else {
                     kept.clear();
                 }
-                Some(data)
+                Ok(Some(data))
             }
+            Mode::Ready(_) => Ok(None),
         }
     }
 
     /// The upstream body ended.
     fn on_end(&mut self) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let mut tail = None;
         match &mut self.mode {
             Mode::Events { framer, watch } => {
                 if let Some(r) = &mut self.record {
@@ -242,6 +353,40 @@ impl RelayBody {
                     });
                 }
             }
+            Mode::Decoded {
+                decoder,
+                encoder,
+                usage,
+                done,
+                error,
+                ..
+            } => {
+                let decoded = match decoder.finish() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let detail = e.to_string();
+                        return self.fail(UpstreamError::Transport {
+                            provider: self.provider.clone(),
+                            detail,
+                        });
+                    }
+                };
+                observe(&decoded, usage, done, error);
+                if let Some(encoder) = encoder {
+                    let mut out = BytesMut::new();
+                    for event in &decoded {
+                        encoder.encode(event, &mut out);
+                    }
+                    tail = (!out.is_empty()).then(|| out.freeze());
+                }
+                if let Some(r) = &mut self.record {
+                    r.usage = usage.map(|u| crate::protocol::openai::Usage {
+                        prompt_tokens: u.input,
+                        completion_tokens: u.output,
+                        total_tokens: u.total,
+                    });
+                }
+            }
             Mode::Plain { kept, kept_len } => {
                 if let (true, Some(r)) = (*kept_len <= USAGE_SCAN_LIMIT, &mut self.record) {
                     r.usage = match kept.as_slice() {
@@ -250,12 +395,21 @@ impl RelayBody {
                     };
                 }
             }
+            Mode::Ready(_) => {}
         }
-        self.state = State::Done;
         if let Some(r) = self.record.take() {
             r.finish("ok");
         }
-        Poll::Ready(None)
+        match tail {
+            Some(bytes) => {
+                self.state = State::Closing(bytes);
+                self.poll_state()
+            }
+            None => {
+                self.state = State::Done;
+                Poll::Ready(None)
+            }
+        }
     }
 
     /// The upstream failed after the client got its headers.
@@ -281,15 +435,31 @@ impl RelayBody {
             );
             r.finish(outcome);
         }
-        match self.mode {
-            Mode::Events { .. } => {
-                // Any partial event held back is dropped: the client gets only
-                // whole events, then the error.
+        match &mut self.mode {
+            // Any partial event held back is dropped: the client gets only
+            // whole events, then the error.
+            Mode::Decoded {
+                encoder: Some(encoder),
+                ..
+            } => {
+                let error = GatewayError::Upstream(error);
+                let mut out = BytesMut::new();
+                encoder.encode(
+                    &StreamEvent::Error {
+                        kind: ErrorKind::Server,
+                        message: error.to_string(),
+                    },
+                    &mut out,
+                );
+                self.state = State::Closing(out.freeze());
+                self.poll_state()
+            }
+            Mode::Events { .. } | Mode::Decoded { .. } => {
                 let event = stream_error_event(self.format, &GatewayError::Upstream(error));
                 self.state = State::Closing(event);
                 self.poll_state()
             }
-            Mode::Plain { .. } => {
+            Mode::Plain { .. } | Mode::Ready(_) => {
                 // A plain body cannot carry an error once started: abort it so
                 // the client sees an incomplete response, not a silent cut.
                 self.state = State::Done;
@@ -312,7 +482,9 @@ impl RelayBody {
     fn expired(&self) -> TimeoutKind {
         if Instant::now() >= self.total_deadline {
             TimeoutKind::Total
-        } else if !self.got_first_chunk && matches!(self.mode, Mode::Events { .. }) {
+        } else if !self.got_first_chunk
+            && matches!(self.mode, Mode::Events { .. } | Mode::Decoded { .. })
+        {
             TimeoutKind::FirstByte
         } else {
             TimeoutKind::Idle
@@ -343,6 +515,12 @@ impl Body for RelayBody {
         if let Some(events) = this.primed.take() {
             return Poll::Ready(Some(Ok(Frame::data(events))));
         }
+        if let Mode::Ready(body) = &mut this.mode {
+            return match body.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => this.on_end(),
+            };
+        }
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -350,8 +528,15 @@ impl Body for RelayBody {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
-                    if let Some(out) = this.on_chunk(data) {
-                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    match this.on_chunk(data) {
+                        Ok(Some(out)) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                        Ok(None) => {}
+                        Err(detail) => {
+                            return this.fail(UpstreamError::Transport {
+                                provider: this.provider.clone(),
+                                detail,
+                            })
+                        }
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -383,9 +568,10 @@ impl Body for RelayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.mode {
+        match &self.mode {
             Mode::Plain { .. } => self.inner.size_hint(),
-            Mode::Events { .. } => SizeHint::default(),
+            Mode::Ready(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            _ => SizeHint::default(),
         }
     }
 }

@@ -15,9 +15,9 @@
 //!    hedge races (more than [`LOSING_SHARE`] recently) is demoted the same way.
 //!    One request per `open_for` still goes to a demoted target first, so that
 //!    a recovered target is noticed.
-//!    When the preferred target is slower than [`DEMOTE_FLOOR`], a share
-//!    [`EXPLORE_SHARE`] of requests goes first to a peer that has no latency
-//!    sample yet, so that a brownout can be compared with something.
+//!    When the preferred target is slower than [`DEMOTE_FLOOR`], one request per
+//!    [`EXPLORE_EVERY`] goes first to a peer that has no latency sample yet, so
+//!    that a brownout can be compared with something.
 //! 5. A provider whose status page says `down` is skipped; `degraded` demotes it.
 //! 6. An override `up` keeps a target in place whatever its health.
 
@@ -31,8 +31,8 @@ pub const DEMOTE_FACTOR: f64 = 3.0;
 pub const DEMOTE_FLOOR: Duration = Duration::from_millis(50);
 /// A target that lost more than this share of its recent hedge races is demoted.
 pub const LOSING_SHARE: f64 = 0.5;
-/// Share of requests sent to an unmeasured peer while the preferred target is slow.
-pub const EXPLORE_SHARE: f64 = 0.1;
+/// While the preferred target is slow, an unmeasured peer gets one request this often.
+pub const EXPLORE_EVERY: Duration = Duration::from_millis(250);
 
 /// One target to try.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -124,8 +124,15 @@ pub fn plan(
         .min_by_key(|e| e.priority)
         .and_then(|e| e.ttfb)
         .is_some_and(|t| t > DEMOTE_FLOOR);
-    if preferred_slow && rng.f64() < EXPLORE_SHARE {
-        if let Some(e) = entries.iter_mut().find(|e| e.ttfb.is_none() && !e.probe) {
+    if preferred_slow {
+        let unmeasured = entries.iter_mut().find(|e| {
+            e.ttfb.is_none()
+                && !e.probe
+                && health
+                    .get(e.index)
+                    .is_some_and(|h| h.claim_exploration(EXPLORE_EVERY))
+        });
+        if let Some(e) = unmeasured {
             e.priority = 0;
             e.demoted = false;
             e.weight = f64::MAX;
@@ -165,6 +172,7 @@ mod tests {
             status_page: None,
             status_components: Vec::new(),
             status_poll: Duration::from_secs(30),
+            default_max_tokens: 4096,
             connect_timeout: Duration::from_secs(1),
         });
         Route {

@@ -34,6 +34,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         )
         .route("/v1/embeddings", post(ingress::openai::embeddings))
         .route("/v1/models", get(ingress::openai::models))
+        .route("/v1/messages", post(ingress::anthropic::messages))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&gw),
             authenticate,
@@ -67,8 +68,18 @@ async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Ne
                 .extensions()
                 .get::<RequestId>()
                 .map_or_else(String::new, |id| id.0.clone());
-            let mut record = RequestRecord::new(id, ClientFormat::OpenAi, "auth");
-            let resp = ApiError::from(GatewayError::Unauthorized).into_response();
+            // Answer in the format of the API the client called.
+            let format = if req.uri().path() == "/v1/messages" {
+                ClientFormat::Anthropic
+            } else {
+                ClientFormat::OpenAi
+            };
+            let mut record = RequestRecord::new(id, format, "auth");
+            let resp = ApiError {
+                error: GatewayError::Unauthorized,
+                format,
+            }
+            .into_response();
             record.status = resp.status().as_u16();
             record.finish("unauthorized");
             resp

@@ -14,7 +14,8 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 
-use crate::config::{Provider, Timeouts};
+use crate::config::{Provider, ProviderKind, Timeouts};
+use crate::protocol::chat::Format;
 
 /// A request ready to go to a provider.
 #[derive(Debug)]
@@ -58,16 +59,16 @@ pub enum UpstreamError {
     },
     #[error("connection to provider `{provider}` failed: {detail}")]
     Transport { provider: String, detail: String },
-    #[error("provider `{provider}` is of kind `{kind}`, whose translation is not available yet")]
-    Untranslated {
-        provider: String,
-        kind: &'static str,
-    },
+    /// The request cannot be expressed in this provider's format.
+    #[error("provider `{provider}`: {message}")]
+    Untranslatable { provider: String, message: String },
     #[error("provider `{provider}` sent an error event before any content: {message}")]
     ErrorEvent { provider: String, message: String },
     #[error("provider `{provider}` answered {status}")]
     Status {
         provider: String,
+        /// The wire format of the body.
+        format: Format,
         status: StatusCode,
         retry_after: Option<http::HeaderValue>,
         content_type: Option<http::HeaderValue>,
@@ -84,7 +85,7 @@ impl UpstreamError {
             | Self::Transport { .. }
             | Self::ErrorEvent { .. } => true,
             // Another target of the route may speak the client's format.
-            Self::Untranslated { .. } => true,
+            Self::Untranslatable { .. } => true,
             Self::Status { status, .. } => {
                 status.is_server_error()
                     || matches!(status.as_u16(), 401 | 402 | 403 | 408 | 429 | 529)
@@ -100,6 +101,7 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct Upstream {
     provider: String,
+    format: Format,
     connect_timeout: Duration,
     client: reqwest::Client,
 }
@@ -124,6 +126,11 @@ impl Upstream {
             .build()?;
         Ok(Self {
             provider: provider.name.clone(),
+            format: match provider.kind {
+                ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => Format::OpenAi,
+                ProviderKind::Anthropic => Format::Anthropic,
+                ProviderKind::Gemini => Format::Gemini,
+            },
             connect_timeout: provider.connect_timeout,
             client,
         })
@@ -131,6 +138,11 @@ impl Upstream {
 
     pub fn provider(&self) -> &str {
         &self.provider
+    }
+
+    /// The wire format this provider speaks.
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     /// Sends the request and waits for a 2xx answer's headers, within the
@@ -169,6 +181,7 @@ impl Upstream {
         let body = self.read_error_body(resp, timeouts, started).await;
         Err(UpstreamError::Status {
             provider: self.provider.clone(),
+            format: self.format,
             status,
             retry_after,
             content_type,

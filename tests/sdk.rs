@@ -1,4 +1,6 @@
-//! The official Python SDKs as real clients of a real gateway.
+//! The official Python SDKs as real clients of a real gateway, each against
+//! every provider kind behind it: the OpenAI SDK served by OpenAI-, Anthropic-
+//! and Gemini-kind mocks, the Anthropic SDK by Anthropic- and OpenAI-kind ones.
 //!
 //! Needs a Python with the SDKs installed: `$DETOUR_PYTHON`, or `.venv/bin/python`
 //! as `scripts/test.sh` (the README's test command) creates it. A missing SDK is
@@ -10,6 +12,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
+use detour::mock::{self, Flavor, MockOptions, MockServer};
 
 fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("DETOUR_PYTHON") {
@@ -39,14 +42,94 @@ async fn run_script(script: &str, args: &[String]) {
     assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
 }
 
+async fn upstream(flavor: Flavor) -> MockServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    mock::spawn(flavor, listener, MockOptions::default())
+        .await
+        .unwrap()
+}
+
+/// A gateway with route `fast` → provider `p` of `kind` at `up`, model `model`.
+async fn gateway_to(kind: &str, up: &MockServer, model: &str) -> detour::server::Running {
+    let base = match kind {
+        "gemini" => format!("http://{}/v1beta", up.addr()),
+        _ => format!("http://{}/v1", up.addr()),
+    };
+    gateway(&format!(
+        r#"
+[[providers]]
+name = "p"
+kind = "{kind}"
+base_url = "{base}"
+api_key = "upstream-key"
+
+[[routes]]
+model = "fast"
+targets = [{{ provider = "p", model = "{model}" }}]
+
+[[keys]]
+key = "dk-sdk"
+tenant = "sdk"
+"#
+    ))
+    .await
+}
+
+async fn openai_sdk(kind: &str, flavor: Flavor, model: &str) {
+    let up = upstream(flavor).await;
+    let gw = gateway_to(kind, &up, model).await;
+    let args = [
+        format!("{}/v1", gw.url()),
+        "dk-sdk".into(),
+        "p".into(),
+        model.into(),
+    ];
+    run_script("openai_client.py", &args).await;
+}
+
+async fn anthropic_sdk(kind: &str, flavor: Flavor, model: &str) {
+    let up = upstream(flavor).await;
+    let gw = gateway_to(kind, &up, model).await;
+    let args = [gw.url(), "dk-sdk".into(), "p".into(), model.into()];
+    run_script("anthropic_client.py", &args).await;
+}
+
 #[tokio::test]
 async fn openai_sdk_against_an_openai_provider() {
-    let up = mock().await;
-    let keys = "\n[[keys]]\nkey = \"dk-sdk\"\ntenant = \"sdk\"\n";
-    let gw = gateway(&format!("{}{keys}", one_route(up.addr(), "", ""))).await;
-    run_script(
-        "openai_client.py",
-        &[format!("{}/v1", gw.url()), "dk-sdk".to_owned()],
-    )
-    .await;
+    openai_sdk("openai", Flavor::Openai, "gpt-up").await;
+}
+
+#[tokio::test]
+async fn openai_sdk_against_an_openai_compatible_provider() {
+    openai_sdk("openai-compatible", Flavor::Openai, "llama-local").await;
+}
+
+#[tokio::test]
+async fn openai_sdk_against_an_anthropic_provider() {
+    openai_sdk("anthropic", Flavor::Anthropic, "claude-up").await;
+}
+
+#[tokio::test]
+async fn openai_sdk_against_a_gemini_provider() {
+    openai_sdk("gemini", Flavor::Gemini, "gemini-up").await;
+}
+
+#[tokio::test]
+async fn anthropic_sdk_against_an_anthropic_provider() {
+    anthropic_sdk("anthropic", Flavor::Anthropic, "claude-up").await;
+}
+
+#[tokio::test]
+async fn anthropic_sdk_against_an_openai_provider() {
+    anthropic_sdk("openai", Flavor::Openai, "gpt-up").await;
+}
+
+#[tokio::test]
+async fn anthropic_sdk_against_an_openai_compatible_provider() {
+    anthropic_sdk("openai-compatible", Flavor::Openai, "llama-local").await;
+}
+
+#[tokio::test]
+async fn anthropic_sdk_against_a_gemini_provider() {
+    anthropic_sdk("gemini", Flavor::Gemini, "gemini-up").await;
 }

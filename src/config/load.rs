@@ -232,6 +232,10 @@ impl Loader<'_> {
             status_components: p.status_components.clone().unwrap_or_default(),
             status_poll,
             connect_timeout,
+            default_max_tokens: p
+                .default_max_tokens
+                .as_ref()
+                .map_or(DEFAULT_MAX_TOKENS, |m| (*m.get_ref()).max(1)),
         })
     }
 

@@ -95,7 +95,11 @@ pub struct Provider {
     pub status_components: Vec<String>,
     pub status_poll: Duration,
     pub connect_timeout: Duration,
+    /// `max_tokens` for Anthropic when the client sends none (it is required there).
+    pub default_max_tokens: u64,
 }
+
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 pub const DEFAULT_STATUS_POLL: Duration = Duration::from_secs(30);
 

@@ -40,6 +40,8 @@ pub struct RawProvider {
     pub status_components: Option<Vec<String>>,
     pub status_poll: Option<Str>,
     pub connect_timeout: Option<Str>,
+    /// `max_tokens` sent to Anthropic when the client gave none.
+    pub default_max_tokens: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,6 +1,7 @@
 //! Ingress: the client-facing API formats. Each submodule reads requests in
 //! one format, checks them, and hands them to [`crate::proxy`].
 
+pub mod anthropic;
 pub mod openai;
 
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The OpenAI API: `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -40,6 +40,8 @@ pub async fn chat_completions(
         body,
         model_span: parsed.model_span,
         stream: parsed.stream,
+        include_usage: parsed.include_usage,
+        ir: OnceLock::new(),
     };
     forward(&live, fwd, record).await
 }
@@ -67,6 +69,8 @@ pub async fn embeddings(
         body,
         model_span: parsed.model_span,
         stream: false,
+        include_usage: false,
+        ir: OnceLock::new(),
     };
     forward(&live, fwd, record).await
 }

@@ -135,6 +135,18 @@ impl EmbeddingsRequest {
     }
 }
 
+/// The `model` of any JSON request body and its byte range, checking nothing
+/// else (for formats whose other fields are checked elsewhere).
+pub fn model_span(body: &[u8]) -> Result<(String, Range<usize>), InvalidRequest> {
+    #[derive(Deserialize)]
+    struct ModelOnly<'a> {
+        #[serde(borrow)]
+        model: &'a RawValue,
+    }
+    let check: ModelOnly = deserialize_checked(body)?;
+    model_of(body, check.model)
+}
+
 fn deserialize_checked<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, InvalidRequest> {
     // serde accepts a struct written as an array; a request body must be an object.
     match body.iter().find(|b| !b.is_ascii_whitespace()) {

@@ -1,16 +1,31 @@
-//! Provider adapters: how a request for one endpoint is sent to one provider
-//! kind. Each adapter precomputes what it can (URLs, auth headers) when the
-//! config is loaded, so the request path only copies.
+//! Provider adapters: how a request is sent to one provider kind.
+//!
+//! Each adapter precomputes what it can (URLs, auth headers) when the config
+//! is loaded. A request in the provider's own format is passed through with
+//! only `model` spliced in (the fast path); any other goes through the IR
+//! (`protocol::translate`). What a provider cannot express ends the attempt
+//! with [`UpstreamError::Untranslatable`] naming the feature and the target.
 
+pub mod anthropic;
+pub mod gemini;
 pub mod openai;
 
+use std::ops::Range;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+
 use crate::config::{Provider, ProviderKind};
-use crate::upstream::Upstream;
+use crate::protocol::chat::{ChatRequest, Format};
+use crate::protocol::openai::rewrite_model;
+use crate::protocol::translate::TranslateError;
+use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 
 /// The gateway endpoints a provider can serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     ChatCompletions,
+    Messages,
     Embeddings,
 }
 
@@ -18,8 +33,29 @@ impl Endpoint {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::ChatCompletions => "chat_completions",
+            Self::Messages => "messages",
             Self::Embeddings => "embeddings",
         }
+    }
+}
+
+/// A client's request as a provider adapter needs it.
+pub struct Outgoing<'a> {
+    pub endpoint: Endpoint,
+    /// The format the body is in.
+    pub format: Format,
+    pub body: &'a Bytes,
+    /// Where `model` is in `body`.
+    pub model_span: Range<usize>,
+    pub stream: bool,
+    /// The request in the IR, parsed on first use.
+    pub ir: &'a dyn Fn() -> Result<&'a ChatRequest, TranslateError>,
+}
+
+impl Outgoing<'_> {
+    /// The same body for `model` (the passthrough fast path).
+    fn spliced(&self, model: &str) -> Bytes {
+        rewrite_model(self.body, self.model_span.clone(), model)
     }
 }
 
@@ -27,12 +63,8 @@ impl Endpoint {
 #[derive(Debug)]
 pub enum Adapter {
     OpenAi(Box<openai::OpenAiAdapter>),
-    /// A kind whose translation has not landed yet: every request to it is
-    /// refused with a clear error instead of being mangled.
-    Untranslated {
-        upstream: Upstream,
-        kind: ProviderKind,
-    },
+    Anthropic(Box<anthropic::AnthropicAdapter>),
+    Gemini(Box<gemini::GeminiAdapter>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,24 +75,84 @@ pub enum AdapterError {
 
 impl Adapter {
     pub fn new(provider: &Provider) -> Result<Self, AdapterError> {
-        let upstream = Upstream::new(provider).map_err(|e| AdapterError::Build {
-            provider: provider.name.clone(),
-            message: e.to_string(),
-        })?;
+        let upstream = Upstream::new(provider).map_err(|e| build_error(provider, e.to_string()))?;
         Ok(match provider.kind {
             ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => {
                 Self::OpenAi(Box::new(openai::OpenAiAdapter::new(provider, upstream)?))
             }
-            kind @ (ProviderKind::Anthropic | ProviderKind::Gemini) => {
-                Self::Untranslated { upstream, kind }
+            ProviderKind::Anthropic => Self::Anthropic(Box::new(anthropic::AnthropicAdapter::new(
+                provider, upstream,
+            )?)),
+            ProviderKind::Gemini => {
+                Self::Gemini(Box::new(gemini::GeminiAdapter::new(provider, upstream)?))
             }
         })
     }
 
     pub fn upstream(&self) -> &Upstream {
         match self {
-            Self::OpenAi(a) => a.upstream(),
-            Self::Untranslated { upstream, .. } => upstream,
+            Self::OpenAi(a) => &a.upstream,
+            Self::Anthropic(a) => &a.upstream,
+            Self::Gemini(a) => &a.upstream,
         }
     }
+
+    /// The wire format this provider speaks.
+    pub fn format(&self) -> Format {
+        self.upstream().format()
+    }
+
+    /// The upstream request for `out`, with `model` as the upstream model.
+    // The error is rare (an untranslatable request); not worth a box.
+    #[allow(clippy::result_large_err)]
+    pub fn request(
+        &self,
+        out: &Outgoing<'_>,
+        model: &str,
+    ) -> Result<UpstreamRequest, UpstreamError> {
+        let untranslatable = |e: TranslateError| UpstreamError::Untranslatable {
+            provider: self.upstream().provider().to_owned(),
+            message: e.to_string(),
+        };
+        match self {
+            Self::OpenAi(a) => a.request(out, model),
+            Self::Anthropic(a) => a.request(out, model),
+            Self::Gemini(a) => a.request(out, model),
+        }
+        .map_err(untranslatable)
+    }
+}
+
+fn build_error(provider: &Provider, message: String) -> AdapterError {
+    AdapterError::Build {
+        provider: provider.name.clone(),
+        message,
+    }
+}
+
+/// A header value holding a secret (never shown in debug output).
+fn secret_header(provider: &Provider, value: &str) -> Result<HeaderValue, AdapterError> {
+    let mut v = HeaderValue::from_str(value).map_err(|_| {
+        build_error(
+            provider,
+            "api_key contains characters not allowed in a header".into(),
+        )
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// `base_url` with `path` appended.
+fn join(provider: &Provider, path: &str) -> Result<url::Url, AdapterError> {
+    let base = provider.base_url.as_str().trim_end_matches('/');
+    url::Url::parse(&format!("{base}/{path}")).map_err(|e| build_error(provider, e.to_string()))
+}
+
+fn json_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers
 }

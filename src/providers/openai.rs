@@ -2,73 +2,66 @@
 //! upstream. For OpenAI-format clients this is the passthrough fast path: the
 //! body is forwarded with only `model` rewritten.
 
-use std::ops::Range;
-
-use http::{header, HeaderMap, HeaderValue};
+use http::{header, HeaderMap};
 use url::Url;
 
-use super::{AdapterError, Endpoint};
-use crate::config::Provider;
-use crate::protocol::openai::rewrite_model;
+use super::{join, json_headers, secret_header, AdapterError, Endpoint, Outgoing};
+use crate::config::{Provider, ProviderKind};
+use crate::protocol::chat::Format;
+use crate::protocol::translate::{openai, TranslateError};
 use crate::upstream::{Upstream, UpstreamRequest};
 
 #[derive(Debug)]
 pub struct OpenAiAdapter {
-    upstream: Upstream,
+    pub(super) upstream: Upstream,
     chat_url: Url,
     embeddings_url: Url,
     headers: HeaderMap,
+    options: openai::RequestOptions,
 }
 
 impl OpenAiAdapter {
     pub fn new(provider: &Provider, upstream: Upstream) -> Result<Self, AdapterError> {
-        let err = |message: String| AdapterError::Build {
-            provider: provider.name.clone(),
-            message,
-        };
-        let join = |path: &str| {
-            let base = provider.base_url.as_str().trim_end_matches('/');
-            Url::parse(&format!("{base}/{path}")).map_err(|e| err(e.to_string()))
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        let mut headers = json_headers();
         if let Some(key) = &provider.api_key {
-            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                .map_err(|_| err("api_key contains characters not allowed in a header".into()))?;
-            value.set_sensitive(true);
-            headers.insert(header::AUTHORIZATION, value);
+            let v = secret_header(provider, &format!("Bearer {}", key.expose()))?;
+            headers.insert(header::AUTHORIZATION, v);
         }
         Ok(Self {
-            chat_url: join("chat/completions")?,
-            embeddings_url: join("embeddings")?,
+            chat_url: join(provider, "chat/completions")?,
+            embeddings_url: join(provider, "embeddings")?,
             upstream,
             headers,
+            options: openai::RequestOptions {
+                legacy_max_tokens: false,
+                // Local servers take `top_k`; api.openai.com refuses it.
+                top_k: provider.kind == ProviderKind::OpenAiCompatible,
+            },
         })
     }
 
-    pub fn upstream(&self) -> &Upstream {
-        &self.upstream
-    }
-
-    /// The upstream request for an OpenAI-format body: same bytes, upstream model.
     pub fn request(
         &self,
-        endpoint: Endpoint,
-        body: &[u8],
-        model_span: Range<usize>,
+        out: &Outgoing<'_>,
         model: &str,
-    ) -> UpstreamRequest {
-        let url = match endpoint {
-            Endpoint::ChatCompletions => self.chat_url.clone(),
-            Endpoint::Embeddings => self.embeddings_url.clone(),
+    ) -> Result<UpstreamRequest, TranslateError> {
+        let (url, body) = match (out.endpoint, out.format) {
+            (Endpoint::Embeddings, _) => (self.embeddings_url.clone(), out.spliced(model)),
+            (_, Format::OpenAi) => (self.chat_url.clone(), out.spliced(model)),
+            _ => {
+                let mut ir = (out.ir)()?.clone();
+                // The client is told about usage in its own format; ask for it.
+                ir.include_usage = ir.stream;
+                (
+                    self.chat_url.clone(),
+                    openai::encode_request(&ir, model, &self.options)?,
+                )
+            }
         };
-        UpstreamRequest {
+        Ok(UpstreamRequest {
             url,
             headers: self.headers.clone(),
-            body: rewrite_model(body, model_span, model),
-        }
+            body,
+        })
     }
 }

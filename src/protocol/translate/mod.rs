@@ -139,6 +139,15 @@ impl TranslateError {
     }
 }
 
+/// Reads a provider's error body in its format.
+pub fn parse_error(format: Format, body: &[u8]) -> Option<crate::protocol::chat::ErrorInfo> {
+    match format {
+        Format::OpenAi => openai::parse_error(body),
+        Format::Anthropic => anthropic::parse_error(body),
+        Format::Gemini => gemini::parse_error(body),
+    }
+}
+
 /// A stream decoder for whichever format the upstream speaks.
 #[derive(Debug)]
 pub enum StreamDecoder {

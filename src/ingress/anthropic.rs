@@ -1,0 +1,57 @@
+//! The Anthropic Messages API: `POST /v1/messages`, streamed and not, served
+//! by any provider kind. `anthropic-version` is accepted (any value);
+//! errors are written in Anthropic's shape.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{Request, State};
+use axum::response::Response;
+use axum::Extension;
+
+use super::{read_body, RequestId};
+use crate::error::{ClientFormat, GatewayError};
+use crate::protocol::openai::model_span;
+use crate::protocol::translate::{anthropic, TranslateError};
+use crate::providers::Endpoint;
+use crate::proxy::{forward, reject, Forward};
+use crate::state::Gateway;
+use crate::telemetry::RequestRecord;
+
+const FORMAT: ClientFormat = ClientFormat::Anthropic;
+
+pub async fn messages(
+    State(gw): State<Arc<Gateway>>,
+    Extension(id): Extension<RequestId>,
+    req: Request,
+) -> Response {
+    let live = gw.live();
+    let record = RequestRecord::new(id.0, FORMAT, Endpoint::Messages.as_str());
+    let (parts, body) = req.into_parts();
+    let body = match read_body(&parts.headers, body, live.config.server.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return reject(record, FORMAT, e),
+    };
+    // The full parse checks the request the way Anthropic would, and is kept
+    // for targets of another format.
+    let ir = match anthropic::parse_request(&body) {
+        Ok(ir) => ir,
+        Err(TranslateError::Invalid(e)) => return reject(record, FORMAT, e.into()),
+        Err(e) => return reject(record, FORMAT, GatewayError::Untranslatable(e.to_string())),
+    };
+    // Where `model` is, for the passthrough to Anthropic providers.
+    let span = match model_span(&body) {
+        Ok((_, span)) => span,
+        Err(e) => return reject(record, FORMAT, e.into()),
+    };
+    let fwd = Forward {
+        endpoint: Endpoint::Messages,
+        format: FORMAT,
+        alias: ir.model.clone(),
+        body,
+        model_span: span,
+        stream: ir.stream,
+        include_usage: false,
+        ir: OnceLock::from(Ok(ir)),
+    };
+    forward(&live, fwd, record).await
+}

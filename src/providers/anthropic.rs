@@ -1,0 +1,60 @@
+//! Providers of kind `anthropic`: the Messages API (`x-api-key`,
+//! `anthropic-version`). Anthropic-format clients pass through.
+
+use http::{HeaderMap, HeaderValue};
+use url::Url;
+
+use super::{join, json_headers, secret_header, AdapterError, Endpoint, Outgoing};
+use crate::config::Provider;
+use crate::protocol::chat::Format;
+use crate::protocol::translate::{anthropic, TranslateError};
+use crate::upstream::{Upstream, UpstreamRequest};
+
+/// The API version detour speaks to Anthropic.
+pub const VERSION: &str = "2023-06-01";
+
+#[derive(Debug)]
+pub struct AnthropicAdapter {
+    pub(super) upstream: Upstream,
+    url: Url,
+    headers: HeaderMap,
+    default_max_tokens: u64,
+}
+
+impl AnthropicAdapter {
+    pub fn new(provider: &Provider, upstream: Upstream) -> Result<Self, AdapterError> {
+        let mut headers = json_headers();
+        headers.insert("anthropic-version", HeaderValue::from_static(VERSION));
+        if let Some(key) = &provider.api_key {
+            headers.insert("x-api-key", secret_header(provider, key.expose())?);
+        }
+        Ok(Self {
+            url: join(provider, "messages")?,
+            upstream,
+            headers,
+            default_max_tokens: provider.default_max_tokens,
+        })
+    }
+
+    pub fn request(
+        &self,
+        out: &Outgoing<'_>,
+        model: &str,
+    ) -> Result<UpstreamRequest, TranslateError> {
+        let body = match (out.endpoint, out.format) {
+            (Endpoint::Embeddings, _) => {
+                return Err(TranslateError::Untranslatable {
+                    feature: "embeddings".to_owned(),
+                    target: Format::Anthropic,
+                })
+            }
+            (_, Format::Anthropic) => out.spliced(model),
+            _ => anthropic::encode_request((out.ir)()?, model, self.default_max_tokens)?,
+        };
+        Ok(UpstreamRequest {
+            url: self.url.clone(),
+            headers: self.headers.clone(),
+            body,
+        })
+    }
+}
