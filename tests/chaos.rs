@@ -456,3 +456,63 @@ async fn a_recovered_primary_ramps_up_over_slow_start() {
         "{shares:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_page_outage_takes_traffic_away_by_the_next_poll() {
+    use detour::mock::{Flavor, MockOptions};
+    let (primary, backup) = (mock().await, mock().await);
+    let page = detour::mock::spawn(
+        Flavor::Statuspage,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        MockOptions::default(),
+    )
+    .await
+    .unwrap();
+    let config = config(&primary, &backup, "").replace(
+        "name = \"primary\"\n",
+        &format!(
+            "name = \"primary\"\nstatus_page = \"http://{}/api/v2/summary.json\"\nstatus_components = [\"API\"]\nstatus_poll = \"250ms\"\n",
+            page.addr()
+        ),
+    );
+    let gw = gateway(&config).await;
+    let page_url = url(&page);
+    let samples = drive(
+        format!("{}/v1/chat/completions", gw.url()),
+        CLIENTS,
+        Duration::from_secs(4),
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            client()
+                .put(format!("{page_url}/_mock/status"))
+                .json(&json!({"components": {"API": "major_outage"}}))
+                .send()
+                .await
+                .unwrap();
+        },
+    )
+    .await;
+    // One poll interval (plus the poll's own time) after the switch.
+    let after = window(&samples, 1.4, 4.0);
+    let before = window(&samples, 0.3, 1.0);
+    report(
+        "status page switches to major_outage (polled every 250 ms)",
+        json!({
+            "client_errors": errors(&samples),
+            "primary_share_before": share(&before, "primary"),
+            "primary_share_from_one_poll_after": share(&after, "primary"),
+            "last_primary_request_after_switch_ms": samples
+                .iter()
+                .filter(|s| s.provider == "primary")
+                .map(|s| s.at.as_secs_f64() * 1e3 - 1000.0)
+                .fold(f64::MIN, f64::max),
+        }),
+    );
+    assert_eq!(errors(&samples), 0);
+    assert!(share(&before, "primary") > 0.99);
+    assert_eq!(
+        share(&after, "primary"),
+        0.0,
+        "requests still went to a provider whose page says down"
+    );
+}
