@@ -5,7 +5,8 @@
 //!   misconfiguration, and every provider's override;
 //! - `POST /admin/providers/{name}/down|up|auto` — manual override, effective on
 //!   the next request;
-//! - `GET  /admin/config` — the live config with secrets masked.
+//! - `GET  /admin/config` — the live config with secrets masked;
+//! - `GET  /metrics` — Prometheus metrics (see [`crate::metrics`]).
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ struct AdminState {
     gw: Arc<Gateway>,
     /// SHA-256 of the token; `None` refuses every call.
     token: Option<[u8; 32]>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(gw: Arc<Gateway>, token: Option<String>) -> Router {
@@ -39,13 +41,66 @@ pub fn router(gw: Arc<Gateway>, token: Option<String>) -> Router {
         token: token
             .filter(|t| !t.is_empty())
             .map(|t| Sha256::digest(t.as_bytes()).into()),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
     };
+    // Installs the Prometheus recorder (once per process) before traffic.
+    let _ = crate::metrics::handle();
     Router::new()
         .route("/admin/health", get(health))
         .route("/admin/config", get(config))
         .route("/admin/providers/{name}/{action}", post(set_override))
+        .route("/admin/reload", get(last_reload).post(reload))
+        .route("/admin/rollout", get(rollout))
+        .route("/admin/rollout/promote", post(promote))
+        .route("/admin/rollout/rollback", post(rollback))
+        .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(state.clone(), limit))
         .with_state(state)
+}
+
+/// Calls the admin listener serves at once; more get 503 at once.
+const MAX_IN_FLIGHT: usize = 16;
+
+/// Runs the admin listener on its own OS thread with its own single-threaded
+/// runtime: however saturated the main listener's runtime is, operators get in
+/// (the break-glass access OpenAI's engineers lacked in December 2024).
+pub fn spawn_thread(
+    listener: std::net::TcpListener,
+    gw: Arc<Gateway>,
+    token: Option<String>,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("detour-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("admin listener failed: {e}");
+                        return;
+                    }
+                };
+                if let Err(e) = axum::serve(listener, router(gw, token)).await {
+                    tracing::error!("admin listener failed: {e}");
+                }
+            });
+        })?;
+    Ok(())
+}
+
+async fn limit(State(s): State<AdminState>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = s.in_flight.try_acquire() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the admin API is busy; retry",
+        );
+    };
+    next.run(req).await
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -139,8 +194,76 @@ async fn set_override(
         );
     };
     live.overrides[i].set(over);
+    crate::incidents::override_set(&name, over);
     tracing::warn!(provider = %name, ?over, "provider override set by admin");
     Json(json!({"provider": name, "override": over})).into_response()
+}
+
+async fn reload(State(s): State<AdminState>) -> Response {
+    // File reading and validation are quick, but blocking: keep them off the
+    // async workers.
+    let gw = Arc::clone(&s.gw);
+    let status =
+        match tokio::task::spawn_blocking(move || crate::reload::reload(&gw, "admin")).await {
+            Ok(status) => status,
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("reload failed: {e}"),
+                )
+            }
+        };
+    let code = if status.outcome == "rejected" {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    (code, Json(status)).into_response()
+}
+
+async fn last_reload(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let ops = s.gw.ops();
+    Json(json!({
+        "config_path": ops.config_path.map(|p| p.display().to_string()),
+        "last_reload": ops.last_reload,
+        "rejected_configs": s.gw.rejected_configs(),
+    }))
+}
+
+async fn rollout(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(match s.gw.rollout() {
+        Some(r) => json!({"state": "baking", "rollout": r.view()}),
+        None => json!({"state": "stable"}),
+    })
+}
+
+async fn promote(State(s): State<AdminState>) -> Response {
+    if s.gw.promote() {
+        tracing::warn!("rollout promoted by admin");
+        Json(json!({"state": "stable", "promoted": true})).into_response()
+    } else {
+        error(StatusCode::CONFLICT, "no rollout in progress")
+    }
+}
+
+async fn rollback(State(s): State<AdminState>) -> Response {
+    if s.gw.rollback() {
+        tracing::warn!("rollout rolled back by admin");
+        Json(json!({"state": "stable", "rolled_back": true})).into_response()
+    } else {
+        error(StatusCode::CONFLICT, "no rollout in progress")
+    }
+}
+
+/// `GET /metrics`: the Prometheus text exposition format.
+async fn metrics(State(s): State<AdminState>) -> Response {
+    crate::metrics::collect(&s.gw);
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    (
+        [(http::header::CONTENT_TYPE, content_type)],
+        crate::metrics::render(),
+    )
+        .into_response()
 }
 
 async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {

@@ -13,6 +13,8 @@ use crate::config::{ApiKey, Tier};
 /// The caller a request was authenticated as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
+    /// The key's digest (`None` when running open).
+    pub key_digest: Option<[u8; 32]>,
     pub key_name: String,
     pub tenant: String,
     pub tier: Tier,
@@ -21,6 +23,7 @@ pub struct Caller {
 impl Caller {
     fn anonymous() -> Self {
         Self {
+            key_digest: None,
             key_name: "anonymous".to_owned(),
             tenant: "anonymous".to_owned(),
             tier: Tier::Standard,
@@ -40,6 +43,7 @@ impl KeyTable {
             .iter()
             .map(|k| {
                 let caller = Caller {
+                    key_digest: Some(k.sha256),
                     key_name: k.name.clone(),
                     tenant: k.tenant.clone(),
                     tier: k.tier,
@@ -83,6 +87,9 @@ mod tests {
             sha256: Sha256::digest(b"dk-good").into(),
             tenant: "acme".into(),
             tier: Tier::Critical,
+            rpm: None,
+            tpm: None,
+            max_concurrent: None,
         };
         KeyTable::new(&[key], false)
     }

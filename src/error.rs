@@ -49,6 +49,13 @@ pub enum GatewayError {
     BodyRead(String),
     #[error("missing or invalid API key")]
     Unauthorized,
+    #[error("detour is at capacity ({limit} requests in flight); retry shortly")]
+    Overloaded { limit: usize },
+    #[error("rate limit reached: {what}; retry after {}s", retry_after_secs(.retry_after))]
+    RateLimited {
+        what: String,
+        retry_after: std::time::Duration,
+    },
     #[error("the model `{alias}` does not exist; available models: {}", list(.available))]
     ModelNotFound {
         alias: String,
@@ -65,6 +72,11 @@ pub enum GatewayError {
     AllTargetsFailed { alias: String, tried: String },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+}
+
+/// Whole seconds to wait, at least 1 (the `retry-after` header's value).
+pub fn retry_after_secs(d: &std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 fn list(items: &[String]) -> String {
@@ -140,6 +152,16 @@ impl GatewayError {
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 Some("unknown_url"),
+            ),
+            Self::RateLimited { .. } => shape(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            Self::Overloaded { .. } => shape(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("overloaded"),
             ),
             Self::NoHealthyTarget { .. } => shape(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -240,6 +262,10 @@ impl IntoResponse for ApiError {
             GatewayError::Upstream(UpstreamError::Status { retry_after, .. }) => {
                 retry_after.clone()
             }
+            GatewayError::RateLimited { retry_after, .. } => {
+                Some(HeaderValue::from(retry_after_secs(retry_after).max(1)))
+            }
+            GatewayError::Overloaded { .. } => Some(HeaderValue::from_static("1")),
             _ => None,
         };
         render(

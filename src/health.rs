@@ -193,6 +193,7 @@ impl TargetHealth {
         if won {
             self.probe_in_flight.store(1, Relaxed);
             self.transitions.fetch_add(1, Relaxed);
+            crate::metrics::breaker_transition(&self.provider, "half_open");
             tracing::info!(provider = %self.provider, model = %self.model, "breaker half-open: probing");
         }
         won
@@ -374,6 +375,7 @@ impl TargetHealth {
         self.probe_in_flight.store(0, Relaxed);
         if self.state.swap(OPEN, Relaxed) != OPEN {
             self.transitions.fetch_add(1, Relaxed);
+            crate::metrics::breaker_transition(&self.provider, "open");
             tracing::warn!(provider = %self.provider, model = %self.model, "breaker opened");
         }
     }
@@ -384,6 +386,8 @@ impl TargetHealth {
             self.closed_at.store(now.max(1), Relaxed);
             self.transitions.fetch_add(1, Relaxed);
             self.clear_window();
+            crate::metrics::breaker_transition(&self.provider, "closed");
+            crate::incidents::breaker_closed(&self.provider);
             tracing::info!(provider = %self.provider, model = %self.model, "breaker closed: target recovered");
         }
     }
@@ -543,18 +547,28 @@ impl ProviderHealth {
 }
 
 /// Health state that outlives config reloads, looked up when a config is
-/// built so that the request path holds direct references.
+/// built so that the request path holds direct references. It also keeps the
+/// response cache, which outlives reloads the same way.
 #[derive(Debug, Default)]
 pub struct Registry {
     clock: Clock,
     // Only touched when a config is built, never on the request path.
-    targets: RwLock<HashMap<(String, String), Arc<TargetHealth>>>,
+    targets: RwLock<HashMap<(String, String, String), Arc<TargetHealth>>>,
     providers: RwLock<HashMap<String, Arc<ProviderHealth>>>,
+    cache: RwLock<Option<Arc<crate::cache::Cache>>>,
 }
 
 impl Registry {
-    pub fn target(&self, provider: &str, model: &str, policy: BreakerPolicy) -> Arc<TargetHealth> {
-        let key = (provider.to_owned(), model.to_owned());
+    /// The health of a target, the same across configs as long as its
+    /// provider name, address and model stay the same.
+    pub fn target(
+        &self,
+        provider: &str,
+        base_url: &str,
+        model: &str,
+        policy: BreakerPolicy,
+    ) -> Arc<TargetHealth> {
+        let key = (provider.to_owned(), base_url.to_owned(), model.to_owned());
         let mut map = self.targets.write().unwrap_or_else(|e| e.into_inner());
         Arc::clone(
             map.entry(key).or_insert_with(|| {
@@ -570,6 +584,27 @@ impl Registry {
 
     pub fn clock(&self) -> Clock {
         self.clock
+    }
+
+    /// The response cache for `[cache]` settings: the same one across
+    /// configs while the settings stay the same, a new (empty) one otherwise.
+    /// An installed cache is kept whatever the settings.
+    pub fn cache(&self, settings: &crate::config::CacheStore) -> Arc<crate::cache::Cache> {
+        let mut slot = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            Some(c) if c.settings().is_none_or(|s| s == settings) => Arc::clone(c),
+            _ => {
+                let c = Arc::new(crate::cache::Cache::from_config(settings));
+                *slot = Some(Arc::clone(&c));
+                c
+            }
+        }
+    }
+
+    /// Uses `cache` for every config built from now on (a backend that
+    /// `[cache]` cannot name: a shared one, or a test's).
+    pub fn install_cache(&self, cache: Arc<crate::cache::Cache>) {
+        *self.cache.write().unwrap_or_else(|e| e.into_inner()) = Some(cache);
     }
 }
 

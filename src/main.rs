@@ -32,6 +32,14 @@ enum Command {
     Serve {
         #[arg(long, short)]
         config: PathBuf,
+        /// Where detour keeps its last-known-good config (default: `.detour`
+        /// beside the config file).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// If the config is invalid, serve the last-known-good one instead of
+        /// refusing to start (and say so loudly).
+        #[arg(long)]
+        fallback_last_known_good: bool,
     },
     /// Validate a config file and print every problem with file, line and key.
     Check {
@@ -113,12 +121,37 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Err(e) => config_failed(&e),
         }),
-        Command::Serve { config } => {
-            let cfg = match config::load_file(&config) {
-                Ok(c) => c,
+        Command::Serve {
+            config,
+            state_dir,
+            fallback_last_known_good,
+        } => {
+            let state_dir = state_dir.unwrap_or_else(|| {
+                config
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."))
+                    .join(".detour")
+            });
+            let file = config.display().to_string();
+            let loaded = std::fs::read_to_string(&config)
+                .map_err(|source| ConfigError::Read {
+                    file: file.clone(),
+                    source,
+                })
+                .and_then(|text| config::load_str(&text, &file).map(|c| (c, text)));
+            let (cfg, text) = match loaded {
+                Ok(ok) => ok,
+                Err(e) if fallback_last_known_good => {
+                    eprintln!("{e}");
+                    match last_known_good(&state_dir) {
+                        Some(ok) => ok,
+                        None => return Ok(config_failed(&e)),
+                    }
+                }
                 Err(e) => return Ok(config_failed(&e)),
             };
-            serve(cfg).await?;
+            serve(cfg, text, config, state_dir).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Mock {
@@ -145,13 +178,42 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The last-known-good config from `state_dir`, announced loudly.
+fn last_known_good(state_dir: &std::path::Path) -> Option<(config::Config, String)> {
+    let path = detour::reload::lkg_path(state_dir);
+    let file = path.display().to_string();
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        eprintln!("detour: no last-known-good config at {file}");
+        return None;
+    };
+    match config::load_str(&text, &file) {
+        Ok(cfg) => {
+            eprintln!(
+                "detour: THE CONFIG IS INVALID; SERVING THE LAST-KNOWN-GOOD CONFIG FROM {file}. \
+                 Fix the config file: it is watched and will be applied once valid."
+            );
+            tracing::error!(path = %file, "serving the last-known-good config: the config file is invalid");
+            Some((cfg, text))
+        }
+        Err(e) => {
+            eprintln!("{e}\ndetour: the last-known-good config is not valid either");
+            None
+        }
+    }
+}
+
 fn config_failed(e: &ConfigError) -> ExitCode {
     eprintln!("{e}");
     eprintln!("detour: the configuration is invalid");
     ExitCode::from(2)
 }
 
-async fn serve(cfg: config::Config) -> anyhow::Result<()> {
+async fn serve(
+    cfg: config::Config,
+    text: String,
+    config_path: PathBuf,
+    state_dir: PathBuf,
+) -> anyhow::Result<()> {
     let listen = cfg.server.listen;
     let admin_listen = cfg.server.admin_listen;
     if cfg.server.open_access {
@@ -160,7 +222,11 @@ async fn serve(cfg: config::Config) -> anyhow::Result<()> {
              anyone who can reach this address can use your providers"
         );
     }
+    // Record metrics from the first request on.
+    let _ = detour::metrics::handle();
     let gw = Arc::new(Gateway::new(cfg)?);
+    gw.set_source(Some(text));
+    gw.set_ops(Some(config_path), Some(state_dir));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
@@ -173,17 +239,13 @@ async fn serve(cfg: config::Config) -> anyhow::Result<()> {
                 detour::admin::TOKEN_ENV
             );
         }
-        let admin = tokio::net::TcpListener::bind(admin_listen)
-            .await
+        let admin = std::net::TcpListener::bind(admin_listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {admin_listen} (admin): {e}"))?;
         tracing::info!("admin listening on http://{}", admin.local_addr()?);
-        let router = detour::admin::router(Arc::clone(&gw), token);
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(admin, router).await {
-                tracing::error!("admin listener failed: {e}");
-            }
-        });
+        detour::admin::spawn_thread(admin, Arc::clone(&gw), token)?;
     }
+    tokio::spawn(detour::reload::watch(Arc::clone(&gw)));
+    tokio::spawn(detour::reload::keep_last_known_good(Arc::clone(&gw)));
     detour::server::serve(gw, listener, shutdown_signal()).await?;
     tracing::info!("detour stopped");
     Ok(())

@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::ops::Range;
+use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
+use crate::cache;
 use crate::config::{HedgeAfter, Route, Target};
 use crate::error::{ApiError, ClientFormat, GatewayError};
 use crate::health::{Failure, TargetHealth};
@@ -56,6 +58,10 @@ pub struct Forward {
     /// The request in the IR; parsed only when a target needs translation
     /// (ingress may fill it when it parsed the IR anyway).
     pub ir: OnceLock<Result<ChatRequest, TranslateError>>,
+    /// The authenticated caller's tenant: the response cache's partition.
+    pub tenant: String,
+    /// The client sent `x-detour-cache: bypass` (or `no-cache`).
+    pub cache_bypass: bool,
 }
 
 impl Forward {
@@ -110,6 +116,26 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
         return reject(record, req.format, error);
     };
     let route = &live.config.routes[position];
+    // On a cached route: a verified hit is answered here; otherwise `visit`
+    // labels the response and may store it.
+    let mut visit = match route.cache {
+        Some(policy) => {
+            let ask = cache::Ask {
+                route: &route.alias,
+                tenant: &req.tenant,
+                format: req.format,
+                endpoint: req.endpoint,
+                stream: req.stream,
+                body: &req.body,
+                bypass: req.cache_bypass,
+            };
+            match live.cache.visit(&ask, policy).await {
+                cache::Outcome::Hit(entry) => return replay(&entry, record),
+                cache::Outcome::Forward(visit) => Some(visit),
+            }
+        }
+        None => None,
+    };
     let state = &live.routes[position];
     state.budget.deposit();
     let mut rng = fastrand::Rng::new();
@@ -136,6 +162,7 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
             let health = &state.health[candidate.index];
             if *attempts > 0 && !state.budget.try_withdraw() {
                 tracing::warn!(request_id = %record.request_id, route = %route.alias, "retry budget exhausted: not trying another target");
+                crate::metrics::retry_budget_exhausted(&route.alias);
                 tried.push(target, "skipped_budget_exhausted");
                 return false;
             }
@@ -148,6 +175,7 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 Duration::ZERO
             };
             *attempts += 1;
+            crate::metrics::attempt_launched(&route.alias, *attempts, !in_flight.is_empty());
             pending.push((candidate.index, Instant::now()));
             let fut = guarded(
                 candidate.probe,
@@ -169,6 +197,7 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
         &mut rng,
     );
     let mut hedging = route.hedge_after;
+    let mut hedge = None; // metrics: the target index of the hedge, if one started
     while !in_flight.is_empty() {
         let hedge_after = match hedging {
             _ if in_flight.len() != 1 => None,
@@ -194,6 +223,7 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 // The attempt in flight is slow: race a second target against it.
                 if launch(&mut in_flight, &mut pending, &mut attempts, &mut tried, &mut rng) {
                     tracing::info!(request_id = %record.request_id, route = %route.alias, "hedging: started a second attempt");
+                    hedge = pending.last().map(|(i, _)| *i);
                 }
                 hedging = None;
                 continue;
@@ -213,23 +243,38 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                     tracing::info!(request_id = %record.request_id, provider = %route.targets[*i].provider.name, "hedge lost the race: cancelled");
                 }
                 health.on_success(committed.body.first_byte().unwrap_or_default());
+                crate::metrics::hedge_decided(&route.alias, hedge, Some(index));
+                crate::incidents::served_by(live, position, index);
+                if committed.status.is_success() && !live.served_ok.load(Ordering::Relaxed) {
+                    live.served_ok.store(true, Ordering::Relaxed);
+                }
                 record.attempts = attempts;
                 record.provider = Some(target.provider.name.clone());
                 record.model = Some(target.model.clone());
                 record.status = committed.status.as_u16();
+                let capture = visit.as_mut().and_then(|v| {
+                    let (provider, model) = (&target.provider.name, &target.model);
+                    v.capture(committed.status, &committed.headers, provider, model)
+                });
+                if let Some(capture) = capture {
+                    committed.body.capture(capture);
+                }
                 committed.body.attach(record);
                 let mut resp = Response::new(Body::new(committed.body));
                 *resp.status_mut() = committed.status;
                 copy_headers(&committed.headers, resp.headers_mut());
-                return with_attempt_headers(resp, Some(target), attempts, &tried);
+                let resp = with_attempt_headers(resp, Some(target), attempts, &tried);
+                return with_cache_status(resp, visit.as_ref());
             }
             Err(error) if !error.retryable() => {
                 drop(in_flight);
+                crate::metrics::hedge_decided(&route.alias, hedge, Some(index));
                 record.attempts = attempts;
                 record.provider = Some(target.provider.name.clone());
                 record.model = Some(target.model.clone());
                 let resp = reject(record, req.format, error.into());
-                return with_attempt_headers(resp, Some(target), attempts, &tried);
+                let resp = with_attempt_headers(resp, Some(target), attempts, &tried);
+                return with_cache_status(resp, visit.as_ref());
             }
             Err(error) => {
                 if !matches!(error, UpstreamError::Untranslatable { .. }) {
@@ -244,6 +289,8 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                     error = %error,
                     "attempt failed; failing over if another target is available"
                 );
+                crate::metrics::failover(&route.alias, reason_of(&error));
+                crate::incidents::attempt_failed(live, target.provider_index);
                 tried.push(target, reason_of(&error));
                 last = Some((index, error));
                 if in_flight.is_empty() {
@@ -260,6 +307,7 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
     }
 
     record.attempts = attempts;
+    crate::metrics::hedge_decided(&route.alias, hedge, None);
     let (error, target) = match last {
         // One attempt: its own error says most (a 504 naming the timeout...).
         Some((index, error)) if attempts == 1 => (error.into(), Some(&route.targets[index])),
@@ -282,7 +330,25 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
         record.model = Some(t.model.clone());
     }
     let resp = reject(record, req.format, error);
-    with_attempt_headers(resp, target, attempts, &tried)
+    let resp = with_attempt_headers(resp, target, attempts, &tried);
+    with_cache_status(resp, visit.as_ref())
+}
+
+/// Answers from the response cache: no attempt, the original answer's bytes.
+fn replay(entry: &cache::Entry, mut record: RequestRecord) -> Response {
+    record.model = Some(entry.model.clone());
+    record.status = entry.status;
+    record.finish("cache_hit");
+    entry.response()
+}
+
+/// `x-detour-cache` on the responses of cached routes.
+fn with_cache_status(mut resp: Response, visit: Option<&cache::Visit>) -> Response {
+    if let Some(v) = visit {
+        resp.headers_mut()
+            .insert(cache::HEADER, v.status().header());
+    }
+    resp
 }
 
 /// Runs an attempt after `delay`. If it claimed a breaker's probe slot and is

@@ -16,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use crate::cache::{BoxFuture, Capture};
 use crate::config::Timeouts;
 use crate::error::{stream_error_event, ClientFormat, GatewayError};
 use crate::protocol::chat::{ErrorKind, StreamEvent, Usage};
@@ -59,6 +60,11 @@ fn first_error_event(events: &[u8]) -> Option<String> {
     })
 }
 
+/// Whether whole SSE events include an error event (a cheap scan first).
+fn has_error_event(events: &[u8]) -> bool {
+    events.windows(7).any(|w| w == b"\"error\"") && first_error_event(events).is_some()
+}
+
 /// Non-streamed bodies up to this size are kept (as cheap `Bytes` handles)
 /// to read usage from once they end.
 const USAGE_SCAN_LIMIT: usize = 256 * 1024;
@@ -79,6 +85,13 @@ pub struct RelayBody {
     primed: Option<Bytes>,
     /// Attached when the attempt is committed to the client.
     record: Option<RequestRecord>,
+    /// A copy of what the client is sent, for the response cache (bounded).
+    capture: Option<Capture>,
+    /// The body ended normally and whole (a stream with its end marker).
+    whole: bool,
+    /// Storing the capture; the client's body ends once it is stored, so
+    /// the next identical request finds it.
+    storing: Option<BoxFuture<'static, ()>>,
 }
 
 enum Mode {
@@ -180,7 +193,16 @@ impl RelayBody {
             state: State::Relaying,
             primed: None,
             record: None,
+            capture: None,
+            whole: false,
+            storing: None,
         }
+    }
+
+    /// Keeps a copy of the bytes sent to the client, to be stored in the
+    /// response cache if the body ends whole.
+    pub fn capture(&mut self, capture: Capture) {
+        self.capture = Some(capture);
     }
 
     /// Commits the body to a client request: from now on it writes that
@@ -397,6 +419,12 @@ impl RelayBody {
             }
             Mode::Ready(_) => {}
         }
+        // A decoded stream without its end marker (or with an error event)
+        // is relayed as it came, but is not an answer to keep.
+        self.whole = !matches!(
+            &self.mode,
+            Mode::Decoded { done: false, .. } | Mode::Decoded { error: Some(_), .. }
+        );
         if let Some(r) = self.record.take() {
             r.finish("ok");
         }
@@ -491,6 +519,39 @@ impl RelayBody {
         }
     }
 
+    /// Copies a frame into the capture, and hands the capture over to be
+    /// stored when the body ended whole.
+    fn keep(
+        &mut self,
+        out: Poll<Option<Result<Frame<Bytes>, std::io::Error>>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        match &out {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(capture), Some(data)) = (&mut self.capture, frame.data_ref()) {
+                    // An OpenAI stream can carry an error event and still end
+                    // with `[DONE]`: relayed, never stored.
+                    let error = matches!(self.mode, Mode::Events { .. }) && has_error_event(data);
+                    if error || !capture.push(data) {
+                        self.capture = None;
+                    }
+                }
+            }
+            Poll::Ready(None) if self.whole => {
+                if let Some(capture) = self.capture.take() {
+                    let mut storing = capture.finish();
+                    if storing.as_mut().poll(cx).is_pending() {
+                        self.storing = Some(storing);
+                        return Poll::Pending;
+                    }
+                }
+            }
+            Poll::Ready(_) => self.capture = None,
+            Poll::Pending => {}
+        }
+        out
+    }
+
     fn limit(&self, kind: TimeoutKind) -> Duration {
         match kind {
             TimeoutKind::Total => self.timeouts.total,
@@ -509,6 +570,44 @@ impl Body for RelayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
+        if let Some(storing) = &mut this.storing {
+            if storing.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.storing = None;
+            return Poll::Ready(None);
+        }
+        let out = this.poll_relay(cx);
+        if this.capture.is_none() {
+            return out;
+        }
+        this.keep(out, cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // With a capture to hand over, the end must be polled for.
+        matches!(self.state, State::Done) && self.capture.is_none() && self.storing.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.capture.is_some() {
+            // No length: the client sees the end only after the answer is stored.
+            return SizeHint::default();
+        }
+        match &self.mode {
+            Mode::Plain { .. } => self.inner.size_hint(),
+            Mode::Ready(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl RelayBody {
+    fn poll_relay(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self;
         if !matches!(this.state, State::Relaying) {
             return this.poll_state();
         }
@@ -517,7 +616,12 @@ impl Body for RelayBody {
         }
         if let Mode::Ready(body) = &mut this.mode {
             return match body.take() {
-                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                Some(b) => {
+                    // Finish now: hyper stops polling a body once its
+                    // length is written, so a later end would never be seen.
+                    let _ = this.on_end();
+                    Poll::Ready(Some(Ok(Frame::data(b))))
+                }
                 None => this.on_end(),
             };
         }
@@ -529,7 +633,15 @@ impl Body for RelayBody {
                         continue;
                     };
                     match this.on_chunk(data) {
-                        Ok(Some(out)) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                        Ok(Some(out)) => {
+                            // The last chunk of a body of known length: finish
+                            // now, as hyper will not poll for the end.
+                            if matches!(this.mode, Mode::Plain { .. }) && this.inner.is_end_stream()
+                            {
+                                let _ = this.on_end();
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
                         Ok(None) => {}
                         Err(detail) => {
                             return this.fail(UpstreamError::Transport {
@@ -560,18 +672,6 @@ impl Body for RelayBody {
                     });
                 }
             }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        matches!(self.state, State::Done)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.mode {
-            Mode::Plain { .. } => self.inner.size_hint(),
-            Mode::Ready(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            _ => SizeHint::default(),
         }
     }
 }

@@ -191,6 +191,7 @@ mod tests {
             retries: RetryPolicy::default(),
             breaker: BreakerPolicy::default(),
             hedge_after: None,
+            cache: None,
         }
     }
 

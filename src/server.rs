@@ -12,7 +12,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,8 +21,10 @@ use axum::Router;
 use http::HeaderValue;
 use tokio::net::TcpListener;
 
+use crate::auth::Caller;
 use crate::error::{ApiError, ClientFormat, GatewayError};
 use crate::ingress::{self, RequestId};
+use crate::limits::estimate_tokens;
 use crate::state::Gateway;
 use crate::telemetry::RequestRecord;
 
@@ -35,10 +37,15 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/embeddings", post(ingress::openai::embeddings))
         .route("/v1/models", get(ingress::openai::models))
         .route("/v1/messages", post(ingress::anthropic::messages))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&gw), admit))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&gw),
             authenticate,
         ))
+        // The status page: public, so added after (outside) the auth and
+        // admission route layers.
+        .route("/status", get(crate::status_page::html))
+        .route("/status.json", get(crate::status_page::json))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .layer(middleware::from_fn(request_id))
@@ -57,6 +64,21 @@ async fn request_id(mut req: Request, next: Next) -> Response {
 }
 
 async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    // An address that keeps failing to authenticate waits, even with a good key.
+    if let Some(wait) = ip.and_then(|ip| gw.auth_failures.blocked(ip)) {
+        return refuse(
+            &req,
+            "auth",
+            GatewayError::RateLimited {
+                what: "failed authentications from this address".into(),
+                retry_after: wait,
+            },
+        );
+    }
     let caller = gw.live().keys.authenticate(req.headers());
     match caller {
         Some(caller) => {
@@ -64,26 +86,125 @@ async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Ne
             next.run(req).await
         }
         None => {
-            let id = req
-                .extensions()
-                .get::<RequestId>()
-                .map_or_else(String::new, |id| id.0.clone());
-            // Answer in the format of the API the client called.
-            let format = if req.uri().path() == "/v1/messages" {
-                ClientFormat::Anthropic
-            } else {
-                ClientFormat::OpenAi
+            let error = match ip.and_then(|ip| gw.auth_failures.failed(ip)) {
+                Some(wait) => GatewayError::RateLimited {
+                    what: "failed authentications from this address".into(),
+                    retry_after: wait,
+                },
+                None => GatewayError::Unauthorized,
             };
-            let mut record = RequestRecord::new(id, format, "auth");
-            let resp = ApiError {
-                error: GatewayError::Unauthorized,
-                format,
-            }
-            .into_response();
-            record.status = resp.status().as_u16();
-            record.finish("unauthorized");
-            resp
+            refuse(&req, "auth", error)
         }
+    }
+}
+
+/// Answers `req` with `error` in the called API's format, with a log line.
+fn refuse(req: &Request, stage: &'static str, error: GatewayError) -> Response {
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .map_or_else(String::new, |id| id.0.clone());
+    let format = format_of(req);
+    let mut record = RequestRecord::new(id, format, stage);
+    let resp = ApiError { error, format }.into_response();
+    record.status = resp.status().as_u16();
+    record.finish("refused");
+    resp
+}
+
+/// Limits and admission, after auth: the caller's key and tenant limits
+/// (requests, estimated tokens, concurrency), then a slot among
+/// `server.max_concurrent_requests`, waited for by tier ([`Admission`]).
+/// Both are held until the response body ends.
+///
+/// [`Admission`]: crate::limits::admission::Admission
+async fn admit(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+    let live = gw.live();
+    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
+        return refuse(&req, "limits", GatewayError::Unauthorized);
+    };
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let (held, charge) = match live.limits.admit(&caller, estimate_tokens(declared, None)) {
+        Ok(ok) => ok,
+        Err(limited) => {
+            let error = GatewayError::RateLimited {
+                what: limited.what,
+                retry_after: limited.retry_after,
+            };
+            return drain_then_refuse(req, error).await;
+        }
+    };
+    let permit = match live.admission.acquire(caller.tier).await {
+        Ok(p) => p,
+        Err(_) => {
+            let error = GatewayError::Overloaded {
+                limit: live.config.server.max_concurrent_requests,
+            };
+            return drain_then_refuse(req, error).await;
+        }
+    };
+    let resp = match charge {
+        Some(c) => crate::limits::CHARGE.scope(c, next.run(req)).await,
+        None => next.run(req).await,
+    };
+    let (parts, body) = resp.into_parts();
+    let holding = Holding {
+        body,
+        _held: (permit, held),
+    };
+    Response::from_parts(parts, axum::body::Body::new(holding))
+}
+
+/// Refuses after reading (a bounded amount of) the body: answering while the
+/// client is still sending makes some clients lose the answer.
+async fn drain_then_refuse(req: Request, error: GatewayError) -> Response {
+    let (parts, body) = req.into_parts();
+    let drain = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, 256 * 1024));
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), drain).await;
+    refuse(
+        &Request::from_parts(parts, axum::body::Body::empty()),
+        "limits",
+        error,
+    )
+}
+
+/// A body that holds admission and limit permits until it ends or is dropped.
+struct Holding {
+    body: axum::body::Body,
+    _held: (crate::limits::admission::Permit, crate::limits::Held),
+}
+
+impl http_body::Body for Holding {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The API format of the endpoint a request called.
+fn format_of(req: &Request) -> ClientFormat {
+    if req.uri().path() == "/v1/messages" {
+        ClientFormat::Anthropic
+    } else {
+        ClientFormat::OpenAi
     }
 }
 
@@ -109,7 +230,8 @@ pub async fn serve(
             tracing::debug!("could not set TCP_NODELAY: {e}");
         }
     });
-    axum::serve(listener, router(gw))
+    let app = router(gw).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

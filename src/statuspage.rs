@@ -111,6 +111,8 @@ pub async fn poll(provider: Arc<Provider>, health: Arc<ProviderHealth>) {
             Ok(state) => {
                 let old = health.page_state();
                 health.set_page(state, None);
+                crate::metrics::status_page_state(&provider.name, state);
+                crate::incidents::page_state(&provider.name, state);
                 if old != state {
                     tracing::warn!(provider = %provider.name, from = ?old, to = ?state, "status page changed");
                 }

@@ -48,6 +48,10 @@ pub struct RequestRecord {
     pub first_byte: Option<Duration>,
     pub usage: Option<Usage>,
     pub outcome: &'static str,
+    /// The rollout cohort the request ran in, if a rollout is baking.
+    pub cohort: Option<crate::rollout::CohortTag>,
+    /// Tokens charged to rate limits before the call, settled from `usage`.
+    pub charge: Option<crate::limits::TokenCharge>,
     written: bool,
 }
 
@@ -68,6 +72,8 @@ impl RequestRecord {
             usage: None,
             // Until told otherwise, the request ended because the client left.
             outcome: "client_gone",
+            cohort: None,
+            charge: crate::limits::CHARGE.try_with(Clone::clone).ok(),
             written: false,
         }
     }
@@ -83,6 +89,14 @@ impl RequestRecord {
             return;
         }
         self.written = true;
+        crate::metrics::request_finished(self);
+        if let (Some(charge), Some(usage)) = (&self.charge, self.usage) {
+            charge.settle(usage.prompt_tokens + usage.completion_tokens);
+        }
+        if let Some(c) = &self.cohort {
+            c.rollout
+                .record(c.canary, self.status, self.started.elapsed());
+        }
         let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
         let ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1e3);
         tracing::info!(

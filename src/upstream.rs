@@ -122,6 +122,8 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
+            // Upstream names go through detour's caching, stale-serving resolver.
+            .dns_resolver(crate::dns::shared())
             .user_agent(concat!("detour/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self {

@@ -136,12 +136,30 @@ impl Loader<'_> {
                 self.report_at(0, &format!("keys[{i}]"), "the same key is configured twice");
             }
         }
+        let rollout = match &raw.rollout {
+            Some(r) => Some(self.rollout(r)?),
+            None => None,
+        };
         let server = self.server(&raw.server, keys.is_empty())?;
+        let tenants = raw
+            .tenants
+            .iter()
+            .map(|t| TenantLimits {
+                name: t.name.get_ref().clone(),
+                rpm: t.rpm.as_ref().map(|v| *v.get_ref()),
+                tpm: t.tpm.as_ref().map(|v| *v.get_ref()),
+                max_concurrent: t.max_concurrent.as_ref().map(|v| *v.get_ref()),
+            })
+            .collect();
+        let cache = self.cache_store(&raw.cache)?;
         Some(Config {
             server,
+            rollout,
+            tenants,
             providers,
             routes,
             keys,
+            cache,
             route_index,
         })
     }
@@ -175,11 +193,33 @@ impl Loader<'_> {
             Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
             None => usize::try_from(DEFAULT_MAX_BODY_BYTES).unwrap_or(usize::MAX),
         };
+        let max_concurrent_requests = match &raw.max_concurrent_requests {
+            Some(n) if *n.get_ref() == 0 => {
+                self.report(
+                    n,
+                    "server.max_concurrent_requests",
+                    "must be greater than 0",
+                );
+                return None;
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+            None => DEFAULT_MAX_CONCURRENT_REQUESTS,
+        };
+        let queue_timeout = match &raw.queue_timeout {
+            Some(s) => self.duration(s, "server.queue_timeout")?,
+            None => DEFAULT_QUEUE_TIMEOUT,
+        };
         Some(Server {
             listen,
             admin_listen,
             open_access: no_keys,
             max_body_bytes,
+            max_concurrent_requests,
+            queue_timeout,
+            auth_failures_per_minute: raw
+                .auth_failures_per_minute
+                .as_ref()
+                .map_or(DEFAULT_AUTH_FAILURES_PER_MINUTE, |v| (*v.get_ref()).max(1)),
         })
     }
 
@@ -315,6 +355,10 @@ impl Loader<'_> {
             )),
             None => None,
         };
+        let cache = match &r.cache {
+            Some(c) => Some(self.route_cache(i, c)?),
+            None => None,
+        };
         Some(Route {
             alias,
             targets,
@@ -322,6 +366,94 @@ impl Loader<'_> {
             retries,
             breaker,
             hedge_after,
+            cache,
+        })
+    }
+
+    fn route_cache(&mut self, i: usize, c: &super::raw::RawRouteCache) -> Option<RouteCache> {
+        let at = |f: &str| format!("routes[{i}].cache.{f}");
+        let ttl = match &c.ttl {
+            Some(s) => self.duration(s, &at("ttl"))?,
+            None => DEFAULT_CACHE_TTL,
+        };
+        let max_entry_bytes = match &c.max_entry_bytes {
+            Some(n) if *n.get_ref() == 0 => {
+                self.report(n, &at("max_entry_bytes"), "must be greater than 0");
+                return None;
+            }
+            Some(n) => *n.get_ref(),
+            None => DEFAULT_CACHE_MAX_ENTRY_BYTES,
+        };
+        Some(RouteCache {
+            ttl,
+            max_entry_bytes: usize::try_from(max_entry_bytes).unwrap_or(usize::MAX),
+        })
+    }
+
+    fn cache_store(&mut self, raw: &super::raw::RawCacheStore) -> Option<CacheStore> {
+        let d = CacheStore::default();
+        let backend = match &raw.backend {
+            None => d.backend,
+            Some(b) => match b.get_ref().as_str() {
+                "memory" => CacheBackend::Memory,
+                other => {
+                    self.report(
+                        b,
+                        "cache.backend",
+                        &format!(
+                            "unknown cache backend `{other}` (expected one of: {})",
+                            CacheBackend::NAMES.join(", ")
+                        ),
+                    );
+                    return None;
+                }
+            },
+        };
+        let max_bytes = match &raw.max_bytes {
+            Some(n) if *n.get_ref() == 0 => {
+                self.report(n, "cache.max_bytes", "must be greater than 0");
+                return None;
+            }
+            Some(n) => *n.get_ref(),
+            None => d.max_bytes,
+        };
+        Some(CacheStore { backend, max_bytes })
+    }
+
+    fn rollout(&mut self, r: &super::raw::RawRollout) -> Option<RolloutPolicy> {
+        let d = RolloutPolicy::default();
+        let canary_percent = match &r.canary_percent {
+            Some(p) if !(0.0..=100.0).contains(p.get_ref()) => {
+                self.report(p, "rollout.canary_percent", "must be between 0 and 100");
+                return None;
+            }
+            Some(p) => *p.get_ref(),
+            None => d.canary_percent,
+        };
+        let bake = match &r.bake {
+            Some(b) => self.duration(b, "rollout.bake")?,
+            None => d.bake,
+        };
+        let ratio = match &r.max_latency_ratio {
+            Some(x) if *x.get_ref() < 1.0 => {
+                self.report(x, "rollout.max_latency_ratio", "must be at least 1.0");
+                return None;
+            }
+            Some(x) => *x.get_ref(),
+            None => d.max_latency_ratio,
+        };
+        Some(RolloutPolicy {
+            canary_percent,
+            bake,
+            max_error_rate_increase: r
+                .max_error_rate_increase
+                .as_ref()
+                .map_or(d.max_error_rate_increase, |x| x.get_ref().clamp(0.0, 1.0)),
+            max_latency_ratio: ratio,
+            min_requests: r
+                .min_requests
+                .as_ref()
+                .map_or(d.min_requests, |m| *m.get_ref()),
         })
     }
 
@@ -474,6 +606,9 @@ impl Loader<'_> {
             sha256,
             tenant,
             tier,
+            rpm: k.rpm.as_ref().map(|v| (*v.get_ref()).max(1)),
+            tpm: k.tpm.as_ref().map(|v| (*v.get_ref()).max(1)),
+            max_concurrent: k.max_concurrent.as_ref().map(|v| (*v.get_ref()).max(1)),
         })
     }
 
@@ -812,5 +947,56 @@ targets = [{ provider = "opena", model = "gpt-4o-mini" }]
         )
         .unwrap_err();
         assert_eq!(diags[0].key, "keys[0].key_sha256");
+    }
+
+    #[test]
+    fn the_response_cache_is_opt_in_per_route() {
+        let text = r#"
+[[providers]]
+name = "p"
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+
+[[routes]]
+model = "cached"
+targets = [{ provider = "p", model = "m" }]
+cache = { ttl = "90s", max_entry_bytes = 4096 }
+
+[[routes]]
+model = "defaults"
+targets = [{ provider = "p", model = "m" }]
+cache = {}
+
+[[routes]]
+model = "plain"
+targets = [{ provider = "p", model = "m" }]
+"#;
+        let c = load(text, &[]).unwrap();
+        let cache = |alias: &str| c.route(alias).unwrap().cache;
+        assert_eq!(
+            cache("cached"),
+            Some(RouteCache {
+                ttl: Duration::from_secs(90),
+                max_entry_bytes: 4096
+            })
+        );
+        assert_eq!(cache("defaults").unwrap().ttl, DEFAULT_CACHE_TTL);
+        assert_eq!(cache("plain"), None);
+        assert_eq!(c.cache, CacheStore::default());
+
+        let bad = format!(
+            "[cache]\nbackend = \"redis\"\n{}",
+            text.replace("\"90s\"", "\"soon\"")
+        );
+        let diags = load(&bad, &[]).unwrap_err();
+        let keys: Vec<&str> = diags.iter().map(|d| d.key.as_str()).collect();
+        assert!(keys.contains(&"cache.backend"), "{diags:?}");
+        assert!(keys.contains(&"routes[0].cache.ttl"), "{diags:?}");
+        let diags = load(
+            &text.replace("max_entry_bytes = 4096", "max_entry_byte = 1"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(diags[0].key, "routes[0].cache.max_entry_byte", "{diags:?}");
     }
 }

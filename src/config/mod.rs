@@ -25,9 +25,14 @@ use url::Url;
 #[derive(Debug)]
 pub struct Config {
     pub server: Server,
+    /// How a reload to this config is rolled out; `None` swaps at once.
+    pub rollout: Option<RolloutPolicy>,
+    pub tenants: Vec<TenantLimits>,
     pub providers: Vec<Arc<Provider>>,
     pub routes: Vec<Arc<Route>>,
     pub keys: Vec<ApiKey>,
+    /// `[cache]`: where cached answers are kept (routes opt in).
+    pub cache: CacheStore,
     route_index: HashMap<String, usize>,
 }
 
@@ -56,7 +61,27 @@ pub struct Server {
     /// the config says so or the listener is on loopback.
     pub open_access: bool,
     pub max_body_bytes: usize,
+    /// Requests in flight on the main listener before new ones queue by tier.
+    pub max_concurrent_requests: usize,
+    /// Longest wait for a slot under overload (critical; standard waits half,
+    /// sheddable not at all).
+    pub queue_timeout: Duration,
+    pub auth_failures_per_minute: u32,
 }
+
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_AUTH_FAILURES_PER_MINUTE: u32 = 10;
+
+/// Limits shared by all keys of a tenant.
+#[derive(Debug, Clone)]
+pub struct TenantLimits {
+    pub name: String,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub max_concurrent: Option<u32>,
+}
+
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 4096;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
@@ -115,6 +140,75 @@ pub struct Route {
     pub retries: RetryPolicy,
     pub breaker: BreakerPolicy,
     pub hedge_after: Option<HedgeAfter>,
+    /// The response cache, when the route opts in.
+    pub cache: Option<RouteCache>,
+}
+
+/// A route's response cache: `cache = { ttl = "5m", max_entry_bytes = 1048576 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteCache {
+    pub ttl: Duration,
+    /// Larger answers are relayed but not stored.
+    pub max_entry_bytes: usize,
+}
+
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
+pub const DEFAULT_CACHE_MAX_ENTRY_BYTES: u64 = 1024 * 1024;
+
+/// `[cache]`: the store behind every route's cache. It outlives reloads
+/// while these settings stay the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStore {
+    pub backend: CacheBackend,
+    /// Total size of the entries held (bodies and bookkeeping).
+    pub max_bytes: u64,
+}
+
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
+impl Default for CacheStore {
+    fn default() -> Self {
+        Self {
+            backend: CacheBackend::Memory,
+            max_bytes: DEFAULT_CACHE_MAX_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheBackend {
+    /// In this process (a shared backend can follow behind `cache::Backend`).
+    Memory,
+}
+
+impl CacheBackend {
+    pub const NAMES: &'static [&'static str] = &["memory"];
+}
+
+/// How a new config reaches traffic: a canary share first, for a bake time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RolloutPolicy {
+    /// Share of requests (0–100) the candidate gets while baking.
+    pub canary_percent: f64,
+    pub bake: Duration,
+    /// Error-rate points the candidate may exceed the stable config by.
+    pub max_error_rate_increase: f64,
+    /// Mean latency the candidate may have, as a multiple of the stable one.
+    pub max_latency_ratio: f64,
+    /// Requests the candidate must have served to be judged.
+    pub min_requests: u32,
+}
+
+impl Default for RolloutPolicy {
+    fn default() -> Self {
+        Self {
+            canary_percent: 10.0,
+            bake: Duration::from_secs(60),
+            max_error_rate_increase: 0.05,
+            max_latency_ratio: 1.5,
+            min_requests: 20,
+        }
+    }
 }
 
 /// When a second attempt races a slow first one.
@@ -220,6 +314,11 @@ pub struct ApiKey {
     pub sha256: [u8; 32],
     pub tenant: String,
     pub tier: Tier,
+    /// Requests per minute.
+    pub rpm: Option<u32>,
+    /// Tokens per minute (estimated before a call, corrected after).
+    pub tpm: Option<u64>,
+    pub max_concurrent: Option<u32>,
 }
 
 /// Priority under overload, highest first.

@@ -18,6 +18,35 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub keys: Vec<RawKey>,
+    pub rollout: Option<RawRollout>,
+    #[serde(default)]
+    pub tenants: Vec<RawTenant>,
+    /// `[cache]`: where the response cache keeps entries.
+    #[serde(default)]
+    pub cache: RawCacheStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawCacheStore {
+    pub backend: Option<Str>,
+    pub max_bytes: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawTenant {
+    pub name: Str,
+    pub rpm: Option<Spanned<u32>>,
+    pub tpm: Option<Spanned<u64>>,
+    pub max_concurrent: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRollout {
+    pub canary_percent: Option<Spanned<f64>>,
+    pub bake: Option<Str>,
+    pub max_error_rate_increase: Option<Spanned<f64>>,
+    pub max_latency_ratio: Option<Spanned<f64>>,
+    pub min_requests: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -26,6 +55,11 @@ pub struct RawServer {
     pub admin_listen: Option<Str>,
     pub allow_unauthenticated: Option<bool>,
     pub max_body_bytes: Option<Spanned<u64>>,
+    pub max_concurrent_requests: Option<Spanned<u32>>,
+    /// Longest wait for a slot under overload (critical tier; standard waits half).
+    pub queue_timeout: Option<Str>,
+    /// Failed authentications per minute per client IP before it gets 429.
+    pub auth_failures_per_minute: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +93,14 @@ pub struct RawRoute {
     /// first byte (opt-in): a duration, or "p95" for the first target's
     /// estimated p95 time to first byte.
     pub hedge_after: Option<Str>,
+    /// Response cache for this route (opt-in): `cache = { ttl = "5m" }`.
+    pub cache: Option<RawRouteCache>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRouteCache {
+    pub ttl: Option<Str>,
+    pub max_entry_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,4 +143,7 @@ pub struct RawKey {
     pub key_sha256: Option<Str>,
     pub tenant: Str,
     pub tier: Option<Str>,
+    pub rpm: Option<Spanned<u32>>,
+    pub tpm: Option<Spanned<u64>>,
+    pub max_concurrent: Option<Spanned<u32>>,
 }

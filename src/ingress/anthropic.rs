@@ -9,6 +9,8 @@ use axum::response::Response;
 use axum::Extension;
 
 use super::{read_body, RequestId};
+use crate::auth::Caller;
+use crate::cache;
 use crate::error::{ClientFormat, GatewayError};
 use crate::protocol::openai::model_span;
 use crate::protocol::translate::{anthropic, TranslateError};
@@ -22,10 +24,12 @@ const FORMAT: ClientFormat = ClientFormat::Anthropic;
 pub async fn messages(
     State(gw): State<Arc<Gateway>>,
     Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Response {
-    let live = gw.live();
-    let record = RequestRecord::new(id.0, FORMAT, Endpoint::Messages.as_str());
+    let (live, cohort) = gw.pick();
+    let mut record = RequestRecord::new(id.0, FORMAT, Endpoint::Messages.as_str());
+    record.cohort = cohort;
     let (parts, body) = req.into_parts();
     let body = match read_body(&parts.headers, body, live.config.server.max_body_bytes).await {
         Ok(b) => b,
@@ -52,6 +56,8 @@ pub async fn messages(
         stream: ir.stream,
         include_usage: false,
         ir: OnceLock::from(Ok(ir)),
+        tenant: caller.tenant,
+        cache_bypass: cache::bypass_requested(&parts.headers),
     };
     forward(&live, fwd, record).await
 }

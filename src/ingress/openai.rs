@@ -8,6 +8,8 @@ use axum::Extension;
 use http::{header, HeaderValue};
 
 use super::{read_body, RequestId};
+use crate::auth::Caller;
+use crate::cache;
 use crate::error::ClientFormat;
 use crate::protocol::openai::{model_list, ChatRequest, EmbeddingsRequest};
 use crate::providers::Endpoint;
@@ -20,10 +22,12 @@ const FORMAT: ClientFormat = ClientFormat::OpenAi;
 pub async fn chat_completions(
     State(gw): State<Arc<Gateway>>,
     Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Response {
-    let live = gw.live();
-    let record = RequestRecord::new(id.0, FORMAT, Endpoint::ChatCompletions.as_str());
+    let (live, cohort) = gw.pick();
+    let mut record = RequestRecord::new(id.0, FORMAT, Endpoint::ChatCompletions.as_str());
+    record.cohort = cohort;
     let (parts, body) = req.into_parts();
     let body = match read_body(&parts.headers, body, live.config.server.max_body_bytes).await {
         Ok(b) => b,
@@ -42,6 +46,8 @@ pub async fn chat_completions(
         stream: parsed.stream,
         include_usage: parsed.include_usage,
         ir: OnceLock::new(),
+        tenant: caller.tenant,
+        cache_bypass: cache::bypass_requested(&parts.headers),
     };
     forward(&live, fwd, record).await
 }
@@ -49,10 +55,12 @@ pub async fn chat_completions(
 pub async fn embeddings(
     State(gw): State<Arc<Gateway>>,
     Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Response {
-    let live = gw.live();
-    let record = RequestRecord::new(id.0, FORMAT, Endpoint::Embeddings.as_str());
+    let (live, cohort) = gw.pick();
+    let mut record = RequestRecord::new(id.0, FORMAT, Endpoint::Embeddings.as_str());
+    record.cohort = cohort;
     let (parts, body) = req.into_parts();
     let body = match read_body(&parts.headers, body, live.config.server.max_body_bytes).await {
         Ok(b) => b,
@@ -71,6 +79,8 @@ pub async fn embeddings(
         stream: false,
         include_usage: false,
         ir: OnceLock::new(),
+        tenant: caller.tenant,
+        cache_bypass: cache::bypass_requested(&parts.headers),
     };
     forward(&live, fwd, record).await
 }

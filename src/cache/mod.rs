@@ -1,0 +1,502 @@
+//! The response cache: opt-in per route, exact match on the normalised
+//! request, streams replayed as streams.
+//!
+//! Isolation is the first requirement (the March 2023 incident: a Redis
+//! client bug handed cached data to the wrong users). Three layers, any one
+//! of which keeps tenants apart:
+//! 1. the key ([`Key`]) is SHA-256 over the tenant, client format, endpoint,
+//!    stream flag and normalised body, so two tenants never share a key;
+//! 2. every entry carries the tenant and the request hash it was stored
+//!    for, and [`Cache::lookup`] compares both with the request on every read;
+//!    an entry that does not match (a backend that answered for another key,
+//!    a corrupted or crossed reply) is dropped, logged at error level
+//!    (tenants and key hashes only, never prompt text), counted in
+//!    [`Cache::mismatches`] and `detour_cache_mismatches_total`, and never
+//!    served: the request goes upstream as a miss;
+//! 3. the tenant comes from the authenticated key (`auth::Caller`), never
+//!    from anything the client sends.
+//!
+//! What is stored: only `200` answers, and only once their body ended
+//! normally (a stream with its end marker: `[DONE]` or `message_stop`); the
+//! exact bytes the client was sent, up to the route's `max_entry_bytes`
+//! (larger answers are relayed, not stored). A hit replays those bytes with
+//! the original content type, provider and model, `x-detour-attempts: 0`;
+//! a stream is replayed as `text/event-stream`, event by event.
+//!
+//! `x-detour-cache` on every response of a cached route says `hit`, `miss`
+//! or `bypass`; a request with `x-detour-cache: bypass` (or `no-cache`)
+//! neither reads nor writes the cache.
+//!
+//! Storage is behind [`Backend`] (get, put, remove; object-safe), so a shared
+//! backend can follow the in-process [`MemoryBackend`]: the checks above run
+//! in [`Cache`], whatever the backend returns.
+
+mod key;
+mod memory;
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+
+pub use key::{normalise, Key, IGNORED_FIELDS};
+pub use memory::MemoryBackend;
+
+use crate::config::{CacheBackend, CacheStore, RouteCache};
+use crate::error::ClientFormat;
+use crate::providers::Endpoint;
+
+/// The request and response header.
+pub const HEADER: &str = "x-detour-cache";
+
+/// A boxed future, as the object-safe [`Backend`] returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where entries are kept. Implementations need not be trusted: [`Cache`]
+/// verifies every entry a backend returns. A backend that fails (a lost
+/// connection) answers `None` and logs; a miss is always safe.
+pub trait Backend: Send + Sync + fmt::Debug {
+    fn get<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Option<Arc<Entry>>>;
+    fn put(&self, key: Key, entry: Arc<Entry>) -> BoxFuture<'_, ()>;
+    fn remove<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, ()>;
+}
+
+/// A stored answer and whom it belongs to.
+#[derive(Clone)]
+pub struct Entry {
+    /// The tenant whose request produced it.
+    pub tenant: String,
+    /// The key of that request.
+    pub request_hash: Key,
+    pub format: ClientFormat,
+    pub stream: bool,
+    pub status: u16,
+    pub content_type: Option<String>,
+    /// Who answered originally (`x-detour-provider`, `x-detour-model`).
+    pub provider: String,
+    pub model: String,
+    /// The bytes the client was sent.
+    pub body: Bytes,
+    pub stored_at: SystemTime,
+    pub ttl: Duration,
+}
+
+impl fmt::Debug for Entry {
+    // No body: it is the answer's text.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("tenant", &self.tenant)
+            .field("request_hash", &self.request_hash)
+            .field("format", &self.format)
+            .field("stream", &self.stream)
+            .field("status", &self.status)
+            .field("provider", &self.provider)
+            .field("model", &self.model)
+            .field("body_len", &self.body.len())
+            .field("stored_at", &self.stored_at)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+impl Entry {
+    /// Younger than its TTL at `now`. A clock that stepped back counts as
+    /// age zero; the backend's own expiry still bounds the entry's life.
+    pub fn is_fresh(&self, now: SystemTime) -> bool {
+        now.duration_since(self.stored_at).unwrap_or_default() < self.ttl
+    }
+
+    /// The answer replayed to a client: same status, content type and bytes;
+    /// a stream as a chunked event stream, one frame per event.
+    pub fn response(&self) -> Response {
+        let body = if self.stream {
+            let events = split_events(&self.body);
+            Body::from_stream(futures_util::stream::iter(
+                events.into_iter().map(Ok::<Bytes, Infallible>),
+            ))
+        } else {
+            Body::from(self.body.clone())
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
+        let h = resp.headers_mut();
+        if let Some(v) = self.content_type.as_deref().and_then(|v| v.parse().ok()) {
+            h.insert(header::CONTENT_TYPE, v);
+        }
+        let age = SystemTime::now()
+            .duration_since(self.stored_at)
+            .unwrap_or_default();
+        h.insert(header::AGE, HeaderValue::from(age.as_secs()));
+        h.insert(HEADER, Status::Hit.header());
+        if let Ok(v) = HeaderValue::from_str(&self.provider) {
+            h.insert("x-detour-provider", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&self.model) {
+            h.insert("x-detour-model", v);
+        }
+        h.insert("x-detour-attempts", HeaderValue::from(0u32));
+        resp
+    }
+}
+
+/// SSE bytes cut after each blank line (zero-copy slices).
+fn split_events(body: &Bytes) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i + 1 < body.len() {
+        if body[i] == b'\n' && body[i + 1] == b'\n' {
+            out.push(body.slice(start..i + 2));
+            start = i + 2;
+            i = start;
+        } else {
+            i += 1;
+        }
+    }
+    if start < body.len() {
+        out.push(body.slice(start..));
+    }
+    out
+}
+
+/// The result of [`Cache::lookup`].
+#[derive(Debug)]
+pub enum Lookup {
+    /// A verified, fresh entry of this tenant for this request.
+    Hit(Arc<Entry>),
+    /// Nothing servable (absent, stale, or dropped as a mismatch).
+    Miss,
+}
+
+/// `x-detour-cache` on responses of cached routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Hit,
+    Miss,
+    Bypass,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Bypass => "bypass",
+        }
+    }
+
+    pub fn header(self) -> HeaderValue {
+        HeaderValue::from_static(self.as_str())
+    }
+}
+
+/// The client asked to skip the cache: `x-detour-cache: bypass` or `no-cache`.
+pub fn bypass_requested(headers: &HeaderMap) -> bool {
+    headers.get_all(HEADER).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            let v = v.trim();
+            v.eq_ignore_ascii_case("bypass") || v.eq_ignore_ascii_case("no-cache")
+        })
+    })
+}
+
+/// One gateway's response cache: a backend and the checks around it.
+#[derive(Debug)]
+pub struct Cache {
+    backend: Arc<dyn Backend>,
+    /// The `[cache]` settings it was built from (`None`: a given backend).
+    settings: Option<CacheStore>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    mismatches: AtomicU64,
+    stored: AtomicU64,
+}
+
+impl Cache {
+    /// A cache over any backend.
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        Self {
+            backend,
+            settings: None,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            mismatches: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+        }
+    }
+
+    /// The cache the `[cache]` section describes.
+    pub fn from_config(settings: &CacheStore) -> Self {
+        let backend: Arc<dyn Backend> = match settings.backend {
+            CacheBackend::Memory => Arc::new(MemoryBackend::new(settings.max_bytes)),
+        };
+        Self {
+            settings: Some(*settings),
+            ..Self::new(backend)
+        }
+    }
+
+    pub fn settings(&self) -> Option<&CacheStore> {
+        self.settings.as_ref()
+    }
+
+    /// The entry for `key`, if the backend has one that belongs to `tenant`
+    /// and to this very request, and is fresh. Anything else is a miss; an
+    /// entry of another tenant or request is also dropped, logged and counted.
+    pub async fn lookup(&self, tenant: &str, key: &Key) -> Lookup {
+        let Some(entry) = self.backend.get(key).await else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Miss;
+        };
+        if entry.tenant != tenant || entry.request_hash != *key {
+            self.mismatches.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::cache_mismatch();
+            tracing::error!(
+                tenant = %tenant,
+                key = %key,
+                entry_tenant = %entry.tenant,
+                entry_request_hash = %entry.request_hash,
+                "response cache: the backend returned an entry of another {}; dropped, not served",
+                if entry.tenant == tenant { "request" } else { "tenant" },
+            );
+            self.backend.remove(key).await;
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Miss;
+        }
+        if !entry.is_fresh(SystemTime::now()) {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Miss;
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Lookup::Hit(entry)
+    }
+
+    /// Stores `entry` under its own `request_hash`.
+    pub async fn store(&self, entry: Entry) {
+        let key = entry.request_hash;
+        self.backend.put(key, Arc::new(entry)).await;
+        self.stored.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The cache step of one request on a route with `policy`: a verified
+    /// hit to replay, or the request goes upstream with what to do after.
+    pub async fn visit(self: &Arc<Self>, ask: &Ask<'_>, policy: RouteCache) -> Outcome {
+        let key = if ask.bypass {
+            None
+        } else {
+            Key::of(ask.tenant, ask.format, ask.endpoint, ask.stream, ask.body)
+        };
+        let Some(key) = key else {
+            crate::metrics::cache_lookup(ask.route, Status::Bypass);
+            return Outcome::Forward(Visit {
+                status: Status::Bypass,
+                pending: None,
+            });
+        };
+        if let Lookup::Hit(entry) = self.lookup(ask.tenant, &key).await {
+            crate::metrics::cache_lookup(ask.route, Status::Hit);
+            return Outcome::Hit(entry);
+        }
+        crate::metrics::cache_lookup(ask.route, Status::Miss);
+        Outcome::Forward(Visit {
+            status: Status::Miss,
+            pending: Some(Pending {
+                cache: Arc::clone(self),
+                key,
+                tenant: ask.tenant.to_owned(),
+                format: ask.format,
+                stream: ask.stream,
+                policy,
+            }),
+        })
+    }
+
+    /// Entries served.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Lookups that found nothing servable (mismatches included).
+    pub fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    /// Entries the backend returned for another tenant or request: dropped.
+    pub fn mismatches(&self) -> u64 {
+        self.mismatches.load(Ordering::Relaxed)
+    }
+
+    /// Entries written.
+    pub fn stored(&self) -> u64 {
+        self.stored.load(Ordering::Relaxed)
+    }
+}
+
+/// What a request on a cached route brings to the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// The route alias (a metrics label).
+    pub route: &'a str,
+    /// The authenticated caller's tenant.
+    pub tenant: &'a str,
+    pub format: ClientFormat,
+    pub endpoint: Endpoint,
+    pub stream: bool,
+    pub body: &'a [u8],
+    /// The client sent `x-detour-cache: bypass`.
+    pub bypass: bool,
+}
+
+/// What [`Cache::visit`] decided.
+#[derive(Debug)]
+pub enum Outcome {
+    Hit(Arc<Entry>),
+    /// Go upstream; the visit says how to label and maybe store the answer.
+    Forward(Visit),
+}
+
+/// A request on a cached route that goes upstream.
+#[derive(Debug)]
+pub struct Visit {
+    status: Status,
+    pending: Option<Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    cache: Arc<Cache>,
+    key: Key,
+    tenant: String,
+    format: ClientFormat,
+    stream: bool,
+    policy: RouteCache,
+}
+
+impl Visit {
+    /// `miss` or `bypass`, for `x-detour-cache`.
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// For the answer the client is about to get: the capture that stores it
+    /// once its body ends whole, if it may be stored (a miss, status 200).
+    pub fn capture(
+        &mut self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        provider: &str,
+        model: &str,
+    ) -> Option<Capture> {
+        if status != StatusCode::OK {
+            return None;
+        }
+        let p = self.pending.take()?;
+        let entry = Entry {
+            tenant: p.tenant,
+            request_hash: p.key,
+            format: p.format,
+            stream: p.stream,
+            status: status.as_u16(),
+            content_type: headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+            body: Bytes::new(),
+            stored_at: SystemTime::UNIX_EPOCH,
+            ttl: p.policy.ttl,
+        };
+        Some(Capture {
+            cache: p.cache,
+            entry,
+            parts: Vec::new(),
+            len: 0,
+            max_bytes: p.policy.max_entry_bytes,
+        })
+    }
+}
+
+/// A copy of the bytes sent to one client, bounded, to be stored when the
+/// body ends whole. Dropped unused when it does not.
+#[derive(Debug)]
+pub struct Capture {
+    cache: Arc<Cache>,
+    /// Everything but the body and `stored_at`.
+    entry: Entry,
+    parts: Vec<Bytes>,
+    len: usize,
+    max_bytes: usize,
+}
+
+impl Capture {
+    /// Keeps `data`; false once the answer outgrew the bound (then the
+    /// capture holds nothing and should be dropped).
+    pub fn push(&mut self, data: &Bytes) -> bool {
+        self.len = self.len.saturating_add(data.len());
+        if self.len > self.max_bytes {
+            self.parts = Vec::new();
+            return false;
+        }
+        self.parts.push(data.clone());
+        true
+    }
+
+    /// The body ended whole: stores the answer.
+    pub fn finish(self) -> BoxFuture<'static, ()> {
+        let Self {
+            cache,
+            mut entry,
+            parts,
+            len,
+            ..
+        } = self;
+        Box::pin(async move {
+            // A fresh copy: the parts may be views into larger buffers.
+            let mut body = BytesMut::with_capacity(len);
+            for p in &parts {
+                body.extend_from_slice(p);
+            }
+            entry.body = body.freeze();
+            entry.stored_at = SystemTime::now();
+            cache.store(entry).await;
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_split_after_blank_lines() {
+        let body = Bytes::from_static(b"data: a\n\ndata: b\n\ndata: [DONE]\n\n");
+        let parts = split_events(&body);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(&parts[2][..], b"data: [DONE]\n\n");
+        assert_eq!(parts.concat(), body.to_vec());
+        let tail = Bytes::from_static(b"data: a\n\npartial");
+        assert_eq!(split_events(&tail).concat(), tail.to_vec());
+        assert!(split_events(&Bytes::new()).is_empty());
+    }
+
+    #[test]
+    fn the_bypass_header() {
+        let mut h = HeaderMap::new();
+        assert!(!bypass_requested(&h));
+        h.insert(HEADER, HeaderValue::from_static("No-Cache"));
+        assert!(bypass_requested(&h));
+        h.insert(HEADER, HeaderValue::from_static(" bypass "));
+        assert!(bypass_requested(&h));
+        h.insert(HEADER, HeaderValue::from_static("please"));
+        assert!(!bypass_requested(&h));
+    }
+}

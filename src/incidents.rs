@@ -1,0 +1,432 @@
+//! The incidents detour detects itself, kept for the last 24 hours and shown
+//! on `GET /status`.
+//!
+//! A provider has an incident while it is unavailable for one of three causes,
+//! each tracked on its own (an outage can show as a traffic incident first and
+//! a status-page incident minutes later):
+//!
+//! | cause | opens when | closes when |
+//! |---|---|---|
+//! | `traffic` | a failed attempt leaves every one of the provider's targets with an open breaker | one of its breakers closes (a probe succeeded) |
+//! | `status_page` | its status page says `degraded` or `down` | the page says `operational` again |
+//! | `override` | an operator overrides it `down` | the override is lifted (`up` or `auto`) |
+//!
+//! An incident's effect is the number of requests another target served in
+//! its place while it was open: requests answered by a target of a later
+//! priority group on a route where the provider has a target ahead of it.
+//!
+//! The log is one per process ([`global`]) and keyed by provider name. It is
+//! a cold-path structure behind a `RwLock`, never held across an `.await`;
+//! the request path only touches it during an incident (an atomic count of
+//! open incidents keeps it lock-free otherwise). It holds at most
+//! [`MAX_ENTRIES`] incidents, and forgets those that ended more than
+//! [`KEEP`] ago.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{OnceLock, RwLock};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::health::{BreakerState, Override, PageState};
+use crate::state::Live;
+
+/// How long an ended incident is kept.
+pub const KEEP: Duration = Duration::from_secs(24 * 60 * 60);
+/// The most incidents kept; the oldest go first.
+pub const MAX_ENTRIES: usize = 1000;
+
+/// Why a provider is unavailable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// detour's own requests failed until every breaker opened.
+    Traffic,
+    /// The provider's status page reported it.
+    StatusPage,
+    /// An operator set the provider `down`.
+    Override,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Traffic => "traffic",
+            Self::StatusPage => "status_page",
+            Self::Override => "override",
+        }
+    }
+}
+
+/// How bad an incident is (the worst it has been).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Impact {
+    /// Still used, behind healthy peers.
+    Degraded,
+    /// Not used.
+    Down,
+}
+
+/// One incident, as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Incident {
+    pub id: u64,
+    pub provider: String,
+    pub cause: Cause,
+    pub impact: Impact,
+    /// What detour saw, in a few words.
+    pub detail: &'static str,
+    pub started: SystemTime,
+    /// `None` while ongoing.
+    pub ended: Option<SystemTime>,
+    /// Requests another target served in its place while it was open.
+    pub failed_over: u64,
+}
+
+struct Entry {
+    id: u64,
+    provider: String,
+    cause: Cause,
+    impact: Impact,
+    detail: &'static str,
+    started: SystemTime,
+    ended: Option<SystemTime>,
+    failed_over: AtomicU64,
+}
+
+impl Entry {
+    fn view(&self) -> Incident {
+        Incident {
+            id: self.id,
+            provider: self.provider.clone(),
+            cause: self.cause,
+            impact: self.impact,
+            detail: self.detail,
+            started: self.started,
+            ended: self.ended,
+            failed_over: self.failed_over.load(Relaxed),
+        }
+    }
+
+    fn ongoing(&self, provider: &str, cause: Cause) -> bool {
+        self.ended.is_none() && self.cause == cause && self.provider == provider
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    /// Oldest first.
+    entries: VecDeque<Entry>,
+}
+
+/// The incident log.
+#[derive(Default)]
+pub struct IncidentLog {
+    inner: RwLock<Inner>,
+    /// How many incidents are ongoing: zero keeps [`Self::served_by`] lock-free.
+    ongoing: AtomicUsize,
+}
+
+impl std::fmt::Debug for IncidentLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncidentLog")
+            .field("ongoing", &self.ongoing.load(Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl IncidentLog {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Opens an incident for `provider` and `cause`, or raises the impact of
+    /// the ongoing one. Returns its id.
+    pub fn open(
+        &self,
+        provider: &str,
+        cause: Cause,
+        impact: Impact,
+        detail: &'static str,
+        now: SystemTime,
+    ) -> u64 {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = inner
+            .entries
+            .iter_mut()
+            .find(|e| e.ongoing(provider, cause))
+        {
+            if impact > e.impact {
+                e.impact = impact;
+                e.detail = detail;
+            }
+            return e.id;
+        }
+        let cutoff = now.checked_sub(KEEP).unwrap_or(SystemTime::UNIX_EPOCH);
+        inner
+            .entries
+            .retain(|e| e.ended.is_none_or(|ended| ended >= cutoff));
+        while inner.entries.len() >= MAX_ENTRIES {
+            inner.entries.pop_front();
+        }
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.entries.push_back(Entry {
+            id,
+            provider: provider.to_owned(),
+            cause,
+            impact,
+            detail,
+            started: now,
+            ended: None,
+            failed_over: AtomicU64::new(0),
+        });
+        self.recount(&inner);
+        tracing::warn!(provider, cause = cause.as_str(), ?impact, "incident opened");
+        id
+    }
+
+    /// Ends the ongoing incident of `provider` for `cause`, if there is one.
+    pub fn close(&self, provider: &str, cause: Cause, now: SystemTime) {
+        if !self.is_ongoing(provider, cause) {
+            return;
+        }
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        for e in inner
+            .entries
+            .iter_mut()
+            .filter(|e| e.ongoing(provider, cause))
+        {
+            e.ended = Some(now.max(e.started));
+            tracing::info!(
+                provider,
+                cause = cause.as_str(),
+                failed_over = e.failed_over.load(Relaxed),
+                "incident closed"
+            );
+        }
+        self.recount(&inner);
+    }
+
+    pub fn is_ongoing(&self, provider: &str, cause: Cause) -> bool {
+        self.ongoing.load(Relaxed) > 0
+            && self
+                .inner
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .entries
+                .iter()
+                .any(|e| e.ongoing(provider, cause))
+    }
+
+    fn recount(&self, inner: &Inner) {
+        let n = inner.entries.iter().filter(|e| e.ended.is_none()).count();
+        self.ongoing.store(n, Relaxed);
+    }
+
+    /// Adds one served-in-its-place request to every ongoing incident of a
+    /// provider for which `ahead` is true.
+    pub fn count_failed_over(&self, ahead: impl Fn(&str) -> bool) {
+        if self.ongoing.load(Relaxed) == 0 {
+            return;
+        }
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        for e in inner
+            .entries
+            .iter()
+            .filter(|e| e.ended.is_none() && ahead(&e.provider))
+        {
+            e.failed_over.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Incidents ongoing or ended at or after `since`, oldest first.
+    pub fn since(&self, since: SystemTime) -> Vec<Incident> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .entries
+            .iter()
+            .filter(|e| e.ended.is_none_or(|ended| ended >= since))
+            .map(Entry::view)
+            .collect()
+    }
+}
+
+/// The process's incident log.
+pub fn global() -> &'static IncidentLog {
+    static LOG: OnceLock<IncidentLog> = OnceLock::new();
+    LOG.get_or_init(IncidentLog::new)
+}
+
+/// Whether every target of provider `provider_index` on every route has a
+/// breaker that is not closed. False for a provider no route uses.
+pub fn all_breakers_open(live: &Live, provider_index: usize) -> bool {
+    let mut any = false;
+    for (route, state) in live.config.routes.iter().zip(&live.routes) {
+        for (target, health) in route.targets.iter().zip(&state.health) {
+            if target.provider_index == provider_index {
+                if health.state() == BreakerState::Closed {
+                    return false;
+                }
+                any = true;
+            }
+        }
+    }
+    any
+}
+
+// The call sites, one line each.
+
+/// An attempt on provider `provider_index` failed (after health recorded it):
+/// opens a traffic incident if that left all of its breakers open.
+pub fn attempt_failed(live: &Live, provider_index: usize) {
+    let Some(provider) = live.config.providers.get(provider_index) else {
+        return;
+    };
+    let log = global();
+    if all_breakers_open(live, provider_index) && !log.is_ongoing(&provider.name, Cause::Traffic) {
+        log.open(
+            &provider.name,
+            Cause::Traffic,
+            Impact::Down,
+            "every target's circuit breaker opened",
+            SystemTime::now(),
+        );
+    }
+}
+
+/// A breaker of one of `provider`'s targets closed: it answers again.
+pub fn breaker_closed(provider: &str) {
+    global().close(provider, Cause::Traffic, SystemTime::now());
+}
+
+/// Target `target` of route `route` (indexes into the live config) answered:
+/// counts the request for every ongoing incident of a provider with a target
+/// in an earlier priority group on that route. Lock-free without incidents.
+pub fn served_by(live: &Live, route: usize, target: usize) {
+    let log = global();
+    if log.ongoing.load(Relaxed) == 0 {
+        return;
+    }
+    let Some(route) = live.config.routes.get(route) else {
+        return;
+    };
+    let Some(serving) = route.targets.get(target) else {
+        return;
+    };
+    log.count_failed_over(|provider| {
+        provider != serving.provider.name
+            && route
+                .targets
+                .iter()
+                .any(|t| t.priority < serving.priority && t.provider.name == provider)
+    });
+}
+
+/// A status-page poll read `state` for `provider`.
+pub fn page_state(provider: &str, state: PageState) {
+    let (impact, detail) = match state {
+        PageState::Down => (Impact::Down, "its status page reports a major outage"),
+        PageState::Degraded => (Impact::Degraded, "its status page reports degraded service"),
+        PageState::Operational | PageState::Unknown => {
+            global().close(provider, Cause::StatusPage, SystemTime::now());
+            return;
+        }
+    };
+    global().open(
+        provider,
+        Cause::StatusPage,
+        impact,
+        detail,
+        SystemTime::now(),
+    );
+}
+
+/// An operator set `provider`'s override.
+pub fn override_set(provider: &str, over: Override) {
+    let now = SystemTime::now();
+    match over {
+        Override::Down => {
+            global().open(
+                provider,
+                Cause::Override,
+                Impact::Down,
+                "overridden down by an operator",
+                now,
+            );
+        }
+        Override::Up | Override::Auto => global().close(provider, Cause::Override, now),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    #[test]
+    fn one_incident_per_provider_and_cause_until_closed() {
+        let log = IncidentLog::new();
+        let a = log.open("p", Cause::StatusPage, Impact::Degraded, "d", at(0));
+        let b = log.open("p", Cause::StatusPage, Impact::Down, "down", at(5));
+        assert_eq!(a, b, "the same incident, now worse");
+        let t = log.open("p", Cause::Traffic, Impact::Down, "t", at(6));
+        assert_ne!(a, t, "each cause is its own incident");
+        log.close("p", Cause::StatusPage, at(10));
+        let all = log.since(at(0));
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].impact, Impact::Down);
+        assert_eq!(all[0].detail, "down");
+        assert_eq!((all[0].started, all[0].ended), (at(0), Some(at(10))));
+        assert_eq!(all[1].ended, None);
+        assert!(log.is_ongoing("p", Cause::Traffic));
+        assert!(!log.is_ongoing("p", Cause::StatusPage));
+        // Closing what is not open changes nothing.
+        log.close("q", Cause::Traffic, at(11));
+        assert_eq!(log.since(at(0)).len(), 2);
+    }
+
+    #[test]
+    fn failed_over_counts_only_ongoing_incidents_of_matching_providers() {
+        let log = IncidentLog::new();
+        log.count_failed_over(|_| true);
+        log.open("a", Cause::Traffic, Impact::Down, "t", at(0));
+        log.open("b", Cause::Traffic, Impact::Down, "t", at(0));
+        log.close("b", Cause::Traffic, at(1));
+        for _ in 0..3 {
+            log.count_failed_over(|p| p != "c");
+        }
+        let all = log.since(at(0));
+        assert_eq!((all[0].provider.as_str(), all[0].failed_over), ("a", 3));
+        assert_eq!((all[1].provider.as_str(), all[1].failed_over), ("b", 0));
+    }
+
+    #[test]
+    fn keeps_a_day_and_at_most_max_entries() {
+        let log = IncidentLog::new();
+        log.open("old", Cause::Traffic, Impact::Down, "t", at(0));
+        log.close("old", Cause::Traffic, at(60));
+        log.open("long", Cause::Override, Impact::Down, "o", at(0));
+        let day = KEEP.as_secs();
+        log.open("new", Cause::Traffic, Impact::Down, "t", at(day + 61));
+        let names: Vec<String> = log.since(at(0)).into_iter().map(|i| i.provider).collect();
+        assert_eq!(
+            names,
+            ["long", "new"],
+            "ended over a day ago: gone; ongoing: kept"
+        );
+        for i in 0..MAX_ENTRIES as u64 + 10 {
+            let name = format!("p{i}");
+            log.open(&name, Cause::Traffic, Impact::Down, "t", at(day + 100 + i));
+            log.close(&name, Cause::Traffic, at(day + 100 + i));
+        }
+        assert_eq!(log.since(at(0)).len(), MAX_ENTRIES);
+        assert_eq!(log.since(at(day + 100 + MAX_ENTRIES as u64)).len(), 10);
+    }
+}

@@ -1,0 +1,213 @@
+//! Who may send how much: per-key and per-tenant rate limits (requests and
+//! tokens per minute, concurrent requests), a per-IP limit on failed
+//! authentication, and tiered admission under overload ([`admission`]).
+//!
+//! Tokens per minute are charged before the call from an estimate (a quarter
+//! of the request's bytes, plus the answer's `max_tokens` or 256), then
+//! corrected from the real usage when the request ends ([`TokenCharge`]).
+
+pub mod admission;
+pub mod gcra;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::auth::Caller;
+use crate::config::Config;
+use crate::health::Clock;
+use gcra::Gcra;
+
+/// Answer tokens assumed when a request does not say.
+const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
+
+/// Rate and concurrency limits of one key or tenant.
+#[derive(Debug, Default)]
+struct Buckets {
+    rpm: Option<Gcra>,
+    tpm: Option<Arc<Gcra>>,
+    concurrent: Option<Arc<Semaphore>>,
+}
+
+/// Why a request is refused by a limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limited {
+    pub what: String,
+    pub retry_after: Duration,
+}
+
+/// What a request holds while it runs (released when it ends).
+#[derive(Debug, Default)]
+pub struct Held {
+    _concurrency: Vec<OwnedSemaphorePermit>,
+}
+
+/// Tokens charged before a call, to correct when its usage is known.
+#[derive(Debug, Clone)]
+pub struct TokenCharge {
+    buckets: Vec<Arc<Gcra>>,
+    estimate: u64,
+}
+
+impl TokenCharge {
+    /// Replaces the estimate by the real count.
+    pub fn settle(&self, actual: u64) {
+        let delta = i64::try_from(actual).unwrap_or(i64::MAX)
+            - i64::try_from(self.estimate).unwrap_or(i64::MAX);
+        for b in &self.buckets {
+            b.adjust(delta);
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The token charge of the request being handled (read when its log
+    /// record is made, so the record can settle it with the real usage).
+    pub static CHARGE: TokenCharge;
+}
+
+/// The limits of one config.
+#[derive(Debug, Default)]
+pub struct Limits {
+    keys: HashMap<[u8; 32], Buckets>,
+    tenants: HashMap<String, Buckets>,
+}
+
+impl Limits {
+    pub fn new(config: &Config, clock: Clock) -> Self {
+        let keys = config
+            .keys
+            .iter()
+            .map(|k| (k.sha256, buckets_for(k.rpm, k.tpm, k.max_concurrent, clock)))
+            .collect();
+        let tenants = config
+            .tenants
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    buckets_for(t.rpm, t.tpm, t.max_concurrent, clock),
+                )
+            })
+            .collect();
+        Self { keys, tenants }
+    }
+
+    /// Checks and takes the caller's request, token and concurrency limits.
+    /// `estimate` is the request's token estimate.
+    pub fn admit(
+        &self,
+        caller: &Caller,
+        estimate: u64,
+    ) -> Result<(Held, Option<TokenCharge>), Limited> {
+        let scopes = [
+            ("key", caller.key_digest.and_then(|d| self.keys.get(&d))),
+            ("tenant", self.tenants.get(&caller.tenant)),
+        ];
+        let mut held = Held::default();
+        let mut charged: Vec<Arc<Gcra>> = Vec::new();
+        let refund = |charged: &[Arc<Gcra>]| {
+            for b in charged {
+                b.adjust(-i64::try_from(estimate).unwrap_or(i64::MAX));
+            }
+        };
+        for (scope, buckets) in scopes {
+            let Some(b) = buckets else { continue };
+            if let Some(rpm) = &b.rpm {
+                if let Err(wait) = rpm.try_take(1) {
+                    refund(&charged);
+                    return Err(Limited {
+                        what: format!("requests per minute for this {scope}"),
+                        retry_after: wait,
+                    });
+                }
+            }
+            if let Some(tpm) = &b.tpm {
+                if let Err(wait) = tpm.try_take(estimate) {
+                    refund(&charged);
+                    return Err(Limited {
+                        what: format!("tokens per minute for this {scope}"),
+                        retry_after: wait,
+                    });
+                }
+                charged.push(Arc::clone(tpm));
+            }
+            if let Some(sem) = &b.concurrent {
+                match Arc::clone(sem).try_acquire_owned() {
+                    Ok(p) => held._concurrency.push(p),
+                    Err(_) => {
+                        refund(&charged);
+                        return Err(Limited {
+                            what: format!("concurrent requests for this {scope}"),
+                            retry_after: Duration::from_secs(1),
+                        });
+                    }
+                }
+            }
+        }
+        let charge = (!charged.is_empty()).then_some(TokenCharge {
+            buckets: charged,
+            estimate,
+        });
+        Ok((held, charge))
+    }
+}
+
+fn buckets_for(
+    rpm: Option<u32>,
+    tpm: Option<u64>,
+    concurrent: Option<u32>,
+    clock: Clock,
+) -> Buckets {
+    Buckets {
+        // A minute's allowance may come as one burst.
+        rpm: rpm.map(|r| Gcra::per_minute(u64::from(r), u64::from(r), clock)),
+        tpm: tpm.map(|t| Arc::new(Gcra::per_minute(t, t, clock))),
+        concurrent: concurrent.map(|c| Arc::new(Semaphore::new(c as usize))),
+    }
+}
+
+/// Estimated tokens of a request of `body_bytes` asking for at most
+/// `max_tokens` of answer.
+pub fn estimate_tokens(body_bytes: u64, max_tokens: Option<u64>) -> u64 {
+    (body_bytes / 4).max(1) + max_tokens.unwrap_or(DEFAULT_COMPLETION_ESTIMATE)
+}
+
+/// Failed authentication per client IP: after `per_minute` failures, the IP
+/// gets 429 until its allowance refills, so guessing keys is slow.
+#[derive(Debug)]
+pub struct AuthFailures {
+    per_minute: u64,
+    clock: Clock,
+    ips: moka::sync::Cache<IpAddr, Arc<Gcra>>,
+}
+
+impl AuthFailures {
+    pub fn new(per_minute: u64, clock: Clock) -> Self {
+        Self {
+            per_minute,
+            clock,
+            ips: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+        }
+    }
+
+    /// How long the IP must wait before it may try again, if it must.
+    pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        self.ips.get(&ip)?.check(1).err()
+    }
+
+    /// Records a failed attempt; returns the wait if the IP is now blocked.
+    pub fn failed(&self, ip: IpAddr) -> Option<Duration> {
+        let (per_minute, clock) = (self.per_minute, self.clock);
+        let bucket = self.ips.get_with(ip, || {
+            Arc::new(Gcra::per_minute(per_minute, per_minute, clock))
+        });
+        bucket.try_take(1).err()
+    }
+}

@@ -1,0 +1,307 @@
+//! Prometheus metrics: every name in one table, and one typed helper per
+//! event so that a call site stays one line.
+//!
+//! Recording goes through the `metrics` facade into a
+//! `metrics-exporter-prometheus` recorder that this module installs once per
+//! process ([`handle`]); the admin listener serves [`render`] at
+//! `GET /metrics`. Until something asks for the handle, no recorder is
+//! installed and every helper is a cheap no-op.
+//!
+//! Labels stay low-cardinality: route aliases and provider names come from
+//! the config, statuses are HTTP codes, reasons and outcomes are fixed words.
+//! Nothing a client sends becomes a label value: a request for an unknown
+//! model alias is counted under `route="unknown"`.
+//!
+//! Histograms are rendered as Prometheus histograms with [`SECONDS_BUCKETS`].
+//! Samples wait in the recorder until drained; a small thread drains them
+//! every [`UPKEEP_EVERY`] so that memory stays flat when nobody scrapes.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use ::metrics::{counter, gauge, histogram, SharedString};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::health::PageState;
+use crate::state::Gateway;
+use crate::telemetry::RequestRecord;
+
+/// The kind of a metric, for its `# TYPE` and `# HELP` lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Declares each metric name once: a constant with its doc line, and the
+/// same line in [`ALL`] for the exposition's `# HELP`.
+macro_rules! metric_names {
+    ($( #[doc = $doc:literal] $kind:ident $name:ident = $value:literal; )*) => {
+        $( #[doc = $doc] pub const $name: &str = $value; )*
+        /// Every metric: name, kind, help text.
+        pub const ALL: &[(&str, Kind, &str)] = &[ $( ($value, Kind::$kind, $doc.trim_ascii()) ),* ];
+    };
+}
+
+metric_names! {
+    /// Requests, by route alias, provider that answered (`none` if none did), HTTP status and client format.
+    Counter REQUESTS_TOTAL = "detour_requests_total";
+    /// Time from a request's arrival to the end of its response body (streams included), by route and client format.
+    Histogram REQUEST_DURATION_SECONDS = "detour_request_duration_seconds";
+    /// Time from sending an attempt upstream to its first byte (for streams, its first event), by provider.
+    Histogram TTFB_SECONDS = "detour_ttfb_seconds";
+    /// Tokens reported by providers, by provider and kind (`prompt` or `completion`).
+    Counter TOKENS_TOTAL = "detour_tokens_total";
+    /// Attempts that failed with a retryable error, after which the request moves on to another target if one is left, by route and reason.
+    Counter FAILOVERS_TOTAL = "detour_failovers_total";
+    /// Attempts started after a failed one (not counting hedges), by route.
+    Counter RETRIES_TOTAL = "detour_retries_total";
+    /// Requests that started a hedge, by route and outcome (`won`: the hedge's answer was used; `lost`: it was cancelled or failed).
+    Counter HEDGES_TOTAL = "detour_hedges_total";
+    /// Circuit-breaker transitions, by provider and new state (`open`, `half_open`, `closed`).
+    Counter BREAKER_TRANSITIONS_TOTAL = "detour_breaker_transitions_total";
+    /// Retries or hedges not started because the route's retry budget was empty, by route.
+    Counter RETRY_BUDGET_EXHAUSTED_TOTAL = "detour_retry_budget_exhausted_total";
+    /// Configs refused on reload or by a rollout (invalid, failed to build, or rolled back); the live config stays.
+    Counter CONFIG_REJECTED_TOTAL = "detour_config_rejected_total";
+    /// Config rollout: 1 while a candidate config is baking, 0 when the live config is stable.
+    Gauge ROLLOUT_STATE = "detour_rollout_state";
+    /// Upstream connections made with a DNS answer past its TTL because a fresh lookup failed.
+    Counter DNS_STALE_USES_TOTAL = "detour_dns_stale_uses_total";
+    /// Client connections open on the main listener.
+    Gauge OPEN_CONNECTIONS = "detour_open_connections";
+    /// What each provider's status page says: 0 unknown, 1 operational, 2 degraded, 3 down.
+    Gauge STATUS_PAGE_STATE = "detour_status_page_state";
+    /// Requests on cached routes, by route and result (`hit`, `miss`, `bypass`).
+    Counter CACHE_LOOKUPS_TOTAL = "detour_cache_lookups_total";
+    /// Cache entries dropped, never served, because their tenant or request hash did not match the request that read them.
+    Counter CACHE_MISMATCHES_TOTAL = "detour_cache_mismatches_total";
+}
+
+/// Bucket bounds of every `_seconds` histogram: 5 ms to 5 min, for first
+/// bytes in milliseconds and streams that run for minutes.
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// How often histogram samples are drained into their buckets.
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The process's Prometheus handle, installing the recorder on first use.
+/// `None` if another recorder was installed first (then nothing is recorded
+/// here, and `/metrics` says so).
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE.get_or_init(install).as_ref()
+}
+
+/// The exposition text for `GET /metrics`.
+pub fn render() -> String {
+    match handle() {
+        Some(h) => h.render(),
+        None => "# detour: another metrics recorder is installed in this process\n".to_owned(),
+    }
+}
+
+fn install() -> Option<PrometheusHandle> {
+    let builder = match PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)
+    {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!("metrics: {e}");
+            return None;
+        }
+    };
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    if let Err(e) = ::metrics::set_global_recorder(recorder) {
+        tracing::error!("metrics: a recorder is already installed; detour's metrics are off: {e}");
+        return None;
+    }
+    for &(name, kind, help) in ALL {
+        let help = SharedString::const_str(help);
+        match kind {
+            Kind::Counter => ::metrics::describe_counter!(name, help),
+            Kind::Gauge => ::metrics::describe_gauge!(name, help),
+            Kind::Histogram => ::metrics::describe_histogram!(name, help),
+        }
+    }
+    let upkeep = handle.clone();
+    let spawned = std::thread::Builder::new()
+        .name("detour-metrics-upkeep".to_owned())
+        .spawn(move || loop {
+            // A dedicated thread, not a runtime worker: sleeping blocks nothing.
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(UPKEEP_EVERY);
+            upkeep.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        // Scrapes still drain the samples; only an unscraped process grows.
+        tracing::warn!("metrics: no upkeep thread: {e}");
+    }
+    Some(handle)
+}
+
+/// The route label of a finished request: the alias only once it named a
+/// route. A request for an unknown alias (a 404 with no provider) would
+/// otherwise put the client's text into a label.
+fn route_label(r: &RequestRecord) -> SharedString {
+    match &r.route {
+        Some(_) if r.provider.is_none() && r.status == 404 => SharedString::const_str("unknown"),
+        Some(route) => SharedString::from(route.clone()),
+        None => SharedString::const_str("none"),
+    }
+}
+
+/// A request ended (called once, where its log line is written): counts it,
+/// and records its latency, time to first byte and tokens.
+pub fn request_finished(r: &RequestRecord) {
+    let route = route_label(r);
+    let format = r.format.as_str();
+    let provider = r
+        .provider
+        .clone()
+        .map_or(SharedString::const_str("none"), SharedString::from);
+    counter!(REQUESTS_TOTAL, "route" => route.clone(), "provider" => provider.clone(),
+        "status" => r.status.to_string(), "format" => format)
+    .increment(1);
+    histogram!(REQUEST_DURATION_SECONDS, "route" => route, "format" => format)
+        .record(r.started.elapsed().as_secs_f64());
+    if r.provider.is_none() {
+        return;
+    }
+    if let Some(ttfb) = r.first_byte {
+        histogram!(TTFB_SECONDS, "provider" => provider.clone()).record(ttfb.as_secs_f64());
+    }
+    if let Some(usage) = r.usage {
+        counter!(TOKENS_TOTAL, "provider" => provider.clone(), "kind" => "prompt")
+            .increment(usage.prompt_tokens);
+        counter!(TOKENS_TOTAL, "provider" => provider, "kind" => "completion")
+            .increment(usage.completion_tokens);
+    }
+}
+
+/// An attempt failed with a retryable error (`reason` as in `x-detour-tried`).
+pub fn failover(route: &str, reason: &'static str) {
+    counter!(FAILOVERS_TOTAL, "route" => route.to_owned(), "reason" => reason).increment(1);
+}
+
+/// The `nth` attempt of a request started; `hedge` if another is still in
+/// flight. Counts the retries (later attempts that are not hedges).
+pub fn attempt_launched(route: &str, nth: u32, hedge: bool) {
+    if nth > 1 && !hedge {
+        counter!(RETRIES_TOTAL, "route" => route.to_owned()).increment(1);
+    }
+}
+
+/// A request that launched a hedge (the target index `hedge`) ended with an
+/// answer from target `winner`, or with none. No-op if it never hedged.
+pub fn hedge_decided(route: &str, hedge: Option<usize>, winner: Option<usize>) {
+    let Some(hedge) = hedge else { return };
+    let outcome = if winner == Some(hedge) { "won" } else { "lost" };
+    counter!(HEDGES_TOTAL, "route" => route.to_owned(), "outcome" => outcome).increment(1);
+}
+
+/// A breaker of one of `provider`'s targets moved to `to` (`open`,
+/// `half_open` or `closed`).
+pub fn breaker_transition(provider: &str, to: &'static str) {
+    counter!(BREAKER_TRANSITIONS_TOTAL, "provider" => provider.to_owned(), "to" => to).increment(1);
+}
+
+/// A retry or hedge was not started: the route's budget was empty.
+pub fn retry_budget_exhausted(route: &str) {
+    counter!(RETRY_BUDGET_EXHAUSTED_TOTAL, "route" => route.to_owned()).increment(1);
+}
+
+/// Reads what the gateway counts itself (rejected configs, rollout state)
+/// into their series; called on each scrape, so those need no call site.
+pub fn collect(gw: &Gateway) {
+    counter!(CONFIG_REJECTED_TOTAL).absolute(gw.rejected_configs());
+    let baking = if gw.rollout().is_some() { 1.0 } else { 0.0 };
+    gauge!(ROLLOUT_STATE).set(baking);
+    counter!(DNS_STALE_USES_TOTAL).absolute(crate::dns::shared().stale_uses());
+}
+
+/// Counts an open client connection for as long as it lives.
+#[derive(Debug)]
+pub struct OpenConnection(());
+
+impl OpenConnection {
+    pub fn new() -> Self {
+        gauge!(OPEN_CONNECTIONS).increment(1.0);
+        Self(())
+    }
+}
+
+impl Default for OpenConnection {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        gauge!(OPEN_CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// A status-page poll read `state` for `provider`.
+pub fn status_page_state(provider: &str, state: PageState) {
+    let value = match state {
+        PageState::Unknown => 0.0,
+        PageState::Operational => 1.0,
+        PageState::Degraded => 2.0,
+        PageState::Down => 3.0,
+    };
+    gauge!(STATUS_PAGE_STATE, "provider" => provider.to_owned()).set(value);
+}
+
+/// A request on a cached route was a hit, a miss or a bypass.
+pub fn cache_lookup(route: &str, result: crate::cache::Status) {
+    counter!(CACHE_LOOKUPS_TOTAL, "route" => route.to_owned(), "result" => result.as_str())
+        .increment(1);
+}
+
+/// The cache dropped an entry that belonged to another tenant or request.
+pub fn cache_mismatch() {
+    counter!(CACHE_MISMATCHES_TOTAL).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ClientFormat;
+
+    #[test]
+    fn every_name_is_prefixed_unique_and_documented() {
+        let mut names: Vec<&str> = ALL.iter().map(|(n, _, _)| *n).collect();
+        for (name, kind, help) in ALL {
+            assert!(name.starts_with("detour_"), "{name}");
+            assert!(
+                !help.is_empty() && !help.starts_with(' '),
+                "{name}: {help:?}"
+            );
+            let counter_name = name.ends_with("_total");
+            assert_eq!(counter_name, *kind == Kind::Counter, "{name}");
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ALL.len());
+    }
+
+    #[test]
+    fn an_unknown_alias_never_becomes_a_label() {
+        let mut r = RequestRecord::new("id".into(), ClientFormat::OpenAi, "chat");
+        assert_eq!(&*route_label(&r), "none");
+        r.route = Some("whatever-the-client-sent".into());
+        r.status = 404;
+        assert_eq!(&*route_label(&r), "unknown");
+        r.status = 503;
+        assert_eq!(&*route_label(&r), "whatever-the-client-sent");
+        r.status = 404;
+        r.provider = Some("p".into());
+        assert_eq!(&*route_label(&r), "whatever-the-client-sent");
+    }
+}

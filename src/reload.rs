@@ -1,0 +1,251 @@
+//! Changing the config of a running gateway, safely.
+//!
+//! - **Triggers**: the config file changing on disk (watched with `notify`),
+//!   `SIGHUP`, and `POST /admin/reload`. Each one re-reads and validates the
+//!   file; an invalid file is refused with the same file/line/key diagnostics
+//!   as `detour check`, the running config stays, and the refusal shows in the
+//!   log, `GET /admin/reload` and a metric.
+//! - **Rollout**: a valid config with a `[rollout]` section bakes on a canary
+//!   share first ([`crate::rollout`]); a judge task promotes or rolls it back.
+//!   Without one, it is swapped in atomically: requests in flight finish on the
+//!   config they started with, and no connection is dropped.
+//! - **Last-known-good**: every config that has served a successful request is
+//!   written to the state directory (as text, `${ENV}` references unexpanded,
+//!   so no secret lands on disk); `serve --fallback-last-known-good` starts
+//!   from it when the config file is broken.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::{self, ConfigError};
+use crate::rollout::{Rollout, Verdict};
+use crate::state::Gateway;
+
+/// What the last reload did, for the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadStatus {
+    pub at_unix_ms: u64,
+    pub trigger: String,
+    /// `applied`, `rollout_started`, `unchanged` or `rejected`.
+    pub outcome: &'static str,
+    pub errors: Vec<String>,
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Re-reads the gateway's config file and applies it.
+pub fn reload(gw: &Arc<Gateway>, trigger: &str) -> ReloadStatus {
+    let Some(path) = gw.ops().config_path else {
+        return finish(
+            gw,
+            trigger,
+            "rejected",
+            vec!["this gateway has no config file to reload".into()],
+        );
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            let error = format!("{}: cannot read config: {e}", path.display());
+            return finish(gw, trigger, "rejected", vec![error]);
+        }
+    };
+    apply_text(gw, &text, &path.display().to_string(), trigger)
+}
+
+/// Validates `text` and applies it (swap or rollout).
+pub fn apply_text(gw: &Arc<Gateway>, text: &str, file: &str, trigger: &str) -> ReloadStatus {
+    if gw.source().as_deref() == Some(text) && gw.rollout().is_none() {
+        return finish(gw, trigger, "unchanged", Vec::new());
+    }
+    let cfg = match config::load_str(text, file) {
+        Ok(c) => c,
+        Err(ConfigError::Invalid(diags)) => {
+            let errors: Vec<String> = diags.iter().map(ToString::to_string).collect();
+            for e in &errors {
+                tracing::error!(trigger, "config refused: {e}");
+            }
+            return finish(gw, trigger, "rejected", errors);
+        }
+        Err(e) => return finish(gw, trigger, "rejected", vec![e.to_string()]),
+    };
+    match cfg.rollout.filter(|p| p.canary_percent > 0.0) {
+        Some(policy) => match gw.start_rollout(cfg, policy, Some(text.to_owned())) {
+            Ok(rollout) => {
+                tracing::warn!(
+                    trigger,
+                    canary_percent = policy.canary_percent,
+                    bake_s = policy.bake.as_secs_f64(),
+                    "new config baking on a canary share"
+                );
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(judge(Arc::clone(gw), rollout));
+                }
+                finish(gw, trigger, "rollout_started", Vec::new())
+            }
+            Err(e) => finish(gw, trigger, "rejected", vec![e.to_string()]),
+        },
+        None => match gw.swap_with_source(cfg, Some(text.to_owned())) {
+            Ok(()) => {
+                tracing::warn!(trigger, "new config applied");
+                finish(gw, trigger, "applied", Vec::new())
+            }
+            Err(e) => finish(gw, trigger, "rejected", vec![e.to_string()]),
+        },
+    }
+}
+
+fn finish(gw: &Gateway, trigger: &str, outcome: &'static str, errors: Vec<String>) -> ReloadStatus {
+    let status = ReloadStatus {
+        at_unix_ms: now_unix_ms(),
+        trigger: trigger.to_owned(),
+        outcome,
+        errors,
+    };
+    if outcome == "rejected" {
+        gw.count_rejected_config();
+    }
+    gw.set_last_reload(status.clone());
+    status
+}
+
+/// Watches a rollout until it is promoted, rolled back, or replaced.
+async fn judge(gw: Arc<Gateway>, rollout: Arc<Rollout>) {
+    let tick = (rollout.policy.bake / 8).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(tick).await;
+        let current = gw.rollout();
+        if !current.is_some_and(|c| Arc::ptr_eq(&c, &rollout)) {
+            return; // promoted or rolled back by hand, or replaced
+        }
+        match rollout.verdict() {
+            Verdict::Wait => {}
+            Verdict::Promote => {
+                gw.promote();
+                tracing::warn!(view = ?rollout.view(), "rollout promoted: the new config is stable");
+                return;
+            }
+            Verdict::Rollback(why) => {
+                gw.rollback();
+                tracing::error!(reason = %why, view = ?rollout.view(), "rollout rolled back: the stable config stays");
+                return;
+            }
+        }
+    }
+}
+
+/// Reloads on file changes and `SIGHUP` until the task is dropped.
+pub async fn watch(gw: Arc<Gateway>) {
+    let Some(path) = gw.ops().config_path else {
+        return;
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
+    let _watcher = file_watcher(&path, tx.clone());
+    #[cfg(unix)]
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                if tx.send("sighup").await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    while let Some(trigger) = rx.recv().await {
+        // Editors write files in several steps: let the burst settle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while rx.try_recv().is_ok() {}
+        let status = reload(&gw, trigger);
+        tracing::info!(trigger, outcome = status.outcome, "reload");
+    }
+}
+
+fn file_watcher(
+    path: &Path,
+    tx: tokio::sync::mpsc::Sender<&'static str>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let file: PathBuf = path.file_name()?.into();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        if event
+            .paths
+            .iter()
+            .any(|p| p.file_name() == Some(file.as_os_str()))
+        {
+            let _ = tx.try_send("file_change");
+        }
+    })
+    .map_err(|e| tracing::warn!("cannot watch the config file: {e}"))
+    .ok()?;
+    // The directory, not the file: editors replace files by renaming.
+    watcher
+        .watch(dir, RecursiveMode::NonRecursive)
+        .map_err(|e| tracing::warn!("cannot watch {}: {e}", dir.display()))
+        .ok()?;
+    Some(watcher)
+}
+
+/// The last-known-good config's path in a state directory.
+pub fn lkg_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("last-known-good.toml")
+}
+
+/// Writes the stable config to the state directory once it has served a
+/// successful request; checks once a second until the task is dropped.
+pub async fn keep_last_known_good(gw: Arc<Gateway>) {
+    let Some(dir) = gw.ops().state_dir else {
+        return;
+    };
+    let mut saved: Option<String> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let live = gw.live();
+        if !live.served_ok.load(Ordering::Relaxed) {
+            continue;
+        }
+        let Some(text) = gw.source() else { continue };
+        if saved.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        match save_lkg(&dir, &text) {
+            Ok(path) => {
+                tracing::info!(path = %path.display(), "saved the config as last-known-good");
+                saved = Some(text);
+            }
+            Err(e) => tracing::warn!("cannot save last-known-good in {}: {e}", dir.display()),
+        }
+    }
+}
+
+fn save_lkg(dir: &Path, text: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = lkg_path(dir);
+    // Write then rename, so a crash never leaves half a file.
+    let tmp = dir.join("last-known-good.toml.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}

@@ -1,0 +1,339 @@
+//! Keys, tiers and limits over real loopback HTTP: rate limits per key, per
+//! tenant and per IP for failed authentication, token limits with correction,
+//! concurrency limits, and the overload test: a flooding sheddable tenant
+//! against a steady critical one.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+fn with_keys(upstream: SocketAddr, keys: &str, server: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+{server}
+
+[[providers]]
+name = "p"
+kind = "openai"
+base_url = "http://{upstream}/v1"
+
+[[routes]]
+model = "fast"
+targets = [{{ provider = "p", model = "m" }}]
+
+{keys}
+"#
+    )
+}
+
+async fn call(gw: &detour::server::Running, key: &str) -> reqwest::Response {
+    client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(key)
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_keys_request_rate_is_limited_with_retry_after() {
+    let up = mock().await;
+    let keys = "[[keys]]\nkey = \"k1\"\ntenant = \"a\"\nrpm = 3\n";
+    let gw = gateway(&with_keys(up.addr(), keys, "")).await;
+    for _ in 0..3 {
+        assert_eq!(call(&gw, "k1").await.status(), 200);
+    }
+    let resp = call(&gw, "k1").await;
+    assert_eq!(resp.status(), 429);
+    let wait: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&wait), "{wait}");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("requests per minute for this key"));
+    assert_eq!(
+        up.stats().requests,
+        3,
+        "refused requests never reach the provider"
+    );
+
+    // Anthropic clients get Anthropic's shape.
+    let resp = client()
+        .post(format!("{}/v1/messages", gw.url()))
+        .header("x-api-key", "k1")
+        .json(&json!({"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+}
+
+#[tokio::test]
+async fn a_tenants_limit_is_shared_by_its_keys() {
+    let up = mock().await;
+    let keys = "[[tenants]]\nname = \"acme\"\nrpm = 4\n\n\
+                [[keys]]\nkey = \"k1\"\ntenant = \"acme\"\n\n[[keys]]\nkey = \"k2\"\ntenant = \"acme\"\n\n\
+                [[keys]]\nkey = \"k3\"\ntenant = \"other\"\n";
+    let gw = gateway(&with_keys(up.addr(), keys, "")).await;
+    for key in ["k1", "k2", "k1", "k2"] {
+        assert_eq!(call(&gw, key).await.status(), 200);
+    }
+    assert_eq!(call(&gw, "k1").await.status(), 429);
+    assert_eq!(call(&gw, "k2").await.status(), 429);
+    assert_eq!(
+        call(&gw, "k3").await.status(),
+        200,
+        "another tenant is not affected"
+    );
+}
+
+#[tokio::test]
+async fn token_limits_are_estimated_then_corrected_from_usage() {
+    let up = mock().await;
+    // Each small request is estimated at ~280 tokens but uses far fewer:
+    // without the correction the second request would already be refused.
+    let keys = "[[keys]]\nkey = \"k1\"\ntenant = \"a\"\ntpm = 500\n";
+    let gw = gateway(&with_keys(up.addr(), keys, "")).await;
+    for i in 0..3 {
+        let resp = call(&gw, "k1").await;
+        assert_eq!(resp.status(), 200, "request {i}");
+        resp.bytes().await.unwrap();
+    }
+    // A request whose estimate alone exceeds the budget is refused.
+    let mut big = chat(false);
+    big["messages"][0]["content"] = json!("x".repeat(4000));
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth("k1")
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens per minute"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_requests_per_key_are_bounded() {
+    let up = mock().await;
+    up.set_faults(faults(json!({"latency_ms": 500})));
+    let keys = "[[keys]]\nkey = \"k1\"\ntenant = \"a\"\nmax_concurrent = 2\n";
+    let gw = gateway(&with_keys(up.addr(), keys, "")).await;
+    let url = gw.url();
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                client()
+                    .post(format!("{url}/v1/chat/completions"))
+                    .bearer_auth("k1")
+                    .json(&chat(false))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut statuses: Vec<u16> = Vec::new();
+    for c in calls {
+        statuses.push(c.await.unwrap());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, vec![200, 200, 429, 429, 429]);
+}
+
+#[tokio::test]
+async fn guessing_keys_from_one_address_is_slowed_down() {
+    let up = mock().await;
+    let keys = "[[keys]]\nkey = \"good\"\ntenant = \"a\"\n";
+    let gw = gateway(&with_keys(up.addr(), keys, "auth_failures_per_minute = 5")).await;
+    for i in 0..5 {
+        assert_eq!(call(&gw, &format!("guess-{i}")).await.status(), 401);
+    }
+    let resp = call(&gw, "guess-5").await;
+    assert_eq!(
+        resp.status(),
+        429,
+        "the sixth failure in a minute is rate limited"
+    );
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(
+        call(&gw, "good").await.status(),
+        429,
+        "even a right key waits from that address"
+    );
+}
+
+fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
+    v.sort_unstable();
+    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+/// Steady critical traffic: `clients` closed-loop clients for `duration`.
+async fn critical_load(url: String, clients: usize, duration: Duration) -> (usize, Vec<Duration>) {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut out = Vec::new();
+            while start.elapsed() < duration {
+                let sent = Instant::now();
+                let ok = c
+                    .post(&url)
+                    .bearer_auth("critical-key")
+                    .json(&chat(false))
+                    .send()
+                    .await
+                    .map(|r| r.status() == 200)
+                    .unwrap_or(false);
+                out.push((ok, sent.elapsed()));
+            }
+            out
+        }));
+    }
+    let mut failed = 0;
+    let mut latencies = Vec::new();
+    for t in tasks {
+        for (ok, l) in t.await.unwrap() {
+            failed += usize::from(!ok);
+            latencies.push(l);
+        }
+    }
+    (failed, latencies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sheddable_flood_cannot_take_the_critical_tiers_capacity() {
+    let up = mock().await;
+    // The provider answers in 100 ms; detour admits 16 at a time: about 160
+    // requests a second in all.
+    up.set_faults(faults(json!({"latency_ms": 100})));
+    let keys = r#"
+[[keys]]
+key = "critical-key"
+tenant = "bank"
+tier = "critical"
+
+[[keys]]
+key = "flood-key"
+tenant = "freebie"
+tier = "sheddable"
+rpm = 600
+"#;
+    let gw = gateway(&with_keys(
+        up.addr(),
+        keys,
+        "max_concurrent_requests = 16\nqueue_timeout = \"2s\"",
+    ))
+    .await;
+    let url = format!("{}/v1/chat/completions", gw.url());
+
+    let (base_failed, base) = critical_load(url.clone(), 4, Duration::from_secs(3)).await;
+    assert_eq!(base_failed, 0);
+    let base_p99 = percentile(base.clone(), 0.99);
+
+    // The flood: 200 requests a second (20x its 10/s limit), open loop, and
+    // more than the provider can take.
+    let flood_url = url.clone();
+    let flood = tokio::spawn(async move {
+        let c = client();
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        let start = Instant::now();
+        let mut pending = Vec::new();
+        while start.elapsed() < Duration::from_secs(6) {
+            tick.tick().await;
+            let c = c.clone();
+            let url = flood_url.clone();
+            pending.push(tokio::spawn(async move {
+                let sent = Instant::now();
+                let status = c
+                    .post(&url)
+                    .bearer_auth("flood-key")
+                    .json(&chat(false))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                (status, sent.elapsed())
+            }));
+        }
+        let mut out = Vec::new();
+        for p in pending {
+            out.push(p.await.unwrap());
+        }
+        out
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (failed, during) = critical_load(url, 4, Duration::from_secs(5)).await;
+    let flood = flood.await.unwrap();
+
+    let success = 1.0 - failed as f64 / during.len() as f64;
+    let p99 = percentile(during.clone(), 0.99);
+    let refused = flood.iter().filter(|(s, _)| *s == 429 || *s == 503).count();
+    let timed_out = flood.iter().filter(|(s, _)| *s == 0).count();
+    let slowest_refusal = flood
+        .iter()
+        .filter(|(s, _)| *s == 429 || *s == 503)
+        .map(|(_, l)| *l)
+        .max()
+        .unwrap_or_default();
+    println!(
+        "overload: critical success {:.4} ({} requests), p99 {:?} vs baseline {:?}; flood: {} sent, {} refused (429/503), {} ok, {} timed out, slowest refusal {:?}",
+        success,
+        during.len(),
+        p99,
+        base_p99,
+        flood.len(),
+        refused,
+        flood.iter().filter(|(s, _)| *s == 200).count(),
+        timed_out,
+        slowest_refusal
+    );
+    assert!(success >= 0.999, "critical success rate {success}");
+    assert!(
+        p99.as_secs_f64() <= 1.5 * base_p99.as_secs_f64(),
+        "critical p99 {p99:?} > 1.5 x baseline {base_p99:?}"
+    );
+    assert!(
+        refused * 2 > flood.len(),
+        "the flood was not refused: {refused}/{}",
+        flood.len()
+    );
+    assert!(
+        flood.iter().all(|(s, _)| matches!(s, 200 | 429 | 503)),
+        "the flood gets answers, 429s or 503s only"
+    );
+    assert_eq!(timed_out, 0, "the flood gets clear refusals, not timeouts");
+    assert!(
+        slowest_refusal < Duration::from_secs(1),
+        "{slowest_refusal:?}"
+    );
+}
