@@ -6,6 +6,8 @@
 //! streams into whole SSE events, and ends a failed stream with a well-formed
 //! error event in the client's format (never a hang, never truncated JSON).
 //! It owns the request's log record and writes it when the body ends.
+//! On a cached route it also keeps a bounded copy of what it sends, and
+//! stores it (`crate::cache::Capture`) when the body ends whole.
 
 use std::future::Future;
 use std::pin::Pin;
