@@ -47,6 +47,8 @@ pub enum GatewayError {
     PayloadTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    #[error("the request body did not arrive within {after:?}")]
+    BodyTimeout { after: std::time::Duration },
     #[error("missing or invalid API key")]
     Unauthorized,
     #[error("detour is at capacity ({limit} requests in flight); retry shortly")]
@@ -130,6 +132,11 @@ impl GatewayError {
                 Some("request_too_large"),
             ),
             Self::BodyRead(_) => shape(StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            Self::BodyTimeout { .. } => shape(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("request_timeout"),
+            ),
             Self::Untranslatable(_) => shape(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",

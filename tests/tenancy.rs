@@ -337,3 +337,43 @@ rpm = 600
         "{slowest_refusal:?}"
     );
 }
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_headers_and_bodies_alike() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = mock().await;
+    let server = "header_read_timeout = \"1s\"\nbody_read_timeout = \"1s\"";
+    let gw = gateway(&with_keys(up.addr(), "", server)).await;
+
+    // Slowloris: headers that never finish. The connection is closed.
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the half-sent request was kept open");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A body that stops coming: 408 in the client's format.
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tcp.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(head.contains("request_timeout"), "{head}");
+    assert_eq!(up.stats().requests, 0);
+}

@@ -209,7 +209,17 @@ impl Loader<'_> {
             Some(s) => self.duration(s, "server.queue_timeout")?,
             None => DEFAULT_QUEUE_TIMEOUT,
         };
+        let header_read_timeout = match &raw.header_read_timeout {
+            Some(s) => self.duration(s, "server.header_read_timeout")?,
+            None => DEFAULT_HEADER_READ_TIMEOUT,
+        };
+        let body_read_timeout = match &raw.body_read_timeout {
+            Some(s) => self.duration(s, "server.body_read_timeout")?,
+            None => DEFAULT_BODY_READ_TIMEOUT,
+        };
         Some(Server {
+            header_read_timeout,
+            body_read_timeout,
             listen,
             admin_listen,
             open_access: no_keys,

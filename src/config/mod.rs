@@ -67,7 +67,13 @@ pub struct Server {
     /// sheddable not at all).
     pub queue_timeout: Duration,
     pub auth_failures_per_minute: u32,
+    /// Slow clients: the longest a client may take to send its headers, and its body.
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
 }
+
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_AUTH_FAILURES_PER_MINUTE: u32 = 10;

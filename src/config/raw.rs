@@ -58,6 +58,9 @@ pub struct RawServer {
     pub max_concurrent_requests: Option<Spanned<u32>>,
     /// Longest wait for a slot under overload (critical tier; standard waits half).
     pub queue_timeout: Option<Str>,
+    /// How long a client may take to send its request headers / its body.
+    pub header_read_timeout: Option<Str>,
+    pub body_read_timeout: Option<Str>,
     /// Failed authentications per minute per client IP before it gets 429.
     pub auth_failures_per_minute: Option<Spanned<u32>>,
 }

@@ -31,7 +31,7 @@ pub async fn messages(
     let mut record = RequestRecord::new(id.0, FORMAT, Endpoint::Messages.as_str());
     record.cohort = cohort;
     let (parts, body) = req.into_parts();
-    let body = match read_body(&parts.headers, body, live.config.server.max_body_bytes).await {
+    let body = match read_body(&parts.headers, body, &live.config.server).await {
         Ok(b) => b,
         Err(e) => return reject(record, FORMAT, e),
     };

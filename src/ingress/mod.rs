@@ -4,8 +4,6 @@
 pub mod anthropic;
 pub mod openai;
 
-use std::time::Duration;
-
 use axum::body::Body;
 use bytes::Bytes;
 use http::HeaderMap;
@@ -31,15 +29,15 @@ impl RequestId {
     }
 }
 
-/// Slow clients get this long to send their body.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Reads a request body of at most `limit` bytes.
+/// Reads a request body of at most `server.max_body_bytes`, arriving within
+/// `server.body_read_timeout`.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
-    limit: usize,
+    server: &crate::config::Server,
 ) -> Result<Bytes, GatewayError> {
+    let limit = server.max_body_bytes;
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -47,17 +45,19 @@ pub async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(GatewayError::PayloadTooLarge { limit });
     }
-    let collected =
-        tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
+    let collected = tokio::time::timeout(
+        server.body_read_timeout,
+        Limited::new(body, limit).collect(),
+    )
+    .await;
     match collected {
         Ok(Ok(c)) => Ok(c.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             Err(GatewayError::PayloadTooLarge { limit })
         }
         Ok(Err(e)) => Err(GatewayError::BodyRead(e.to_string())),
-        Err(_) => Err(GatewayError::BodyRead(format!(
-            "the body did not arrive within {}s",
-            BODY_READ_TIMEOUT.as_secs()
-        ))),
+        Err(_) => Err(GatewayError::BodyTimeout {
+            after: server.body_read_timeout,
+        }),
     }
 }

@@ -29,7 +29,7 @@ pub async fn chat_completions(
     let mut record = RequestRecord::new(id.0, FORMAT, Endpoint::ChatCompletions.as_str());
     record.cohort = cohort;
     let (parts, body) = req.into_parts();
-    let body = match read_body(&parts.headers, body, live.config.server.max_body_bytes).await {
+    let body = match read_body(&parts.headers, body, &live.config.server).await {
         Ok(b) => b,
         Err(e) => return reject(record, FORMAT, e),
     };
@@ -62,7 +62,7 @@ pub async fn embeddings(
     let mut record = RequestRecord::new(id.0, FORMAT, Endpoint::Embeddings.as_str());
     record.cohort = cohort;
     let (parts, body) = req.into_parts();
-    let body = match read_body(&parts.headers, body, live.config.server.max_body_bytes).await {
+    let body = match read_body(&parts.headers, body, &live.config.server).await {
         Ok(b) => b,
         Err(e) => return reject(record, FORMAT, e),
     };
