@@ -22,7 +22,8 @@
 //! (successful, in the window), `errors` (non-200, I/O, timeout, or a stream
 //! without `data: [DONE]`), `rps`, latency percentiles in microseconds (and
 //! time to first body byte for `--stream`), and `requests_total` (every
-//! request sent, warm-up included, for per-request CPU accounting).
+//! request sent, warm-up included, for per-request CPU accounting) and
+//! `loadgen_cpu_ticks` (its own CPU time, Linux only).
 //!
 //! ```text
 //! cargo run --release --example loadgen -- --url http://127.0.0.1:9000/v1/chat/completions \
@@ -257,6 +258,7 @@ async fn run(args: Args) -> Result<serde_json::Value> {
         "max_us": pct(&all.latency, 1.0),
         "mean_us": all.latency.mean().round(),
         "first_error": all.first_error,
+        "loadgen_cpu_ticks": own_cpu_ticks(),
     });
     if args.stream {
         out["ttfb_p50_us"] = pct(&all.ttfb, 0.50);
@@ -268,6 +270,18 @@ async fn run(args: Args) -> Result<serde_json::Value> {
         out["timer_lag_p99_us"] = pct(&all.timer_lag, 0.99);
     }
     Ok(out)
+}
+
+/// This process's utime + stime in clock ticks (Linux), for the script's
+/// accounting of who used the machine during a run.
+fn own_cpu_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; count from its closing paren.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split_ascii_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 async fn worker(index: usize, plan: Arc<Plan>) -> Result<Stats> {
