@@ -90,6 +90,7 @@ mod tests {
             rpm: None,
             tpm: None,
             max_concurrent: None,
+            max_streams: None,
         };
         KeyTable::new(&[key], false)
     }

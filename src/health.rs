@@ -11,7 +11,15 @@
 //! - **slow start** after recovery: the share of traffic offered to a target that
 //!   just closed its breaker ramps linearly over a window, as Envoy's slow start
 //!   does, instead of jumping back to full load;
-//! - a **misconfigured** mark when the provider rejects detour's own credentials.
+//! - a **misconfigured** mark when the provider rejects detour's own credentials;
+//! - an **adaptive concurrency limit** (AIMD, as TCP congestion control and
+//!   Netflix's concurrency-limits do): attempts waiting for a first byte are
+//!   capped. The cap starts out of the way; an overload signal (429/503/529,
+//!   a timeout, or a first byte more than twice the usual) sets it to 70% of
+//!   what was in flight, and each success raises it by 1/cap. A target at its
+//!   cap goes behind its peers (see `routing`), so a provider that slows down
+//!   under load spills traffic to them instead of queueing it; alone, it still
+//!   serves.
 //!
 //! Per provider, a manual **override** (`down` / `up` / `auto`) from the admin API.
 //!
@@ -108,6 +116,10 @@ pub struct TargetHealth {
     /// EWMA of the absolute deviation from it, for a p95 estimate.
     ttfb_dev_us: AtomicU64,
     last_sample_ms: AtomicU64,
+    /// Attempts waiting for their first byte, and the adaptive cap on them
+    /// (as f64 bits).
+    in_flight: AtomicU32,
+    concurrency_limit: AtomicU64,
     /// When a request was last sent here to explore (see `routing`).
     explored_ms: AtomicU64,
     /// EWMA (as f64 bits) of how often this target lost a hedge race.
@@ -129,6 +141,10 @@ struct Bucket {
 const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(1);
 const MAX_COOL_DOWN: Duration = Duration::from_secs(60);
 const MISCONFIGURED_FOR: Duration = Duration::from_secs(30);
+/// The adaptive concurrency cap starts here and stays within these bounds.
+const INITIAL_CONCURRENCY: f64 = MAX_CONCURRENCY;
+const MIN_CONCURRENCY: f64 = 2.0;
+const MAX_CONCURRENCY: f64 = 4096.0;
 /// EWMA weight of a new sample.
 const EWMA_ALPHA: f64 = 0.2;
 
@@ -152,6 +168,8 @@ impl TargetHealth {
             last_sample_ms: AtomicU64::new(0),
             lost_races: AtomicU64::new(0f64.to_bits()),
             explored_ms: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            concurrency_limit: AtomicU64::new(INITIAL_CONCURRENCY.to_bits()),
             buckets: Default::default(),
             transitions: AtomicU64::new(0),
         }
@@ -215,6 +233,13 @@ impl TargetHealth {
 
     pub fn on_success(&self, ttfb: Duration) {
         let now = self.clock.now_ms();
+        // Much slower than usual is the first sign of an overloaded provider.
+        match self.ttfb_ewma() {
+            Some(usual) if ttfb > 2 * usual && ttfb > Duration::from_millis(20) => {
+                self.decrease_limit()
+            }
+            _ => self.increase_limit(),
+        }
         self.update_lost_races(0.0);
         self.consecutive.store(0, Relaxed);
         self.bucket(now).ok.fetch_add(1, Relaxed);
@@ -228,6 +253,7 @@ impl TargetHealth {
 
     pub fn on_failure(&self, failure: Failure) {
         let now = self.clock.now_ms();
+        self.decrease_limit();
         match failure {
             Failure::Throttled { cool_down } => {
                 let d = if cool_down.is_zero() {
@@ -346,6 +372,43 @@ impl TargetHealth {
                 .is_ok()
     }
 
+    /// The adaptive cap on attempts waiting for a first byte.
+    pub fn concurrency_limit(&self) -> f64 {
+        f64::from_bits(self.concurrency_limit.load(Relaxed))
+    }
+
+    fn increase_limit(&self) {
+        let _ = self
+            .concurrency_limit
+            .fetch_update(Relaxed, Relaxed, |bits| {
+                let l = f64::from_bits(bits);
+                Some((l + 1.0 / l).min(MAX_CONCURRENCY).to_bits())
+            });
+    }
+
+    fn decrease_limit(&self) {
+        // Relative to what was really in flight, so a cap that was never
+        // reached still comes down to where the provider choked.
+        let in_flight = f64::from(self.in_flight.load(Relaxed).max(1));
+        let _ = self
+            .concurrency_limit
+            .fetch_update(Relaxed, Relaxed, |bits| {
+                let cap = f64::from_bits(bits).min(in_flight);
+                Some((cap * 0.7).max(MIN_CONCURRENCY).to_bits())
+            });
+    }
+
+    /// Whether the attempts waiting here have reached the adaptive cap.
+    pub fn saturated(&self) -> bool {
+        f64::from(self.in_flight.load(Relaxed)) >= self.concurrency_limit()
+    }
+
+    /// An attempt starts waiting for its first byte; the guard ends it.
+    pub fn start_attempt(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Relaxed);
+        InFlight(self)
+    }
+
     /// For a target with no latency sample while its preferred peer is slow:
     /// true for one request per `every`.
     pub fn claim_exploration(&self, every: Duration) -> bool {
@@ -444,6 +507,8 @@ impl TargetHealth {
             ttfb_ewma_ms: self.ttfb_ewma().map(|d| d.as_secs_f64() * 1e3),
             slow_start_share: self.slow_start_share(now),
             lost_race_share: self.lost_race_share(),
+            in_flight: self.in_flight.load(Relaxed),
+            concurrency_limit: self.concurrency_limit(),
             breaker_transitions: self.transitions(),
         }
     }
@@ -451,6 +516,16 @@ impl TargetHealth {
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// An attempt waiting for its first byte (see [`TargetHealth::start_attempt`]).
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a TargetHealth);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -467,6 +542,8 @@ pub struct TargetSnapshot {
     pub slow_start_share: f64,
     pub lost_race_share: f64,
     pub breaker_transitions: u64,
+    pub in_flight: u32,
+    pub concurrency_limit: f64,
 }
 
 /// A manual override of a provider's health.

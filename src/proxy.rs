@@ -372,6 +372,7 @@ async fn guarded<T>(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    let _in_flight = health.start_attempt();
     let out = attempt.await;
     guard.0 = None;
     out

@@ -18,6 +18,7 @@
 //!    When the preferred target is slower than [`DEMOTE_FLOOR`], one request per
 //!    [`EXPLORE_EVERY`] goes first to a peer that has no latency sample yet, so
 //!    that a brownout can be compared with something.
+//!    A target at its adaptive concurrency cap (see `health`) goes behind its peers.
 //! 5. A provider whose status page says `down` is skipped; `degraded` demotes it.
 //! 6. An override `up` keeps a target in place whatever its health.
 
@@ -109,6 +110,10 @@ pub fn plan(
             _ => false,
         };
         let losing = h.lost_race_share() > LOSING_SHARE;
+        if h.saturated() {
+            e.demoted = true;
+            continue;
+        }
         // One request per `open_for` still goes to a demoted target first,
         // so that its recovery is noticed.
         if (slow || losing) && !h.claim_latency_probe() {

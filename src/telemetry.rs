@@ -50,6 +50,8 @@ pub struct RequestRecord {
     pub outcome: &'static str,
     /// The rollout cohort the request ran in, if a rollout is baking.
     pub cohort: Option<crate::rollout::CohortTag>,
+    /// A limit's permit held for as long as the request lives (open streams).
+    pub hold: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Tokens charged to rate limits before the call, settled from `usage`.
     pub charge: Option<crate::limits::TokenCharge>,
     written: bool,
@@ -73,6 +75,7 @@ impl RequestRecord {
             // Until told otherwise, the request ended because the client left.
             outcome: "client_gone",
             cohort: None,
+            hold: None,
             charge: crate::limits::CHARGE.try_with(Clone::clone).ok(),
             written: false,
         }

@@ -190,6 +190,16 @@ async fn guessing_keys_from_one_address_is_slowed_down() {
     );
 }
 
+/// This process's resident memory (gateway, mock and clients together).
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
     v.sort_unstable();
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
@@ -256,6 +266,7 @@ rpm = 600
     .await;
     let url = format!("{}/v1/chat/completions", gw.url());
 
+    let rss_before = rss_kib();
     let (base_failed, base) = critical_load(url.clone(), 4, Duration::from_secs(3)).await;
     assert_eq!(base_failed, 0);
     let base_p99 = percentile(base.clone(), 0.99);
@@ -317,6 +328,12 @@ rpm = 600
         timed_out,
         slowest_refusal
     );
+    let grown = rss_kib().saturating_sub(rss_before);
+    println!("overload: resident memory grew by {} KiB", grown);
+    assert!(
+        grown < 64 * 1024,
+        "memory grew by {grown} KiB during the flood"
+    );
     assert!(success >= 0.999, "critical success rate {success}");
     assert!(
         p99.as_secs_f64() <= 1.5 * base_p99.as_secs_f64(),
@@ -376,4 +393,98 @@ async fn slow_clients_are_cut_off_headers_and_bodies_alike() {
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(head.contains("request_timeout"), "{head}");
     assert_eq!(up.stats().requests, 0);
+}
+
+#[tokio::test]
+async fn open_streams_per_key_are_bounded() {
+    let up = mock().await;
+    up.set_faults(faults(json!({"chunks": 4, "chunk_gap_ms": 300})));
+    let keys = "[[keys]]\nkey = \"k1\"\ntenant = \"a\"\nmax_streams = 1\n";
+    let gw = gateway(&with_keys(up.addr(), keys, "")).await;
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let open = client()
+        .post(&url)
+        .bearer_auth("k1")
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200);
+    let second = client()
+        .post(&url)
+        .bearer_auth("k1")
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 429, "a second stream while one is open");
+    assert_eq!(
+        call(&gw, "k1").await.status(),
+        200,
+        "non-streamed requests are not capped"
+    );
+    open.text().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let third = client()
+        .post(&url)
+        .bearer_auth("k1")
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        third.status(),
+        200,
+        "the stream's slot is free once it ended"
+    );
+}
+
+#[tokio::test]
+async fn a_target_that_slows_down_under_load_gets_a_lower_concurrency_cap() {
+    let (slow, spare) = (mock().await, mock().await);
+    let config = format!(
+        "[[providers]]\nname = \"slow\"\nkind = \"openai\"\nbase_url = \"http://{}/v1\"\n\n\
+         [[providers]]\nname = \"spare\"\nkind = \"openai\"\nbase_url = \"http://{}/v1\"\n\n\
+         [[routes]]\nmodel = \"fast\"\ntargets = [{{ provider = \"slow\", model = \"m\" }}, {{ provider = \"spare\", model = \"m\" }}]\n",
+        slow.addr(),
+        spare.addr()
+    );
+    let gw = gateway(&config).await;
+    let health = || gw.gateway.live().routes[0].health[0].snapshot();
+    for _ in 0..20 {
+        call(&gw, "").await;
+    }
+    let before = health().concurrency_limit;
+    // The provider becomes 10x slower: each answer is an overload signal.
+    slow.set_faults(faults(json!({"latency_ms": 60})));
+    for _ in 0..6 {
+        call(&gw, "").await;
+    }
+    let after = health().concurrency_limit;
+    assert!(
+        after < 16.0,
+        "the cap did not come down: {before} -> {after}"
+    );
+    // At its cap, traffic goes to the peer instead of queueing on the slow one.
+    let mut calls = Vec::new();
+    for _ in 0..30 {
+        let url = gw.url();
+        calls.push(tokio::spawn(async move {
+            client()
+                .post(format!("{url}/v1/chat/completions"))
+                .json(&chat(false))
+                .send()
+                .await
+                .unwrap()
+                .headers()["x-detour-provider"]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        }));
+    }
+    let mut to_spare = 0;
+    for c in calls {
+        to_spare += usize::from(c.await.unwrap() == "spare");
+    }
+    assert!(to_spare > 0, "nothing spilled over to the peer");
 }

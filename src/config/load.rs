@@ -619,6 +619,7 @@ impl Loader<'_> {
             rpm: k.rpm.as_ref().map(|v| (*v.get_ref()).max(1)),
             tpm: k.tpm.as_ref().map(|v| (*v.get_ref()).max(1)),
             max_concurrent: k.max_concurrent.as_ref().map(|v| (*v.get_ref()).max(1)),
+            max_streams: k.max_streams.as_ref().map(|v| (*v.get_ref()).max(1)),
         })
     }
 

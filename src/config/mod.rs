@@ -325,6 +325,8 @@ pub struct ApiKey {
     /// Tokens per minute (estimated before a call, corrected after).
     pub tpm: Option<u64>,
     pub max_concurrent: Option<u32>,
+    /// Open streams at once.
+    pub max_streams: Option<u32>,
 }
 
 /// Priority under overload, highest first.

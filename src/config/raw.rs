@@ -149,4 +149,5 @@ pub struct RawKey {
     pub rpm: Option<Spanned<u32>>,
     pub tpm: Option<Spanned<u64>>,
     pub max_concurrent: Option<Spanned<u32>>,
+    pub max_streams: Option<Spanned<u32>>,
 }

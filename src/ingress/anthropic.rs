@@ -47,6 +47,12 @@ pub async fn messages(
         Ok((_, span)) => span,
         Err(e) => return reject(record, FORMAT, e.into()),
     };
+    if ir.stream {
+        match live.limits.stream_permit(&caller) {
+            Ok(permit) => record.hold = permit,
+            Err(e) => return reject(record, FORMAT, e.into()),
+        }
+    }
     let fwd = Forward {
         endpoint: Endpoint::Messages,
         format: FORMAT,

@@ -37,6 +37,12 @@ pub async fn chat_completions(
         Ok(p) => p,
         Err(e) => return reject(record, FORMAT, e.into()),
     };
+    if parsed.stream {
+        match live.limits.stream_permit(&caller) {
+            Ok(permit) => record.hold = permit,
+            Err(e) => return reject(record, FORMAT, e.into()),
+        }
+    }
     let fwd = Forward {
         endpoint: Endpoint::ChatCompletions,
         format: FORMAT,

@@ -73,6 +73,8 @@ tokio::task_local! {
 #[derive(Debug, Default)]
 pub struct Limits {
     keys: HashMap<[u8; 32], Buckets>,
+    /// Open streams per key.
+    streams: HashMap<[u8; 32], Arc<Semaphore>>,
     tenants: HashMap<String, Buckets>,
 }
 
@@ -93,7 +95,30 @@ impl Limits {
                 )
             })
             .collect();
-        Self { keys, tenants }
+        let streams = config
+            .keys
+            .iter()
+            .filter_map(|k| Some((k.sha256, Arc::new(Semaphore::new(k.max_streams? as usize)))))
+            .collect();
+        Self {
+            keys,
+            tenants,
+            streams,
+        }
+    }
+
+    /// A permit for one more open stream of the caller's key, if it has a cap.
+    pub fn stream_permit(&self, caller: &Caller) -> Result<Option<OwnedSemaphorePermit>, Limited> {
+        let Some(sem) = caller.key_digest.and_then(|d| self.streams.get(&d)) else {
+            return Ok(None);
+        };
+        Arc::clone(sem)
+            .try_acquire_owned()
+            .map(Some)
+            .map_err(|_| Limited {
+                what: "open streams for this key".into(),
+                retry_after: Duration::from_secs(1),
+            })
     }
 
     /// Checks and takes the caller's request, token and concurrency limits.
