@@ -28,4 +28,5 @@ pub mod state;
 pub mod status_page;
 pub mod statuspage;
 pub mod telemetry;
+pub mod timefmt;
 pub mod upstream;
