@@ -155,6 +155,26 @@ fn route_label(r: &RequestRecord) -> SharedString {
     }
 }
 
+/// The status as a label, without an allocation for the common ones.
+fn status_label(status: u16) -> SharedString {
+    let known = match status {
+        0 => "0",
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        408 => "408",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => return SharedString::from(status.to_string()),
+    };
+    SharedString::const_str(known)
+}
+
 /// A request ended (called once, where its log line is written): counts it,
 /// and records its latency, time to first byte and tokens.
 pub fn request_finished(r: &RequestRecord) {
@@ -165,7 +185,7 @@ pub fn request_finished(r: &RequestRecord) {
         .clone()
         .map_or(SharedString::const_str("none"), SharedString::from);
     counter!(REQUESTS_TOTAL, "route" => route.clone(), "provider" => provider.clone(),
-        "status" => r.status.to_string(), "format" => format)
+        "status" => status_label(r.status), "format" => format)
     .increment(1);
     histogram!(REQUEST_DURATION_SECONDS, "route" => route, "format" => format)
         .record(r.started.elapsed().as_secs_f64());

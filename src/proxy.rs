@@ -610,13 +610,9 @@ fn with_attempt_headers(
     tried: &Tried,
 ) -> Response {
     let h = resp.headers_mut();
-    if let Some(target) = target {
-        if let Ok(v) = HeaderValue::from_str(&target.provider.name) {
-            h.insert("x-detour-provider", v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&target.model) {
-            h.insert("x-detour-model", v);
-        }
+    if let Some((provider, model)) = target.and_then(|t| t.headers.clone()) {
+        h.insert("x-detour-provider", provider);
+        h.insert("x-detour-model", model);
     }
     h.insert("x-detour-attempts", HeaderValue::from(attempts));
     if let Some(v) = tried.header() {

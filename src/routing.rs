@@ -190,6 +190,7 @@ mod tests {
                     model: format!("m{provider_index}"),
                     weight,
                     priority,
+                    headers: None,
                 })
                 .collect(),
             timeouts: Timeouts::default(),

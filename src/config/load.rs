@@ -343,6 +343,9 @@ impl Loader<'_> {
                     model: t.model.get_ref().clone(),
                     weight,
                     priority,
+                    headers: http::HeaderValue::from_str(&provider.name)
+                        .ok()
+                        .zip(http::HeaderValue::from_str(t.model.get_ref()).ok()),
                 });
             }
         }

@@ -289,6 +289,9 @@ pub struct Target {
     /// Lower is preferred; targets with equal priority form a group that
     /// shares traffic by weight. Defaults to the target's position.
     pub priority: u32,
+    /// `x-detour-provider` and `x-detour-model`, built once (`None` if the
+    /// name cannot be a header value).
+    pub headers: Option<(http::HeaderValue, http::HeaderValue)>,
 }
 
 /// Per-attempt time limits. There is no single "request timeout": a total
