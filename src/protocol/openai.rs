@@ -52,6 +52,7 @@ pub struct EmbeddingsRequest {
 
 // Shapes used only to check types; every field not named here passes through
 // unchecked. Unknown fields are allowed: providers add them all the time.
+// Fields read by nothing (`_name`) are there for their type check alone.
 #[derive(Deserialize)]
 struct ChatCheck<'a> {
     #[serde(borrow)]
@@ -60,33 +61,30 @@ struct ChatCheck<'a> {
     messages: Vec<MessageCheck<'a>>,
     stream: Option<bool>,
     stream_options: Option<StreamOptionsCheck>,
-    #[allow(dead_code)]
-    temperature: Option<f64>,
-    #[allow(dead_code)]
-    top_p: Option<f64>,
-    #[allow(dead_code)]
-    n: Option<u32>,
-    #[allow(dead_code)]
-    max_tokens: Option<u64>,
-    #[allow(dead_code)]
-    max_completion_tokens: Option<u64>,
-    #[serde(borrow)]
-    #[allow(dead_code)]
-    tools: Option<Vec<ToolCheck<'a>>>,
+    #[serde(rename = "temperature")]
+    _temperature: Option<f64>,
+    #[serde(rename = "top_p")]
+    _top_p: Option<f64>,
+    #[serde(rename = "n")]
+    _n: Option<u32>,
+    #[serde(rename = "max_tokens")]
+    _max_tokens: Option<u64>,
+    #[serde(rename = "max_completion_tokens")]
+    _max_completion_tokens: Option<u64>,
+    #[serde(borrow, rename = "tools")]
+    _tools: Option<Vec<ToolCheck<'a>>>,
 }
 
 #[derive(Deserialize)]
 struct MessageCheck<'a> {
-    #[serde(borrow)]
-    #[allow(dead_code)]
-    role: Cow<'a, str>,
+    #[serde(borrow, rename = "role")]
+    _role: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
 struct ToolCheck<'a> {
     #[serde(borrow, rename = "type")]
-    #[allow(dead_code)]
-    kind: Cow<'a, str>,
+    _kind: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
@@ -98,9 +96,8 @@ struct StreamOptionsCheck {
 struct EmbeddingsCheck<'a> {
     #[serde(borrow)]
     model: &'a RawValue,
-    #[serde(borrow)]
-    #[allow(dead_code)]
-    input: &'a RawValue,
+    #[serde(borrow, rename = "input")]
+    _input: &'a RawValue,
 }
 
 impl ChatRequest {
