@@ -178,9 +178,15 @@ impl Upstream {
                 body,
             });
         }
-        let retry_after = resp.headers().get(http::header::RETRY_AFTER).cloned();
+        let header = resp.headers().get(http::header::RETRY_AFTER).cloned();
         let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
         let body = self.read_error_body(resp, timeouts, started).await;
+        // Gemini says how long to wait only in its body (`RetryInfo`).
+        let retry_after = header.or_else(|| {
+            let wait = crate::protocol::translate::parse_error(self.format, &body)?.retry_after?;
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            Some(http::HeaderValue::from(secs))
+        });
         Err(UpstreamError::Status {
             provider: self.provider.clone(),
             format: self.format,

@@ -243,3 +243,39 @@ async fn a_gemini_provider_gets_the_model_in_its_url() {
         .cloned();
     assert_eq!(key.map(|(_, v)| v).as_deref(), Some("gk"));
 }
+
+#[tokio::test]
+async fn geminis_retry_info_becomes_retry_after_and_a_cool_down() {
+    let gem = upstream(Flavor::Gemini).await;
+    gem.set_faults(faults(
+        json!({"rate_limit_rate": 1.0, "retry_after_secs": 3}),
+    ));
+    let alone = format!(
+        "[[providers]]\nname = \"g\"\nkind = \"gemini\"\nbase_url = \"http://{}/v1beta\"\n\n\
+         [[routes]]\nmodel = \"fast\"\ntargets = [{{ provider = \"g\", model = \"gemini-x\" }}]\n",
+        gem.addr()
+    );
+    let gw = gateway(&alone).await;
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(
+        resp.headers()["retry-after"],
+        "3",
+        "from the body's RetryInfo"
+    );
+    // And the target cools down: the next request does not reach it.
+    let before = gem.stats().requests;
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(gem.stats().requests, before);
+}
