@@ -8,7 +8,7 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use axum::Extension;
 
-use super::{read_body, RequestId};
+use super::{start, RequestId, Started};
 use crate::auth::Caller;
 use crate::cache;
 use crate::error::{ClientFormat, GatewayError};
@@ -17,7 +17,6 @@ use crate::protocol::translate::{anthropic, TranslateError};
 use crate::providers::Endpoint;
 use crate::proxy::{forward, reject, Forward};
 use crate::state::Gateway;
-use crate::telemetry::RequestRecord;
 
 const FORMAT: ClientFormat = ClientFormat::Anthropic;
 
@@ -27,13 +26,14 @@ pub async fn messages(
     Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Response {
-    let (live, cohort) = gw.pick();
-    let mut record = RequestRecord::new(id.0, FORMAT, Endpoint::Messages.as_str());
-    record.cohort = cohort;
-    let (parts, body) = req.into_parts();
-    let body = match read_body(&parts.headers, body, &live.config.server).await {
-        Ok(b) => b,
-        Err(e) => return reject(record, FORMAT, e),
+    let Started {
+        live,
+        mut record,
+        headers,
+        body,
+    } = match start(&gw, id, FORMAT, Endpoint::Messages, req).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
     };
     // The full parse checks the request the way Anthropic would, and is kept
     // for targets of another format.
@@ -63,7 +63,7 @@ pub async fn messages(
         include_usage: false,
         ir: OnceLock::from(Ok(ir)),
         tenant: caller.tenant,
-        cache_bypass: cache::bypass_requested(&parts.headers),
+        cache_bypass: cache::bypass_requested(&headers),
     };
     forward(&live, fwd, record).await
 }

@@ -61,3 +61,36 @@ pub async fn read_body(
         }),
     }
 }
+
+/// What every ingress handler starts with: the live state this request runs
+/// on (stable, or the canary's), its log record, and its body read within the
+/// limits.
+pub struct Started {
+    pub live: std::sync::Arc<crate::state::Live>,
+    pub record: crate::telemetry::RequestRecord,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Starts handling `req`; a body that cannot be read ends it in `format`.
+pub async fn start(
+    gw: &crate::state::Gateway,
+    id: RequestId,
+    format: crate::error::ClientFormat,
+    endpoint: crate::providers::Endpoint,
+    req: axum::extract::Request,
+) -> Result<Started, axum::response::Response> {
+    let (live, cohort) = gw.pick();
+    let mut record = crate::telemetry::RequestRecord::new(id.0, format, endpoint.as_str());
+    record.cohort = cohort;
+    let (parts, body) = req.into_parts();
+    match read_body(&parts.headers, body, &live.config.server).await {
+        Ok(body) => Ok(Started {
+            live,
+            record,
+            headers: parts.headers,
+            body,
+        }),
+        Err(e) => Err(crate::proxy::reject(record, format, e)),
+    }
+}

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use http::{header, HeaderValue};
 
-use super::{read_body, RequestId};
+use super::{start, RequestId, Started};
 use crate::auth::Caller;
 use crate::cache;
 use crate::error::ClientFormat;
@@ -15,7 +15,6 @@ use crate::protocol::openai::{model_list, ChatRequest, EmbeddingsRequest};
 use crate::providers::Endpoint;
 use crate::proxy::{forward, reject, Forward};
 use crate::state::Gateway;
-use crate::telemetry::RequestRecord;
 
 const FORMAT: ClientFormat = ClientFormat::OpenAi;
 
@@ -25,13 +24,14 @@ pub async fn chat_completions(
     Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Response {
-    let (live, cohort) = gw.pick();
-    let mut record = RequestRecord::new(id.0, FORMAT, Endpoint::ChatCompletions.as_str());
-    record.cohort = cohort;
-    let (parts, body) = req.into_parts();
-    let body = match read_body(&parts.headers, body, &live.config.server).await {
-        Ok(b) => b,
-        Err(e) => return reject(record, FORMAT, e),
+    let Started {
+        live,
+        mut record,
+        headers,
+        body,
+    } = match start(&gw, id, FORMAT, Endpoint::ChatCompletions, req).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
     };
     let parsed = match ChatRequest::parse(&body) {
         Ok(p) => p,
@@ -53,7 +53,7 @@ pub async fn chat_completions(
         include_usage: parsed.include_usage,
         ir: OnceLock::new(),
         tenant: caller.tenant,
-        cache_bypass: cache::bypass_requested(&parts.headers),
+        cache_bypass: cache::bypass_requested(&headers),
     };
     forward(&live, fwd, record).await
 }
@@ -64,13 +64,14 @@ pub async fn embeddings(
     Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Response {
-    let (live, cohort) = gw.pick();
-    let mut record = RequestRecord::new(id.0, FORMAT, Endpoint::Embeddings.as_str());
-    record.cohort = cohort;
-    let (parts, body) = req.into_parts();
-    let body = match read_body(&parts.headers, body, &live.config.server).await {
-        Ok(b) => b,
-        Err(e) => return reject(record, FORMAT, e),
+    let Started {
+        live,
+        record,
+        headers,
+        body,
+    } = match start(&gw, id, FORMAT, Endpoint::Embeddings, req).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
     };
     let parsed = match EmbeddingsRequest::parse(&body) {
         Ok(p) => p,
@@ -86,7 +87,7 @@ pub async fn embeddings(
         include_usage: false,
         ir: OnceLock::new(),
         tenant: caller.tenant,
-        cache_bypass: cache::bypass_requested(&parts.headers),
+        cache_bypass: cache::bypass_requested(&headers),
     };
     forward(&live, fwd, record).await
 }
