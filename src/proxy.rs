@@ -415,41 +415,38 @@ async fn attempt(
     } = answer;
     let upstream_format = adapter.format();
     let client_format = req.format.wire();
-    let mut inner = Some(upstream_body);
-    let shape = match (upstream_format == client_format, event_stream) {
-        (true, true) if client_format == Format::OpenAi => Shape::OpenAiEvents,
+    let (shape, inner) = match (upstream_format == client_format, event_stream) {
+        (true, true) if client_format == Format::OpenAi => (Shape::OpenAiEvents, upstream_body),
         // Other formats are decoded to know where the stream ends.
-        (true, true) => Shape::Decoded {
-            decoder: Box::new(StreamDecoder::new(upstream_format)),
-            encoder: None,
-        },
-        (true, false) => Shape::Plain,
-        (false, true) => Shape::Decoded {
-            decoder: Box::new(StreamDecoder::new(upstream_format)),
-            encoder: Some(Box::new(encoder_for(req))),
-        },
+        (true, true) => {
+            let decoder = Box::new(StreamDecoder::new(upstream_format));
+            let shape = Shape::Decoded {
+                decoder,
+                encoder: None,
+            };
+            (shape, upstream_body)
+        }
+        (true, false) => (Shape::Plain, upstream_body),
+        (false, true) => {
+            let shape = Shape::Decoded {
+                decoder: Box::new(StreamDecoder::new(upstream_format)),
+                encoder: Some(Box::new(encoder_for(req))),
+            };
+            let sse = HeaderValue::from_static("text/event-stream");
+            headers.insert(header::CONTENT_TYPE, sse);
+            (shape, upstream_body)
+        }
         (false, false) => {
-            let whole = inner
-                .take()
-                .unwrap_or_else(|| reqwest::Body::from(Bytes::new()));
-            let body = read_whole(adapter, whole, &route.timeouts, started).await?;
+            let body = read_whole(adapter, upstream_body, &route.timeouts, started).await?;
             let translated = translate_response(upstream_format, req.format, &body)
                 .map_err(|e| adapter.upstream().transport(e.to_string()))?;
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            Shape::Ready(translated)
+            let json = HeaderValue::from_static("application/json");
+            headers.insert(header::CONTENT_TYPE, json);
+            (Shape::Ready(translated), reqwest::Body::from(Bytes::new()))
         }
     };
-    if shape_is_translated_stream(&shape) {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-    }
     let mut body = RelayBody::new(
-        inner.unwrap_or_else(|| reqwest::Body::from(Bytes::new())),
+        inner,
         shape,
         target.provider.name.clone(),
         route.timeouts,
@@ -462,16 +459,6 @@ async fn attempt(
         headers,
         body,
     })
-}
-
-fn shape_is_translated_stream(shape: &Shape) -> bool {
-    matches!(
-        shape,
-        Shape::Decoded {
-            encoder: Some(_),
-            ..
-        }
-    )
 }
 
 /// The stream encoder for the client's format.

@@ -15,6 +15,16 @@ async fn upstream(flavor: Flavor) -> MockServer {
         .unwrap()
 }
 
+/// Route `fast` → one provider of `kind` at `up` (under `path`), model `model`;
+/// `extra` follows the provider's lines (an `api_key` line, `[[keys]]`...).
+fn one_provider(up: &MockServer, kind: &str, path: &str, model: &str, extra: &str) -> String {
+    format!(
+        "[[providers]]\nname = \"p\"\nkind = \"{kind}\"\nbase_url = \"http://{}{path}\"\n{extra}\n\
+         [[routes]]\nmodel = \"fast\"\ntargets = [{{ provider = \"p\", model = \"{model}\" }}]\n",
+        up.addr()
+    )
+}
+
 /// Route `fast`: an OpenAI-kind `primary`, then an Anthropic-kind `claude`.
 fn cross_kind(primary: &MockServer, claude: &MockServer) -> String {
     format!(
@@ -123,11 +133,7 @@ async fn streams_are_translated_event_by_event() {
 async fn a_translated_stream_that_breaks_ends_with_an_error_in_the_clients_format() {
     let claude = upstream(Flavor::Anthropic).await;
     claude.set_faults(faults(json!({"stream_error_after_chunks": 2})));
-    let config = format!(
-        "[[providers]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"http://{}/v1\"\n\n\
-         [[routes]]\nmodel = \"fast\"\ntargets = [{{ provider = \"claude\", model = \"c\" }}]\n",
-        claude.addr()
-    );
+    let config = one_provider(&claude, "anthropic", "/v1", "c", "");
     let gw = gateway(&config).await;
     let text = client()
         .post(format!("{}/v1/chat/completions", gw.url()))
@@ -149,11 +155,12 @@ async fn a_translated_stream_that_breaks_ends_with_an_error_in_the_clients_forma
 #[tokio::test]
 async fn anthropic_clients_get_anthropic_shaped_errors() {
     let claude = upstream(Flavor::Anthropic).await;
-    let config = format!(
-        "[[providers]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"http://{}/v1\"\n\n\
-         [[routes]]\nmodel = \"fast\"\ntargets = [{{ provider = \"claude\", model = \"c\" }}]\n\n\
-         [[keys]]\nkey = \"dk\"\ntenant = \"t\"\n",
-        claude.addr()
+    let config = one_provider(
+        &claude,
+        "anthropic",
+        "/v1",
+        "c",
+        "\n[[keys]]\nkey = \"dk\"\ntenant = \"t\"",
     );
     let gw = gateway(&config).await;
     let url = format!("{}/v1/messages", gw.url());
@@ -187,11 +194,7 @@ async fn anthropic_clients_get_anthropic_shaped_errors() {
 #[tokio::test]
 async fn what_cannot_be_translated_is_a_400_naming_feature_and_target() {
     let claude = upstream(Flavor::Anthropic).await;
-    let config = format!(
-        "[[providers]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"http://{}/v1\"\n\n\
-         [[routes]]\nmodel = \"fast\"\ntargets = [{{ provider = \"claude\", model = \"c\" }}]\n",
-        claude.addr()
-    );
+    let config = one_provider(&claude, "anthropic", "/v1", "c", "");
     let gw = gateway(&config).await;
     let mut body = chat(false);
     body["n"] = json!(3);
@@ -212,11 +215,7 @@ async fn what_cannot_be_translated_is_a_400_naming_feature_and_target() {
 #[tokio::test]
 async fn a_gemini_provider_gets_the_model_in_its_url() {
     let gem = upstream(Flavor::Gemini).await;
-    let config = format!(
-        "[[providers]]\nname = \"g\"\nkind = \"gemini\"\nbase_url = \"http://{}/v1beta\"\napi_key = \"gk\"\n\n\
-         [[routes]]\nmodel = \"fast\"\ntargets = [{{ provider = \"g\", model = \"gemini-x\" }}]\n",
-        gem.addr()
-    );
+    let config = one_provider(&gem, "gemini", "/v1beta", "gemini-x", "api_key = \"gk\"\n");
     let gw = gateway(&config).await;
     for stream in [false, true] {
         let resp = client()
@@ -250,11 +249,7 @@ async fn geminis_retry_info_becomes_retry_after_and_a_cool_down() {
     gem.set_faults(faults(
         json!({"rate_limit_rate": 1.0, "retry_after_secs": 3}),
     ));
-    let alone = format!(
-        "[[providers]]\nname = \"g\"\nkind = \"gemini\"\nbase_url = \"http://{}/v1beta\"\n\n\
-         [[routes]]\nmodel = \"fast\"\ntargets = [{{ provider = \"g\", model = \"gemini-x\" }}]\n",
-        gem.addr()
-    );
+    let alone = one_provider(&gem, "gemini", "/v1beta", "gemini-x", "");
     let gw = gateway(&alone).await;
     let resp = client()
         .post(format!("{}/v1/chat/completions", gw.url()))
