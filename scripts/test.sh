@@ -1,22 +1,39 @@
 #!/usr/bin/env bash
-# The test command: sets up what the tests need (a Python venv with the
-# official SDKs), then runs every test. Safe to run again; fast when set up.
+# The test command, on a fresh machine or an old one: installs what the tests
+# need (Debian's chromium for the status-page test, python3-venv and a venv with
+# the official SDKs), then runs every test. Safe to run again; fast when set up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai' 2>/dev/null; then
+# Debian packages the tests use, installed only when missing.
+missing=()
+python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test.sh: installing ${missing[*]} (Debian packages the tests need)" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, anthropic' 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 fi
 
+# Every phase runs even when an earlier one failed, so one failure never hides
+# another; the script fails if any did.
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
   load='binary(chaos) | test(=a_sheddable_flood_cannot_take_the_critical_tiers_capacity)'
-  cargo nextest run --locked --all-targets --no-fail-fast -E "not ($load)"
+  cargo nextest run --locked --all-targets --no-fail-fast -E "not ($load)" || status=1
   # The chaos suite and the overload test measure latency under load: alone,
   # after the rest.
-  cargo nextest run --locked --all-targets --no-fail-fast -E "$load"
+  cargo nextest run --locked --all-targets --no-fail-fast -E "$load" || status=1
   # nextest does not run doc tests.
-  cargo test --locked --doc
+  cargo test --locked --doc || status=1
 else
-  cargo test --locked --all-targets
+  cargo test --locked --all-targets --no-fail-fast || status=1
 fi
+exit $status

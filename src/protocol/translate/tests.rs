@@ -172,12 +172,38 @@ fn same(name: &str, actual: &[u8], expected: &[u8]) -> bool {
     }
 }
 
+/// Whether `DETOUR_BLESS` asks for the golden files to be rewritten: only an
+/// explicit yes (`1`, `true`, `yes`); unset, empty, `0` or `false` compare.
+fn bless_requested(value: Option<&std::ffi::OsStr>) -> bool {
+    value
+        .and_then(|v| v.to_str())
+        .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+}
+
+#[test]
+fn only_an_explicit_yes_blesses_the_golden_files() {
+    use std::ffi::OsStr;
+    for no in [
+        None,
+        Some(""),
+        Some("0"),
+        Some("false"),
+        Some("no"),
+        Some("off"),
+    ] {
+        assert!(!bless_requested(no.map(OsStr::new)), "{no:?}");
+    }
+    for yes in ["1", "true", "TRUE", "yes"] {
+        assert!(bless_requested(Some(OsStr::new(yes))), "{yes}");
+    }
+}
+
 /// Every case in `cases.txt`. Set `DETOUR_BLESS=1` to (re)write expected
 /// files from the current output, then review the diff.
 #[test]
 fn golden_fixtures() {
     let dir = fixtures();
-    let bless = std::env::var_os("DETOUR_BLESS").is_some();
+    let bless = bless_requested(std::env::var_os("DETOUR_BLESS").as_deref());
     let cases = std::fs::read_to_string(dir.join("cases.txt")).unwrap();
     let mut failures = Vec::new();
     let mut count = 0;
