@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Import cycles between detour's modules: a CI check that fails on a new one.
+
+Reads every `crate::…` and `super::…` path in src/ (test code excluded: files
+named tests.rs and `#[cfg(test)] mod … { … }` blocks), folds each path to a
+node (a top-level module, or `protocol::<sub>` inside the pure protocol layer),
+and finds the strongly connected components of the resulting graph (Tarjan).
+
+The layering is written down in ARCHITECTURE.md: lower layers never import
+higher ones, so the graph must have no cycle. Until every known back-edge is
+cut, `scripts/module-cycles.allow` lists the edges that are known to close a
+cycle today; an edge that closes a cycle and is not listed fails the check, and
+a listed edge that no longer exists is reported so the list only shrinks.
+
+Usage: scripts/module-cycles.py [--graph]   (exit 1 on a new cycle)
+"""
+
+import os
+import re
+import sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+SRC = os.path.join(ROOT, "src")
+ALLOW = os.path.join(ROOT, "scripts", "module-cycles.allow")
+
+# Modules folded one level deeper: their submodules are layers of their own.
+DEEP = {"protocol"}
+# Roots that may import anything (the binary's entry points).
+ROOTS = {"main", "lib"}
+
+PATH = re.compile(r"\b(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)+)")
+GROUP = re.compile(r"\b(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)*)::\{")
+
+
+def module_of(path):
+    rel = os.path.relpath(path, SRC)[: -len(".rs")].split(os.sep)
+    if rel[-1] == "mod":
+        rel = rel[:-1]
+    return rel
+
+
+def node(parts):
+    if not parts:
+        return None
+    if parts[0] in DEEP and len(parts) > 1:
+        return "::".join(parts[:2])
+    return parts[0]
+
+
+def sanitize(text):
+    """Drops comments and the contents of string and char literals, which
+    may hold braces or paths that are not code."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        nxt = text[i + 1] if i + 1 < n else ""
+        if c == "/" and nxt == "/":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif c == "/" and nxt == "*":
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if text.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif text.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+        elif c == "r" and re.match(r'r#*"', text[i:]) and not (i and (text[i - 1].isalnum() or text[i - 1] == "_")):
+            hashes = re.match(r'r(#*)"', text[i:]).group(1)
+            end = text.find('"' + hashes, i + len(hashes) + 2)
+            i = n if end < 0 else end + 1 + len(hashes)
+            out.append('""')
+        elif c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            i += 1
+            out.append('""')
+        elif c == "'" and re.match(r"'(\\.[^']*|[^'\\])'", text[i:]):
+            i += len(re.match(r"'(\\.[^']*|[^'\\])'", text[i:]).group(0))
+            out.append("' '")
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def strip_tests(text):
+    """Drops `#[cfg(test)]` items (a module block or a single item)."""
+    out, lines, i = [], text.split("\n"), 0
+    while i < len(lines):
+        if lines[i].strip() == "#[cfg(test)]":
+            # Skip the item that follows: to the end of its braces, or to `;`.
+            depth, started = 0, False
+            i += 1
+            while i < len(lines):
+                line = lines[i]
+                depth += line.count("{") - line.count("}")
+                started = started or "{" in line
+                i += 1
+                if (started and depth <= 0) or (not started and line.rstrip().endswith(";")):
+                    break
+            continue
+        out.append(lines[i])
+        i += 1
+    return "\n".join(out)
+
+
+def group_items(text, start):
+    """The first path segment of each item in a `{…}` use group at `start`."""
+    depth, i, buf, items = 1, start, "", []
+    while i < len(text) and depth:
+        c = text[i]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        if depth == 1 and c == ",":
+            items.append(buf)
+            buf = ""
+        elif depth >= 1 and not (depth == 1 and c == "}"):
+            buf += c
+        i += 1
+    items.append(buf)
+    return [re.split(r"[:\s{]", s.strip())[0] for s in items if s.strip()]
+
+
+def references(path):
+    me = module_of(path)
+    text = strip_tests(sanitize(open(path, encoding="utf-8").read()))
+    targets = set()
+
+    def resolve(kind, segs):
+        if kind == "crate":
+            return segs
+        base = me[:-1] if me else []
+        return base + segs
+
+    for m in PATH.finditer(text):
+        segs = [s for s in m.group(2).split("::") if s]
+        targets.add(node(resolve(m.group(1), segs)))
+    for m in GROUP.finditer(text):
+        prefix = [s for s in m.group(2).split("::") if s]
+        for item in group_items(text, m.end()):
+            if item and item != "self":
+                targets.add(node(resolve(m.group(1), prefix + [item])))
+            elif item == "self":
+                targets.add(node(resolve(m.group(1), prefix)))
+    return node(me), targets
+
+
+def graph():
+    edges = {}
+    for dirpath, _, files in os.walk(SRC):
+        for f in files:
+            if not f.endswith(".rs") or f == "tests.rs":
+                continue
+            src, targets = references(os.path.join(dirpath, f))
+            if src in ROOTS or src is None:
+                continue
+            for t in targets:
+                if t and t != src and t not in ROOTS:
+                    edges.setdefault(src, set()).add(t)
+            edges.setdefault(src, set())
+    return edges
+
+
+def sccs(edges):
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(10000)
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def main():
+    edges = graph()
+    if "--graph" in sys.argv:
+        for src in sorted(edges):
+            print(f"{src} -> {', '.join(sorted(edges[src]))}")
+        return 0
+    allowed = set()
+    if os.path.exists(ALLOW):
+        for line in open(ALLOW, encoding="utf-8"):
+            line = line.split("#")[0].strip()
+            if line:
+                a, b = [s.strip() for s in line.split("->")]
+                allowed.add((a, b))
+    # Edges inside a strongly connected component are the ones that close cycles.
+    cyclic = set()
+    for comp in sccs(edges):
+        members = set(comp)
+        for a in comp:
+            for b in edges[a]:
+                if b in members:
+                    cyclic.add((a, b))
+    new = sorted(cyclic - allowed)
+    gone = sorted(e for e in allowed if e[1] not in edges.get(e[0], set()))
+    for a, b in gone:
+        print(f"module-cycles: allowed edge {a} -> {b} no longer exists: remove it from {os.path.relpath(ALLOW, ROOT)}")
+    if new:
+        print("module-cycles: these imports close a cycle between modules (lower layers must not import higher ones; see ARCHITECTURE.md):")
+        for a, b in new:
+            print(f"  {a} -> {b}")
+        return 1
+    print(f"module-cycles: ok ({len(edges)} modules, {len(cyclic)} known cyclic edges allowed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
