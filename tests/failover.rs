@@ -53,6 +53,33 @@ fn dead_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// Polls `check` until it holds; panics naming `what` after 5 s, so that a
+/// regression fails the test instead of hanging CI.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `GET /admin/health` of the admin API at `admin`.
+async fn admin_health(admin: &str, token: &str) -> Value {
+    client()
+        .get(format!("{admin}/admin/health"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_failing_primary_is_invisible_to_the_client() {
     let (primary, backup) = (mock().await, mock().await);
@@ -151,15 +178,7 @@ async fn rejected_provider_credentials_fail_over_and_show_in_health() {
     assert_eq!(primary.stats().requests, 1);
 
     let admin = admin(&gw, "t0ken").await;
-    let health: Value = client()
-        .get(format!("{admin}/admin/health"))
-        .bearer_auth("t0ken")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = admin_health(&admin, "t0ken").await;
     assert_eq!(
         health["routes"][0]["targets"][0]["misconfigured"], true,
         "{health}"
@@ -430,31 +449,21 @@ async fn a_status_page_outage_steers_traffic_before_any_request_fails() {
     );
     let gw = gateway(&config).await;
     let admin = admin(&gw, "t").await;
-    let health = || async {
-        let v: Value = client()
-            .get(format!("{admin}/admin/health"))
-            .bearer_auth("t")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["providers"][0].clone()
-    };
-    // Wait for the first poll.
-    while health().await["status_page"] != "operational" {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let health = || async { admin_health(&admin, "t").await["providers"][0].clone() };
+    eventually("the first status-page poll", || async {
+        health().await["status_page"] == "operational"
+    })
+    .await;
     assert_eq!(
         post(&gw, false).await.headers()["x-detour-provider"],
         "primary"
     );
 
     page.set_status(PageStatus::operational().with_component("API", ComponentStatus::MajorOutage));
-    while health().await["status_page"] != "down" {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the status page to say down", || async {
+        health().await["status_page"] == "down"
+    })
+    .await;
     let before = primary.stats().requests;
     for _ in 0..10 {
         let resp = post(&gw, false).await;
@@ -469,9 +478,10 @@ async fn a_status_page_outage_steers_traffic_before_any_request_fails() {
 
     // A broken page changes nothing, and is reported.
     page.set_faults(faults(json!({"malformed": true})));
-    while health().await["status_page_error"].is_null() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the broken page to be reported", || async {
+        !health().await["status_page_error"].is_null()
+    })
+    .await;
     assert_eq!(
         health().await["status_page"],
         "down",
@@ -480,9 +490,10 @@ async fn a_status_page_outage_steers_traffic_before_any_request_fails() {
 
     page.set_faults(faults(json!({})));
     page.set_status(PageStatus::operational());
-    while health().await["status_page"] != "operational" {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the status page to recover", || async {
+        health().await["status_page"] == "operational"
+    })
+    .await;
     assert_eq!(
         post(&gw, false).await.headers()["x-detour-provider"],
         "primary"
