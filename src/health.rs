@@ -207,8 +207,10 @@ pub struct TargetHealth {
 
 #[derive(Debug, Default)]
 struct Bucket {
-    /// Which window slot (time / bucket width) the counts belong to.
-    epoch: AtomicU64,
+    /// When (clock ms) the slot the counts belong to began. A time, not a
+    /// slot number, so that counts stay comparable when a reload changes
+    /// the window (and with it the bucket width).
+    start_ms: AtomicU64,
     ok: AtomicU32,
     failed: AtomicU32,
 }
@@ -530,12 +532,14 @@ impl TargetHealth {
     }
 
     fn bucket(&self, policy: &BreakerPolicy, now: u64) -> &Bucket {
-        let epoch = now / bucket_width(policy);
-        let b = &self.buckets[(epoch % BUCKETS as u64) as usize];
-        let seen = b.epoch.load(Relaxed);
-        if seen != epoch
-            && b.epoch
-                .compare_exchange(seen, epoch, Relaxed, Relaxed)
+        let width = bucket_width(policy);
+        let slot = now / width;
+        let start = slot * width;
+        let b = &self.buckets[(slot % BUCKETS as u64) as usize];
+        let seen = b.start_ms.load(Relaxed);
+        if seen != start
+            && b.start_ms
+                .compare_exchange(seen, start, Relaxed, Relaxed)
                 .is_ok()
         {
             b.ok.store(0, Relaxed);
@@ -546,10 +550,12 @@ impl TargetHealth {
 
     /// Successes and failures in the sliding window.
     fn window(&self, policy: &BreakerPolicy, now: u64) -> (u32, u32) {
-        let current = now / bucket_width(policy);
+        let width = bucket_width(policy);
+        let current = now / width * width;
+        let span = width.saturating_mul(BUCKETS as u64);
         self.buckets
             .iter()
-            .filter(|b| current.saturating_sub(b.epoch.load(Relaxed)) < BUCKETS as u64)
+            .filter(|b| current.saturating_sub(b.start_ms.load(Relaxed)) < span)
             .fold((0, 0), |(ok, failed), b| {
                 (ok + b.ok.load(Relaxed), failed + b.failed.load(Relaxed))
             })
@@ -989,5 +995,33 @@ mod tests {
         let snap = serde_json::to_value(h.snapshot(&policy())).unwrap();
         assert_eq!(snap["latency"]["whole"]["ewma_ms"], 3000.0, "{snap}");
         assert!(snap["latency"]["streamed"]["p95_ms"].is_number(), "{snap}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_longer_window_after_a_reload_does_not_revive_old_failures() {
+        let h = TargetHealth::new("p", "m", Clock::new());
+        let short = BreakerPolicy {
+            consecutive_failures: 100,
+            failure_rate: 0.5,
+            min_requests: 4,
+            window: Duration::from_secs(10),
+            ..policy()
+        };
+        tokio::time::advance(Duration::from_secs(100)).await;
+        for _ in 0..3 {
+            h.on_failure(Failure::Fault, &short, false);
+        }
+        h.on_success(&short, false, Traffic::Whole, Duration::from_millis(1));
+        tokio::time::advance(Duration::from_secs(9_900)).await;
+        // Reloaded with a 1000 s window: the failures of 9900 s ago are
+        // outside it, whatever the bucket width was when they were counted.
+        let long = BreakerPolicy {
+            window: Duration::from_secs(1_000),
+            ..short
+        };
+        h.on_failure(Failure::Fault, &long, false);
+        let snap = h.snapshot(&long);
+        assert_eq!((snap.window_ok, snap.window_failed), (0, 1), "{snap:?}");
+        assert_eq!(h.state(), BreakerState::Closed);
     }
 }
