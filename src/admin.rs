@@ -170,7 +170,7 @@ async fn health(State(s): State<AdminState>) -> Json<Health> {
         .zip(&live.routes)
         .map(|(r, st)| RouteView {
             model: r.alias.clone(),
-            targets: st.health.iter().map(|h| h.snapshot()).collect(),
+            targets: st.health.iter().map(|h| h.snapshot(&r.breaker)).collect(),
         })
         .collect();
     Json(Health { providers, routes })

@@ -4,9 +4,13 @@
 //! - a **circuit breaker** (closed → open → half-open → closed), opened by
 //!   consecutive failures or by the failure rate over a sliding window, as in
 //!   Hystrix and resilience4j; after `open_for` one probe request is let through
-//!   (half-open), and its outcome closes or re-opens the breaker;
+//!   (half-open), and only its outcome closes or re-opens the breaker: a
+//!   request sent before the breaker opened that ends late says nothing about now;
 //! - a **cool-down** from the provider's `retry-after` on 429/503/529;
-//! - **latency**: an EWMA of time to first byte, used to demote a target that has
+//! - **latency**, kept apart for the two kinds of traffic ([`Traffic`]): the time
+//!   to the first event of streamed answers, and the time to the answer of
+//!   non-streamed ones (the whole generation). Each is an EWMA with a mean
+//!   deviation, for a p95 estimate (hedging) and to demote a target that has
 //!   become much slower than its peers;
 //! - **slow start** after recovery: the share of traffic offered to a target that
 //!   just closed its breaker ramps linearly over a window, as Envoy's slow start
@@ -22,6 +26,12 @@
 //!   serves.
 //!
 //! Per provider, a manual **override** (`down` / `up` / `auto`) from the admin API.
+//!
+//! The breaker's policy is not kept here: the caller passes the policy of the
+//! route in its config snapshot, so a reload that changes `breaker` takes
+//! effect on the next request, and a canary config is judged by its own
+//! policy. The state is kept per route and target (see [`Registry::target`]),
+//! so two routes that share a target do not trip each other's breaker.
 //!
 //! Everything is atomics: the request path never takes a lock. Races between
 //! concurrent updates can lose an increment; the breaker only needs to be
@@ -87,6 +97,75 @@ pub enum Status {
     Skip,
 }
 
+/// The two kinds of traffic whose latencies are kept apart: the first event
+/// of a stream comes long before a whole non-streamed answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Traffic {
+    /// Time to the first event of a streamed answer.
+    Streamed,
+    /// Time to the answer of a non-streamed request: the whole generation.
+    Whole,
+}
+
+impl Traffic {
+    pub fn of(stream: bool) -> Self {
+        if stream {
+            Self::Streamed
+        } else {
+            Self::Whole
+        }
+    }
+}
+
+/// An EWMA of a latency with an EWMA of the mean deviation from it, as TCP
+/// estimates its round-trip time (RFC 6298), in microseconds; 0 = no sample.
+#[derive(Debug, Default)]
+struct Estimate {
+    mean_us: AtomicU64,
+    dev_us: AtomicU64,
+}
+
+impl Estimate {
+    fn observe(&self, took: Duration) {
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = self.mean_us.load(Relaxed);
+        let (new, dev) = if old == 0 {
+            (sample, sample / 2)
+        } else {
+            let dev = self.dev_us.load(Relaxed) as f64;
+            let diff = (sample as f64 - old as f64).abs();
+            (
+                (EWMA_ALPHA * sample as f64 + (1.0 - EWMA_ALPHA) * old as f64) as u64,
+                (EWMA_ALPHA * diff + (1.0 - EWMA_ALPHA) * dev) as u64,
+            )
+        };
+        self.mean_us.store(new.max(1), Relaxed);
+        self.dev_us.store(dev, Relaxed);
+    }
+
+    fn mean(&self) -> Option<Duration> {
+        match self.mean_us.load(Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Mean plus two mean deviations: roughly the 95th percentile, without
+    /// keeping a histogram.
+    fn p95(&self) -> Option<Duration> {
+        let mean = self.mean()?;
+        Some(mean + Duration::from_micros(2 * self.dev_us.load(Relaxed)))
+    }
+
+    fn snapshot(&self) -> EstimateSnapshot {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        EstimateSnapshot {
+            ewma_ms: self.mean().map(ms),
+            p95_ms: self.p95().map(ms),
+        }
+    }
+}
+
 /// Why an attempt failed, as health sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -103,7 +182,6 @@ pub struct TargetHealth {
     pub provider: String,
     pub model: String,
     clock: Clock,
-    policy: BreakerPolicy,
     state: AtomicU8,
     consecutive: AtomicU32,
     opened_at: AtomicU64,
@@ -111,10 +189,9 @@ pub struct TargetHealth {
     probe_in_flight: AtomicU8,
     cool_down_until: AtomicU64,
     misconfigured_until: AtomicU64,
-    /// EWMA of time to first byte in microseconds (0 = no sample yet).
-    ttfb_ewma_us: AtomicU64,
-    /// EWMA of the absolute deviation from it, for a p95 estimate.
-    ttfb_dev_us: AtomicU64,
+    /// Latency of streamed answers (first event) and of whole ones.
+    streamed: Estimate,
+    whole: Estimate,
     last_sample_ms: AtomicU64,
     /// Attempts waiting for their first byte, and the adaptive cap on them
     /// (as f64 bits).
@@ -130,8 +207,10 @@ pub struct TargetHealth {
 
 #[derive(Debug, Default)]
 struct Bucket {
-    /// Which window slot (time / bucket width) the counts belong to.
-    epoch: AtomicU64,
+    /// When (clock ms) the slot the counts belong to began. A time, not a
+    /// slot number, so that counts stay comparable when a reload changes
+    /// the window (and with it the bucket width).
+    start_ms: AtomicU64,
     ok: AtomicU32,
     failed: AtomicU32,
 }
@@ -149,12 +228,11 @@ const MAX_CONCURRENCY: f64 = 4096.0;
 const EWMA_ALPHA: f64 = 0.2;
 
 impl TargetHealth {
-    pub fn new(provider: &str, model: &str, clock: Clock, policy: BreakerPolicy) -> Self {
+    pub fn new(provider: &str, model: &str, clock: Clock) -> Self {
         Self {
             provider: provider.to_owned(),
             model: model.to_owned(),
             clock,
-            policy,
             state: AtomicU8::new(CLOSED),
             consecutive: AtomicU32::new(0),
             opened_at: AtomicU64::new(0),
@@ -163,8 +241,8 @@ impl TargetHealth {
             probe_in_flight: AtomicU8::new(0),
             cool_down_until: AtomicU64::new(0),
             misconfigured_until: AtomicU64::new(0),
-            ttfb_ewma_us: AtomicU64::new(0),
-            ttfb_dev_us: AtomicU64::new(0),
+            streamed: Estimate::default(),
+            whole: Estimate::default(),
             last_sample_ms: AtomicU64::new(0),
             lost_races: AtomicU64::new(0f64.to_bits()),
             explored_ms: AtomicU64::new(0),
@@ -185,17 +263,15 @@ impl TargetHealth {
 
     /// Whether a request may be sent now; reads only. A [`Status::Probe`]
     /// must be claimed with [`Self::claim_probe`] right before the attempt.
-    pub fn status(&self) -> Status {
+    pub fn status(&self, policy: &BreakerPolicy) -> Status {
         let now = self.clock.now_ms();
         if now < self.cool_down_until.load(Relaxed) || now < self.misconfigured_until.load(Relaxed)
         {
             return Status::Skip;
         }
         match self.state.load(Relaxed) {
-            CLOSED => Status::Available(self.slow_start_share(now)),
-            OPEN if now.saturating_sub(self.opened_at.load(Relaxed))
-                >= ms(self.policy.open_for) =>
-            {
+            CLOSED => Status::Available(self.slow_start_share(policy, now)),
+            OPEN if now.saturating_sub(self.opened_at.load(Relaxed)) >= ms(policy.open_for) => {
                 Status::Probe
             }
             _ => Status::Skip,
@@ -217,8 +293,8 @@ impl TargetHealth {
         won
     }
 
-    fn slow_start_share(&self, now: u64) -> f64 {
-        let window = ms(self.policy.slow_start);
+    fn slow_start_share(&self, policy: &BreakerPolicy, now: u64) -> f64 {
+        let window = ms(policy.slow_start);
         let closed_at = self.closed_at.load(Relaxed);
         if window == 0 || closed_at == 0 {
             return 1.0;
@@ -231,27 +307,38 @@ impl TargetHealth {
         (0.1 + 0.9 * since as f64 / window as f64).min(1.0)
     }
 
-    pub fn on_success(&self, ttfb: Duration) {
+    /// An attempt succeeded after `took` (to its first event for
+    /// [`Traffic::Streamed`], to its answer for [`Traffic::Whole`]). `probe`:
+    /// it held the half-open breaker's probe slot.
+    pub fn on_success(
+        &self,
+        policy: &BreakerPolicy,
+        probe: bool,
+        traffic: Traffic,
+        took: Duration,
+    ) {
         let now = self.clock.now_ms();
         // Much slower than usual is the first sign of an overloaded provider.
-        match self.ttfb_ewma() {
-            Some(usual) if ttfb > 2 * usual && ttfb > Duration::from_millis(20) => {
+        match self.ttfb_ewma(traffic) {
+            Some(usual) if took > 2 * usual && took > Duration::from_millis(20) => {
                 self.decrease_limit()
             }
             _ => self.increase_limit(),
         }
         self.update_lost_races(0.0);
         self.consecutive.store(0, Relaxed);
-        self.bucket(now).ok.fetch_add(1, Relaxed);
-        self.observe_ttfb(ttfb);
+        self.bucket(policy, now).ok.fetch_add(1, Relaxed);
+        self.observe_ttfb(traffic, took);
         // Only the probe closes the breaker: a success from a request sent
         // before the breaker opened says nothing about now.
-        if self.state.load(Relaxed) == HALF_OPEN {
+        if probe && self.state.load(Relaxed) == HALF_OPEN {
             self.close(now);
         }
     }
 
-    pub fn on_failure(&self, failure: Failure) {
+    /// An attempt failed. `probe`: it held the half-open breaker's probe
+    /// slot; only then does the failure re-open a half-open breaker.
+    pub fn on_failure(&self, failure: Failure, policy: &BreakerPolicy, probe: bool) {
         let now = self.clock.now_ms();
         self.decrease_limit();
         match failure {
@@ -263,7 +350,7 @@ impl TargetHealth {
                 };
                 self.cool_down_until.store(now + ms(d), Relaxed);
                 tracing::info!(provider = %self.provider, model = %self.model, cool_down_ms = ms(d), "target cooling down");
-                if self.state.load(Relaxed) == HALF_OPEN {
+                if probe && self.state.load(Relaxed) == HALF_OPEN {
                     self.open(now);
                 }
                 return;
@@ -279,15 +366,15 @@ impl TargetHealth {
             Failure::Fault => {}
         }
         let consecutive = self.consecutive.fetch_add(1, Relaxed) + 1;
-        self.bucket(now).failed.fetch_add(1, Relaxed);
+        self.bucket(policy, now).failed.fetch_add(1, Relaxed);
         match self.state.load(Relaxed) {
-            HALF_OPEN => self.open(now),
+            HALF_OPEN if probe => self.open(now),
             CLOSED => {
-                let (ok, failed) = self.window(now);
+                let (ok, failed) = self.window(policy, now);
                 let total = ok + failed;
-                let rate_trips = total >= self.policy.min_requests
-                    && f64::from(failed) >= self.policy.failure_rate * f64::from(total);
-                if consecutive >= self.policy.consecutive_failures || rate_trips {
+                let rate_trips = total >= policy.min_requests
+                    && f64::from(failed) >= policy.failure_rate * f64::from(total);
+                if consecutive >= policy.consecutive_failures || rate_trips {
                     self.open(now);
                 }
             }
@@ -295,8 +382,9 @@ impl TargetHealth {
         }
     }
 
-    /// The attempt ended without telling anything about the target (the client
-    /// left, or another hedge won): release a probe slot if it held one.
+    /// The probe ended without telling anything about the target (the client
+    /// left, another hedge won, or the caller's own request was refused):
+    /// releases the probe slot. Call it for the probe's attempt only.
     pub fn on_abandoned(&self) {
         if self.state.load(Relaxed) == HALF_OPEN && self.probe_in_flight.swap(0, Relaxed) == 1 {
             let _ = self
@@ -309,43 +397,35 @@ impl TargetHealth {
         self.clock.now_ms() < self.misconfigured_until.load(Relaxed)
     }
 
-    pub fn ttfb_ewma(&self) -> Option<Duration> {
-        match self.ttfb_ewma_us.load(Relaxed) {
-            0 => None,
-            us => Some(Duration::from_micros(us)),
+    fn estimate(&self, traffic: Traffic) -> &Estimate {
+        match traffic {
+            Traffic::Streamed => &self.streamed,
+            Traffic::Whole => &self.whole,
         }
+    }
+
+    /// The usual latency of `traffic` here; `None` before its first sample.
+    pub fn ttfb_ewma(&self, traffic: Traffic) -> Option<Duration> {
+        self.estimate(traffic).mean()
     }
 
     pub fn transitions(&self) -> u64 {
         self.transitions.load(Relaxed)
     }
 
-    /// Records a time to first byte. Also fed by attempts that lost a hedge
-    /// race, with the time they had taken so far: a lower bound, but enough
-    /// to show that the target has become slow.
-    pub fn observe_ttfb(&self, ttfb: Duration) {
-        let sample = u64::try_from(ttfb.as_micros()).unwrap_or(u64::MAX).max(1);
-        let old = self.ttfb_ewma_us.load(Relaxed);
-        let (new, dev) = if old == 0 {
-            (sample, sample / 2)
-        } else {
-            let dev = self.ttfb_dev_us.load(Relaxed) as f64;
-            let diff = (sample as f64 - old as f64).abs();
-            (
-                (EWMA_ALPHA * sample as f64 + (1.0 - EWMA_ALPHA) * old as f64) as u64,
-                (EWMA_ALPHA * diff + (1.0 - EWMA_ALPHA) * dev) as u64,
-            )
-        };
-        self.ttfb_ewma_us.store(new.max(1), Relaxed);
-        self.ttfb_dev_us.store(dev, Relaxed);
+    /// Records a latency of `traffic`. Also fed by attempts that lost a
+    /// hedge race, with the time they had taken so far: a lower bound, but
+    /// enough to show that the target has become slow.
+    pub fn observe_ttfb(&self, traffic: Traffic, took: Duration) {
+        self.estimate(traffic).observe(took);
         self.last_sample_ms
             .store(self.clock.now_ms().max(1), Relaxed);
     }
 
     /// The attempt was cancelled because another target answered first; it
-    /// had waited `elapsed` without a first byte.
-    pub fn on_race_lost(&self, elapsed: Duration) {
-        self.observe_ttfb(elapsed);
+    /// had waited `elapsed` without an answer.
+    pub fn on_race_lost(&self, traffic: Traffic, elapsed: Duration) {
+        self.observe_ttfb(traffic, elapsed);
         self.update_lost_races(1.0);
     }
 
@@ -362,10 +442,10 @@ impl TargetHealth {
 
     /// For a demoted target: lets one request through per `open_for`, so
     /// that its recovery is noticed. True for the request that gets it.
-    pub fn claim_latency_probe(&self) -> bool {
+    pub fn claim_latency_probe(&self, policy: &BreakerPolicy) -> bool {
         let now = self.clock.now_ms();
         let last = self.last_sample_ms.load(Relaxed);
-        now.saturating_sub(last) >= ms(self.policy.open_for)
+        now.saturating_sub(last) >= ms(policy.open_for)
             && self
                 .last_sample_ms
                 .compare_exchange(last, now.max(1), Relaxed, Relaxed)
@@ -421,16 +501,12 @@ impl TargetHealth {
                 .is_ok()
     }
 
-    /// An estimate of the 95th percentile of time to first byte: mean plus two
-    /// mean deviations, the way TCP estimates its retransmission timeout
-    /// (RFC 6298) without keeping a histogram.
-    pub fn ttfb_p95(&self) -> Option<Duration> {
-        let mean = self.ttfb_ewma()?;
-        Some(mean + Duration::from_micros(2 * self.ttfb_dev_us.load(Relaxed)))
-    }
-
-    pub fn policy(&self) -> &BreakerPolicy {
-        &self.policy
+    /// An estimate of the 95th percentile of the latency of `traffic`: mean
+    /// plus two mean deviations, the way TCP estimates its retransmission
+    /// timeout (RFC 6298) without keeping a histogram. `None` before the
+    /// first sample: no estimate, rather than a guess.
+    pub fn ttfb_p95(&self, traffic: Traffic) -> Option<Duration> {
+        self.estimate(traffic).p95()
     }
 
     fn open(&self, now: u64) {
@@ -455,17 +531,15 @@ impl TargetHealth {
         }
     }
 
-    fn bucket_width(&self) -> u64 {
-        (ms(self.policy.window) / BUCKETS as u64).max(1)
-    }
-
-    fn bucket(&self, now: u64) -> &Bucket {
-        let epoch = now / self.bucket_width();
-        let b = &self.buckets[(epoch % BUCKETS as u64) as usize];
-        let seen = b.epoch.load(Relaxed);
-        if seen != epoch
-            && b.epoch
-                .compare_exchange(seen, epoch, Relaxed, Relaxed)
+    fn bucket(&self, policy: &BreakerPolicy, now: u64) -> &Bucket {
+        let width = bucket_width(policy);
+        let slot = now / width;
+        let start = slot * width;
+        let b = &self.buckets[(slot % BUCKETS as u64) as usize];
+        let seen = b.start_ms.load(Relaxed);
+        if seen != start
+            && b.start_ms
+                .compare_exchange(seen, start, Relaxed, Relaxed)
                 .is_ok()
         {
             b.ok.store(0, Relaxed);
@@ -475,11 +549,13 @@ impl TargetHealth {
     }
 
     /// Successes and failures in the sliding window.
-    fn window(&self, now: u64) -> (u32, u32) {
-        let current = now / self.bucket_width();
+    fn window(&self, policy: &BreakerPolicy, now: u64) -> (u32, u32) {
+        let width = bucket_width(policy);
+        let current = now / width * width;
+        let span = width.saturating_mul(BUCKETS as u64);
         self.buckets
             .iter()
-            .filter(|b| current.saturating_sub(b.epoch.load(Relaxed)) < BUCKETS as u64)
+            .filter(|b| current.saturating_sub(b.start_ms.load(Relaxed)) < span)
             .fold((0, 0), |(ok, failed), b| {
                 (ok + b.ok.load(Relaxed), failed + b.failed.load(Relaxed))
             })
@@ -492,9 +568,9 @@ impl TargetHealth {
         }
     }
 
-    pub fn snapshot(&self) -> TargetSnapshot {
+    pub fn snapshot(&self, policy: &BreakerPolicy) -> TargetSnapshot {
         let now = self.clock.now_ms();
-        let (ok, failed) = self.window(now);
+        let (ok, failed) = self.window(policy, now);
         TargetSnapshot {
             provider: self.provider.clone(),
             model: self.model.clone(),
@@ -504,8 +580,11 @@ impl TargetHealth {
             window_failed: failed,
             cooling_down_ms: self.cool_down_until.load(Relaxed).saturating_sub(now),
             misconfigured: self.is_misconfigured(),
-            ttfb_ewma_ms: self.ttfb_ewma().map(|d| d.as_secs_f64() * 1e3),
-            slow_start_share: self.slow_start_share(now),
+            latency: LatencySnapshot {
+                streamed: self.streamed.snapshot(),
+                whole: self.whole.snapshot(),
+            },
+            slow_start_share: self.slow_start_share(policy, now),
             lost_race_share: self.lost_race_share(),
             in_flight: self.in_flight.load(Relaxed),
             concurrency_limit: self.concurrency_limit(),
@@ -516,6 +595,10 @@ impl TargetHealth {
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn bucket_width(policy: &BreakerPolicy) -> u64 {
+    (ms(policy.window) / BUCKETS as u64).max(1)
 }
 
 /// An attempt waiting for its first byte (see [`TargetHealth::start_attempt`]).
@@ -538,12 +621,28 @@ pub struct TargetSnapshot {
     pub window_failed: u32,
     pub cooling_down_ms: u64,
     pub misconfigured: bool,
-    pub ttfb_ewma_ms: Option<f64>,
+    pub latency: LatencySnapshot,
     pub slow_start_share: f64,
     pub lost_race_share: f64,
     pub breaker_transitions: u64,
     pub in_flight: u32,
     pub concurrency_limit: f64,
+}
+
+/// Both latency estimates of a target.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencySnapshot {
+    /// Time to the first event of streamed answers.
+    pub streamed: EstimateSnapshot,
+    /// Time to the answer of non-streamed requests.
+    pub whole: EstimateSnapshot,
+}
+
+/// One latency estimate; `null` before its first sample.
+#[derive(Debug, Clone, Serialize)]
+pub struct EstimateSnapshot {
+    pub ewma_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
 }
 
 /// A manual override of a provider's health.
@@ -623,6 +722,15 @@ impl ProviderHealth {
     }
 }
 
+/// What a target's health is kept under (see [`Registry::target`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TargetKey {
+    route: String,
+    provider: String,
+    base_url: String,
+    model: String,
+}
+
 /// Health state that outlives config reloads, looked up when a config is
 /// built so that the request path holds direct references. It also keeps the
 /// response cache, which outlives reloads the same way.
@@ -630,27 +738,38 @@ impl ProviderHealth {
 pub struct Registry {
     clock: Clock,
     // Only touched when a config is built, never on the request path.
-    targets: RwLock<HashMap<(String, String, String), Arc<TargetHealth>>>,
+    targets: RwLock<HashMap<TargetKey, Arc<TargetHealth>>>,
     providers: RwLock<HashMap<String, Arc<ProviderHealth>>>,
     cache: RwLock<Option<Arc<crate::cache::Cache>>>,
 }
 
 impl Registry {
-    /// The health of a target, the same across configs as long as its
-    /// provider name, address and model stay the same.
+    /// The health of a route's target, the same across configs as long as
+    /// the route's alias and the target's provider name, address and model
+    /// stay the same.
+    ///
+    /// Keyed by route too: each route judges a target by its own `breaker`
+    /// policy, so a route that tolerates failures is not shut out of a
+    /// target by a stricter route's breaker (as Envoy keeps outlier
+    /// detection per cluster). The price: each route learns on its own that
+    /// a shared target is down.
     pub fn target(
         &self,
+        route: &str,
         provider: &str,
         base_url: &str,
         model: &str,
-        policy: BreakerPolicy,
     ) -> Arc<TargetHealth> {
-        let key = (provider.to_owned(), base_url.to_owned(), model.to_owned());
+        let key = TargetKey {
+            route: route.to_owned(),
+            provider: provider.to_owned(),
+            base_url: base_url.to_owned(),
+            model: model.to_owned(),
+        };
         let mut map = self.targets.write().unwrap_or_else(|e| e.into_inner());
         Arc::clone(
-            map.entry(key).or_insert_with(|| {
-                Arc::new(TargetHealth::new(provider, model, self.clock, policy))
-            }),
+            map.entry(key)
+                .or_insert_with(|| Arc::new(TargetHealth::new(provider, model, self.clock))),
         )
     }
 
@@ -702,91 +821,207 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn consecutive_failures_open_then_a_probe_closes() {
-        let h = TargetHealth::new("p", "m", Clock::new(), policy());
+        let h = TargetHealth::new("p", "m", Clock::new());
         for _ in 0..2 {
-            h.on_failure(Failure::Fault);
+            h.on_failure(Failure::Fault, &policy(), false);
         }
         assert_eq!(h.state(), BreakerState::Closed);
-        h.on_failure(Failure::Fault);
+        h.on_failure(Failure::Fault, &policy(), false);
         assert_eq!(h.state(), BreakerState::Open);
-        assert_eq!(h.status(), Status::Skip);
+        assert_eq!(h.status(&policy()), Status::Skip);
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert_eq!(h.status(), Status::Probe, "one probe after open_for");
+        assert_eq!(
+            h.status(&policy()),
+            Status::Probe,
+            "one probe after open_for"
+        );
         assert!(h.claim_probe());
         assert!(!h.claim_probe(), "only one probe at a time");
-        assert_eq!(h.status(), Status::Skip);
-        h.on_success(Duration::from_millis(10));
+        assert_eq!(h.status(&policy()), Status::Skip);
+        h.on_success(&policy(), true, Traffic::Whole, Duration::from_millis(10));
         assert_eq!(h.state(), BreakerState::Closed);
         // Slow start: the share ramps from 10% to 100% over the window.
-        let Status::Available(share) = h.status() else {
+        let Status::Available(share) = h.status(&policy()) else {
             panic!()
         };
         assert!((0.09..0.2).contains(&share), "{share}");
         tokio::time::advance(Duration::from_secs(5)).await;
-        let Status::Available(share) = h.status() else {
+        let Status::Available(share) = h.status(&policy()) else {
             panic!()
         };
         assert!((0.5..0.6).contains(&share), "{share}");
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert_eq!(h.status(), Status::Available(1.0));
+        assert_eq!(h.status(&policy()), Status::Available(1.0));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_reopens() {
-        let h = TargetHealth::new("p", "m", Clock::new(), policy());
+        let h = TargetHealth::new("p", "m", Clock::new());
         for _ in 0..3 {
-            h.on_failure(Failure::Fault);
+            h.on_failure(Failure::Fault, &policy(), false);
         }
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(h.claim_probe());
-        h.on_failure(Failure::Fault);
+        h.on_failure(Failure::Fault, &policy(), true);
         assert_eq!(h.state(), BreakerState::Open);
-        assert_eq!(h.status(), Status::Skip);
+        assert_eq!(h.status(&policy()), Status::Skip);
     }
 
     #[tokio::test(start_paused = true)]
     async fn failure_rate_over_the_window_opens() {
-        let h = TargetHealth::new("p", "m", Clock::new(), policy());
+        let h = TargetHealth::new("p", "m", Clock::new());
         // Alternating: never 3 in a row, but half of 10+ requests fail.
         for _ in 0..6 {
-            h.on_success(Duration::from_millis(1));
-            h.on_failure(Failure::Fault);
+            h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(1));
+            h.on_failure(Failure::Fault, &policy(), false);
         }
-        assert_eq!(h.state(), BreakerState::Open, "{:?}", h.snapshot());
+        assert_eq!(h.state(), BreakerState::Open, "{:?}", h.snapshot(&policy()));
     }
 
     #[tokio::test(start_paused = true)]
     async fn old_failures_leave_the_window() {
-        let h = TargetHealth::new("p", "m", Clock::new(), policy());
+        let h = TargetHealth::new("p", "m", Clock::new());
         for _ in 0..6 {
-            h.on_success(Duration::from_millis(1));
-            h.on_failure(Failure::Fault);
-            h.on_success(Duration::from_millis(1));
+            h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(1));
+            h.on_failure(Failure::Fault, &policy(), false);
+            h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(1));
             tokio::time::advance(Duration::from_secs(3)).await;
         }
-        assert_eq!(h.state(), BreakerState::Closed, "{:?}", h.snapshot());
+        assert_eq!(
+            h.state(),
+            BreakerState::Closed,
+            "{:?}",
+            h.snapshot(&policy())
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn retry_after_cools_down_without_opening() {
-        let h = TargetHealth::new("p", "m", Clock::new(), policy());
-        h.on_failure(Failure::Throttled {
-            cool_down: Duration::from_secs(2),
-        });
-        assert_eq!(h.status(), Status::Skip);
+        let h = TargetHealth::new("p", "m", Clock::new());
+        h.on_failure(
+            Failure::Throttled {
+                cool_down: Duration::from_secs(2),
+            },
+            &policy(),
+            false,
+        );
+        assert_eq!(h.status(&policy()), Status::Skip);
         assert_eq!(h.state(), BreakerState::Closed);
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(h.status(), Status::Available(1.0));
+        assert_eq!(h.status(&policy()), Status::Available(1.0));
     }
 
     #[tokio::test(start_paused = true)]
     async fn ttfb_ewma_tracks_latency() {
-        let h = TargetHealth::new("p", "m", Clock::new(), policy());
-        h.on_success(Duration::from_millis(100));
-        assert_eq!(h.ttfb_ewma(), Some(Duration::from_millis(100)));
+        let h = TargetHealth::new("p", "m", Clock::new());
+        h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(100));
+        assert_eq!(
+            h.ttfb_ewma(Traffic::Whole),
+            Some(Duration::from_millis(100))
+        );
         for _ in 0..30 {
-            h.on_success(Duration::from_millis(10));
+            h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(10));
         }
-        assert!(h.ttfb_ewma().unwrap() < Duration::from_millis(12));
+        assert!(h.ttfb_ewma(Traffic::Whole).unwrap() < Duration::from_millis(12));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_probes_outcome_decides_a_half_open_breaker() {
+        let h = TargetHealth::new("p", "m", Clock::new());
+        for _ in 0..3 {
+            h.on_failure(Failure::Fault, &policy(), false);
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(h.claim_probe());
+        // Requests sent before the breaker opened end late, either way.
+        h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(10));
+        assert_eq!(h.state(), BreakerState::HalfOpen, "a late success");
+        h.on_failure(Failure::Fault, &policy(), false);
+        assert_eq!(h.state(), BreakerState::HalfOpen, "a late failure");
+        h.on_success(&policy(), true, Traffic::Whole, Duration::from_millis(10));
+        assert_eq!(h.state(), BreakerState::Closed, "the probe's success");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_policy_passed_in_is_the_one_applied() {
+        let h = TargetHealth::new("p", "m", Clock::new());
+        let lenient = BreakerPolicy {
+            consecutive_failures: 100,
+            min_requests: 100,
+            ..policy()
+        };
+        for _ in 0..5 {
+            h.on_failure(Failure::Fault, &lenient, false);
+        }
+        assert_eq!(h.state(), BreakerState::Closed);
+        // A reload made it stricter: what was counted already applies.
+        h.on_failure(Failure::Fault, &policy(), false);
+        assert_eq!(h.state(), BreakerState::Open);
+        let quick = BreakerPolicy {
+            open_for: Duration::from_millis(100),
+            ..policy()
+        };
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(h.status(&policy()), Status::Skip);
+        assert_eq!(h.status(&quick), Status::Probe);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streamed_and_whole_latencies_are_kept_apart() {
+        let h = TargetHealth::new("p", "m", Clock::new());
+        assert_eq!(
+            h.ttfb_p95(Traffic::Streamed),
+            None,
+            "no sample, no estimate"
+        );
+        assert_eq!(h.ttfb_p95(Traffic::Whole), None);
+        for _ in 0..10 {
+            h.on_success(
+                &policy(),
+                false,
+                Traffic::Streamed,
+                Duration::from_millis(5),
+            );
+        }
+        assert_eq!(h.ttfb_ewma(Traffic::Whole), None);
+        assert!(h.ttfb_p95(Traffic::Streamed).unwrap() < Duration::from_millis(10));
+        let limit = h.concurrency_limit();
+        // A whole answer takes far longer than a first event: not a sign of
+        // overload, so the adaptive cap does not come down.
+        h.on_success(&policy(), false, Traffic::Whole, Duration::from_secs(3));
+        assert!(h.concurrency_limit() >= limit);
+        assert_eq!(h.ttfb_ewma(Traffic::Whole), Some(Duration::from_secs(3)));
+        assert!(h.ttfb_ewma(Traffic::Streamed).unwrap() < Duration::from_millis(10));
+        let snap = serde_json::to_value(h.snapshot(&policy())).unwrap();
+        assert_eq!(snap["latency"]["whole"]["ewma_ms"], 3000.0, "{snap}");
+        assert!(snap["latency"]["streamed"]["p95_ms"].is_number(), "{snap}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_longer_window_after_a_reload_does_not_revive_old_failures() {
+        let h = TargetHealth::new("p", "m", Clock::new());
+        let short = BreakerPolicy {
+            consecutive_failures: 100,
+            failure_rate: 0.5,
+            min_requests: 4,
+            window: Duration::from_secs(10),
+            ..policy()
+        };
+        tokio::time::advance(Duration::from_secs(100)).await;
+        for _ in 0..3 {
+            h.on_failure(Failure::Fault, &short, false);
+        }
+        h.on_success(&short, false, Traffic::Whole, Duration::from_millis(1));
+        tokio::time::advance(Duration::from_secs(9_900)).await;
+        // Reloaded with a 1000 s window: the failures of 9900 s ago are
+        // outside it, whatever the bucket width was when they were counted.
+        let long = BreakerPolicy {
+            window: Duration::from_secs(1_000),
+            ..short
+        };
+        h.on_failure(Failure::Fault, &long, false);
+        let snap = h.snapshot(&long);
+        assert_eq!((snap.window_ok, snap.window_failed), (0, 1), "{snap:?}");
+        assert_eq!(h.state(), BreakerState::Closed);
     }
 }

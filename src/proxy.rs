@@ -17,6 +17,18 @@
 //!
 //! A retry needs a token from the route's retry budget; without one, the
 //! request ends with the last error instead of adding load to a failing fleet.
+//!
+//! Hedging (`hedge_after`): when the first attempt has no answer after the
+//! delay (fixed, or the target's p95 for the request's kind of traffic, and
+//! no hedge while that has no sample), a second target races it; the first
+//! success wins and the other is cancelled. A non-retryable answer (the
+//! caller's own 4xx) from one of the two does not cancel the other: it is the
+//! answer only if the other fails too.
+//!
+//! Only the attempt that holds a half-open breaker's probe slot reports
+//! itself as the probe (`probe` in `health::TargetHealth::on_success` /
+//! `on_failure`); a probe that ends telling nothing (cancelled, or the
+//! caller's own 4xx) frees the slot.
 
 use std::future::Future;
 use std::ops::Range;
@@ -34,7 +46,7 @@ use tokio::time::Instant;
 use crate::cache;
 use crate::config::{HedgeAfter, Route, Target};
 use crate::error::{ApiError, ClientFormat, GatewayError};
-use crate::health::{Failure, TargetHealth};
+use crate::health::{Failure, TargetHealth, Traffic};
 use crate::protocol::chat::{ChatRequest, Format};
 use crate::protocol::translate::{self, StreamDecoder, StreamEncoder, TranslateError};
 use crate::providers::{Adapter, Endpoint, Outgoing};
@@ -139,11 +151,18 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
     let state = &live.routes[position];
     state.budget.deposit();
     let mut rng = fastrand::Rng::new();
-    let mut plan = routing::plan(route, &state.health, &live.overrides, &mut rng).into_iter();
+    // Streamed and whole answers have their own latency estimates.
+    let traffic = Traffic::of(req.stream);
+    let mut plan =
+        routing::plan(route, &state.health, &live.overrides, traffic, &mut rng).into_iter();
 
     let mut tried = Tried::default();
     let mut attempts = 0u32;
     let mut last: Option<(usize, UpstreamError)> = None;
+    // A non-retryable error (the caller's own 4xx) while another attempt was
+    // still in flight: the answer, unless that attempt succeeds. Nothing new
+    // is launched after it: other targets would refuse the request too.
+    let mut refused: Option<(usize, UpstreamError)> = None;
     let mut in_flight = FuturesUnordered::new();
     // Attempts in flight: target index and start, so that an attempt which
     // loses a hedge race still tells health how slow it was.
@@ -183,7 +202,8 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 delay,
                 attempt(live, route, target, &req),
             );
-            in_flight.push(Box::pin(async move { (candidate.index, fut.await) }));
+            let probe = candidate.probe;
+            in_flight.push(Box::pin(async move { (candidate.index, probe, fut.await) }));
             return true;
         }
         false
@@ -202,13 +222,12 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
         let hedge_after = match hedging {
             _ if in_flight.len() != 1 => None,
             Some(HedgeAfter::Fixed(d)) => Some(d),
-            Some(HedgeAfter::P95) => Some(
-                pending
-                    .first()
-                    .and_then(|(i, _)| state.health[*i].ttfb_p95())
-                    .unwrap_or(Duration::from_millis(100))
-                    .max(Duration::from_millis(1)),
-            ),
+            // No samples of this kind of traffic yet: no estimate, no hedge
+            // (a guess would double the cost of every slow first answer).
+            Some(HedgeAfter::P95) => pending
+                .first()
+                .and_then(|(i, _)| state.health[*i].ttfb_p95(traffic))
+                .map(|p95| p95.max(Duration::from_millis(1))),
             None => None,
         };
         let hedge_timer = async move {
@@ -229,7 +248,7 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 continue;
             }
         };
-        let (index, result) = outcome;
+        let (index, probe, result) = outcome;
         pending.retain(|(i, _)| *i != index);
         let target = &route.targets[index];
         let health = &state.health[index];
@@ -239,10 +258,14 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 // each lost a race, so it was at least this slow.
                 drop(in_flight);
                 for (i, started) in &pending {
-                    state.health[*i].on_race_lost(started.elapsed());
+                    state.health[*i].on_race_lost(traffic, started.elapsed());
                     tracing::info!(request_id = %record.request_id, provider = %route.targets[*i].provider.name, "hedge lost the race: cancelled");
                 }
-                health.on_success(committed.body.first_byte().unwrap_or_default());
+                if let Some((i, error)) = &refused {
+                    tried.push(&route.targets[*i], reason_of(error));
+                }
+                let took = committed.body.first_byte().unwrap_or_default();
+                health.on_success(&route.breaker, probe, traffic, took);
                 crate::metrics::hedge_decided(&route.alias, hedge, Some(index));
                 crate::incidents::served_by(live, position, index);
                 if committed.status.is_success() && !live.served_ok.load(Ordering::Relaxed) {
@@ -267,18 +290,27 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 return with_cache_status(resp, visit.as_ref());
             }
             Err(error) if !error.retryable() => {
-                drop(in_flight);
-                crate::metrics::hedge_decided(&route.alias, hedge, Some(index));
-                record.attempts = attempts;
-                record.provider = Some(target.provider.name.clone());
-                record.model = Some(target.model.clone());
-                let resp = reject(record, req.format, error.into());
-                let resp = with_attempt_headers(resp, Some(target), attempts, &tried);
-                return with_cache_status(resp, visit.as_ref());
+                // The caller's own request was refused: that says nothing
+                // about the target's health.
+                if probe {
+                    health.on_abandoned();
+                }
+                if in_flight.is_empty() {
+                    crate::metrics::hedge_decided(&route.alias, hedge, Some(index));
+                    record.attempts = attempts;
+                    return refuse(record, &req, route, index, error, &tried, visit.as_ref());
+                }
+                // A hedge is still running and may yet succeed: wait for it.
+                tracing::info!(request_id = %record.request_id, provider = %target.provider.name, "hedge refused the request; waiting for the other attempt");
+                if refused.is_none() {
+                    refused = Some((index, error));
+                }
             }
             Err(error) => {
                 if !matches!(error, UpstreamError::Untranslatable { .. }) {
-                    health.on_failure(failure_of(&error));
+                    health.on_failure(failure_of(&error), &route.breaker, probe);
+                } else if probe {
+                    health.on_abandoned();
                 }
                 tracing::warn!(
                     request_id = %record.request_id,
@@ -293,7 +325,7 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 crate::incidents::attempt_failed(live, target.provider_index);
                 tried.push(target, reason_of(&error));
                 last = Some((index, error));
-                if in_flight.is_empty() {
+                if in_flight.is_empty() && refused.is_none() {
                     launch(
                         &mut in_flight,
                         &mut pending,
@@ -307,6 +339,10 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
     }
 
     record.attempts = attempts;
+    if let Some((index, error)) = refused {
+        crate::metrics::hedge_decided(&route.alias, hedge, Some(index));
+        return refuse(record, &req, route, index, error, &tried, visit.as_ref());
+    }
     crate::metrics::hedge_decided(&route.alias, hedge, None);
     let (error, target) = match last {
         // One attempt: its own error says most (a 504 naming the timeout...).
@@ -332,6 +368,25 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
     let resp = reject(record, req.format, error);
     let resp = with_attempt_headers(resp, target, attempts, &tried);
     with_cache_status(resp, visit.as_ref())
+}
+
+/// Answers a non-retryable error (the caller's own 4xx) from target `index`.
+fn refuse(
+    mut record: RequestRecord,
+    req: &Forward,
+    route: &Route,
+    index: usize,
+    error: UpstreamError,
+    tried: &Tried,
+    visit: Option<&cache::Visit>,
+) -> Response {
+    let target = &route.targets[index];
+    record.provider = Some(target.provider.name.clone());
+    record.model = Some(target.model.clone());
+    let attempts = record.attempts;
+    let resp = reject(record, req.format, error.into());
+    let resp = with_attempt_headers(resp, Some(target), attempts, tried);
+    with_cache_status(resp, visit)
 }
 
 /// Answers from the response cache: no attempt, the original answer's bytes.

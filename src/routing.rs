@@ -10,7 +10,9 @@
 //! 4. Demotion: a target in slow start is moved behind every other target with
 //!    probability `1 - share`; a target whose time-to-first-byte EWMA is more than
 //!    [`DEMOTE_FACTOR`] times the fastest available peer's (and above
-//!    [`DEMOTE_FLOOR`]) goes behind every healthy peer too. Demoted targets still
+//!    [`DEMOTE_FLOOR`]) goes behind every healthy peer too. Latencies are
+//!    compared for the request's kind of traffic (first event of a stream, or
+//!    a whole answer; see `health::Traffic`), never one kind against the other. Demoted targets still
 //!    serve when everything ahead of them fails. A target that keeps losing
 //!    hedge races (more than [`LOSING_SHARE`] recently) is demoted the same way.
 //!    One request per `open_for` still goes to a demoted target first, so that
@@ -26,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Route;
-use crate::health::{Override, PageState, ProviderHealth, Status, TargetHealth};
+use crate::health::{Override, PageState, ProviderHealth, Status, TargetHealth, Traffic};
 
 pub const DEMOTE_FACTOR: f64 = 3.0;
 pub const DEMOTE_FLOOR: Duration = Duration::from_millis(50);
@@ -44,12 +46,13 @@ pub struct Candidate {
     pub probe: bool,
 }
 
-/// The order of targets to try. `health` is parallel to `route.targets`;
-/// `overrides` is indexed by provider.
+/// The order of targets to try for a request of kind `traffic`. `health` is
+/// parallel to `route.targets`; `overrides` is indexed by provider.
 pub fn plan(
     route: &Route,
     health: &[Arc<TargetHealth>],
     overrides: &[Arc<ProviderHealth>],
+    traffic: Traffic,
     rng: &mut fastrand::Rng,
 ) -> Vec<Candidate> {
     struct Entry {
@@ -73,7 +76,7 @@ pub fn plan(
             Override::Down => continue,
             Override::Up => (1.0, false),
             Override::Auto if page == PageState::Down => continue,
-            Override::Auto => match h.status() {
+            Override::Auto => match h.status(&route.breaker) {
                 Status::Skip => continue,
                 Status::Probe => (1.0, true),
                 Status::Available(share) => (share, false),
@@ -90,7 +93,7 @@ pub fn plan(
             ttfb: if over == Override::Up {
                 None
             } else {
-                h.ttfb_ewma()
+                h.ttfb_ewma(traffic)
             },
         });
     }
@@ -116,7 +119,7 @@ pub fn plan(
         }
         // One request per `open_for` still goes to a demoted target first,
         // so that its recovery is noticed.
-        if (slow || losing) && !h.claim_latency_probe() {
+        if (slow || losing) && !h.claim_latency_probe(&route.breaker) {
             e.demoted = true;
         }
     }
@@ -204,14 +207,7 @@ mod tests {
     fn health(n: usize) -> Vec<Arc<TargetHealth>> {
         let clock = Clock::new();
         (0..n)
-            .map(|i| {
-                Arc::new(TargetHealth::new(
-                    &format!("p{i}"),
-                    "m",
-                    clock,
-                    BreakerPolicy::default(),
-                ))
-            })
+            .map(|i| Arc::new(TargetHealth::new(&format!("p{i}"), "m", clock)))
             .collect()
     }
 
@@ -231,20 +227,23 @@ mod tests {
         let h = health(3);
         let o = overrides(3);
         let mut rng = fastrand::Rng::with_seed(1);
-        assert_eq!(order(&plan(&r, &h, &o, &mut rng)), vec![0, 1, 2]);
+        assert_eq!(
+            order(&plan(&r, &h, &o, Traffic::Whole, &mut rng)),
+            vec![0, 1, 2]
+        );
         for _ in 0..5 {
-            h[0].on_failure(Failure::Fault);
+            h[0].on_failure(Failure::Fault, &BreakerPolicy::default(), false);
         }
         assert_eq!(
-            order(&plan(&r, &h, &o, &mut rng)),
+            order(&plan(&r, &h, &o, Traffic::Whole, &mut rng)),
             vec![1, 2],
             "open breaker is skipped"
         );
         o[1].set(Override::Down);
-        assert_eq!(order(&plan(&r, &h, &o, &mut rng)), vec![2]);
+        assert_eq!(order(&plan(&r, &h, &o, Traffic::Whole, &mut rng)), vec![2]);
         o[0].set(Override::Up);
         assert_eq!(
-            order(&plan(&r, &h, &o, &mut rng)),
+            order(&plan(&r, &h, &o, Traffic::Whole, &mut rng)),
             vec![0, 2],
             "up overrides the breaker"
         );
@@ -256,7 +255,7 @@ mod tests {
         let (h, o) = (health(2), overrides(2));
         let mut rng = fastrand::Rng::with_seed(7);
         let firsts = (0..4000)
-            .filter(|_| plan(&r, &h, &o, &mut rng)[0].index == 0)
+            .filter(|_| plan(&r, &h, &o, Traffic::Whole, &mut rng)[0].index == 0)
             .count();
         assert!((2800..3200).contains(&firsts), "{firsts}");
     }
@@ -265,9 +264,18 @@ mod tests {
     async fn a_much_slower_target_is_demoted() {
         let r = route(&[(0, 0, 1), (1, 1, 1)]);
         let (h, o) = (health(2), overrides(2));
-        h[0].on_success(Duration::from_millis(900));
-        h[1].on_success(Duration::from_millis(100));
+        let policy = BreakerPolicy::default();
+        h[0].on_success(&policy, false, Traffic::Whole, Duration::from_millis(900));
+        h[1].on_success(&policy, false, Traffic::Whole, Duration::from_millis(100));
         let mut rng = fastrand::Rng::with_seed(1);
-        assert_eq!(order(&plan(&r, &h, &o, &mut rng)), vec![1, 0]);
+        assert_eq!(
+            order(&plan(&r, &h, &o, Traffic::Whole, &mut rng)),
+            vec![1, 0]
+        );
+        // Streamed traffic has no samples here: nothing to demote on.
+        assert_eq!(
+            order(&plan(&r, &h, &o, Traffic::Streamed, &mut rng)),
+            vec![0, 1]
+        );
     }
 }

@@ -46,7 +46,9 @@ pub struct Live {
 /// A route's shared runtime state.
 #[derive(Debug)]
 pub struct RouteState {
-    /// Parallel to the route's targets.
+    /// Parallel to the route's targets; kept per route (see
+    /// [`Registry::target`]) and judged by the route's `breaker` policy of
+    /// the request's snapshot.
     pub health: Vec<Arc<TargetHealth>>,
     pub budget: RetryBudget,
 }
@@ -72,7 +74,7 @@ impl Live {
                     .iter()
                     .map(|t| {
                         let base = t.provider.base_url.as_str();
-                        registry.target(&t.provider.name, base, &t.model, r.breaker)
+                        registry.target(&r.alias, &t.provider.name, base, &t.model)
                     })
                     .collect(),
                 budget: RetryBudget::new(&r.retries, registry.clock()),

@@ -177,7 +177,8 @@ pub fn provider_state(live: &Live, i: usize) -> (ProviderState, String) {
     let mut seen: Vec<*const crate::health::TargetHealth> = Vec::new();
     for (route, state) in live.config.routes.iter().zip(&live.routes) {
         for (target, h) in route.targets.iter().zip(&state.health) {
-            // A target on several routes shares one health.
+            // Health is kept per route and target; a target listed twice
+            // on one route shares one.
             if target.provider_index != i || seen.contains(&Arc::as_ptr(h)) {
                 continue;
             }
@@ -187,7 +188,7 @@ pub fn provider_state(live: &Live, i: usize) -> (ProviderState, String) {
                 open += 1;
             } else if h.is_misconfigured() {
                 misconfigured += 1;
-            } else if h.status() == Status::Skip {
+            } else if h.status(&route.breaker) == Status::Skip {
                 cooling += 1;
             }
         }

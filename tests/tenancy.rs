@@ -450,7 +450,10 @@ async fn a_target_that_slows_down_under_load_gets_a_lower_concurrency_cap() {
         spare.addr()
     );
     let gw = gateway(&config).await;
-    let health = || gw.gateway.live().routes[0].health[0].snapshot();
+    let health = || {
+        let live = gw.gateway.live();
+        live.routes[0].health[0].snapshot(&live.config.routes[0].breaker)
+    };
     for _ in 0..20 {
         call(&gw, "").await;
     }

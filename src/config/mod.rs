@@ -221,7 +221,9 @@ impl Default for RolloutPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HedgeAfter {
     Fixed(Duration),
-    /// The first target's estimated p95 time to first byte (at least 1 ms).
+    /// The first target's estimated p95 latency for the request's kind of
+    /// traffic (first event of a stream, or a whole answer; at least 1 ms).
+    /// No hedge until that estimate has a sample.
     P95,
 }
 
