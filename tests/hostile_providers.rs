@@ -583,3 +583,67 @@ async fn the_callers_own_404_is_still_relayed() {
     assert_eq!(header(&resp, "x-detour-attempts"), Some("1"));
     assert_eq!(backup.stats().requests, 0);
 }
+
+#[tokio::test]
+async fn an_answer_to_translate_that_is_not_json_fails_over() {
+    let (primary, backup) = (
+        upstream(Flavor::Openai).await,
+        upstream(Flavor::Openai).await,
+    );
+    primary.set_faults(faults(json!({"malformed": true})));
+    let gw = gateway(&config(
+        "openai",
+        primary.addr(),
+        Some(backup.addr()),
+        "",
+        "",
+    ))
+    .await;
+    let resp = post(&gw, Client::Anthropic, false).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "x-detour-provider"), Some("backup"));
+    assert_eq!(
+        header(&resp, "x-detour-tried"),
+        Some("primary/gpt-a=invalid_json")
+    );
+}
+
+#[tokio::test]
+async fn an_answer_past_what_detour_reads_whole_is_a_502_and_not_generated_again() {
+    // 40 MB announced and sent: more than the 32 MiB detour translates.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_request(&mut socket).await.is_none() {
+                    return;
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 40000000\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let spaces = vec![b' '; 1 << 20];
+                for _ in 0..40 {
+                    if socket.write_all(&spaces[..1_000_000]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let backup = upstream(Flavor::Openai).await;
+    let gw = gateway(&config("openai", addr, Some(backup.addr()), "", "")).await;
+    let resp = post(&gw, Client::Anthropic, false).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(header(&resp, "x-detour-attempts"), Some("1"));
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than"),
+        "{v}"
+    );
+    assert_eq!(backup.stats().requests, 0, "never generated twice");
+}
