@@ -461,10 +461,18 @@ async fn attempt(
                 // The provider did its part; generating the answer again
                 // elsewhere would cost twice and fail the same way.
                 Err(e) => {
+                    // No message: it may quote the answer's text.
+                    tracing::error!(
+                        provider = %target.provider.name,
+                        model = %target.model,
+                        from = ?upstream_format,
+                        to = req.format.as_str(),
+                        "could not translate a provider's answer: a detour bug or a change in the provider's format"
+                    );
                     return Err(UpstreamError::TranslationFailed {
                         provider: target.provider.name.clone(),
                         message: e.to_string(),
-                    })
+                    });
                 }
             };
             let json = HeaderValue::from_static("application/json");
