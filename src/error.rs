@@ -78,7 +78,7 @@ pub enum GatewayError {
 
 /// Whole seconds to wait, at least 1 (the `retry-after` header's value).
 pub fn retry_after_secs(d: &std::time::Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 fn list(items: &[String]) -> String {
@@ -220,6 +220,23 @@ fn upstream_shape(e: &UpstreamError) -> Shape<'static> {
             kind: "invalid_request_error",
             ..shape(StatusCode::BAD_REQUEST, "untranslatable")
         },
+        UpstreamError::ModelNotFound { .. } => {
+            shape(StatusCode::BAD_GATEWAY, "upstream_model_not_found")
+        }
+        UpstreamError::EventTooLarge { .. } => {
+            shape(StatusCode::BAD_GATEWAY, "upstream_event_too_large")
+        }
+        UpstreamError::UnexpectedAnswer { .. } => {
+            shape(StatusCode::BAD_GATEWAY, "upstream_unexpected_answer")
+        }
+        UpstreamError::AnswerTooLarge { .. } => {
+            shape(StatusCode::BAD_GATEWAY, "upstream_answer_too_large")
+        }
+        // detour's own failure, after the provider did its part.
+        UpstreamError::TranslationFailed { .. } => Shape {
+            kind: "server_error",
+            ..shape(StatusCode::BAD_GATEWAY, "translation_failed")
+        },
         UpstreamError::Status { status, .. } => match status.as_u16() {
             429 => Shape {
                 kind: "rate_limit_error",
@@ -275,9 +292,11 @@ impl IntoResponse for ApiError {
         let shape = self.error.shape();
         let message = self.error.to_string();
         let retry_after = match &self.error {
-            GatewayError::Upstream(UpstreamError::Status { retry_after, .. }) => {
-                retry_after.clone()
-            }
+            // Whole seconds, at least 1: the provider's text is never passed
+            // on (already capped at the route's `max_cool_down`).
+            GatewayError::Upstream(UpstreamError::Status { retry_after, .. }) => retry_after
+                .as_ref()
+                .map(|d| HeaderValue::from(retry_after_secs(d).max(1))),
             GatewayError::RateLimited { retry_after, .. } => {
                 Some(HeaderValue::from(retry_after_secs(retry_after).max(1)))
             }

@@ -175,6 +175,8 @@ pub enum Failure {
     Throttled { cool_down: Duration },
     /// The provider refused detour's credentials.
     Credentials,
+    /// The provider does not have the target's model.
+    ModelNotFound,
 }
 
 #[derive(Debug)]
@@ -218,7 +220,6 @@ struct Bucket {
 /// A cooled-down or misconfigured target is skipped this long at most when
 /// the provider gave no `retry-after`.
 const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(1);
-const MAX_COOL_DOWN: Duration = Duration::from_secs(60);
 const MISCONFIGURED_FOR: Duration = Duration::from_secs(30);
 /// The adaptive concurrency cap starts here and stays within these bounds.
 const INITIAL_CONCURRENCY: f64 = MAX_CONCURRENCY;
@@ -346,7 +347,7 @@ impl TargetHealth {
                 let d = if cool_down.is_zero() {
                     DEFAULT_COOL_DOWN
                 } else {
-                    cool_down.min(MAX_COOL_DOWN)
+                    cool_down.min(self.policy.max_cool_down)
                 };
                 self.cool_down_until.store(now + ms(d), Relaxed);
                 tracing::info!(provider = %self.provider, model = %self.model, cool_down_ms = ms(d), "target cooling down");
@@ -361,6 +362,15 @@ impl TargetHealth {
                 tracing::error!(
                     provider = %self.provider,
                     "provider rejected detour's credentials: check this provider's api_key"
+                );
+            }
+            Failure::ModelNotFound => {
+                self.misconfigured_until
+                    .store(now + ms(MISCONFIGURED_FOR), Relaxed);
+                tracing::error!(
+                    provider = %self.provider,
+                    model = %self.model,
+                    "provider does not serve this model: check the route's target"
                 );
             }
             Failure::Fault => {}
@@ -816,6 +826,7 @@ mod tests {
             window: Duration::from_secs(10),
             open_for: Duration::from_secs(5),
             slow_start: Duration::from_secs(10),
+            max_cool_down: Duration::from_secs(60),
         }
     }
 

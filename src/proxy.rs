@@ -9,9 +9,14 @@
 //! |---|---|---|
 //! | connect error, reset, first-byte/connect timeout | yes | failure |
 //! | 5xx, Anthropic 529 | yes | failure |
-//! | 429 (and 503/529 with `retry-after`) | yes | cool-down for `retry-after` |
+//! | 429 (and 503/529 with `retry-after`) | yes | cool-down for `retry-after`, at most the breaker's `max_cool_down` |
 //! | 401/402/403 from the provider (detour's own key) | yes | marked misconfigured |
+//! | 404 saying the target's model does not exist there | yes | marked misconfigured |
 //! | a stream that fails, ends or sends an error event before its first event | yes | failure |
+//! | a stream event past `server.max_event_bytes` before the first event | yes | failure |
+//! | a 2xx that is neither JSON nor an event stream (an HTML page), JSON that does not parse, or an encoded body that must be read (a stream, an answer to translate) | yes | failure |
+//! | a stall mid-body of an answer read whole (idle limit) | yes | failure |
+//! | an answer detour cannot translate, or one past the 32 MiB it reads whole | no: 502 | none (detour's limit, not the provider's fault) |
 //! | the caller's own 4xx (400, 404, 409, 413, 415, 422) | no: relayed | none |
 //! | a failure after the first event reached the client | no: error event | — |
 //!
@@ -54,7 +59,7 @@ use crate::relay::{RelayBody, Shape};
 use crate::routing;
 use crate::state::Live;
 use crate::telemetry::RequestRecord;
-use crate::upstream::UpstreamError;
+use crate::upstream::{Unexpected, UpstreamError};
 
 /// A checked request in the client's format.
 #[derive(Debug)]
@@ -458,11 +463,14 @@ async fn attempt(
     let answer = adapter
         .upstream()
         .send(upstream_req, &route.timeouts, started)
-        .await?;
-    let event_stream = answer
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        .await
+        .map_err(|e| e.for_target(&target.model, route.breaker.max_cool_down))?;
+    let unexpected = |what| UpstreamError::UnexpectedAnswer {
+        provider: target.provider.name.clone(),
+        what,
+    };
+    let event_stream = is_event_stream(&answer.headers).map_err(unexpected)?;
+    let encoding = content_encoding(&answer.headers);
     let crate::upstream::Answer {
         status,
         mut headers,
@@ -470,6 +478,12 @@ async fn attempt(
     } = answer;
     let upstream_format = adapter.format();
     let client_format = req.format.wire();
+    let relayed_as_is = upstream_format == client_format && !event_stream;
+    if let (Some(encoding), false) = (&encoding, relayed_as_is) {
+        // A stream or an answer to translate must be read, and detour asked
+        // for no encoding: another target will do.
+        return Err(unexpected(Unexpected::Encoding(encoding.clone())));
+    }
     let (shape, inner) = match (upstream_format == client_format, event_stream) {
         (true, true) if client_format == Format::OpenAi => (Shape::OpenAiEvents, upstream_body),
         // Other formats are decoded to know where the stream ends.
@@ -493,8 +507,29 @@ async fn attempt(
         }
         (false, false) => {
             let body = read_whole(adapter, upstream_body, &route.timeouts, started).await?;
-            let translated = translate_response(upstream_format, req.format, &body)
-                .map_err(|e| adapter.upstream().transport(e.to_string()))?;
+            let translated = match translate_response(upstream_format, req.format, &body) {
+                Ok(translated) => translated,
+                // Not even JSON: the provider's fault, another target may do.
+                Err(_) if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() => {
+                    return Err(unexpected(Unexpected::NotJson))
+                }
+                // The provider did its part; generating the answer again
+                // elsewhere would cost twice and fail the same way.
+                Err(e) => {
+                    // No message: it may quote the answer's text.
+                    tracing::error!(
+                        provider = %target.provider.name,
+                        model = %target.model,
+                        from = ?upstream_format,
+                        to = req.format.as_str(),
+                        "could not translate a provider's answer: a detour bug or a change in the provider's format"
+                    );
+                    return Err(UpstreamError::TranslationFailed {
+                        provider: target.provider.name.clone(),
+                        message: e.to_string(),
+                    });
+                }
+            };
             let json = HeaderValue::from_static("application/json");
             headers.insert(header::CONTENT_TYPE, json);
             (Shape::Ready(translated), reqwest::Body::from(Bytes::new()))
@@ -505,15 +540,53 @@ async fn attempt(
         shape,
         target.provider.name.clone(),
         route.timeouts,
+        live.config.server.max_event_bytes,
         req.format,
         started,
     );
+    if encoding.is_some() {
+        // The cache keeps the content type only: an encoded answer would be
+        // replayed mislabelled.
+        body.keep_out_of_cache();
+    }
     body.prime().await?;
     Ok(Committed {
         status,
         headers,
         body,
     })
+}
+
+/// Whether a 2xx answer is an event stream (else JSON); an answer that is
+/// neither (an HTML page from a proxy in front of the provider) is not what
+/// the endpoint returns. No content type at all is read as JSON.
+fn is_event_stream(headers: &HeaderMap) -> Result<bool, Unexpected> {
+    let Some(v) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(false);
+    };
+    let media = v.to_str().unwrap_or_default();
+    let media = media.split(';').next().unwrap_or_default().trim();
+    if media.eq_ignore_ascii_case("text/event-stream") {
+        return Ok(true);
+    }
+    let json = media.eq_ignore_ascii_case("application/json")
+        || media
+            .get(media.len().saturating_sub(5)..)
+            .is_some_and(|s| s.eq_ignore_ascii_case("+json"));
+    if json {
+        Ok(false)
+    } else {
+        Err(Unexpected::ContentType(crate::upstream::shorten(v)))
+    }
+}
+
+/// The answer's `content-encoding`, unless none or `identity`.
+fn content_encoding(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::CONTENT_ENCODING)?;
+    let identity = v
+        .to_str()
+        .is_ok_and(|s| s.trim().is_empty() || s.trim().eq_ignore_ascii_case("identity"));
+    (!identity).then(|| crate::upstream::shorten(v))
 }
 
 /// The stream encoder for the client's format.
@@ -551,25 +624,44 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Reads a whole (non-streamed) answer to translate it, within the attempt's
-/// idle and total limits.
+/// Reads a whole (non-streamed) answer to translate it: each chunk within the
+/// idle limit, the whole within the attempt's total limit (from `started`),
+/// at most `MAX_TRANSLATED_BODY` bytes.
 async fn read_whole(
     adapter: &Adapter,
-    body: reqwest::Body,
+    mut body: reqwest::Body,
     timeouts: &crate::config::Timeouts,
     started: Instant,
 ) -> Result<Bytes, UpstreamError> {
-    let deadline = started + timeouts.total;
-    let collect =
-        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, MAX_TRANSLATED_BODY));
-    match tokio::time::timeout_at(deadline, collect).await {
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-        Ok(Err(e)) => Err(adapter
-            .upstream()
-            .transport(format!("reading the answer: {e}"))),
-        Err(_) => Err(adapter
-            .upstream()
-            .timeout(crate::upstream::TimeoutKind::Total, timeouts)),
+    use crate::upstream::TimeoutKind;
+    use http_body_util::BodyExt;
+    let total = started + timeouts.total;
+    let mut whole = bytes::BytesMut::new();
+    loop {
+        let deadline = (Instant::now() + timeouts.idle).min(total);
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => return Ok(whole.freeze()),
+            Ok(Some(Err(e))) => {
+                return Err(adapter
+                    .upstream()
+                    .transport(format!("reading the answer: {e}")))
+            }
+            Err(_) if Instant::now() >= total => {
+                return Err(adapter.upstream().timeout(TimeoutKind::Total, timeouts))
+            }
+            Err(_) => return Err(adapter.upstream().timeout(TimeoutKind::Idle, timeouts)),
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if whole.len() + data.len() > MAX_TRANSLATED_BODY {
+            return Err(UpstreamError::AnswerTooLarge {
+                provider: adapter.upstream().provider().to_owned(),
+                limit: MAX_TRANSLATED_BODY,
+            });
+        }
+        whole.extend_from_slice(&data);
     }
 }
 
@@ -589,22 +681,19 @@ fn failure_of(error: &UpstreamError) -> Failure {
         } => match status.as_u16() {
             401..=403 => Failure::Credentials,
             429 => Failure::Throttled {
-                cool_down: retry_after_of(retry_after.as_ref()).unwrap_or_default(),
+                cool_down: retry_after.unwrap_or_default(),
             },
-            503 | 529 => match retry_after_of(retry_after.as_ref()) {
-                Some(cool_down) => Failure::Throttled { cool_down },
+            503 | 529 => match retry_after {
+                Some(cool_down) => Failure::Throttled {
+                    cool_down: *cool_down,
+                },
                 None => Failure::Fault,
             },
             _ => Failure::Fault,
         },
+        UpstreamError::ModelNotFound { .. } => Failure::ModelNotFound,
         _ => Failure::Fault,
     }
-}
-
-/// `retry-after` in seconds (HTTP dates are not worth a cool-down guess).
-fn retry_after_of(v: Option<&HeaderValue>) -> Option<Duration> {
-    let secs: f64 = v?.to_str().ok()?.trim().parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
 fn reason_of(error: &UpstreamError) -> &'static str {
@@ -619,6 +708,15 @@ fn reason_of(error: &UpstreamError) -> &'static str {
         UpstreamError::Transport { .. } => "transport_error",
         UpstreamError::ErrorEvent { .. } => "stream_error_event",
         UpstreamError::Untranslatable { .. } => "untranslatable",
+        UpstreamError::ModelNotFound { .. } => "model_not_found",
+        UpstreamError::EventTooLarge { .. } => "event_too_large",
+        UpstreamError::UnexpectedAnswer { what, .. } => match what {
+            Unexpected::ContentType(_) => "unexpected_content_type",
+            Unexpected::Encoding(_) => "unexpected_encoding",
+            Unexpected::NotJson => "invalid_json",
+        },
+        UpstreamError::AnswerTooLarge { .. } => "answer_too_large",
+        UpstreamError::TranslationFailed { .. } => "translation_failed",
         UpstreamError::Status { status, .. } => match status.as_u16() {
             429 => "status_429",
             401..=403 => "credentials_rejected",
@@ -636,9 +734,14 @@ pub fn reject(mut record: RequestRecord, format: ClientFormat, error: GatewayErr
     resp
 }
 
-/// Upstream headers that describe the body and are safe to pass on.
+/// Upstream headers that describe the body and are safe to pass on. Only a
+/// body relayed as it came can carry a `content-encoding` (see `attempt`).
 fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
-    for name in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
+    for name in [
+        header::CONTENT_TYPE,
+        header::CONTENT_ENCODING,
+        header::CACHE_CONTROL,
+    ] {
         if let Some(v) = from.get(&name) {
             to.insert(name, v.clone());
         }

@@ -2,9 +2,12 @@
 //!
 //! [`RelayBody`] is an `http_body::Body` over the upstream body: no buffering
 //! of whole responses, backpressure for free (hyper polls it only when the
-//! client's socket has room). It enforces the idle and total limits, frames
-//! streams into whole SSE events, and ends a failed stream with a well-formed
-//! error event in the client's format (never a hang, never truncated JSON).
+//! client's socket has room). It enforces the idle and total limits (for an
+//! event stream, the first-byte limit until its first whole event: bytes that
+//! complete no event do not buy time), frames streams into whole SSE events
+//! (holding at most `server.max_event_bytes` of an unfinished one), and ends
+//! a failed stream with a well-formed error event in the client's format
+//! (never a hang, never truncated JSON).
 //! It owns the request's log record and writes it when the body ends.
 //! On a cached route it also keeps a bounded copy of what it sends, and
 //! stores it (`crate::cache::Capture`) when the body ends whole.
@@ -23,7 +26,7 @@ use crate::config::Timeouts;
 use crate::error::{stream_error_event, ClientFormat, GatewayError};
 use crate::protocol::chat::{ErrorKind, StreamEvent, Usage};
 use crate::protocol::openai::{usage_of, StreamWatch};
-use crate::protocol::sse::EventFramer;
+use crate::protocol::sse::{EventFramer, EventTooLarge};
 use crate::protocol::translate::{StreamDecoder, StreamEncoder};
 use crate::telemetry::RequestRecord;
 use crate::upstream::{TimeoutKind, UpstreamError};
@@ -80,6 +83,9 @@ pub struct RelayBody {
     timer: Pin<Box<Sleep>>,
     total_deadline: Instant,
     got_first_chunk: bool,
+    /// An event stream's first whole event arrived (until then the first-byte
+    /// deadline holds: bytes that complete no event do not buy time).
+    got_first_event: bool,
     first_byte: Option<Duration>,
     started: Instant,
     state: State,
@@ -94,6 +100,8 @@ pub struct RelayBody {
     /// Storing the capture; the client's body ends once it is stored, so
     /// the next identical request finds it.
     storing: Option<BoxFuture<'static, ()>>,
+    /// False for an answer the cache must not keep (see `keep_out_of_cache`).
+    cacheable: bool,
 }
 
 enum Mode {
@@ -144,13 +152,15 @@ enum State {
 }
 
 impl RelayBody {
-    /// `started` is when the attempt began; the stream's first chunk must come
-    /// before its first-byte deadline.
+    /// `started` is when the attempt began; a stream's first whole event must
+    /// come before its first-byte deadline. An event stream holds at most
+    /// `max_event_bytes` of an unfinished event.
     pub fn new(
         inner: reqwest::Body,
         shape: Shape,
         provider: String,
         timeouts: Timeouts,
+        max_event_bytes: usize,
         format: ClientFormat,
         started: Instant,
     ) -> Self {
@@ -163,11 +173,11 @@ impl RelayBody {
         };
         let mode = match shape {
             Shape::OpenAiEvents => Mode::Events {
-                framer: EventFramer::new(),
+                framer: EventFramer::with_limit(max_event_bytes),
                 watch: StreamWatch::default(),
             },
             Shape::Decoded { decoder, encoder } => Mode::Decoded {
-                framer: EventFramer::new(),
+                framer: EventFramer::with_limit(max_event_bytes),
                 decoder,
                 encoder,
                 usage: None,
@@ -189,6 +199,7 @@ impl RelayBody {
             timer: Box::pin(tokio::time::sleep_until(first.min(total_deadline))),
             total_deadline,
             got_first_chunk: false,
+            got_first_event: false,
             // A plain body's first byte is its headers, which just arrived.
             first_byte: (!event_stream).then(|| started.elapsed()),
             started,
@@ -198,13 +209,23 @@ impl RelayBody {
             capture: None,
             whole: false,
             storing: None,
+            cacheable: true,
         }
     }
 
     /// Keeps a copy of the bytes sent to the client, to be stored in the
-    /// response cache if the body ends whole.
+    /// response cache if the body ends whole (and the answer may be kept).
     pub fn capture(&mut self, capture: Capture) {
-        self.capture = Some(capture);
+        if self.cacheable {
+            self.capture = Some(capture);
+        }
+    }
+
+    /// The answer is relayed but never stored (an encoded body: the cache
+    /// keeps only the content type, and would replay it mislabelled).
+    pub fn keep_out_of_cache(&mut self) {
+        self.cacheable = false;
+        self.capture = None;
     }
 
     /// Commits the body to a client request: from now on it writes that
@@ -246,12 +267,7 @@ impl RelayBody {
                     }
                     let out = match out {
                         Ok(out) => out,
-                        Err(detail) => {
-                            return Poll::Ready(Err(UpstreamError::Transport {
-                                provider: self.provider.clone(),
-                                detail,
-                            }))
-                        }
+                        Err(error) => return Poll::Ready(Err(error)),
                     };
                     if let Some(events) = out {
                         if let Some(message) = first_error_event(&events) {
@@ -298,23 +314,25 @@ impl RelayBody {
 
     /// Takes one upstream chunk; returns the bytes for the client (if any),
     /// or why the upstream's stream cannot be used.
-    fn on_chunk(&mut self, data: Bytes) -> Result<Option<Bytes>, String> {
+    fn on_chunk(&mut self, data: Bytes) -> Result<Option<Bytes>, UpstreamError> {
         let now = Instant::now();
         if !self.got_first_chunk {
             self.got_first_chunk = true;
             self.first_byte = Some(now.duration_since(self.started));
         }
-        self.timer
-            .as_mut()
-            .reset((now + self.timeouts.idle).min(self.total_deadline));
-        match &mut self.mode {
+        let too_large = |e: EventTooLarge| UpstreamError::EventTooLarge {
+            provider: self.provider.clone(),
+            limit: e.limit,
+        };
+        let (out, whole_event) = match &mut self.mode {
             Mode::Events { framer, watch } => {
-                let events = framer.push(data);
+                let events = framer.push(data).map_err(too_large)?;
                 if events.is_empty() {
-                    return Ok(None);
+                    (None, false)
+                } else {
+                    watch.observe(&events);
+                    (Some(events), true)
                 }
-                watch.observe(&events);
-                Ok(Some(events))
             }
             Mode::Decoded {
                 framer,
@@ -324,26 +342,33 @@ impl RelayBody {
                 done,
                 error,
             } => {
-                let events = framer.push(data);
+                let events = framer.push(data).map_err(too_large)?;
                 if events.is_empty() {
-                    return Ok(None);
-                }
-                let mut out = BytesMut::new();
-                for payload in crate::protocol::sse::data_payloads(&events) {
-                    let decoded = decoder.push(&payload).map_err(|e| e.to_string())?;
-                    observe(&decoded, usage, done, error);
-                    if let Some(encoder) = encoder {
-                        for event in &decoded {
-                            encoder.encode(event, &mut out);
+                    (None, false)
+                } else {
+                    let mut out = BytesMut::new();
+                    for payload in crate::protocol::sse::data_payloads(&events) {
+                        let decoded =
+                            decoder
+                                .push(&payload)
+                                .map_err(|e| UpstreamError::Transport {
+                                    provider: self.provider.clone(),
+                                    detail: e.to_string(),
+                                })?;
+                        observe(&decoded, usage, done, error);
+                        if let Some(encoder) = encoder {
+                            for event in &decoded {
+                                encoder.encode(event, &mut out);
+                            }
                         }
                     }
+                    let out = if encoder.is_some() {
+                        out.freeze()
+                    } else {
+                        events
+                    };
+                    ((!out.is_empty()).then_some(out), true)
                 }
-                let out = if encoder.is_some() {
-                    out.freeze()
-                } else {
-                    events
-                };
-                Ok((!out.is_empty()).then_some(out))
             }
             Mode::Plain { kept, kept_len } => {
                 *kept_len += data.len();
@@ -352,10 +377,19 @@ impl RelayBody {
                 } else {
                     kept.clear();
                 }
-                Ok(Some(data))
+                (Some(data), true)
             }
-            Mode::Ready(_) => Ok(None),
+            Mode::Ready(_) => (None, true),
+        };
+        // Until an event stream's first whole event, the first-byte deadline
+        // stands; after it, every chunk restarts the idle limit.
+        self.got_first_event |= whole_event;
+        if self.got_first_event {
+            self.timer
+                .as_mut()
+                .reset((now + self.timeouts.idle).min(self.total_deadline));
         }
+        Ok(out)
     }
 
     /// The upstream body ended.
@@ -454,6 +488,7 @@ impl RelayBody {
                 ..
             } => "total_timeout",
             UpstreamError::Timeout { .. } => "first_byte_timeout",
+            UpstreamError::EventTooLarge { .. } => "event_too_large",
             _ => "upstream_broke_off",
         };
         if let Some(r) = self.record.take() {
@@ -512,7 +547,7 @@ impl RelayBody {
     fn expired(&self) -> TimeoutKind {
         if Instant::now() >= self.total_deadline {
             TimeoutKind::Total
-        } else if !self.got_first_chunk
+        } else if !self.got_first_event
             && matches!(self.mode, Mode::Events { .. } | Mode::Decoded { .. })
         {
             TimeoutKind::FirstByte
@@ -645,12 +680,7 @@ impl RelayBody {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
                         Ok(None) => {}
-                        Err(detail) => {
-                            return this.fail(UpstreamError::Transport {
-                                provider: this.provider.clone(),
-                                detail,
-                            })
-                        }
+                        Err(error) => return this.fail(error),
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {

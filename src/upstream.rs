@@ -7,11 +7,15 @@
 //! headers, and for streams → first body chunk), idle (gap between chunks) and
 //! total (the whole attempt). Each ends in an [`UpstreamError::Timeout`] that
 //! names which limit fired.
+//!
+//! Providers are asked for `accept-encoding: identity`; what they send anyway
+//! is checked by the caller (`proxy::attempt`). A `retry-after` is parsed here,
+//! with checked arithmetic: any text a provider sends is a hint, never a panic.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
 use crate::config::{Provider, ProviderKind, Timeouts};
@@ -70,10 +74,61 @@ pub enum UpstreamError {
         /// The wire format of the body.
         format: Format,
         status: StatusCode,
-        retry_after: Option<http::HeaderValue>,
+        /// How long the provider asked to wait (`retry-after`, or Gemini's
+        /// `RetryInfo`), capped by the route's `max_cool_down` once the
+        /// attempt knows its route ([`UpstreamError::for_target`]).
+        retry_after: Option<Duration>,
         content_type: Option<http::HeaderValue>,
         body: Bytes,
     },
+    /// The provider does not have the target's model (a 404 that names the
+    /// model, not the caller's request): the target is misconfigured.
+    #[error("provider `{provider}` does not serve the model `{model}` (a misconfigured target)")]
+    ModelNotFound { provider: String, model: String },
+    /// A stream event grew past `server.max_event_bytes` without ending.
+    #[error("provider `{provider}` sent a stream event larger than {limit} bytes (server.max_event_bytes)")]
+    EventTooLarge { provider: String, limit: usize },
+    /// A 2xx answer that is not what the endpoint returns.
+    #[error("provider `{provider}` answered 2xx with {what}")]
+    UnexpectedAnswer { provider: String, what: Unexpected },
+    /// A non-streamed answer larger than detour reads whole to translate.
+    #[error("the answer of provider `{provider}` is larger than {limit} bytes, the most detour translates")]
+    AnswerTooLarge { provider: String, limit: usize },
+    /// The provider answered, and detour could not translate the answer for
+    /// the client: detour's failure, not the provider's.
+    #[error("detour could not translate the answer of provider `{provider}`: {message}")]
+    TranslationFailed { provider: String, message: String },
+}
+
+/// What was wrong with a 2xx answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unexpected {
+    /// Neither JSON nor an event stream (an HTML page from a proxy in front of
+    /// the provider): the media type, shortened.
+    ContentType(String),
+    /// Compressed (the encoding, shortened) although detour asked for
+    /// identity, where the body must be read.
+    Encoding(String),
+    /// Labelled JSON, but not JSON.
+    NotJson,
+}
+
+impl std::fmt::Display for Unexpected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ContentType(t) => {
+                write!(f, "a body that is neither JSON nor an event stream ({t})")
+            }
+            Self::Encoding(e) => write!(f, "a `{e}`-encoded body although detour asked for none"),
+            Self::NotJson => f.write_str("a body labelled JSON that is not JSON"),
+        }
+    }
+}
+
+/// A header's text for an error message: printable, at most 40 characters.
+pub fn shorten(v: &HeaderValue) -> String {
+    let text = v.to_str().unwrap_or("(not text)");
+    text.chars().take(40).collect()
 }
 
 impl UpstreamError {
@@ -86,11 +141,108 @@ impl UpstreamError {
             | Self::ErrorEvent { .. } => true,
             // Another target of the route may speak the client's format.
             Self::Untranslatable { .. } => true,
+            // The provider misbehaved: another target may not.
+            Self::ModelNotFound { .. }
+            | Self::EventTooLarge { .. }
+            | Self::UnexpectedAnswer { .. } => true,
+            // The answer was generated: trying again would generate it again,
+            // and detour's limit or translator would fail the same way.
+            Self::AnswerTooLarge { .. } | Self::TranslationFailed { .. } => false,
             Self::Status { status, .. } => {
                 status.is_server_error()
                     || matches!(status.as_u16(), 401 | 402 | 403 | 408 | 429 | 529)
             }
         }
+    }
+
+    /// Refines a provider's error with what the attempt knows: a 404 that says
+    /// the target's `model` does not exist becomes [`UpstreamError::ModelNotFound`],
+    /// and a wait the provider asked for is capped at `max_cool_down`.
+    pub fn for_target(self, model: &str, max_cool_down: Duration) -> Self {
+        match self {
+            Self::Status {
+                provider,
+                format,
+                status,
+                ref body,
+                ..
+            } if model_missing(format, status, body) => Self::ModelNotFound {
+                provider,
+                model: model.to_owned(),
+            },
+            Self::Status {
+                provider,
+                format,
+                status,
+                retry_after,
+                content_type,
+                body,
+            } => Self::Status {
+                provider,
+                format,
+                status,
+                retry_after: retry_after.map(|d| d.min(max_cool_down)),
+                content_type,
+                body,
+            },
+            other => other,
+        }
+    }
+}
+
+/// `retry-after` as a wait: seconds (fractions and exponents tolerated, as
+/// providers send them), or an HTTP date, converted to the time from `now`
+/// (a date past is no wait). Negative, NaN, infinite or unreadable values are
+/// no wait at all; a number past what a `Duration` holds is the longest wait,
+/// for the caller to cap.
+pub fn parse_retry_after(v: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let text = v.to_str().ok()?.trim();
+    if let Ok(secs) = text.parse::<f64>() {
+        if !secs.is_finite() || secs < 0.0 {
+            return None;
+        }
+        return Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Whether a provider's 404 says that the model does not exist there (the
+/// target is misconfigured), as opposed to a 404 about the caller's request.
+/// OpenAI: code `model_not_found`, or "The model `x` does not exist" (also
+/// vLLM's top-level error and Ollama's string error, "model ... not found");
+/// Anthropic: `not_found_error` with "model: x"; Gemini: `NOT_FOUND` naming
+/// `models/x` (the model is the only name in Gemini's path).
+pub fn model_missing(format: Format, status: StatusCode, body: &[u8]) -> bool {
+    use serde_json::Value;
+    if status != StatusCode::NOT_FOUND {
+        return false;
+    }
+    let Ok(mut v) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    if let Value::Array(items) = &mut v {
+        // Gemini may wrap its error in an array.
+        v = items.first().cloned().unwrap_or(Value::Null);
+    }
+    let error = match v.get("error") {
+        Some(e) => e,
+        None => &v,
+    };
+    let text = |key: &str| error.get(key).and_then(Value::as_str).unwrap_or_default();
+    let message = match error.as_str() {
+        Some(s) => s,
+        None => text("message"),
+    };
+    let lower = message.to_ascii_lowercase();
+    match format {
+        Format::OpenAi => {
+            text("code") == "model_not_found"
+                || (lower.contains("model")
+                    && (lower.contains("does not exist") || lower.contains("not found")))
+        }
+        Format::Anthropic => text("type") == "not_found_error" && lower.starts_with("model:"),
+        Format::Gemini => text("status") == "NOT_FOUND" && message.contains("models/"),
     }
 }
 
@@ -124,6 +276,11 @@ impl Upstream {
             .no_proxy()
             // Upstream names go through detour's caching, stale-serving resolver.
             .dns_resolver(crate::dns::shared())
+            // Bodies are relayed and read as they are: ask for no encoding.
+            .default_headers(HeaderMap::from_iter([(
+                http::header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            )]))
             .user_agent(concat!("detour/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self {
@@ -178,15 +335,15 @@ impl Upstream {
                 body,
             });
         }
-        let header = resp.headers().get(http::header::RETRY_AFTER).cloned();
+        let header = resp
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
         let body = self.read_error_body(resp, timeouts, started).await;
         // Gemini says how long to wait only in its body (`RetryInfo`).
-        let retry_after = header.or_else(|| {
-            let wait = crate::protocol::translate::parse_error(self.format, &body)?.retry_after?;
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            Some(http::HeaderValue::from(secs))
-        });
+        let retry_after = header
+            .or_else(|| crate::protocol::translate::parse_error(self.format, &body)?.retry_after);
         Err(UpstreamError::Status {
             provider: self.provider.clone(),
             format: self.format,
@@ -279,4 +436,108 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait(text: &str) -> Option<Duration> {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        parse_retry_after(&HeaderValue::from_str(text).unwrap(), now)
+    }
+
+    #[test]
+    fn retry_after_never_panics_and_reads_what_providers_send() {
+        assert_eq!(wait("7"), Some(Duration::from_secs(7)));
+        assert_eq!(wait(" 2.5 "), Some(Duration::from_millis(2500)));
+        assert_eq!(wait("0"), Some(Duration::ZERO));
+        // Past what a Duration holds: the longest wait, for the caller to cap.
+        assert_eq!(wait("1e20"), Some(Duration::MAX));
+        assert_eq!(wait("18446744073709551616"), Some(Duration::MAX));
+        for junk in ["-1", "NaN", "inf", "-inf", "soon", "", "1s"] {
+            assert_eq!(wait(junk), None, "{junk:?}");
+        }
+        assert_eq!(
+            wait("Tue, 14 Nov 2023 22:13:27 GMT"),
+            Some(Duration::from_secs(7)),
+            "an HTTP date is the time from now"
+        );
+        assert_eq!(wait("Thu, 01 Jan 1970 00:00:00 GMT"), Some(Duration::ZERO));
+        assert!(wait("Fri, 31 Dec 9999 23:59:59 GMT").unwrap() > Duration::from_secs(1 << 37));
+    }
+
+    #[test]
+    fn retry_after_is_capped_for_the_target() {
+        let e = UpstreamError::Status {
+            provider: "p".to_owned(),
+            format: Format::OpenAi,
+            status: StatusCode::TOO_MANY_REQUESTS,
+            retry_after: Some(Duration::MAX),
+            content_type: None,
+            body: Bytes::new(),
+        };
+        let UpstreamError::Status { retry_after, .. } = e.for_target("m", Duration::from_secs(60))
+        else {
+            panic!("still a status");
+        };
+        assert_eq!(retry_after, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_404_for_the_model_is_told_from_the_callers_404() {
+        let missing =
+            |format, body: &str| model_missing(format, StatusCode::NOT_FOUND, body.as_bytes());
+        // The model is not there: a misconfigured target.
+        assert!(missing(
+            Format::OpenAi,
+            r#"{"error":{"message":"The model `gpt-9` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#
+        ));
+        assert!(missing(
+            Format::OpenAi,
+            r#"{"object":"error","message":"The model `llama` does not exist.","type":"NotFoundError","param":null,"code":404}"#
+        ));
+        assert!(missing(
+            Format::OpenAi,
+            r#"{"error":"model \"llama3\" not found, try pulling it first"}"#
+        ));
+        assert!(missing(
+            Format::Anthropic,
+            r#"{"type":"error","error":{"type":"not_found_error","message":"model: claude-9"}}"#
+        ));
+        assert!(missing(
+            Format::Gemini,
+            r#"{"error":{"code":404,"message":"models/gemini-9 is not found for API version v1beta","status":"NOT_FOUND"}}"#
+        ));
+        assert!(missing(
+            Format::Gemini,
+            r#"[{"error":{"code":404,"message":"models/gemini-9 is not found","status":"NOT_FOUND"}}]"#
+        ));
+        // The caller's own 404s.
+        assert!(!missing(
+            Format::OpenAi,
+            r#"{"error":{"message":"Invalid URL (POST /v1/chat/x)","type":"invalid_request_error","code":null}}"#
+        ));
+        assert!(!missing(
+            Format::OpenAi,
+            r#"{"error":{"message":"No such file: file-abc","type":"invalid_request_error","code":null}}"#
+        ));
+        assert!(!missing(
+            Format::Anthropic,
+            r#"{"type":"error","error":{"type":"not_found_error","message":"file_abc not found"}}"#
+        ));
+        assert!(!missing(
+            Format::Gemini,
+            r#"{"error":{"code":404,"message":"cachedContents/x not found","status":"NOT_FOUND"}}"#
+        ));
+        assert!(!missing(Format::OpenAi, "<html>404</html>"));
+        // Only a 404 says so.
+        let body =
+            br#"{"error":{"code":"model_not_found","message":"The model `x` does not exist"}}"#;
+        assert!(!model_missing(
+            Format::OpenAi,
+            StatusCode::BAD_REQUEST,
+            body
+        ));
+    }
 }

@@ -939,6 +939,97 @@ async fn malformed_cuts_json_bodies_but_not_streams() {
     assert_eq!(server.stats().faults.malformed, 1);
 }
 
+#[tokio::test]
+async fn hostile_faults_send_any_retry_after_html_and_unasked_gzip() {
+    let server = start_default().await;
+    let client = client();
+    // Any retry-after text, on rate limits and on errors.
+    set_faults(
+        &client,
+        &server,
+        json!({"rate_limit_rate": 1.0, "retry_after": "1e20"}),
+    )
+    .await;
+    let resp = chat(&client, &server, &hello("m")).await;
+    assert_eq!(
+        (resp.status().as_u16(), header(&resp, "retry-after")),
+        (429, "1e20")
+    );
+    set_faults(
+        &client,
+        &server,
+        json!({"error_rate": 1.0, "error_status": 503, "retry_after": "Fri, 31 Dec 9999 23:59:59 GMT"}),
+    )
+    .await;
+    let resp = chat(&client, &server, &hello("m")).await;
+    assert_eq!(
+        header(&resp, "retry-after"),
+        "Fri, 31 Dec 9999 23:59:59 GMT"
+    );
+    let resp = put_faults(&client, &server, r#"{"retry_after": "a\nb"}"#).await;
+    assert_eq!(resp.status(), 400);
+
+    // A 200 HTML page instead of the answer.
+    set_faults(&client, &server, json!({"html_200": true})).await;
+    let resp = chat(&client, &server, &hello("m")).await;
+    assert_eq!(resp.status(), 200);
+    assert!(header(&resp, "content-type").starts_with("text/html"));
+    assert!(resp.text().await.unwrap().contains("<html>"));
+
+    // gzip although the request asked for none: one gzip member, stored blocks.
+    set_faults(&client, &server, json!({"gzip": true})).await;
+    for stream in [false, true] {
+        let resp = chat(
+            &client,
+            &server,
+            &with(hello("m"), json!({"stream": stream})),
+        )
+        .await;
+        assert_eq!(header(&resp, "content-encoding"), "gzip");
+        let bytes = resp.bytes().await.unwrap();
+        assert_eq!(&bytes[..3], &[0x1f, 0x8b, 8]);
+        let (mut at, mut plain) = (10, Vec::new());
+        loop {
+            let len = usize::from(u16::from_le_bytes([bytes[at + 1], bytes[at + 2]]));
+            plain.extend_from_slice(&bytes[at + 5..at + 5 + len]);
+            let last = bytes[at] == 1;
+            at += 5 + len;
+            if last {
+                break;
+            }
+        }
+        let size = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap());
+        assert_eq!(size as usize, plain.len());
+        let text = String::from_utf8(plain).unwrap();
+        if stream {
+            assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        } else {
+            assert!(serde_json::from_str::<Value>(&text).is_ok(), "{text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn endless_event_after_sends_an_event_that_never_ends() {
+    let server = start_default().await;
+    let client = client();
+    set_faults(&client, &server, json!({"endless_event_after": 1})).await;
+    let resp = chat(&client, &server, &with(hello("m"), json!({"stream": true}))).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut seen = Vec::new();
+    while seen.len() < 1 << 20 {
+        seen.extend_from_slice(&body.next().await.unwrap().unwrap());
+    }
+    let first_end = seen.windows(2).position(|w| w == b"\n\n").unwrap() + 2;
+    assert!(seen[..first_end].starts_with(b"data: {"));
+    assert!(seen[first_end..].starts_with(b"data: xxxx"));
+    assert!(
+        !seen[first_end..].windows(2).any(|w| w == b"\n\n"),
+        "the second event never ends"
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // Determinism, stats, control API
 

@@ -15,6 +15,9 @@ use super::env::expand;
 use super::raw::{RawConfig, RawKey, RawProvider, RawRoute, RawServer, Str};
 use super::*;
 
+/// The smallest `server.max_event_bytes` accepted: real events are larger.
+const MIN_EVENT_BYTES: u64 = 1024;
+
 /// Reads and validates a config file.
 pub fn load_file(path: &std::path::Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
@@ -193,6 +196,18 @@ impl Loader<'_> {
             Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
             None => usize::try_from(DEFAULT_MAX_BODY_BYTES).unwrap_or(usize::MAX),
         };
+        let max_event_bytes = match &raw.max_event_bytes {
+            Some(n) if *n.get_ref() < MIN_EVENT_BYTES => {
+                self.report(
+                    n,
+                    "server.max_event_bytes",
+                    &format!("must be at least {MIN_EVENT_BYTES} (1 KiB)"),
+                );
+                return None;
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+            None => usize::try_from(DEFAULT_MAX_EVENT_BYTES).unwrap_or(usize::MAX),
+        };
         let max_concurrent_requests = match &raw.max_concurrent_requests {
             Some(n) if *n.get_ref() == 0 => {
                 self.report(
@@ -224,6 +239,7 @@ impl Loader<'_> {
             admin_listen,
             open_access: no_keys,
             max_body_bytes,
+            max_event_bytes,
             max_concurrent_requests,
             queue_timeout,
             auth_failures_per_minute: raw
@@ -525,6 +541,7 @@ impl Loader<'_> {
         };
         let window = dur("window", &b.window, d.window)?;
         let open_for = dur("open_for", &b.open_for, d.open_for)?;
+        let max_cool_down = dur("max_cool_down", &b.max_cool_down, d.max_cool_down)?;
         // "0s" turns slow start off, so zero is allowed here.
         let slow_start = match &b.slow_start {
             Some(s) if parse_duration(s.get_ref()) == Some(Duration::ZERO) => Duration::ZERO,
@@ -543,6 +560,7 @@ impl Loader<'_> {
             window,
             open_for,
             slow_start,
+            max_cool_down,
         })
     }
 
@@ -930,6 +948,34 @@ targets = [{ provider = "opena", model = "gpt-4o-mini" }]
         assert_eq!(diags[0].line, 1, "{diags:?}");
         let diags = load("[[providers]]\nname = \"a\"\n", &[]).unwrap_err();
         assert!(diags[0].message.contains("kind"), "{diags:?}");
+    }
+
+    #[test]
+    fn hostile_provider_limits_have_defaults_and_are_checked() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.server.max_event_bytes, 8 * 1024 * 1024);
+        let c = load("[server]\nmax_event_bytes = 65536\n", &[]).unwrap();
+        assert_eq!(c.server.max_event_bytes, 65536);
+        let diags = load("[server]\nmax_event_bytes = 10\n", &[]).unwrap_err();
+        assert_eq!(
+            (diags[0].line, diags[0].key.as_str()),
+            (2, "server.max_event_bytes"),
+            "{diags:?}"
+        );
+
+        let route = |breaker: &str| {
+            format!(
+                "[[providers]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\n\
+                 [[routes]]\nmodel = \"m\"\ntargets = [{{ provider = \"p\", model = \"x\" }}]\n{breaker}"
+            )
+        };
+        let c = load(&route(""), &[]).unwrap();
+        assert_eq!(c.routes[0].breaker.max_cool_down, Duration::from_secs(60));
+        let c = load(&route("breaker = { max_cool_down = \"5s\" }\n"), &[]).unwrap();
+        assert_eq!(c.routes[0].breaker.max_cool_down, Duration::from_secs(5));
+        let diags = load(&route("breaker = { max_cool_down = \"forever\" }\n"), &[]).unwrap_err();
+        assert_eq!(diags[0].key, "routes[0].breaker.max_cool_down", "{diags:?}");
+        assert_eq!(diags[0].line, 8, "{diags:?}");
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub struct Server {
     /// Slow clients: the longest a client may take to send its headers, and its body.
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// Largest single event of a provider's stream held while it arrives; a
+    /// longer one ends the attempt (`UpstreamError::EventTooLarge`).
+    pub max_event_bytes: usize,
 }
 
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,6 +94,8 @@ pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 4096;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+/// Far above any real event (a streamed image part is a few MiB at most).
+pub const DEFAULT_MAX_EVENT_BYTES: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderKind {
@@ -264,6 +269,10 @@ pub struct BreakerPolicy {
     pub open_for: Duration,
     /// A recovered target's share of traffic ramps up over this long.
     pub slow_start: Duration,
+    /// The longest cool-down a provider's `retry-after` (or Gemini's
+    /// `RetryInfo`) can impose, and the most detour relays to clients: a
+    /// provider's wait is a hint, not a sentence.
+    pub max_cool_down: Duration,
 }
 
 impl Default for BreakerPolicy {
@@ -275,6 +284,7 @@ impl Default for BreakerPolicy {
             window: Duration::from_secs(10),
             open_for: Duration::from_secs(5),
             slow_start: Duration::from_secs(10),
+            max_cool_down: Duration::from_secs(60),
         }
     }
 }

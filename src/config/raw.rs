@@ -63,6 +63,8 @@ pub struct RawServer {
     pub body_read_timeout: Option<Str>,
     /// Failed authentications per minute per client IP before it gets 429.
     pub auth_failures_per_minute: Option<Spanned<u32>>,
+    /// Largest single event of a provider's stream.
+    pub max_event_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,6 +124,7 @@ pub struct RawBreaker {
     pub window: Option<Str>,
     pub open_for: Option<Str>,
     pub slow_start: Option<Str>,
+    pub max_cool_down: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -166,7 +166,20 @@ pub(crate) struct SseBody {
     cut_after: Option<usize>,
     sent: usize,
     cut_yielded: bool,
+    /// After the events: one event that never ends (the `endless_event_after` fault).
+    endless: Option<Endless>,
 }
+
+/// The never-ending event: `data: ` and then 64 KiB of payload at a time, no blank line.
+struct Endless {
+    started: bool,
+    filler: Bytes,
+}
+
+/// Bytes per frame of an endless event.
+const ENDLESS_CHUNK: usize = 64 * 1024;
+/// The shortest pause between two frames of an endless event.
+const ENDLESS_MIN_GAP: Duration = Duration::from_millis(2);
 
 impl SseBody {
     pub(crate) fn new(
@@ -184,7 +197,17 @@ impl SseBody {
             cut_after,
             sent: 0,
             cut_yielded: false,
+            endless: None,
         }
+    }
+
+    /// Ends the events with one that never ends.
+    pub(crate) fn endless(mut self) -> Self {
+        self.endless = Some(Endless {
+            started: false,
+            filler: Bytes::from(vec![b'x'; ENDLESS_CHUNK]),
+        });
+        self
     }
 
     fn cutting(&self) -> bool {
@@ -192,7 +215,7 @@ impl SseBody {
     }
 
     fn is_done(&self) -> bool {
-        !self.cutting() && self.events.len() == 0
+        !self.cutting() && self.events.len() == 0 && self.endless.is_none()
     }
 
     fn poll_event(
@@ -236,7 +259,21 @@ impl SseBody {
                 self.delay = self.gap;
                 Poll::Ready(Some(Ok(Frame::data(event))))
             }
-            None => Poll::Ready(None),
+            None => match &mut self.endless {
+                Some(endless) => {
+                    self.delay = self.gap.max(ENDLESS_MIN_GAP);
+                    let chunk = if endless.started {
+                        endless.filler.clone()
+                    } else {
+                        endless.started = true;
+                        let mut first = b"data: ".to_vec();
+                        first.extend_from_slice(&endless.filler);
+                        Bytes::from(first)
+                    };
+                    Poll::Ready(Some(Ok(Frame::data(chunk))))
+                }
+                None => Poll::Ready(None),
+            },
         }
     }
 }

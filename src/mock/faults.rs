@@ -60,6 +60,22 @@ pub struct Faults {
     /// Every 200 JSON body is cut in half (invalid JSON, same headers). Streams are
     /// not affected. Meant for the status page, works on every flavor.
     pub malformed: bool,
+    /// The `retry-after` header's text, sent exactly as given (`"1e20"`, `"-1"`, `"NaN"`,
+    /// an HTTP date...), on `rate_limit_rate` faults (instead of `retry_after_secs`) and
+    /// on `error_rate` faults (which otherwise send none). Gemini's `RetryInfo` in the
+    /// body is not affected.
+    pub retry_after: Option<String>,
+    /// Streams: after this many events (0 = before any), one `data:` event that never
+    /// ends: 64 KiB of payload every `chunk_gap_ms` (at least 2 ms) and never a blank
+    /// line, until the client goes away. The rest of the answer never comes.
+    pub endless_event_after: Option<usize>,
+    /// Every 2xx body (JSON or stream) is sent gzip-compressed with
+    /// `content-encoding: gzip`, whatever the request's `accept-encoding` asked for.
+    /// Not combined with `endless_event_after`, whose endless bytes are sent plain.
+    pub gzip: bool,
+    /// Every request that would be served is answered 200 with an HTML page
+    /// (`text/html`), as a proxy or captive portal in front of the provider does.
+    pub html_200: bool,
 }
 
 impl Default for Faults {
@@ -79,6 +95,10 @@ impl Default for Faults {
             stream_error_after_chunks: None,
             should_retry: None,
             malformed: false,
+            retry_after: None,
+            endless_event_after: None,
+            gzip: false,
+            html_200: false,
         }
     }
 }
@@ -114,6 +134,13 @@ impl Faults {
         }
         if self.chunks == Some(0) {
             return Err("`chunks` must be at least 1".to_owned());
+        }
+        if let Some(text) = &self.retry_after {
+            if http::HeaderValue::from_str(text).is_err() {
+                return Err(format!(
+                    "`retry_after` must be valid header text, got {text:?}"
+                ));
+            }
         }
         Ok(())
     }

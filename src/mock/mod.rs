@@ -43,6 +43,12 @@
 //! many events, so no terminator arrives and the body is incomplete; `malformed` cuts
 //! every 200 JSON body in half.
 //!
+//! Hostile-provider faults: `retry_after` sends any `retry-after` text on rate-limit
+//! and error faults (`"1e20"`, `"NaN"`, a year-9999 date); `endless_event_after` starts
+//! a stream event that never ends (64 KiB every 2 ms, no blank line); `gzip` compresses
+//! every 2xx body with `content-encoding: gzip` whatever the request asked for;
+//! `html_200` answers 200 with an HTML page, as a proxy in front of a provider does.
+//!
 //! So a run is reproducible: the same seed and the same request order give the same
 //! fault decisions, and the generated content depends only on the seed and the request
 //! (ids also on `seq`). Control requests are not traffic: they neither count in
@@ -60,6 +66,7 @@ mod control;
 mod faults;
 mod gemini;
 mod gen;
+mod gzip;
 mod openai;
 mod record;
 mod server;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -27,7 +27,7 @@ use super::body::{Ctx, MockBody, Payload, Reply, SseBody};
 use super::faults::{Decision, Faults};
 use super::record::{Counters, Endpoint, Recorder};
 use super::statuspage::{self, Page, PageStatus};
-use super::{anthropic, control, gemini, gen, openai, Flavor, MockOptions};
+use super::{anthropic, control, gemini, gen, gzip, openai, Flavor, MockOptions};
 
 /// State shared by the server handle, the accept loop and every connection.
 pub(crate) struct Shared {
@@ -331,8 +331,12 @@ async fn traffic(
                 let value = HeaderValue::from_static(if retry { "true" } else { "false" });
                 reply.headers.insert(X_SHOULD_RETRY, value);
             }
+            if let Some(Ok(text)) = faults.retry_after.as_deref().map(HeaderValue::from_str) {
+                reply.headers.insert(RETRY_AFTER, text);
+            }
             reply
         }
+        Decision::Serve if faults.html_200 => html_page(),
         Decision::Serve => serve(shared, route, &parts, &body, &ctx),
     };
     if faults.malformed && reply.status == StatusCode::OK {
@@ -347,6 +351,23 @@ async fn traffic(
         stream.fail_after(after);
         shared.counters.stream_error();
     }
+    let endless = match (faults.endless_event_after, &mut reply.payload) {
+        (Some(after), Payload::Stream(stream)) => {
+            stream.events.truncate(after);
+            true
+        }
+        _ => false,
+    };
+    if faults.gzip && reply.status.is_success() {
+        match &mut reply.payload {
+            Payload::Json(body) | Payload::Other { body, .. } => *body = gzip::body(body),
+            Payload::Stream(stream) if !endless => stream.events = gzip::member(&stream.events),
+            Payload::Stream(_) => {}
+        }
+        reply
+            .headers
+            .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
     match &reply.payload {
         Payload::Stream(_) => pause(latency).await,
         Payload::Json(_) | Payload::Other { .. } => pause(latency + ttfb).await,
@@ -359,9 +380,25 @@ async fn traffic(
         let gap = faults
             .chunk_gap_ms
             .map_or(shared.opts.chunk_gap, Duration::from_millis);
-        SseBody::new(events, ttfb, gap, cut)
+        let body = SseBody::new(events, ttfb, gap, cut);
+        if endless {
+            body.endless()
+        } else {
+            body
+        }
     };
     stamp(response(reply, paced))
+}
+
+/// The `html_200` fault: what a proxy in front of a provider answers when it is down.
+fn html_page() -> Reply {
+    let page = "<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n\
+                <body><h1>Bad Gateway</h1><p>The upstream server is unavailable.</p></body></html>\n";
+    Reply::other(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        Bytes::from_static(page.as_bytes()),
+    )
 }
 
 const X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");

@@ -6,14 +6,35 @@
 //! event boundary, so the chunk is passed on without a copy) and guarantees that
 //! if the stream fails mid-way, an error event appended by the gateway is never
 //! glued onto half an event: the client never sees truncated JSON.
+//!
+//! The partial event is bounded: a provider that sends an event without end
+//! (data and never a blank line) gets [`EventTooLarge`] once it passes the
+//! limit, instead of growing the gateway's memory without bound. Each byte is
+//! scanned for a boundary once (plus three bytes of overlap), so framing stays
+//! linear in the stream's length however the chunks are cut.
 
 use bytes::{Bytes, BytesMut};
 
+/// An event grew past the framer's limit without ending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an event grew past {limit} bytes without ending")]
+pub struct EventTooLarge {
+    pub limit: usize,
+}
+
 /// Splits a byte stream into runs of complete SSE events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EventFramer {
     /// Bytes of an event that has not ended yet.
     partial: BytesMut,
+    /// The most bytes `partial` may hold.
+    limit: usize,
+}
+
+impl Default for EventFramer {
+    fn default() -> Self {
+        Self::with_limit(usize::MAX)
+    }
 }
 
 impl EventFramer {
@@ -21,8 +42,25 @@ impl EventFramer {
         Self::default()
     }
 
-    /// Feeds a chunk; returns the complete events it closes (possibly empty).
-    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+    /// A framer that holds at most `limit` bytes of an unfinished event.
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            partial: BytesMut::new(),
+            limit,
+        }
+    }
+
+    /// Feeds a chunk; returns the complete events it closes (possibly empty),
+    /// or [`EventTooLarge`] if the unfinished event now passes the limit.
+    pub fn push(&mut self, chunk: Bytes) -> Result<Bytes, EventTooLarge> {
+        let events = self.split(chunk);
+        if self.partial.len() > self.limit {
+            return Err(EventTooLarge { limit: self.limit });
+        }
+        Ok(events)
+    }
+
+    fn split(&mut self, chunk: Bytes) -> Bytes {
         if self.partial.is_empty() {
             match last_event_end(&chunk) {
                 Some(end) if end == chunk.len() => return chunk,
@@ -37,7 +75,8 @@ impl EventFramer {
             }
         }
         // A boundary may straddle the old partial data and the new chunk, so
-        // search from a few bytes back.
+        // search from a few bytes back; the rest of the old data has been
+        // searched already.
         let search_from = self.partial.len().saturating_sub(3);
         self.partial.extend_from_slice(&chunk);
         match last_event_end(&self.partial[search_from..]) {
@@ -136,8 +175,41 @@ mod tests {
         let mut f = EventFramer::new();
         chunks
             .iter()
-            .map(|c| f.push(Bytes::copy_from_slice(c)))
+            .map(|c| f.push(Bytes::copy_from_slice(c)).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_refused_at_the_limit() {
+        let mut f = EventFramer::with_limit(16);
+        assert_eq!(
+            f.push(Bytes::from_static(b"data: a\n\ndata: ")),
+            Ok(Bytes::from_static(b"data: a\n\n"))
+        );
+        assert_eq!(f.push(Bytes::from_static(b"0123456789")), Ok(Bytes::new()));
+        assert_eq!(
+            f.push(Bytes::from_static(b"x")),
+            Err(EventTooLarge { limit: 16 })
+        );
+        // Whole events of any size pass: only the unfinished one is held.
+        let mut f = EventFramer::with_limit(16);
+        let big = format!("data: {}\n\n", "y".repeat(100));
+        assert_eq!(f.push(Bytes::from(big.clone())), Ok(Bytes::from(big)));
+    }
+
+    #[test]
+    fn framing_an_endless_event_byte_by_byte_stays_linear() {
+        // 1 MiB one byte at a time: rescanning the held bytes on each push
+        // would be ~5e11 steps and never finish within the test timeout.
+        let mut f = EventFramer::new();
+        for _ in 0..(1 << 20) {
+            assert_eq!(f.push(Bytes::from_static(b"x")), Ok(Bytes::new()));
+        }
+        assert_eq!(f.pending(), 1 << 20);
+        assert_eq!(
+            f.push(Bytes::from_static(b"\n\n")).map(|b| b.len()),
+            Ok((1 << 20) + 2)
+        );
     }
 
     #[test]
@@ -182,7 +254,7 @@ mod tests {
             let mut out = Vec::new();
             let mut start = 0;
             for cut in cuts.into_iter().chain(std::iter::once(bytes.len())) {
-                let piece = f.push(Bytes::copy_from_slice(&bytes[start..cut]));
+                let piece = f.push(Bytes::copy_from_slice(&bytes[start..cut])).unwrap();
                 // Every emitted run ends on an event boundary.
                 proptest::prop_assert!(piece.is_empty() || piece.ends_with(b"\n\n"));
                 out.extend_from_slice(&piece);
