@@ -347,7 +347,7 @@ impl TargetHealth {
                 let d = if cool_down.is_zero() {
                     DEFAULT_COOL_DOWN
                 } else {
-                    cool_down.min(self.policy.max_cool_down)
+                    cool_down.min(policy.max_cool_down)
                 };
                 self.cool_down_until.store(now + ms(d), Relaxed);
                 tracing::info!(provider = %self.provider, model = %self.model, cool_down_ms = ms(d), "target cooling down");
