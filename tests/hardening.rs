@@ -5,6 +5,113 @@
 mod common;
 
 use common::*;
+use detour::mock::{self, Flavor, MockOptions, MockServer};
+use serde_json::json;
+
+async fn upstream(flavor: Flavor) -> MockServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    mock::spawn(flavor, listener, MockOptions::default())
+        .await
+        .unwrap()
+}
+
+/// `base_url` with a query (Azure's `?api-version=`): every provider kind
+/// joins its path before the query and keeps it; Gemini merges its `alt=sse`.
+#[tokio::test]
+async fn a_base_url_query_is_kept_by_every_provider_kind() {
+    let openai = upstream(Flavor::Openai).await;
+    let compatible = upstream(Flavor::Openai).await;
+    let claude = upstream(Flavor::Anthropic).await;
+    let gem = upstream(Flavor::Gemini).await;
+    let config = format!(
+        r#"
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "http://{}/v1?api-version=x"
+
+[[providers]]
+name = "compatible"
+kind = "openai-compatible"
+base_url = "http://{}/v1/?api-version=x"
+
+[[providers]]
+name = "claude"
+kind = "anthropic"
+base_url = "http://{}/v1?api-version=x"
+
+[[providers]]
+name = "gemini"
+kind = "gemini"
+base_url = "http://{}/v1beta?api-version=x"
+
+[[routes]]
+model = "openai"
+targets = [{{ provider = "openai", model = "m" }}]
+
+[[routes]]
+model = "compatible"
+targets = [{{ provider = "compatible", model = "m" }}]
+
+[[routes]]
+model = "claude"
+targets = [{{ provider = "claude", model = "m" }}]
+
+[[routes]]
+model = "gemini"
+targets = [{{ provider = "gemini", model = "gem" }}]
+"#,
+        openai.addr(),
+        compatible.addr(),
+        claude.addr(),
+        gem.addr()
+    );
+    let gw = gateway(&config).await;
+    for model in ["openai", "compatible", "claude", "gemini"] {
+        for stream in [false, true] {
+            let mut body = chat(stream);
+            body["model"] = json!(model);
+            let resp = client()
+                .post(format!("{}/v1/chat/completions", gw.url()))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            let text = resp.text().await.unwrap();
+            assert_eq!(status, 200, "{model} stream={stream}: {text}");
+        }
+    }
+    let embed = client()
+        .post(format!("{}/v1/embeddings", gw.url()))
+        .json(&json!({"model": "openai", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(embed.status(), 200);
+    let paths =
+        |m: &MockServer| -> Vec<String> { m.requests().iter().map(|r| r.path.clone()).collect() };
+    assert_eq!(
+        paths(&openai),
+        [
+            "/v1/chat/completions?api-version=x",
+            "/v1/chat/completions?api-version=x",
+            "/v1/embeddings?api-version=x"
+        ]
+    );
+    assert_eq!(
+        paths(&compatible),
+        ["/v1/chat/completions?api-version=x"; 2]
+    );
+    assert_eq!(paths(&claude), ["/v1/messages?api-version=x"; 2]);
+    assert_eq!(
+        paths(&gem),
+        [
+            "/v1beta/models/gem:generateContent?api-version=x",
+            "/v1beta/models/gem:streamGenerateContent?api-version=x&alt=sse"
+        ]
+    );
+}
 
 #[tokio::test]
 async fn a_basic_authorization_beside_a_valid_x_api_key_is_let_in() {

@@ -256,13 +256,15 @@ impl Loader<'_> {
                 None
             }
         };
-        let base_url = self.url(&p.base_url, &at("base_url"));
+        let base_url = self
+            .url(&p.base_url, &at("base_url"))
+            .and_then(|u| self.base_url(u, &p.base_url, &at("base_url")));
         let status_page = match &p.status_page {
             Some(s) => Some(self.url(s, &at("status_page"))?),
             None => None,
         };
         let api_key = match &p.api_key {
-            Some(s) => Some(Secret::new(self.expand(s, &at("api_key"))?)),
+            Some(s) => Some(self.api_key(s, &at("api_key"))?),
             None => None,
         };
         let status_poll = match &p.status_poll {
@@ -653,6 +655,38 @@ impl Loader<'_> {
                 None
             }
         }
+    }
+
+    /// A provider's `base_url`: paths are joined onto it and its query is
+    /// kept; a fragment would be dropped from every request, so it is refused.
+    fn base_url(&mut self, url: Url, value: &Str, key: &str) -> Option<Url> {
+        if url.fragment().is_some() {
+            self.report(
+                value,
+                key,
+                "must not have a fragment (`#...`): it is never sent to the provider; \
+                 put parameters in the query (`?name=value`) instead",
+            );
+            return None;
+        }
+        Some(url)
+    }
+
+    /// An `api_key` goes into a request header (`authorization`,
+    /// `x-api-key`...): refuse here what building that header would refuse,
+    /// without printing the key.
+    fn api_key(&mut self, value: &Str, key: &str) -> Option<Secret> {
+        let text = self.expand(value, key)?;
+        if http::HeaderValue::from_str(&text).is_err() {
+            self.report(
+                value,
+                key,
+                "contains characters not allowed in an HTTP header \
+                 (control characters such as a newline, or non-ASCII)",
+            );
+            return None;
+        }
+        Some(Secret::new(text))
     }
 
     fn socket_addr(&mut self, value: &Str, key: &str) -> Option<SocketAddr> {
