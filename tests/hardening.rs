@@ -6,13 +6,103 @@ mod common;
 
 use common::*;
 use detour::mock::{self, Flavor, MockOptions, MockServer};
-use serde_json::json;
+use serde_json::{json, Value};
 
 async fn upstream(flavor: Flavor) -> MockServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     mock::spawn(flavor, listener, MockOptions::default())
         .await
         .unwrap()
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_client_error_names_the_provider_never_a_url_or_its_secrets() {
+    let dead = closed_port();
+    let config = format!(
+        r#"
+[[providers]]
+name = "azure-east"
+kind = "openai"
+base_url = "http://user:pw-SECRET-1@{dead}/v1?api-version=2024&token=tok-SECRET-2"
+
+[[routes]]
+model = "fast"
+targets = [{{ provider = "azure-east", model = "m" }}]
+"#
+    );
+    let gw = gateway(&config).await;
+    for stream in [false, true] {
+        let resp = client()
+            .post(format!("{}/v1/chat/completions", gw.url()))
+            .json(&chat(stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 502);
+        let text = resp.text().await.unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["code"], "upstream_connect_error", "{text}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("azure-east"), "names the provider: {text}");
+        for leak in [
+            "SECRET",
+            "127.0.0.1",
+            &dead.port().to_string(),
+            "http://",
+            "error sending request",
+            "api-version",
+        ] {
+            assert!(!text.contains(leak), "{leak} leaked to the client: {text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_admin_config_view_masks_base_url_passwords_and_query_values() {
+    let config = r#"
+[[providers]]
+name = "azure"
+kind = "openai"
+base_url = "https://user:pw-SECRET-1@example.com/openai?api-version=2024-06-01&key=k-SECRET-2"
+
+[[providers]]
+name = "plain"
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+
+[[routes]]
+model = "fast"
+targets = [{ provider = "azure", model = "m" }, { provider = "plain", model = "m" }]
+"#;
+    let gw = gateway(config).await;
+    let base = admin(&gw, "t0ken").await;
+    let view: Value = client()
+        .get(format!("{base}/admin/config"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = view.to_string();
+    assert!(!text.contains("SECRET"), "{text}");
+    assert_eq!(
+        view["providers"][0]["base_url"],
+        "https://user:***@example.com/openai?api-version=***&key=***"
+    );
+    assert_eq!(
+        view["providers"][1]["base_url"],
+        "https://api.openai.com/v1"
+    );
 }
 
 /// `base_url` with a query (Azure's `?api-version=`): every provider kind
@@ -138,4 +228,33 @@ async fn a_basic_authorization_beside_a_valid_x_api_key_is_let_in() {
     assert_eq!(ask(Some("Bearer dk-bad"), Some("dk-good")).await, 401);
     assert_eq!(ask(Some("Basic dXNlcjpwYXNz"), Some("dk-bad")).await, 401);
     assert_eq!(ask(Some("Basic dXNlcjpwYXNz"), None).await, 401);
+}
+
+/// What the log gets for a failed connection: the detail, with the URL's
+/// password and query values masked (host and port stay: operators need them).
+#[tokio::test]
+async fn the_logged_detail_of_a_failed_connection_masks_the_urls_secrets() {
+    let dead = closed_port();
+    let base = format!("http://user:pw-SECRET-1@{dead}/v1?api-version=2024&token=tok-SECRET-2");
+    let config = format!(
+        "[[providers]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"{base}\"\n\
+         [[routes]]\nmodel = \"fast\"\ntargets = [{{ provider = \"p\", model = \"m\" }}]\n"
+    );
+    let cfg = detour::config::load_str(&config, "t.toml").unwrap();
+    let upstream = detour::upstream::Upstream::new(&cfg.providers[0]).unwrap();
+    let err = client()
+        .post(format!("{base}/chat/completions"))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("SECRET"),
+        "reqwest names the URL: {err}"
+    );
+    let logged = upstream.classify(&err).to_string();
+    assert!(!logged.contains("SECRET"), "{logged}");
+    assert!(
+        logged.contains(&format!("{dead}")) && logged.contains("api-version=***&token=***"),
+        "{logged}"
+    );
 }
