@@ -203,6 +203,88 @@ targets = [{{ provider = "gemini", model = "gem" }}]
     );
 }
 
+/// Bodies that are not valid JSON are refused with a 400 in OpenAI's shape,
+/// even where the fields the gateway reads are fine, and never forwarded.
+#[tokio::test]
+async fn bodies_that_are_not_valid_json_get_a_400_and_are_not_forwarded() {
+    let up = mock().await;
+    let gw = gateway(&one_route(up.addr(), "", "")).await;
+    let prefix = br#"{"model":"fast","messages":[{"role":"user","content":"hi"}],"x_extra":"#;
+    let mut bad_utf8 = prefix.to_vec();
+    bad_utf8.extend_from_slice(b"\"caf\xff\"}");
+    let mut deep = prefix.to_vec();
+    deep.extend(std::iter::repeat_n(b'[', 100_000));
+    deep.extend(std::iter::repeat_n(b']', 100_000));
+    deep.push(b'}');
+    let mut bad_utf8_key =
+        br#"{"model":"fast","messages":[{"role":"user","content":"hi"}],""#.to_vec();
+    bad_utf8_key.extend_from_slice(b"k\xc3\x28\":1}");
+    let mut deep_in_message =
+        br#"{"model":"fast","messages":[{"role":"user","content":"hi","x":"#.to_vec();
+    deep_in_message.extend(br#"{"a":"#.repeat(200));
+    deep_in_message.push(b'1');
+    deep_in_message.extend(std::iter::repeat_n(b'}', 200));
+    deep_in_message.extend_from_slice(b"}]}");
+    for (what, path, body) in [
+        (
+            "invalid UTF-8 in an unknown string",
+            "chat/completions",
+            bad_utf8.clone(),
+        ),
+        ("100,000 levels of nesting", "chat/completions", deep),
+        (
+            "invalid UTF-8 in an unknown key",
+            "chat/completions",
+            bad_utf8_key,
+        ),
+        (
+            "200 levels inside a message",
+            "chat/completions",
+            deep_in_message,
+        ),
+        ("invalid UTF-8 in an embeddings body", "embeddings", {
+            let mut b = br#"{"model":"fast","input":"x","user":""#.to_vec();
+            b.extend_from_slice(b"\xfe\"}");
+            b
+        }),
+    ] {
+        let resp = client()
+            .post(format!("{}/v1/{path}", gw.url()))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, 400, "{what}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v["error"]["type"], "invalid_request_error",
+            "{what}: {text}"
+        );
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not valid JSON"),
+            "{what}: {text}"
+        );
+    }
+    assert_eq!(up.stats().requests, 0, "nothing invalid was forwarded");
+    // Valid bodies, unknown fields and escapes included, still pass.
+    let ok = br#"{"model":"fast","messages":[{"role":"user","content":"caf\u00e9 \ud83d\ude00"}],"x_extra":{"a":[1,2.5e3,null,true,"\u0000"]}}"#;
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .header("content-type", "application/json")
+        .body(ok.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.stats().requests, 1);
+}
+
 #[tokio::test]
 async fn a_basic_authorization_beside_a_valid_x_api_key_is_let_in() {
     let up = mock().await;
