@@ -682,7 +682,7 @@ impl Loader<'_> {
                 value,
                 key,
                 "contains characters not allowed in an HTTP header \
-                 (control characters such as a newline, or non-ASCII)",
+                 (control characters such as a newline)",
             );
             return None;
         }
@@ -964,6 +964,34 @@ targets = [{ provider = "opena", model = "gpt-4o-mini" }]
         assert_eq!(diags[0].line, 1, "{diags:?}");
         let diags = load("[[providers]]\nname = \"a\"\n", &[]).unwrap_err();
         assert!(diags[0].message.contains("kind"), "{diags:?}");
+    }
+
+    #[test]
+    fn base_urls_keep_their_query_and_refuse_a_fragment() {
+        let provider = |base_url: &str, key: &str| {
+            format!(
+                "[[providers]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"{base_url}\"\napi_key = \"{key}\"\n"
+            )
+        };
+        let c = load(&provider("https://h.example/v1?api-version=1", "sk-1"), &[]).unwrap();
+        assert_eq!(c.providers[0].base_url.query(), Some("api-version=1"));
+        let diags = load(&provider("https://h.example/v1#x", "sk-1"), &[]).unwrap_err();
+        assert_eq!(
+            (diags[0].line, diags[0].key.as_str()),
+            (4, "providers[0].base_url"),
+            "{diags:?}"
+        );
+        assert!(diags[0].message.contains("fragment"), "{diags:?}");
+        for bad in ["sk-\\nx", "sk-\\u007f", "sk-\\u0000"] {
+            let diags = load(&provider("https://h.example/v1", bad), &[]).unwrap_err();
+            assert_eq!(
+                (diags[0].line, diags[0].key.as_str()),
+                (5, "providers[0].api_key"),
+                "{bad}: {diags:?}"
+            );
+            assert!(diags[0].message.contains("header"), "{diags:?}");
+            assert!(!diags[0].message.contains("sk-"), "{diags:?}");
+        }
     }
 
     #[test]

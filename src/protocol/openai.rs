@@ -555,6 +555,26 @@ mod tests {
             let _ = EmbeddingsRequest::parse(&body);
         }
 
+        /// Whatever serde_json writes (any text in keys and values, any
+        /// number it can hold) passes the validating pass.
+        #[test]
+        fn valid_json_is_never_refused(
+            key in "\\PC{0,12}",
+            text in proptest::arbitrary::any::<String>(),
+            n in proptest::num::f64::NORMAL,
+            i in proptest::num::i64::ANY,
+        ) {
+            let body = serde_json::json!({
+                "model": "m",
+                "messages": [{"role": "user", "content": text.clone()}],
+                // Not a field the typed check reads.
+                format!("x_{key}"): {"text": text, "n": [n, i], "deep": [[[[{"a": null}]]]]},
+            });
+            let bytes = serde_json::to_vec(&body).unwrap();
+            proptest::prop_assert!(validate_json(&bytes).is_ok());
+            proptest::prop_assert!(ChatRequest::parse(&bytes).is_ok());
+        }
+
         #[test]
         fn rewrite_keeps_json_valid(
             model in "\\PC{0,16}",
