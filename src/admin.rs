@@ -279,7 +279,8 @@ async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
         "providers": c.providers.iter().map(|p| json!({
             "name": p.name,
             "kind": p.kind.as_str(),
-            "base_url": p.base_url.as_str(),
+            // It may carry a password or a key in its query.
+            "base_url": crate::config::masked_url(&p.base_url),
             "api_key": p.api_key.as_ref().map(|_| "***"),
             "connect_timeout_ms": p.connect_timeout.as_millis() as u64,
         })).collect::<Vec<_>>(),

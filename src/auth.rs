@@ -1,7 +1,8 @@
 //! Gateway API keys: who is calling.
 //!
 //! Keys are held only as SHA-256 digests; a presented key is hashed and looked
-//! up. The key comes from `Authorization: Bearer <key>` or `x-api-key`.
+//! up. The key comes from `Authorization: Bearer <key>` or, when no Bearer
+//! authorization is sent, `x-api-key`.
 
 use std::collections::HashMap;
 
@@ -68,13 +69,17 @@ impl KeyTable {
     }
 }
 
+/// The gateway key the request presents: a Bearer `Authorization`, else
+/// `x-api-key`. An `Authorization` of another scheme (a proxy's Basic
+/// credentials) carries no gateway key and does not hide `x-api-key`.
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
-        let v = v.to_str().ok()?;
-        let (scheme, key) = v.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| key.trim());
-    }
-    headers.get("x-api-key")?.to_str().ok().map(str::trim)
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
+    bearer.or_else(|| headers.get("x-api-key")?.to_str().ok().map(str::trim))
 }
 
 #[cfg(test)]
@@ -121,6 +126,20 @@ mod tests {
             .authenticate(&headers("authorization", "Basic dk-good"))
             .is_none());
         assert!(t.authenticate(&HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn a_basic_authorization_does_not_hide_x_api_key() {
+        let t = table();
+        let mut h = headers("authorization", "Basic dXNlcjpwYXNz");
+        h.insert("x-api-key", http::HeaderValue::from_static("dk-good"));
+        assert!(t.authenticate(&h).is_some());
+        // A Bearer key is the key presented, right or wrong.
+        h.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_static("Bearer dk-bad"),
+        );
+        assert!(t.authenticate(&h).is_none());
     }
 
     #[test]

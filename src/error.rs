@@ -72,8 +72,25 @@ pub enum GatewayError {
     NoHealthyTarget { alias: String },
     #[error("every target of route `{alias}` failed: {tried}")]
     AllTargetsFailed { alias: String, tried: String },
-    #[error(transparent)]
+    /// What the client reads names the provider and what went wrong, never
+    /// the transport's detail (URLs, addresses, reqwest's text): that goes to
+    /// the log, with the `UpstreamError` itself.
+    #[error("{}", client_message(.0))]
     Upstream(#[from] UpstreamError),
+}
+
+/// An upstream error as the client reads it.
+fn client_message(e: &UpstreamError) -> std::borrow::Cow<'_, str> {
+    match e {
+        UpstreamError::Connect { provider, .. } => {
+            format!("could not connect to provider `{provider}`").into()
+        }
+        UpstreamError::Transport { provider, .. } => format!(
+            "the connection to provider `{provider}` failed or its answer could not be read"
+        )
+        .into(),
+        other => other.to_string().into(),
+    }
 }
 
 /// Whole seconds to wait, at least 1 (the `retry-after` header's value).

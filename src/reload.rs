@@ -11,7 +11,8 @@
 //!   config they started with, and no connection is dropped.
 //! - **Last-known-good**: every config that has served a successful request is
 //!   written to the state directory (as text, `${ENV}` references unexpanded,
-//!   so no secret lands on disk); `serve --fallback-last-known-good` starts
+//!   so no secret from the environment lands on disk; mode 0600, as a literal
+//!   key may be in it); `serve --fallback-last-known-good` starts
 //!   from it when the config file is broken.
 
 use std::path::{Path, PathBuf};
@@ -240,12 +241,61 @@ pub async fn keep_last_known_good(gw: Arc<Gateway>) {
     }
 }
 
+/// Saves `text` as the last-known-good config, readable by its owner only
+/// (0600): the config may hold a literal key.
 fn save_lkg(dir: &Path, text: &str) -> std::io::Result<PathBuf> {
+    use std::io::Write;
     std::fs::create_dir_all(dir)?;
     let path = lkg_path(dir);
-    // Write then rename, so a crash never leaves half a file.
+    // Write then rename, so a crash never leaves half a file. The temporary
+    // file is created afresh, so it never inherits an older file's mode.
     let tmp = dir.join("last-known-good.toml.tmp");
-    std::fs::write(&tmp, text)?;
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    drop(file);
     std::fs::rename(&tmp, &path)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// The saved config may hold a literal key: only the owner may read it,
+    /// even when an older, world-readable temporary file is lying around.
+    #[cfg(unix)]
+    #[test]
+    fn last_known_good_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = save_lkg(dir.path(), "api_key = \"sk-literal\"\n").unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "api_key = \"sk-literal\"\n"
+        );
+
+        let stale = dir.path().join("last-known-good.toml.tmp");
+        std::fs::write(&stale, "old").unwrap();
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = save_lkg(dir.path(), "second").unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "second");
+    }
 }

@@ -393,9 +393,14 @@ impl Upstream {
         }
     }
 
+    /// The typed error for a failed send. Its detail (for the log only; see
+    /// `error::GatewayError::Upstream`) has the URL's secrets masked.
     pub fn classify(&self, e: &reqwest::Error) -> UpstreamError {
         let provider = self.provider.clone();
-        let detail = error_chain(e);
+        let mut detail = error_chain(e);
+        if let Some(url) = e.url() {
+            detail = detail.replace(url.as_str(), &crate::config::masked_url(url));
+        }
         if e.is_connect() {
             if e.is_timeout() {
                 return UpstreamError::Timeout {

@@ -86,6 +86,55 @@ targets = [{ provider = "openai", model = "gpt-4o-mini" }]
     assert!(!all.contains("sk-very-secret-value"));
 }
 
+/// What `serve` would refuse, `check` refuses first: a `base_url` fragment
+/// (which would be dropped from every URL) and an `api_key` that cannot be
+/// sent in a header (serve fails building the provider's headers).
+#[test]
+fn check_refuses_a_base_url_fragment_and_a_key_that_cannot_be_a_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        r#"[[providers]]
+name = "a"
+kind = "openai"
+base_url = "https://example.com/v1?api-version=1#frag"
+
+[[providers]]
+name = "b"
+kind = "anthropic"
+base_url = "https://example.com/v1?api-version=1"
+api_key = "${DETOUR_TEST_BAD_KEY}"
+
+[[routes]]
+model = "fast"
+targets = [{ provider = "a", model = "m" }, { provider = "b", model = "m" }]
+"#,
+    );
+    for cmd in ["check", "serve"] {
+        let out = Command::new(BIN)
+            .args([cmd, "--config"])
+            .arg(&path)
+            .env("DETOUR_TEST_BAD_KEY", "sk-SECRET\nx-injected: 1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        let file = path.display().to_string();
+        for needle in [
+            format!("{file}:4:12: providers[0].base_url: "),
+            "fragment".to_owned(),
+            format!("{file}:10:11: providers[1].api_key: "),
+            "header".to_owned(),
+        ] {
+            assert!(
+                err.contains(&needle),
+                "{cmd}: missing {needle:?} in:\n{err}"
+            );
+        }
+        assert!(!err.contains("SECRET"), "{cmd}: {err}");
+    }
+}
+
 #[test]
 fn serve_refuses_an_invalid_config_with_the_same_messages() {
     let dir = tempfile::tempdir().unwrap();

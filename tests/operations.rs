@@ -413,6 +413,16 @@ async fn a_broken_config_can_start_from_the_last_known_good() {
             !saved.contains("SECRET"),
             "secrets stay in the environment, not on disk"
         );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&lkg).unwrap().permissions().mode();
+            assert_eq!(
+                mode & 0o777,
+                0o600,
+                "a literal key would be readable: {mode:o}"
+            );
+        }
     }
     std::fs::write(&path, "[[routes]]\nmodel = 1\n").unwrap();
     let out = Command::new(BIN)

@@ -272,13 +272,15 @@ impl Loader<'_> {
                 None
             }
         };
-        let base_url = self.url(&p.base_url, &at("base_url"));
+        let base_url = self
+            .url(&p.base_url, &at("base_url"))
+            .and_then(|u| self.base_url(u, &p.base_url, &at("base_url")));
         let status_page = match &p.status_page {
             Some(s) => Some(self.url(s, &at("status_page"))?),
             None => None,
         };
         let api_key = match &p.api_key {
-            Some(s) => Some(Secret::new(self.expand(s, &at("api_key"))?)),
+            Some(s) => Some(self.api_key(s, &at("api_key"))?),
             None => None,
         };
         let status_poll = match &p.status_poll {
@@ -673,6 +675,38 @@ impl Loader<'_> {
         }
     }
 
+    /// A provider's `base_url`: paths are joined onto it and its query is
+    /// kept; a fragment would be dropped from every request, so it is refused.
+    fn base_url(&mut self, url: Url, value: &Str, key: &str) -> Option<Url> {
+        if url.fragment().is_some() {
+            self.report(
+                value,
+                key,
+                "must not have a fragment (`#...`): it is never sent to the provider; \
+                 put parameters in the query (`?name=value`) instead",
+            );
+            return None;
+        }
+        Some(url)
+    }
+
+    /// An `api_key` goes into a request header (`authorization`,
+    /// `x-api-key`...): refuse here what building that header would refuse,
+    /// without printing the key.
+    fn api_key(&mut self, value: &Str, key: &str) -> Option<Secret> {
+        let text = self.expand(value, key)?;
+        if http::HeaderValue::from_str(&text).is_err() {
+            self.report(
+                value,
+                key,
+                "contains characters not allowed in an HTTP header \
+                 (control characters such as a newline)",
+            );
+            return None;
+        }
+        Some(Secret::new(text))
+    }
+
     fn socket_addr(&mut self, value: &Str, key: &str) -> Option<SocketAddr> {
         let text = self.expand(value, key)?;
         match text.parse() {
@@ -976,6 +1010,34 @@ targets = [{ provider = "opena", model = "gpt-4o-mini" }]
         let diags = load(&route("breaker = { max_cool_down = \"forever\" }\n"), &[]).unwrap_err();
         assert_eq!(diags[0].key, "routes[0].breaker.max_cool_down", "{diags:?}");
         assert_eq!(diags[0].line, 8, "{diags:?}");
+    }
+
+    #[test]
+    fn base_urls_keep_their_query_and_refuse_a_fragment() {
+        let provider = |base_url: &str, key: &str| {
+            format!(
+                "[[providers]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"{base_url}\"\napi_key = \"{key}\"\n"
+            )
+        };
+        let c = load(&provider("https://h.example/v1?api-version=1", "sk-1"), &[]).unwrap();
+        assert_eq!(c.providers[0].base_url.query(), Some("api-version=1"));
+        let diags = load(&provider("https://h.example/v1#x", "sk-1"), &[]).unwrap_err();
+        assert_eq!(
+            (diags[0].line, diags[0].key.as_str()),
+            (4, "providers[0].base_url"),
+            "{diags:?}"
+        );
+        assert!(diags[0].message.contains("fragment"), "{diags:?}");
+        for bad in ["sk-\\nx", "sk-\\u007f", "sk-\\u0000"] {
+            let diags = load(&provider("https://h.example/v1", bad), &[]).unwrap_err();
+            assert_eq!(
+                (diags[0].line, diags[0].key.as_str()),
+                (5, "providers[0].api_key"),
+                "{bad}: {diags:?}"
+            );
+            assert!(diags[0].message.contains("header"), "{diags:?}");
+            assert!(!diags[0].message.contains("sk-"), "{diags:?}");
+        }
     }
 
     #[test]

@@ -124,6 +124,8 @@ pub struct Provider {
     pub name: String,
     pub kind: ProviderKind,
     /// Base URL including the API version path, e.g. `https://api.openai.com/v1`.
+    /// Its query (`?api-version=...`) is kept on every request; it has no
+    /// fragment. It may hold secrets: show it with [`masked_url`].
     pub base_url: Url,
     pub api_key: Option<Secret>,
     /// A Statuspage v2 `summary.json` URL.
@@ -384,6 +386,32 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// `url` fit to show an operator or a log: a password in it and every query
+/// value become `***` (query names stay, so `?api-version=***&key=***`).
+pub fn masked_url(url: &Url) -> String {
+    let mut url = url.clone();
+    if url.password().is_some() {
+        // Only URLs that cannot have a password refuse one.
+        let _ = url.set_password(Some("***"));
+    }
+    if let Some(query) = url.query() {
+        let masked: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) => format!("{name}=***"),
+                None if pair.is_empty() => String::new(),
+                // A bare `?token` is a value too.
+                None => "***".to_owned(),
+            })
+            .collect();
+        url.set_query(Some(&masked.join("&")));
+    }
+    if url.fragment().is_some() {
+        url.set_fragment(Some("***"));
+    }
+    url.into()
+}
+
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
@@ -454,6 +482,22 @@ mod tests {
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("5 parsecs"), None);
+    }
+
+    #[test]
+    fn masked_urls_keep_names_and_hide_values() {
+        let cases = [
+            ("https://api.openai.com/v1", "https://api.openai.com/v1"),
+            (
+                "https://u:p@h.example/v1?api-version=1&key=sk-1&flag&=x#f",
+                "https://u:***@h.example/v1?api-version=***&key=***&***&=***#***",
+            ),
+            ("http://u@h.example/?", "http://u@h.example/?"),
+            ("http://h.example/?a=b=c", "http://h.example/?a=***"),
+        ];
+        for (url, masked) in cases {
+            assert_eq!(masked_url(&Url::parse(url).unwrap()), masked, "{url}");
+        }
     }
 
     #[test]

@@ -103,6 +103,7 @@ struct EmbeddingsCheck<'a> {
 impl ChatRequest {
     pub fn parse(body: &[u8]) -> Result<Self, InvalidRequest> {
         let check: ChatCheck = deserialize_checked(body)?;
+        validate_json(body)?;
         if check.messages.is_empty() {
             return Err(InvalidRequest::new(
                 "'messages' must contain at least one message",
@@ -127,6 +128,7 @@ impl ChatRequest {
 impl EmbeddingsRequest {
     pub fn parse(body: &[u8]) -> Result<Self, InvalidRequest> {
         let check: EmbeddingsCheck = deserialize_checked(body)?;
+        validate_json(body)?;
         let (model, model_span) = model_of(body, check.model)?;
         Ok(Self { model, model_span })
     }
@@ -161,6 +163,64 @@ fn deserialize_checked<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Inva
     de.end()
         .map_err(|e| InvalidRequest::new(format!("request body is not valid JSON: {e}"), None))?;
     Ok(value)
+}
+
+/// Checks that the whole body is valid JSON, the parts the typed check skips
+/// included: serde_json skips unknown fields without checking their strings'
+/// UTF-8 or their depth, and a passthrough body is forwarded as it is.
+///
+/// One more pass over the bytes, allocating only for strings with escapes:
+/// every value goes through `deserialize_any`, which validates strings and
+/// keeps serde_json's nesting limit (128). (`IgnoredAny` would not do: it
+/// skips values the same unchecked way.)
+pub fn validate_json(body: &[u8]) -> Result<(), InvalidRequest> {
+    use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+
+    struct Valid;
+    impl<'de> Deserialize<'de> for Valid {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(Valid)
+        }
+    }
+    impl<'de> Visitor<'de> for Valid {
+        type Value = Valid;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Valid, E> {
+            Ok(Valid)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Valid, E> {
+            Ok(Valid)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Valid, E> {
+            Ok(Valid)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Valid, E> {
+            Ok(Valid)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Valid, E> {
+            Ok(Valid)
+        }
+        fn visit_unit<E>(self) -> Result<Valid, E> {
+            Ok(Valid)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
+            while seq.next_element::<Valid>()?.is_some() {}
+            Ok(Valid)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
+            while map.next_key::<Valid>()?.is_some() {
+                map.next_value::<Valid>()?;
+            }
+            Ok(Valid)
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_slice(body);
+    Valid::deserialize(&mut de)
+        .and_then(|_| de.end())
+        .map_err(|e| InvalidRequest::new(format!("request body is not valid JSON: {e}"), None))
 }
 
 /// Turns a serde error into a message that names the field.
@@ -440,6 +500,39 @@ mod tests {
     }
 
     #[test]
+    fn what_the_typed_check_skips_is_validated_too() {
+        let with_extra = |extra: &[u8]| {
+            let mut body = br#"{"model":"m","messages":[{"role":"user","x":"#.to_vec();
+            body.extend_from_slice(extra);
+            body.extend_from_slice(b"}]}");
+            body
+        };
+        let deep = |n: usize| {
+            let mut v = "[".repeat(n).into_bytes();
+            v.extend("]".repeat(n).into_bytes());
+            with_extra(&v)
+        };
+        for bad in [
+            with_extra(b"\"\xff\""),
+            with_extra(b"{\"\xc3\x28\":1}"),
+            with_extra(b"\"\\ud800\""),
+            deep(200),
+            deep(100_000),
+            // As for the typed fields: a number no f64 can hold.
+            with_extra(b"1e400"),
+        ] {
+            let e = ChatRequest::parse(&bad).unwrap_err();
+            assert!(e.message.contains("not valid JSON"), "{}", e.message);
+        }
+        // Nesting within the limit, escapes and every kind of value pass.
+        ChatRequest::parse(&deep(100)).unwrap();
+        ChatRequest::parse(&with_extra(
+            br#"{"s":"caf\u00e9 \ud83d\ude00 \"q\"","n":[-1,2.5e3,18446744073709551615,1e300],"b":[true,false,null]}"#,
+        ))
+        .unwrap();
+    }
+
+    #[test]
     fn duplicate_model_keys_are_refused() {
         err(r#"{"model":"a","model":"b","messages":[{"role":"user"}]}"#);
     }
@@ -460,6 +553,26 @@ mod tests {
         fn parser_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
             let _ = ChatRequest::parse(&body);
             let _ = EmbeddingsRequest::parse(&body);
+        }
+
+        /// Whatever serde_json writes (any text in keys and values, any
+        /// number it can hold) passes the validating pass.
+        #[test]
+        fn valid_json_is_never_refused(
+            key in "\\PC{0,12}",
+            text in proptest::arbitrary::any::<String>(),
+            n in proptest::num::f64::NORMAL,
+            i in proptest::num::i64::ANY,
+        ) {
+            let body = serde_json::json!({
+                "model": "m",
+                "messages": [{"role": "user", "content": text.clone()}],
+                // Not a field the typed check reads.
+                format!("x_{key}"): {"text": text, "n": [n, i], "deep": [[[[{"a": null}]]]]},
+            });
+            let bytes = serde_json::to_vec(&body).unwrap();
+            proptest::prop_assert!(validate_json(&bytes).is_ok());
+            proptest::prop_assert!(ChatRequest::parse(&bytes).is_ok());
         }
 
         #[test]

@@ -1,10 +1,12 @@
 //! Providers of kind `gemini`: `generateContent`, and
-//! `streamGenerateContent?alt=sse` for streams; the key in `x-goog-api-key`.
-//! The model is part of the URL, so URLs are built per request.
+//! `streamGenerateContent?alt=sse` for streams (merged into `base_url`'s own
+//! query); the key in `x-goog-api-key`. The model is part of the URL, so URLs
+//! are built per request.
 
 use http::HeaderMap;
+use url::Url;
 
-use super::{json_headers, secret_header, AdapterError, Endpoint, Outgoing};
+use super::{join_path, json_headers, secret_header, AdapterError, Endpoint, Outgoing};
 use crate::config::Provider;
 use crate::protocol::chat::Format;
 use crate::protocol::translate::{gemini, TranslateError};
@@ -13,8 +15,8 @@ use crate::upstream::{Upstream, UpstreamRequest};
 #[derive(Debug)]
 pub struct GeminiAdapter {
     pub(super) upstream: Upstream,
-    /// `base_url` without a trailing slash.
-    base: String,
+    /// `base_url`, its query kept on every request.
+    base: Url,
     headers: HeaderMap,
 }
 
@@ -25,7 +27,7 @@ impl GeminiAdapter {
             headers.insert("x-goog-api-key", secret_header(provider, key.expose())?);
         }
         Ok(Self {
-            base: provider.base_url.as_str().trim_end_matches('/').to_owned(),
+            base: provider.base_url.clone(),
             upstream,
             headers,
         })
@@ -44,15 +46,22 @@ impl GeminiAdapter {
         }
         let body = gemini::encode_request((out.ir)()?)?;
         let method = if out.stream {
-            "streamGenerateContent?alt=sse"
+            "streamGenerateContent"
         } else {
             "generateContent"
         };
-        let url = format!("{}/models/{}:{method}", self.base, model);
-        let url = url::Url::parse(&url).map_err(|e| TranslateError::Untranslatable {
-            feature: format!("model name `{model}` in a URL ({e})"),
-            target: Format::Gemini,
-        })?;
+        // The model is one path segment (percent-encoded); `alt=sse` joins
+        // whatever query `base_url` has.
+        let mut url =
+            join_path(&self.base, ["models", &format!("{model}:{method}")]).ok_or_else(|| {
+                TranslateError::Untranslatable {
+                    feature: format!("model name `{model}` in a URL"),
+                    target: Format::Gemini,
+                }
+            })?;
+        if out.stream {
+            url.query_pairs_mut().append_pair("alt", "sse");
+        }
         Ok(UpstreamRequest {
             url,
             headers: self.headers.clone(),

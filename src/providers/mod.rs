@@ -144,8 +144,28 @@ fn secret_header(provider: &Provider, value: &str) -> Result<HeaderValue, Adapte
 
 /// `base_url` with `path` appended.
 fn join(provider: &Provider, path: &str) -> Result<url::Url, AdapterError> {
-    let base = provider.base_url.as_str().trim_end_matches('/');
-    url::Url::parse(&format!("{base}/{path}")).map_err(|e| build_error(provider, e.to_string()))
+    join_path(&provider.base_url, path.split('/'))
+        .ok_or_else(|| build_error(provider, "base_url cannot take a path".into()))
+}
+
+/// `base` with `segments` appended to its path (each percent-encoded as one
+/// segment), its query kept: `https://h/v1?api-version=1` + `chat/completions`
+/// is `https://h/v1/chat/completions?api-version=1`. Trailing slashes of the
+/// base do not double. `None` for a URL that cannot have a path (config
+/// admits only http and https URLs with a host, which all can).
+pub(crate) fn join_path<'a>(
+    base: &url::Url,
+    segments: impl IntoIterator<Item = &'a str>,
+) -> Option<url::Url> {
+    let mut url = base.clone();
+    url.set_fragment(None);
+    let trimmed = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&trimmed);
+    url.path_segments_mut()
+        .ok()?
+        .pop_if_empty()
+        .extend(segments);
+    Some(url)
 }
 
 fn json_headers() -> HeaderMap {
@@ -155,4 +175,33 @@ fn json_headers() -> HeaderMap {
         HeaderValue::from_static("application/json"),
     );
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_join_before_the_query() {
+        let cases = [
+            ("https://h/v1", "https://h/v1/chat/completions"),
+            ("https://h/v1/", "https://h/v1/chat/completions"),
+            ("https://h/v1//", "https://h/v1/chat/completions"),
+            ("https://h", "https://h/chat/completions"),
+            ("https://h/", "https://h/chat/completions"),
+            (
+                "https://h/openai/deployments/d?api-version=2024-06-01",
+                "https://h/openai/deployments/d/chat/completions?api-version=2024-06-01",
+            ),
+            (
+                "https://h/v1/?a=1&b=%2F",
+                "https://h/v1/chat/completions?a=1&b=%2F",
+            ),
+        ];
+        for (base, joined) in cases {
+            let base = url::Url::parse(base).unwrap();
+            let url = join_path(&base, "chat/completions".split('/')).unwrap();
+            assert_eq!(url.as_str(), joined);
+        }
+    }
 }
