@@ -102,10 +102,10 @@ pub async fn poll(provider: Arc<Provider>, health: Arc<ProviderHealth>) {
         let result = match client.get(url.clone()).send().await {
             Ok(resp) if resp.status().is_success() => match resp.bytes().await {
                 Ok(body) => state_of(&body, &provider.status_components),
-                Err(e) => Err(format!("reading the page failed: {e}")),
+                Err(e) => Err(format!("reading the page failed: {}", without_url(e))),
             },
             Ok(resp) => Err(format!("the page answered {}", resp.status())),
-            Err(e) => Err(format!("fetching the page failed: {e}")),
+            Err(e) => Err(format!("fetching the page failed: {}", without_url(e))),
         };
         match result {
             Ok(state) => {
@@ -123,6 +123,12 @@ pub async fn poll(provider: Arc<Provider>, health: Arc<ProviderHealth>) {
             }
         }
     }
+}
+
+/// What went wrong, without the page's URL: it may carry a token in its
+/// query, and the message reaches the log and `/admin/health`.
+fn without_url(e: reqwest::Error) -> String {
+    crate::upstream::error_chain(&e.without_url())
 }
 
 #[cfg(test)]

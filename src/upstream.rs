@@ -432,7 +432,7 @@ pub fn first_deadline(started: Instant, t: &Timeouts) -> (Instant, TimeoutKind) 
 }
 
 /// An error and its sources on one line: reqwest's own message is vague.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

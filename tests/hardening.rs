@@ -340,3 +340,51 @@ async fn the_logged_detail_of_a_failed_connection_masks_the_urls_secrets() {
         "{logged}"
     );
 }
+
+/// A status page that cannot be fetched is reported in `/admin/health`, but
+/// never with its URL: a token in the page's query stays out of it.
+#[tokio::test]
+async fn a_failing_status_page_is_reported_without_its_urls_secrets() {
+    let dead = closed_port();
+    let config = format!(
+        r#"
+[[providers]]
+name = "p"
+kind = "openai"
+base_url = "http://{dead}/v1"
+status_page = "http://{dead}/api/v2/summary.json?token=tok-SECRET-3"
+status_poll = "100ms"
+
+[[routes]]
+model = "fast"
+targets = [{{ provider = "p", model = "m" }}]
+"#
+    );
+    let gw = gateway(&config).await;
+    let base = admin(&gw, "t0ken").await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let error = loop {
+        let health: Value = client()
+            .get(format!("{base}/admin/health"))
+            .bearer_auth("t0ken")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let error = &health["providers"][0]["status_page_error"];
+        if let Some(e) = error.as_str() {
+            break e.to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failing page was never reported: {health}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(error.contains("fetching the page failed"), "{error}");
+    for leak in ["SECRET", "token", &dead.to_string()] {
+        assert!(!error.contains(leak), "{leak} leaked: {error}");
+    }
+}
