@@ -216,71 +216,17 @@ async fn not_found(req: Request) -> Response {
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then lets
-/// requests in flight finish.
-/// Serves the gateway on `listener` until `shutdown` resolves, then lets
-/// requests in flight finish.
+/// requests in flight finish (up to `server.shutdown_timeout`).
 ///
-/// The accept loop is ours rather than `axum::serve` so that slow clients are
-/// bounded: a connection must deliver its request headers within
-/// `server.header_read_timeout` (slowloris), and every accepted socket gets
-/// `TCP_NODELAY` and is counted in `detour_open_connections`.
+/// Connections are bounded by [`crate::listener`]: header and idle timeouts,
+/// HTTP/2 keep-alive, `server.max_connections`.
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
-    use tower::ServiceExt;
-
-    let header_timeout = gw.live().config.server.header_read_timeout;
-    let app = router(gw);
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, don't spin.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        // Without it, a response written as headers then body stalls ~40 ms on
-        // a busy keep-alive connection (Nagle + delayed ACK).
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("could not set TCP_NODELAY: {e}");
-        }
-        let app = app.clone();
-        let service =
-            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                app.clone().oneshot(req.map(axum::body::Body::new))
-            });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _open = crate::metrics::OpenConnection::new();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, "connection ended: {e}");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-    Ok(())
+    let policy = crate::listener::Policy::main(&gw.live().config.server);
+    crate::listener::serve(router(gw), listener, policy, shutdown).await
 }
 
 /// A gateway running on a background task (tests, the demo).
