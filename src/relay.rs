@@ -102,6 +102,8 @@ enum Mode {
     Events {
         framer: EventFramer,
         watch: StreamWatch,
+        /// Drop the usage chunk: the gateway asked for it, the client did not.
+        strip_usage: bool,
     },
     /// SSE in another format, or to be passed through in Anthropic's:
     /// decoded into IR events; re-encoded for the client when `encoder` is
@@ -123,8 +125,8 @@ enum Mode {
 
 /// How an upstream body reaches the client.
 pub enum Shape {
-    /// OpenAI SSE to an OpenAI client.
-    OpenAiEvents,
+    /// OpenAI SSE to an OpenAI client; `strip_usage` drops the usage chunk.
+    OpenAiEvents { strip_usage: bool },
     /// SSE decoded with `decoder`; re-encoded with `encoder` if given.
     Decoded {
         decoder: Box<StreamDecoder>,
@@ -155,16 +157,17 @@ impl RelayBody {
         started: Instant,
     ) -> Self {
         let total_deadline = started + timeouts.total;
-        let event_stream = matches!(shape, Shape::OpenAiEvents | Shape::Decoded { .. });
+        let event_stream = matches!(shape, Shape::OpenAiEvents { .. } | Shape::Decoded { .. });
         let first = if event_stream {
             started + timeouts.first_byte
         } else {
             Instant::now() + timeouts.idle
         };
         let mode = match shape {
-            Shape::OpenAiEvents => Mode::Events {
+            Shape::OpenAiEvents { strip_usage } => Mode::Events {
                 framer: EventFramer::new(),
                 watch: StreamWatch::default(),
+                strip_usage,
             },
             Shape::Decoded { decoder, encoder } => Mode::Decoded {
                 framer: EventFramer::new(),
@@ -308,13 +311,20 @@ impl RelayBody {
             .as_mut()
             .reset((now + self.timeouts.idle).min(self.total_deadline));
         match &mut self.mode {
-            Mode::Events { framer, watch } => {
-                let events = framer.push(data);
+            Mode::Events {
+                framer,
+                watch,
+                strip_usage,
+            } => {
+                let mut events = framer.push(data);
                 if events.is_empty() {
                     return Ok(None);
                 }
                 watch.observe(&events);
-                Ok(Some(events))
+                if *strip_usage {
+                    events = crate::protocol::openai::strip_usage_chunks(events);
+                }
+                Ok((!events.is_empty()).then_some(events))
             }
             Mode::Decoded {
                 framer,
@@ -362,7 +372,7 @@ impl RelayBody {
     fn on_end(&mut self) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let mut tail = None;
         match &mut self.mode {
-            Mode::Events { framer, watch } => {
+            Mode::Events { framer, watch, .. } => {
                 if let Some(r) = &mut self.record {
                     r.usage = watch.usage;
                 }

@@ -23,7 +23,6 @@ use tokio::net::TcpListener;
 use crate::auth::Caller;
 use crate::error::{ApiError, ClientFormat, GatewayError};
 use crate::ingress::{self, RequestId};
-use crate::limits::estimate_tokens;
 use crate::state::Gateway;
 use crate::telemetry::RequestRecord;
 
@@ -112,23 +111,21 @@ fn refuse(req: &Request, stage: &'static str, error: GatewayError) -> Response {
 }
 
 /// Limits and admission, after auth: the caller's key and tenant limits
-/// (requests, estimated tokens, concurrency), then a slot among
+/// (requests, concurrency, a spent token allowance), then a slot among
 /// `server.max_concurrent_requests`, waited for by tier ([`Admission`]).
-/// Both are held until the response body ends.
+/// Both are held until the response body ends. Tokens are charged by the
+/// ingress handler once it has read the body, through the [`TokenGate`] this
+/// leaves in the request's extensions.
+///
+/// [`TokenGate`]: crate::limits::TokenGate
 ///
 /// [`Admission`]: crate::limits::admission::Admission
-async fn admit(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+async fn admit(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
     let live = gw.live();
     let Some(caller) = req.extensions().get::<Caller>().cloned() else {
         return refuse(&req, "limits", GatewayError::Unauthorized);
     };
-    let declared = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    let (held, charge) = match live.limits.admit(&caller, estimate_tokens(declared, None)) {
+    let (held, tokens) = match live.limits.admit(&caller) {
         Ok(ok) => ok,
         Err(limited) => {
             let error = GatewayError::RateLimited {
@@ -147,10 +144,8 @@ async fn admit(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Resp
             return drain_then_refuse(req, error).await;
         }
     };
-    let resp = match charge {
-        Some(c) => crate::limits::CHARGE.scope(c, next.run(req)).await,
-        None => next.run(req).await,
-    };
+    req.extensions_mut().insert(tokens);
+    let resp = next.run(req).await;
     let (parts, body) = resp.into_parts();
     let holding = Holding {
         body,
