@@ -231,3 +231,64 @@ async fn shutdown_closes_what_is_left_once_shutdown_timeout_passes() {
         "the connection was left open after shutdown"
     );
 }
+
+#[tokio::test]
+async fn the_binary_logs_what_it_cut_at_its_shutdown_deadline() {
+    let up = mock().await;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let server = "body_read_timeout = \"60s\"\nshutdown_timeout = \"1s\"";
+    let text = config(up.addr(), server)
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("detour.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_detour"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "detour did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&h2_request(3, "/v1/chat/completions", false))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut stderr = child.stderr.take().unwrap();
+    let mut log = String::new();
+    let exited = tokio::time::timeout(Duration::from_secs(6), async {
+        stderr.read_to_string(&mut log).await.unwrap();
+        child.wait().await.unwrap()
+    })
+    .await;
+    assert!(
+        exited.is_ok(),
+        "detour did not stop within its shutdown deadline"
+    );
+    let cut = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("shutdown deadline passed"))
+        })
+        .unwrap_or_else(|| panic!("no line about what was cut:\n{log}"));
+    assert_eq!(cut["connections"], 1, "{cut}");
+    assert_eq!(cut["requests"], 1, "{cut}");
+}
