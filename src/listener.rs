@@ -134,6 +134,7 @@ pub async fn serve(
         let (app, builder, stopping) = (app.clone(), builder.clone(), stopping.clone());
         connections.spawn(async move {
             let _slot = slot;
+            // `detour_open_connections` counts the main listener's.
             let _open = (policy.listener == "main").then(crate::metrics::OpenConnection::new);
             conn.run(tcp, app, &builder, stopping).await;
         });

@@ -249,3 +249,33 @@ impl AuthFailures {
         bucket.try_take(1).err()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(key: u64, tenant: u64, clock: Clock) -> TokenGate {
+        let bucket = |n| Arc::new(Gcra::per_minute(n, n, clock));
+        TokenGate {
+            buckets: vec![("key", bucket(key)), ("tenant", bucket(tenant))],
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_charge_takes_from_every_bucket_or_none() {
+        let g = gate(1000, 500, Clock::new());
+        // The tenant cannot take 600: the key's 600 are given back.
+        let refused = g.charge(600).unwrap_err();
+        assert_eq!(refused.what, "tokens per minute for this tenant");
+        let charge = g.charge(400).unwrap().unwrap();
+        assert!(
+            g.buckets[0].1.check(600).is_ok(),
+            "the key was charged twice"
+        );
+        assert!(g.buckets[1].1.check(101).is_err());
+        // Settled from usage: 100 used, 300 given back.
+        charge.settle(100);
+        assert!(g.buckets[1].1.check(400).is_ok());
+        assert!(TokenGate::default().charge(10).unwrap().is_none());
+    }
+}
