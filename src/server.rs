@@ -5,8 +5,14 @@
 //!    `x-request-id`, so it wraps everything;
 //! 2. auth — on matched API routes only (a `route_layer`), so an unknown path
 //!    answers 404 without revealing whether a key is valid;
-//! 3. the handler: ingress checks the body, then [`crate::proxy`] runs
-//!    routing → provider adapter → upstream → relay.
+//! 3. limits and admission (a `route_layer` after auth, since they need the
+//!    caller): requests per minute, concurrency and a spent token allowance
+//!    refuse before the body is read;
+//! 4. the handler: ingress reads and checks the body and charges the caller's
+//!    tokens from it, then [`crate::proxy`] runs routing → provider adapter →
+//!    upstream → relay.
+//!
+//! Connections (timeouts, keep-alive, caps, shutdown) are [`crate::listener`]'s.
 
 use std::future::Future;
 use std::net::SocketAddr;
