@@ -75,11 +75,13 @@ async fn silent_one_byte_and_bare_preface_connections_are_closed_on_the_header_t
     let up = mock().await;
     let gw = gateway(&config(up.addr(), "header_read_timeout = \"1s\"")).await;
     let mut cases = Vec::new();
-    for (name, send) in [
+    let kinds = [
         ("nothing", &b""[..]),
         ("one byte", &b"P"[..]),
         ("the HTTP/2 preface only", H2_PREFACE),
-    ] {
+    ];
+    // Many of each, as a flood would.
+    for (name, send) in kinds.into_iter().cycle().take(60) {
         let addr = gw.addr;
         cases.push(tokio::spawn(async move {
             let mut tcp = TcpStream::connect(addr).await.unwrap();
