@@ -117,6 +117,24 @@ async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn an_idle_http1_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let up = mock().await;
+    let server = "header_read_timeout = \"5s\"\nidle_timeout = \"1s\"";
+    let gw = gateway(&config(up.addr(), server)).await;
+    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
+    tcp.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let took = closed_within(&mut tcp, Duration::from_secs(8))
+        .await
+        .expect("an idle keep-alive connection was kept open");
+    assert!(took < Duration::from_secs(4), "closed after {took:?}");
+}
+
+#[tokio::test]
 async fn an_http2_client_that_never_answers_pings_is_dropped() {
     let up = mock().await;
     // A request is in flight (its body never ends), so only the keep-alive
