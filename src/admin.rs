@@ -65,6 +65,8 @@ const MAX_IN_FLIGHT: usize = 16;
 /// Runs the admin listener on its own OS thread with its own single-threaded
 /// runtime: however saturated the main listener's runtime is, operators get in
 /// (the break-glass access OpenAI's engineers lacked in December 2024).
+/// Its connections are bounded like the main listener's ([`crate::listener`]),
+/// with their own cap, `server.admin_max_connections`.
 pub fn spawn_thread(
     listener: std::net::TcpListener,
     gw: Arc<Gateway>,
@@ -85,7 +87,10 @@ pub fn spawn_thread(
                         return;
                     }
                 };
-                if let Err(e) = axum::serve(listener, router(gw, token)).await {
+                let policy = crate::listener::Policy::admin(&gw.live().config.server);
+                let app = router(gw, token);
+                let forever = std::future::pending();
+                if let Err(e) = crate::listener::serve(app, listener, policy, forever).await {
                     tracing::error!("admin listener failed: {e}");
                 }
             });

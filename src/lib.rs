@@ -14,6 +14,7 @@ pub mod health;
 pub mod incidents;
 pub mod ingress;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod mock;
 pub mod protocol;

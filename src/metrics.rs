@@ -71,6 +71,10 @@ metric_names! {
     Counter DNS_STALE_USES_TOTAL = "detour_dns_stale_uses_total";
     /// Client connections open on the main listener.
     Gauge OPEN_CONNECTIONS = "detour_open_connections";
+    /// Client connections closed as soon as accepted because their listener (`main` or `admin`) had `max_connections` open.
+    Counter CONNECTIONS_REFUSED_TOTAL = "detour_connections_refused_total";
+    /// Client connections closed by the gateway, by listener and reason (`header_timeout`: no whole request in time; `idle`: nothing in flight for `idle_timeout`).
+    Counter CONNECTIONS_CLOSED_TOTAL = "detour_connections_closed_total";
     /// What each provider's status page says: 0 unknown, 1 operational, 2 degraded, 3 down.
     Gauge STATUS_PAGE_STATE = "detour_status_page_state";
     /// Requests on cached routes, by route and result (`hit`, `miss`, `bypass`).
@@ -265,6 +269,16 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         gauge!(OPEN_CONNECTIONS).decrement(1.0);
     }
+}
+
+/// A connection to `listener` was closed at once: too many open.
+pub fn connection_refused(listener: &'static str) {
+    counter!(CONNECTIONS_REFUSED_TOTAL, "listener" => listener).increment(1);
+}
+
+/// The gateway closed a connection to `listener` for `reason`.
+pub fn connection_closed(listener: &'static str, reason: &'static str) {
+    counter!(CONNECTIONS_CLOSED_TOTAL, "listener" => listener, "reason" => reason).increment(1);
 }
 
 /// A status-page poll read `state` for `provider`.

@@ -72,6 +72,9 @@ pub struct Forward {
     pub stream: bool,
     /// OpenAI clients: `stream_options.include_usage`.
     pub include_usage: bool,
+    /// OpenAI clients: how a passthrough stream asks for usage anyway (it is
+    /// stripped from the answer unless `include_usage`).
+    pub ask_usage: crate::protocol::openai::AskUsage,
     /// The request in the IR; parsed only when a target needs translation
     /// (ingress may fill it when it parsed the IR anyway).
     pub ir: OnceLock<Result<ChatRequest, TranslateError>>,
@@ -455,6 +458,7 @@ async fn attempt(
             body: &req.body,
             model_span: req.model_span.clone(),
             stream: req.stream,
+            ask_usage: &req.ask_usage,
             ir: &ir,
         };
         adapter.request(&out, &target.model)?
@@ -485,7 +489,10 @@ async fn attempt(
         return Err(unexpected(Unexpected::Encoding(encoding.clone())));
     }
     let (shape, inner) = match (upstream_format == client_format, event_stream) {
-        (true, true) if client_format == Format::OpenAi => (Shape::OpenAiEvents, upstream_body),
+        (true, true) if client_format == Format::OpenAi => {
+            let strip_usage = !req.include_usage;
+            (Shape::OpenAiEvents { strip_usage }, upstream_body)
+        }
         // Other formats are decoded to know where the stream ends.
         (true, true) => {
             let decoder = Box::new(StreamDecoder::new(upstream_format));

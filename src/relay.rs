@@ -110,6 +110,8 @@ enum Mode {
     Events {
         framer: EventFramer,
         watch: StreamWatch,
+        /// Drop the usage chunk: the gateway asked for it, the client did not.
+        strip_usage: bool,
     },
     /// SSE in another format, or to be passed through in Anthropic's:
     /// decoded into IR events; re-encoded for the client when `encoder` is
@@ -131,8 +133,8 @@ enum Mode {
 
 /// How an upstream body reaches the client.
 pub enum Shape {
-    /// OpenAI SSE to an OpenAI client.
-    OpenAiEvents,
+    /// OpenAI SSE to an OpenAI client; `strip_usage` drops the usage chunk.
+    OpenAiEvents { strip_usage: bool },
     /// SSE decoded with `decoder`; re-encoded with `encoder` if given.
     Decoded {
         decoder: Box<StreamDecoder>,
@@ -165,16 +167,17 @@ impl RelayBody {
         started: Instant,
     ) -> Self {
         let total_deadline = started + timeouts.total;
-        let event_stream = matches!(shape, Shape::OpenAiEvents | Shape::Decoded { .. });
+        let event_stream = matches!(shape, Shape::OpenAiEvents { .. } | Shape::Decoded { .. });
         let first = if event_stream {
             started + timeouts.first_byte
         } else {
             Instant::now() + timeouts.idle
         };
         let mode = match shape {
-            Shape::OpenAiEvents => Mode::Events {
+            Shape::OpenAiEvents { strip_usage } => Mode::Events {
                 framer: EventFramer::with_limit(max_event_bytes),
                 watch: StreamWatch::default(),
+                strip_usage,
             },
             Shape::Decoded { decoder, encoder } => Mode::Decoded {
                 framer: EventFramer::with_limit(max_event_bytes),
@@ -325,13 +328,21 @@ impl RelayBody {
             limit: e.limit,
         };
         let (out, whole_event) = match &mut self.mode {
-            Mode::Events { framer, watch } => {
-                let events = framer.push(data).map_err(too_large)?;
+            Mode::Events {
+                framer,
+                watch,
+                strip_usage,
+            } => {
+                let mut events = framer.push(data).map_err(too_large)?;
                 if events.is_empty() {
                     (None, false)
                 } else {
                     watch.observe(&events);
-                    (Some(events), true)
+                    if *strip_usage {
+                        events = crate::protocol::openai::strip_usage_chunks(events);
+                    }
+                    // A whole event arrived, even if it was the stripped one.
+                    ((!events.is_empty()).then_some(events), true)
                 }
             }
             Mode::Decoded {
@@ -396,7 +407,7 @@ impl RelayBody {
     fn on_end(&mut self) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let mut tail = None;
         match &mut self.mode {
-            Mode::Events { framer, watch } => {
+            Mode::Events { framer, watch, .. } => {
                 if let Some(r) = &mut self.record {
                     r.usage = watch.usage;
                 }

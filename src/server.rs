@@ -5,8 +5,14 @@
 //!    `x-request-id`, so it wraps everything;
 //! 2. auth — on matched API routes only (a `route_layer`), so an unknown path
 //!    answers 404 without revealing whether a key is valid;
-//! 3. the handler: ingress checks the body, then [`crate::proxy`] runs
-//!    routing → provider adapter → upstream → relay.
+//! 3. limits and admission (a `route_layer` after auth, since they need the
+//!    caller): requests per minute, concurrency and a spent token allowance
+//!    refuse before the body is read;
+//! 4. the handler: ingress reads and checks the body and charges the caller's
+//!    tokens from it, then [`crate::proxy`] runs routing → provider adapter →
+//!    upstream → relay.
+//!
+//! Connections (timeouts, keep-alive, caps, shutdown) are [`crate::listener`]'s.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,7 +29,6 @@ use tokio::net::TcpListener;
 use crate::auth::Caller;
 use crate::error::{ApiError, ClientFormat, GatewayError};
 use crate::ingress::{self, RequestId};
-use crate::limits::estimate_tokens;
 use crate::state::Gateway;
 use crate::telemetry::RequestRecord;
 
@@ -112,23 +117,21 @@ fn refuse(req: &Request, stage: &'static str, error: GatewayError) -> Response {
 }
 
 /// Limits and admission, after auth: the caller's key and tenant limits
-/// (requests, estimated tokens, concurrency), then a slot among
+/// (requests, concurrency, a spent token allowance), then a slot among
 /// `server.max_concurrent_requests`, waited for by tier ([`Admission`]).
-/// Both are held until the response body ends.
+/// Both are held until the response body ends. Tokens are charged by the
+/// ingress handler once it has read the body, through the [`TokenGate`] this
+/// leaves in the request's extensions.
+///
+/// [`TokenGate`]: crate::limits::TokenGate
 ///
 /// [`Admission`]: crate::limits::admission::Admission
-async fn admit(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+async fn admit(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
     let live = gw.live();
     let Some(caller) = req.extensions().get::<Caller>().cloned() else {
         return refuse(&req, "limits", GatewayError::Unauthorized);
     };
-    let declared = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    let (held, charge) = match live.limits.admit(&caller, estimate_tokens(declared, None)) {
+    let (held, tokens) = match live.limits.admit(&caller) {
         Ok(ok) => ok,
         Err(limited) => {
             let error = GatewayError::RateLimited {
@@ -147,10 +150,8 @@ async fn admit(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Resp
             return drain_then_refuse(req, error).await;
         }
     };
-    let resp = match charge {
-        Some(c) => crate::limits::CHARGE.scope(c, next.run(req)).await,
-        None => next.run(req).await,
-    };
+    req.extensions_mut().insert(tokens);
+    let resp = next.run(req).await;
     let (parts, body) = resp.into_parts();
     let holding = Holding {
         body,
@@ -216,71 +217,17 @@ async fn not_found(req: Request) -> Response {
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then lets
-/// requests in flight finish.
-/// Serves the gateway on `listener` until `shutdown` resolves, then lets
-/// requests in flight finish.
+/// requests in flight finish (up to `server.shutdown_timeout`).
 ///
-/// The accept loop is ours rather than `axum::serve` so that slow clients are
-/// bounded: a connection must deliver its request headers within
-/// `server.header_read_timeout` (slowloris), and every accepted socket gets
-/// `TCP_NODELAY` and is counted in `detour_open_connections`.
+/// Connections are bounded by [`crate::listener`]: header and idle timeouts,
+/// HTTP/2 keep-alive, `server.max_connections`.
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
-    use tower::ServiceExt;
-
-    let header_timeout = gw.live().config.server.header_read_timeout;
-    let app = router(gw);
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, don't spin.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        // Without it, a response written as headers then body stalls ~40 ms on
-        // a busy keep-alive connection (Nagle + delayed ACK).
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("could not set TCP_NODELAY: {e}");
-        }
-        let app = app.clone();
-        let service =
-            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                app.clone().oneshot(req.map(axum::body::Body::new))
-            });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _open = crate::metrics::OpenConnection::new();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, "connection ended: {e}");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-    Ok(())
+    let policy = crate::listener::Policy::main(&gw.live().config.server);
+    crate::listener::serve(router(gw), listener, policy, shutdown).await
 }
 
 /// A gateway running on a background task (tests, the demo).

@@ -76,7 +76,7 @@ impl RequestRecord {
             outcome: "client_gone",
             cohort: None,
             hold: None,
-            charge: crate::limits::CHARGE.try_with(Clone::clone).ok(),
+            charge: None,
             written: false,
         }
     }

@@ -491,3 +491,102 @@ async fn a_target_that_slows_down_under_load_gets_a_lower_concurrency_cap() {
     }
     assert!(to_spare > 0, "nothing spilled over to the peer");
 }
+
+/// A chat request whose body is sent chunked (no `Content-Length`).
+async fn call_chunked(gw: &detour::server::Running, key: &str, body: &Value) -> reqwest::Response {
+    let bytes = bytes::Bytes::from(serde_json::to_vec(body).unwrap());
+    let (head, tail) = (bytes.slice(..10), bytes.slice(10..));
+    let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(head), Ok(tail)]);
+    client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_chunked_body_is_charged_by_its_size() {
+    let up = mock().await;
+    let keys = "[[keys]]\nkey = \"k1\"\ntenant = \"a\"\ntpm = 4000\n";
+    let gw = gateway(&with_keys(up.addr(), keys, "")).await;
+    // ~3500 prompt tokens: fits once in 4000 a minute, not twice.
+    let mut big = chat(false);
+    big["messages"][0]["content"] = json!("x".repeat(14_000));
+    let first = call_chunked(&gw, "k1", &big).await;
+    assert_eq!(first.status(), 200);
+    first.bytes().await.unwrap();
+    let second = call_chunked(&gw, "k1", &big).await;
+    assert_eq!(
+        second.status(),
+        429,
+        "a chunked body was charged less than its size"
+    );
+    let v: Value = second.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens per minute"),
+        "{v}"
+    );
+    assert_eq!(up.stats().requests, 1);
+}
+
+#[tokio::test]
+async fn the_answers_token_cap_counts_in_the_estimate() {
+    let up = mock().await;
+    let keys = "[[keys]]\nkey = \"k1\"\ntenant = \"a\"\ntpm = 2000\n";
+    let gw = gateway(&with_keys(up.addr(), keys, "")).await;
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let send = |body: Value| client().post(&url).bearer_auth("k1").json(&body).send();
+    let mut small = chat(false);
+    small["max_tokens"] = json!(10);
+    assert_eq!(send(small).await.unwrap().status(), 200);
+    for field in ["max_tokens", "max_completion_tokens"] {
+        let mut body = chat(false);
+        body[field] = json!(3000);
+        let resp = send(body).await.unwrap();
+        assert_eq!(resp.status(), 429, "{field} was not counted");
+    }
+    let resp = client()
+        .post(format!("{}/v1/messages", gw.url()))
+        .header("x-api-key", "k1")
+        .json(&json!({"model": "fast", "max_tokens": 3000, "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429, "Anthropic's max_tokens was not counted");
+    assert_eq!(up.stats().requests, 1);
+}
+
+#[tokio::test]
+async fn a_stream_is_settled_from_usage_the_client_did_not_ask_for_and_does_not_see() {
+    let up = mock().await;
+    // Each stream is estimated at ~280 tokens and uses ~40. Unsettled, the
+    // fourth would be refused.
+    let keys = "[[keys]]\nkey = \"k1\"\ntenant = \"a\"\ntpm = 1000\n";
+    let gw = gateway(&with_keys(up.addr(), keys, "")).await;
+    for i in 0..6 {
+        let resp = client()
+            .post(format!("{}/v1/chat/completions", gw.url()))
+            .bearer_auth("k1")
+            .json(&chat(true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "stream {i} was refused: not settled");
+        let body = resp.text().await.unwrap();
+        let data = sse_data(&body);
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+        for chunk in &data[..data.len() - 1] {
+            let v: Value = serde_json::from_str(chunk).unwrap();
+            assert!(
+                v["usage"].is_null() && !v["choices"].as_array().unwrap().is_empty(),
+                "the client saw a usage chunk it did not ask for: {chunk}"
+            );
+        }
+    }
+}

@@ -232,9 +232,43 @@ impl Loader<'_> {
             Some(s) => self.duration(s, "server.body_read_timeout")?,
             None => DEFAULT_BODY_READ_TIMEOUT,
         };
+        // Each is checked even if another failed, so all are reported.
+        let max_connections = self.count(
+            raw.max_connections.as_ref(),
+            "server.max_connections",
+            DEFAULT_MAX_CONNECTIONS,
+        );
+        let admin_max_connections = self.count(
+            raw.admin_max_connections.as_ref(),
+            "server.admin_max_connections",
+            DEFAULT_ADMIN_MAX_CONNECTIONS,
+        );
+        let idle_timeout = self.duration_or(
+            raw.idle_timeout.as_ref(),
+            "server.idle_timeout",
+            DEFAULT_IDLE_TIMEOUT,
+        );
+        let http2_keep_alive = self.duration_or(
+            raw.http2_keep_alive.as_ref(),
+            "server.http2_keep_alive",
+            DEFAULT_HTTP2_KEEP_ALIVE,
+        );
+        let shutdown_timeout = self.duration_or(
+            raw.shutdown_timeout.as_ref(),
+            "server.shutdown_timeout",
+            DEFAULT_SHUTDOWN_TIMEOUT,
+        );
+        let (max_connections, admin_max_connections) = (max_connections?, admin_max_connections?);
+        let (idle_timeout, http2_keep_alive, shutdown_timeout) =
+            (idle_timeout?, http2_keep_alive?, shutdown_timeout?);
         Some(Server {
             header_read_timeout,
             body_read_timeout,
+            max_connections,
+            admin_max_connections,
+            idle_timeout,
+            http2_keep_alive,
+            shutdown_timeout,
             listen,
             admin_listen,
             open_access: no_keys,
@@ -722,6 +756,31 @@ impl Loader<'_> {
         }
     }
 
+    /// A count that must be at least 1, or `default` when not given.
+    fn count(&mut self, value: Option<&Spanned<u32>>, key: &str, default: usize) -> Option<usize> {
+        match value {
+            Some(n) if *n.get_ref() == 0 => {
+                self.report(n, key, "must be greater than 0");
+                None
+            }
+            Some(n) => Some(usize::try_from(*n.get_ref()).unwrap_or(usize::MAX)),
+            None => Some(default),
+        }
+    }
+
+    /// A duration, or `default` when not given.
+    fn duration_or(
+        &mut self,
+        value: Option<&Str>,
+        key: &str,
+        default: Duration,
+    ) -> Option<Duration> {
+        match value {
+            Some(s) => self.duration(s, key),
+            None => Some(default),
+        }
+    }
+
     fn duration(&mut self, value: &Str, key: &str) -> Option<Duration> {
         match parse_duration(value.get_ref()) {
             Some(d) if !d.is_zero() => Some(d),
@@ -1038,6 +1097,33 @@ targets = [{ provider = "opena", model = "gpt-4o-mini" }]
             assert!(diags[0].message.contains("header"), "{diags:?}");
             assert!(!diags[0].message.contains("sk-"), "{diags:?}");
         }
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_refuse_zero() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.server.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            c.server.admin_max_connections,
+            DEFAULT_ADMIN_MAX_CONNECTIONS
+        );
+        assert_eq!(c.server.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(c.server.http2_keep_alive, DEFAULT_HTTP2_KEEP_ALIVE);
+        assert_eq!(c.server.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
+        let text = "[server]\nmax_connections = 0\nadmin_max_connections = 0\n\
+                    idle_timeout = \"soon\"\nshutdown_timeout = \"0s\"\n";
+        let diags = load(text, &[]).unwrap_err();
+        let keys: Vec<(usize, &str)> = diags.iter().map(|d| (d.line, d.key.as_str())).collect();
+        assert_eq!(
+            keys,
+            [
+                (2, "server.max_connections"),
+                (3, "server.admin_max_connections"),
+                (4, "server.idle_timeout"),
+                (5, "server.shutdown_timeout"),
+            ],
+            "{diags:?}"
+        );
     }
 
     #[test]

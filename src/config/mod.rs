@@ -73,7 +73,26 @@ pub struct Server {
     /// Largest single event of a provider's stream held while it arrives; a
     /// longer one ends the attempt (`UpstreamError::EventTooLarge`).
     pub max_event_bytes: usize,
+    /// Client connections open at once on the main listener; more are closed
+    /// as soon as they are accepted.
+    pub max_connections: usize,
+    /// The same for the admin listener.
+    pub admin_max_connections: usize,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// HTTP/2 connections are pinged this often when quiet, and closed if a
+    /// ping is not answered within the same time.
+    pub http2_keep_alive: Duration,
+    /// At shutdown, requests in flight get this long to finish; then the
+    /// connections left are closed.
+    pub shutdown_timeout: Duration,
 }
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_HTTP2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);

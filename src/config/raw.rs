@@ -65,6 +65,15 @@ pub struct RawServer {
     pub auth_failures_per_minute: Option<Spanned<u32>>,
     /// Largest single event of a provider's stream.
     pub max_event_bytes: Option<Spanned<u64>>,
+    /// Client connections open at once on the main / admin listener.
+    pub max_connections: Option<Spanned<u32>>,
+    pub admin_max_connections: Option<Spanned<u32>>,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Option<Str>,
+    /// HTTP/2 keep-alive ping interval (and how long an answer may take).
+    pub http2_keep_alive: Option<Str>,
+    /// Longest wait for requests in flight at shutdown.
+    pub shutdown_timeout: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,11 +8,11 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use axum::Extension;
 
-use super::{start, RequestId, Started};
+use super::{charge_tokens, start, RequestId, Started};
 use crate::auth::Caller;
 use crate::cache;
 use crate::error::{ClientFormat, GatewayError};
-use crate::protocol::openai::model_span;
+use crate::protocol::openai::{model_span, AskUsage};
 use crate::protocol::translate::{anthropic, TranslateError};
 use crate::providers::Endpoint;
 use crate::proxy::{forward, reject, Forward};
@@ -31,6 +31,7 @@ pub async fn messages(
         mut record,
         headers,
         body,
+        tokens,
     } = match start(&gw, id, FORMAT, Endpoint::Messages, req).await {
         Ok(s) => s,
         Err(resp) => return resp,
@@ -47,6 +48,9 @@ pub async fn messages(
         Ok((_, span)) => span,
         Err(e) => return reject(record, FORMAT, e.into()),
     };
+    if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), ir.max_tokens) {
+        return reject(record, FORMAT, e.into());
+    }
     if ir.stream {
         match live.limits.stream_permit(&caller) {
             Ok(permit) => record.hold = permit,
@@ -61,6 +65,7 @@ pub async fn messages(
         model_span: span,
         stream: ir.stream,
         include_usage: false,
+        ask_usage: AskUsage::No,
         ir: OnceLock::from(Ok(ir)),
         tenant: caller.tenant,
         cache_bypass: cache::bypass_requested(&headers),

@@ -10,6 +10,7 @@ use http::HeaderMap;
 use http_body_util::{BodyExt, Limited};
 
 use crate::error::GatewayError;
+use crate::limits::{estimate_tokens, TokenGate};
 
 /// The request id, from the client's `x-request-id` or generated.
 #[derive(Debug, Clone)]
@@ -70,6 +71,24 @@ pub struct Started {
     pub record: crate::telemetry::RequestRecord,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The caller's token buckets: charge them with [`charge_tokens`] once
+    /// the request's answer cap is known.
+    pub tokens: TokenGate,
+}
+
+/// Charges the caller's tokens-per-minute limits with the estimate for a
+/// body of `body_len` bytes (as read: chunked and HTTP/2 bodies count too)
+/// asking for at most `max_tokens` of answer; the record settles the charge
+/// from the real usage when the request ends.
+pub fn charge_tokens(
+    record: &mut crate::telemetry::RequestRecord,
+    tokens: &TokenGate,
+    body_len: usize,
+    max_tokens: Option<u64>,
+) -> Result<(), crate::limits::Limited> {
+    let estimate = estimate_tokens(u64::try_from(body_len).unwrap_or(u64::MAX), max_tokens);
+    record.charge = tokens.charge(estimate)?;
+    Ok(())
 }
 
 /// Starts handling `req`; a body that cannot be read ends it in `format`.
@@ -83,13 +102,16 @@ pub async fn start(
     let (live, cohort) = gw.pick();
     let mut record = crate::telemetry::RequestRecord::new(id.0, format, endpoint.as_str());
     record.cohort = cohort;
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // Left by the limits layer; absent only on routers built without it.
+    let tokens = parts.extensions.remove::<TokenGate>().unwrap_or_default();
     match read_body(&parts.headers, body, &live.config.server).await {
         Ok(body) => Ok(Started {
             live,
             record,
             headers: parts.headers,
             body,
+            tokens,
         }),
         Err(e) => Err(crate::proxy::reject(record, format, e)),
     }

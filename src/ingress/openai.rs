@@ -7,11 +7,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use http::{header, HeaderValue};
 
-use super::{start, RequestId, Started};
+use super::{charge_tokens, start, RequestId, Started};
 use crate::auth::Caller;
 use crate::cache;
 use crate::error::ClientFormat;
-use crate::protocol::openai::{model_list, ChatRequest, EmbeddingsRequest};
+use crate::protocol::openai::{model_list, AskUsage, ChatRequest, EmbeddingsRequest};
 use crate::providers::Endpoint;
 use crate::proxy::{forward, reject, Forward};
 use crate::state::Gateway;
@@ -29,6 +29,7 @@ pub async fn chat_completions(
         mut record,
         headers,
         body,
+        tokens,
     } = match start(&gw, id, FORMAT, Endpoint::ChatCompletions, req).await {
         Ok(s) => s,
         Err(resp) => return resp,
@@ -37,6 +38,9 @@ pub async fn chat_completions(
         Ok(p) => p,
         Err(e) => return reject(record, FORMAT, e.into()),
     };
+    if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), parsed.max_tokens) {
+        return reject(record, FORMAT, e.into());
+    }
     if parsed.stream {
         match live.limits.stream_permit(&caller) {
             Ok(permit) => record.hold = permit,
@@ -51,6 +55,7 @@ pub async fn chat_completions(
         model_span: parsed.model_span,
         stream: parsed.stream,
         include_usage: parsed.include_usage,
+        ask_usage: parsed.ask_usage,
         ir: OnceLock::new(),
         tenant: caller.tenant,
         cache_bypass: cache::bypass_requested(&headers),
@@ -66,9 +71,10 @@ pub async fn embeddings(
 ) -> Response {
     let Started {
         live,
-        record,
+        mut record,
         headers,
         body,
+        tokens,
     } = match start(&gw, id, FORMAT, Endpoint::Embeddings, req).await {
         Ok(s) => s,
         Err(resp) => return resp,
@@ -77,6 +83,10 @@ pub async fn embeddings(
         Ok(p) => p,
         Err(e) => return reject(record, FORMAT, e.into()),
     };
+    // An embedding has no answer tokens.
+    if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), Some(0)) {
+        return reject(record, FORMAT, e.into());
+    }
     let fwd = Forward {
         endpoint: Endpoint::Embeddings,
         format: FORMAT,
@@ -85,6 +95,7 @@ pub async fn embeddings(
         model_span: parsed.model_span,
         stream: false,
         include_usage: false,
+        ask_usage: AskUsage::No,
         ir: OnceLock::new(),
         tenant: caller.tenant,
         cache_bypass: cache::bypass_requested(&headers),

@@ -2,9 +2,14 @@
 //! tokens per minute, concurrent requests), a per-IP limit on failed
 //! authentication, and tiered admission under overload ([`admission`]).
 //!
-//! Tokens per minute are charged before the call from an estimate (a quarter
-//! of the request's bytes, plus the answer's `max_tokens` or 256), then
-//! corrected from the real usage when the request ends ([`TokenCharge`]).
+//! Requests and concurrency are taken as soon as the caller is known
+//! ([`Limits::admit`]), before the body is read, so a caller over its limits
+//! is refused at once. Tokens per minute are charged once the body has been
+//! read ([`TokenGate::charge`]), from an estimate (a quarter of the body's
+//! bytes as read, whatever its framing, plus the answer's `max_tokens` or
+//! 256), then corrected from the real usage when the request ends
+//! ([`TokenCharge`]). A caller whose token allowance is already spent is
+//! refused early too.
 
 pub mod admission;
 pub mod gcra;
@@ -63,10 +68,33 @@ impl TokenCharge {
     }
 }
 
-tokio::task_local! {
-    /// The token charge of the request being handled (read when its log
-    /// record is made, so the record can settle it with the real usage).
-    pub static CHARGE: TokenCharge;
+/// The caller's tokens-per-minute buckets (key, then tenant), to be charged
+/// once the request's body is read.
+#[derive(Debug, Clone, Default)]
+pub struct TokenGate {
+    buckets: Vec<(&'static str, Arc<Gcra>)>,
+}
+
+impl TokenGate {
+    /// Takes `estimate` tokens from every bucket, or none of them.
+    pub fn charge(&self, estimate: u64) -> Result<Option<TokenCharge>, Limited> {
+        let cost = i64::try_from(estimate).unwrap_or(i64::MAX);
+        for (i, (scope, bucket)) in self.buckets.iter().enumerate() {
+            if let Err(wait) = bucket.try_take(estimate) {
+                for (_, taken) in &self.buckets[..i] {
+                    taken.adjust(-cost);
+                }
+                return Err(Limited {
+                    what: format!("tokens per minute for this {scope}"),
+                    retry_after: wait,
+                });
+            }
+        }
+        Ok((!self.buckets.is_empty()).then(|| TokenCharge {
+            buckets: self.buckets.iter().map(|(_, b)| Arc::clone(b)).collect(),
+            estimate,
+        }))
+    }
 }
 
 /// The limits of one config.
@@ -121,29 +149,20 @@ impl Limits {
             })
     }
 
-    /// Checks and takes the caller's request, token and concurrency limits.
-    /// `estimate` is the request's token estimate.
-    pub fn admit(
-        &self,
-        caller: &Caller,
-        estimate: u64,
-    ) -> Result<(Held, Option<TokenCharge>), Limited> {
+    /// Checks and takes the caller's request and concurrency limits, and
+    /// refuses a caller whose token allowance is spent. The returned gate
+    /// charges the request's tokens once its body is read.
+    pub fn admit(&self, caller: &Caller) -> Result<(Held, TokenGate), Limited> {
         let scopes = [
             ("key", caller.key_digest.and_then(|d| self.keys.get(&d))),
             ("tenant", self.tenants.get(&caller.tenant)),
         ];
         let mut held = Held::default();
-        let mut charged: Vec<Arc<Gcra>> = Vec::new();
-        let refund = |charged: &[Arc<Gcra>]| {
-            for b in charged {
-                b.adjust(-i64::try_from(estimate).unwrap_or(i64::MAX));
-            }
-        };
+        let mut gate = TokenGate::default();
         for (scope, buckets) in scopes {
             let Some(b) = buckets else { continue };
             if let Some(rpm) = &b.rpm {
                 if let Err(wait) = rpm.try_take(1) {
-                    refund(&charged);
                     return Err(Limited {
                         what: format!("requests per minute for this {scope}"),
                         retry_after: wait,
@@ -151,20 +170,18 @@ impl Limits {
                 }
             }
             if let Some(tpm) = &b.tpm {
-                if let Err(wait) = tpm.try_take(estimate) {
-                    refund(&charged);
+                if let Err(wait) = tpm.check(1) {
                     return Err(Limited {
                         what: format!("tokens per minute for this {scope}"),
                         retry_after: wait,
                     });
                 }
-                charged.push(Arc::clone(tpm));
+                gate.buckets.push((scope, Arc::clone(tpm)));
             }
             if let Some(sem) = &b.concurrent {
                 match Arc::clone(sem).try_acquire_owned() {
                     Ok(p) => held._concurrency.push(p),
                     Err(_) => {
-                        refund(&charged);
                         return Err(Limited {
                             what: format!("concurrent requests for this {scope}"),
                             retry_after: Duration::from_secs(1),
@@ -173,11 +190,7 @@ impl Limits {
                 }
             }
         }
-        let charge = (!charged.is_empty()).then_some(TokenCharge {
-            buckets: charged,
-            estimate,
-        });
-        Ok((held, charge))
+        Ok((held, gate))
     }
 }
 
@@ -234,5 +247,35 @@ impl AuthFailures {
             Arc::new(Gcra::per_minute(per_minute, per_minute, clock))
         });
         bucket.try_take(1).err()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(key: u64, tenant: u64, clock: Clock) -> TokenGate {
+        let bucket = |n| Arc::new(Gcra::per_minute(n, n, clock));
+        TokenGate {
+            buckets: vec![("key", bucket(key)), ("tenant", bucket(tenant))],
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_charge_takes_from_every_bucket_or_none() {
+        let g = gate(1000, 500, Clock::new());
+        // The tenant cannot take 600: the key's 600 are given back.
+        let refused = g.charge(600).unwrap_err();
+        assert_eq!(refused.what, "tokens per minute for this tenant");
+        let charge = g.charge(400).unwrap().unwrap();
+        assert!(
+            g.buckets[0].1.check(600).is_ok(),
+            "the key was charged twice"
+        );
+        assert!(g.buckets[1].1.check(101).is_err());
+        // Settled from usage: 100 used, 300 given back.
+        charge.settle(100);
+        assert!(g.buckets[1].1.check(400).is_ok());
+        assert!(TokenGate::default().charge(10).unwrap().is_none());
     }
 }

@@ -41,6 +41,26 @@ pub struct ChatRequest {
     pub model_span: Range<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    /// The answer's token cap: `max_completion_tokens`, else `max_tokens`.
+    pub max_tokens: Option<u64>,
+    /// How to have a passthrough stream report usage the client did not ask
+    /// for (so rate limits are settled from real counts).
+    pub ask_usage: AskUsage,
+}
+
+/// The edit that makes a streamed request ask for usage
+/// (`stream_options.include_usage`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AskUsage {
+    /// Nothing to do: not a stream, or the client asked already.
+    #[default]
+    No,
+    /// Insert `"stream_options":{"include_usage":true},` at this offset (just
+    /// after the body's opening brace).
+    Insert(usize),
+    /// Replace the value of `stream_options` at `span` with `with` (the
+    /// client's options plus `include_usage: true`).
+    Replace { span: Range<usize>, with: String },
 }
 
 /// What the gateway needs to know about an embeddings request.
@@ -60,17 +80,17 @@ struct ChatCheck<'a> {
     #[serde(borrow)]
     messages: Vec<MessageCheck<'a>>,
     stream: Option<bool>,
-    stream_options: Option<StreamOptionsCheck>,
+    /// Kept raw (`null` included) to be edited in place.
+    #[serde(borrow, default, deserialize_with = "raw_even_null")]
+    stream_options: Option<&'a RawValue>,
     #[serde(rename = "temperature")]
     _temperature: Option<f64>,
     #[serde(rename = "top_p")]
     _top_p: Option<f64>,
     #[serde(rename = "n")]
     _n: Option<u32>,
-    #[serde(rename = "max_tokens")]
-    _max_tokens: Option<u64>,
-    #[serde(rename = "max_completion_tokens")]
-    _max_completion_tokens: Option<u64>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
     #[serde(borrow, rename = "tools")]
     _tools: Option<Vec<ToolCheck<'a>>>,
 }
@@ -90,6 +110,64 @@ struct ToolCheck<'a> {
 #[derive(Deserialize)]
 struct StreamOptionsCheck {
     include_usage: Option<bool>,
+}
+
+/// A field's raw value, `null` included (`Option<&RawValue>` reads `null`
+/// as absent).
+fn raw_even_null<'de: 'a, 'a, D>(d: D) -> Result<Option<&'a RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// `stream_options` as the client wrote it (`null` or an object), its
+/// `include_usage`, and the edit that makes it ask for usage.
+fn stream_options(
+    body: &[u8],
+    raw: Option<&RawValue>,
+    stream: bool,
+) -> Result<(bool, AskUsage), InvalidRequest> {
+    let invalid = |detail: String| {
+        InvalidRequest::new(
+            format!("invalid value for 'stream_options': {detail}"),
+            Some("stream_options".to_owned()),
+        )
+    };
+    let given = raw.filter(|r| r.get() != "null");
+    let options: Option<StreamOptionsCheck> = match given {
+        Some(r) => Some(serde_json::from_str(r.get()).map_err(|e| invalid(e.to_string()))?),
+        None => None,
+    };
+    let include_usage = options.and_then(|o| o.include_usage).unwrap_or(false);
+    if !stream || include_usage {
+        return Ok((include_usage, AskUsage::No));
+    }
+    let ask = match raw {
+        Some(r) => {
+            let mut object: serde_json::Map<String, serde_json::Value> = match given {
+                Some(g) => serde_json::from_str(g.get()).map_err(|e| invalid(e.to_string()))?,
+                None => serde_json::Map::new(),
+            };
+            object.insert("include_usage".to_owned(), true.into());
+            AskUsage::Replace {
+                span: span_of(body, r).ok_or_else(|| invalid("could not locate it".into()))?,
+                with: serde_json::Value::Object(object).to_string(),
+            }
+        }
+        None => match body.iter().position(|b| *b == b'{') {
+            Some(i) => AskUsage::Insert(i + 1),
+            None => AskUsage::No,
+        },
+    };
+    Ok((false, ask))
+}
+
+/// The byte range of `raw` (borrowed from `body`) in `body`.
+fn span_of(body: &[u8], raw: &RawValue) -> Option<Range<usize>> {
+    let start = (raw.get().as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+    let span = start..start.checked_add(raw.get().len())?;
+    (body.get(span.clone()) == Some(raw.get().as_bytes())).then_some(span)
 }
 
 #[derive(Deserialize)]
@@ -112,15 +190,14 @@ impl ChatRequest {
         }
         let (model, model_span) = model_of(body, check.model)?;
         let stream = check.stream.unwrap_or(false);
-        let include_usage = check
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
+        let (include_usage, ask_usage) = stream_options(body, check.stream_options, stream)?;
         Ok(Self {
             model,
             model_span,
             stream,
             include_usage,
+            max_tokens: check.max_completion_tokens.or(check.max_tokens),
+            ask_usage,
         })
     }
 }
@@ -277,14 +354,12 @@ fn model_of(body: &[u8], raw: &RawValue) -> Result<(String, Range<usize>), Inval
         )
     })?;
     // `RawValue` borrows from the body, so its text is a subslice of it.
-    let start = (raw.get().as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
-    let span = start..start + raw.get().len();
-    if body.get(span.clone()) != Some(raw.get().as_bytes()) {
+    let Some(span) = span_of(body, raw) else {
         return Err(InvalidRequest::new(
             "could not locate 'model'",
             Some("model".to_owned()),
         ));
-    }
+    };
     Ok((model, span))
 }
 
@@ -296,6 +371,109 @@ pub fn rewrite_model(body: &[u8], span: Range<usize>, model: &str) -> Bytes {
     out.put_slice(quoted.as_bytes());
     out.put_slice(&body[span.end..]);
     out.freeze()
+}
+
+/// [`rewrite_model`], and the edit that makes a stream ask for usage.
+pub fn rewrite_model_asking_usage(
+    body: &[u8],
+    model_span: Range<usize>,
+    model: &str,
+    ask: &AskUsage,
+) -> Bytes {
+    const INSERT: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    let (at, cut, with): (usize, usize, &[u8]) = match ask {
+        AskUsage::No => return rewrite_model(body, model_span, model),
+        AskUsage::Insert(at) => (*at, *at, INSERT),
+        AskUsage::Replace { span, with } => (span.start, span.end, with.as_bytes()),
+    };
+    let quoted = serde_json::Value::from(model).to_string();
+    // The two edits, in the order they appear in the body (they never overlap).
+    let mut edits = [
+        (model_span.start, model_span.end, quoted.as_bytes()),
+        (at, cut, with),
+    ];
+    edits.sort_by_key(|e| e.0);
+    let mut out = BytesMut::with_capacity(body.len() + quoted.len() + with.len());
+    let mut from = 0;
+    for (start, end, bytes) in edits {
+        let (Some(keep), true) = (body.get(from..start), end >= start) else {
+            return rewrite_model(body, model_span, model);
+        };
+        out.put_slice(keep);
+        out.put_slice(bytes);
+        from = end;
+    }
+    out.put_slice(body.get(from..).unwrap_or_default());
+    out.freeze()
+}
+
+/// Whether an SSE data payload holds a `usage` object (not `null`): a
+/// cheap byte scan, so that only such chunks are parsed.
+fn has_usage_object(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut rest = data;
+    while let Some(i) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[i + KEY.len()..];
+        let value = rest
+            .iter()
+            .position(|b| !b.is_ascii_whitespace() && *b != b':')
+            .and_then(|j| rest.get(j));
+        if value == Some(&b'{') {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether an SSE data payload is the usage chunk a stream ends with when
+/// `include_usage` is set: empty `choices` and a `usage` object.
+fn is_usage_chunk(data: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Chunk {
+        choices: Vec<serde::de::IgnoredAny>,
+        usage: Option<Usage>,
+    }
+    has_usage_object(data)
+        && serde_json::from_slice::<Chunk>(data)
+            .is_ok_and(|c| c.choices.is_empty() && c.usage.is_some())
+}
+
+/// Drops the usage chunk from whole SSE events (as framed by
+/// [`super::sse::EventFramer`]): for clients that did not ask for usage, when
+/// the gateway asked the provider for it. Other events pass untouched, and
+/// events without a usage object cost one byte scan.
+pub fn strip_usage_chunks(events: Bytes) -> Bytes {
+    if !has_usage_object(&events) {
+        return events;
+    }
+    let mut out = BytesMut::with_capacity(events.len());
+    let mut start = 0;
+    while start < events.len() {
+        let rest = &events[start..];
+        let end = event_end(rest);
+        let event = &rest[..end];
+        let usage_only = super::sse::data_payloads(event)
+            .next()
+            .is_some_and(|data| is_usage_chunk(&data));
+        if !usage_only {
+            out.put_slice(event);
+        }
+        start += end;
+    }
+    out.freeze()
+}
+
+/// The length of the first SSE event in `buf`, its blank line included.
+fn event_end(buf: &[u8]) -> usize {
+    for i in 0..buf.len() {
+        if buf[i..].starts_with(b"\n\n") {
+            return i + 2;
+        }
+        if buf[i..].starts_with(b"\r\n\r\n") {
+            return i + 4;
+        }
+    }
+    buf.len()
 }
 
 /// Token counts as OpenAI reports them.
@@ -338,17 +516,13 @@ impl StreamWatch {
                 continue;
             }
             self.chunks += 1;
-            if contains(&data, b"\"usage\"") {
+            if has_usage_object(&data) {
                 if let Some(u) = usage_of(&data) {
                     self.usage = Some(u);
                 }
             }
         }
     }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// An error body in OpenAI's shape.
@@ -423,6 +597,7 @@ pub fn model_list<'a>(aliases: impl Iterator<Item = &'a str>) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn err(body: &str) -> InvalidRequest {
         match ChatRequest::parse(body.as_bytes()) {
@@ -497,6 +672,97 @@ mod tests {
                 .message
                 .contains("JSON")
         );
+    }
+
+    /// The upstream body of `body` for model `m`, as JSON.
+    fn asking_usage(body: &str) -> serde_json::Value {
+        let r = ChatRequest::parse(body.as_bytes()).unwrap();
+        let out = rewrite_model_asking_usage(body.as_bytes(), r.model_span, "m", &r.ask_usage);
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn streams_ask_for_usage_whatever_the_client_wrote() {
+        let msgs = r#""messages":[{"role":"user","content":"{\"model\":1}"}]"#;
+        let cases = [
+            // No stream_options: inserted.
+            (
+                format!(r#" {{"model":"fast",{msgs},"stream":true}}"#),
+                json!({}),
+            ),
+            // Options of its own: kept, include_usage added.
+            (
+                format!(
+                    r#"{{{msgs},"stream_options":{{"include_obfuscation":false}},"stream":true,"model":"fast"}}"#
+                ),
+                json!({"include_obfuscation": false}),
+            ),
+            // null, or include_usage false: replaced.
+            (
+                format!(r#"{{"model":"fast","stream_options":null,{msgs},"stream":true}}"#),
+                json!({}),
+            ),
+            (
+                format!(
+                    r#"{{"stream_options" : {{ "include_usage" : false }},"model":"fast",{msgs},"stream":true}}"#
+                ),
+                json!({}),
+            ),
+        ];
+        for (body, mut options) in cases {
+            let v = asking_usage(&body);
+            options["include_usage"] = json!(true);
+            assert_eq!(v["stream_options"], options, "{body}");
+            assert_eq!(v["model"], "m", "{body}");
+            assert_eq!(v["messages"][0]["content"], "{\"model\":1}", "{body}");
+            assert!(!ChatRequest::parse(body.as_bytes()).unwrap().include_usage);
+        }
+        // Not a stream, or usage asked for already: only the model changes.
+        for body in [
+            format!(r#"{{"model":"fast",{msgs}}}"#),
+            format!(
+                r#"{{"model":"fast",{msgs},"stream":true,"stream_options":{{"include_usage":true}}}}"#
+            ),
+        ] {
+            let r = ChatRequest::parse(body.as_bytes()).unwrap();
+            assert_eq!(r.ask_usage, AskUsage::No, "{body}");
+            let out = rewrite_model_asking_usage(
+                body.as_bytes(),
+                r.model_span.clone(),
+                "m",
+                &r.ask_usage,
+            );
+            assert_eq!(out, rewrite_model(body.as_bytes(), r.model_span, "m"));
+        }
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_over_max_tokens() {
+        let parse = |extra: &str| {
+            let body = format!(r#"{{"model":"m","messages":[{{"role":"user"}}]{extra}}}"#);
+            ChatRequest::parse(body.as_bytes()).unwrap().max_tokens
+        };
+        assert_eq!(parse(""), None);
+        assert_eq!(parse(r#","max_tokens":7"#), Some(7));
+        assert_eq!(
+            parse(r#","max_tokens":7,"max_completion_tokens":9"#),
+            Some(9)
+        );
+    }
+
+    #[test]
+    fn only_the_usage_chunk_is_stripped() {
+        let events = "data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n\
+                      data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n\
+                      data: [DONE]\n\n";
+        let out = strip_usage_chunks(Bytes::from(events));
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\ndata: [DONE]\n\n"
+        );
+        // A content chunk that mentions usage, or carries it beside choices, stays.
+        let keep = "data: {\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\": {\"}}],\"usage\":{\"prompt_tokens\":1}}\r\n\r\n";
+        assert_eq!(strip_usage_chunks(Bytes::from(keep)), keep);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use http::{HeaderMap, HeaderValue};
 
 use crate::config::{Provider, ProviderKind};
 use crate::protocol::chat::{ChatRequest, Format};
-use crate::protocol::openai::rewrite_model;
+use crate::protocol::openai::{rewrite_model, rewrite_model_asking_usage, AskUsage};
 use crate::protocol::translate::TranslateError;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 
@@ -48,6 +48,8 @@ pub struct Outgoing<'a> {
     /// Where `model` is in `body`.
     pub model_span: Range<usize>,
     pub stream: bool,
+    /// How the passthrough body asks for stream usage (OpenAI clients).
+    pub ask_usage: &'a AskUsage,
     /// The request in the IR, parsed on first use.
     pub ir: &'a dyn Fn() -> Result<&'a ChatRequest, TranslateError>,
 }
@@ -56,6 +58,11 @@ impl Outgoing<'_> {
     /// The same body for `model` (the passthrough fast path).
     fn spliced(&self, model: &str) -> Bytes {
         rewrite_model(self.body, self.model_span.clone(), model)
+    }
+
+    /// The same body for `model`, a stream asking for usage.
+    fn spliced_asking_usage(&self, model: &str) -> Bytes {
+        rewrite_model_asking_usage(self.body, self.model_span.clone(), model, self.ask_usage)
     }
 }
 

@@ -47,7 +47,9 @@ impl OpenAiAdapter {
     ) -> Result<UpstreamRequest, TranslateError> {
         let (url, body) = match (out.endpoint, out.format) {
             (Endpoint::Embeddings, _) => (self.embeddings_url.clone(), out.spliced(model)),
-            (_, Format::OpenAi) => (self.chat_url.clone(), out.spliced(model)),
+            // Usage is asked for even when the client did not (the relay
+            // strips it): rate limits are settled from real counts.
+            (_, Format::OpenAi) => (self.chat_url.clone(), out.spliced_asking_usage(model)),
             _ => {
                 let mut ir = (out.ir)()?.clone();
                 // The client is told about usage in its own format; ask for it.
