@@ -546,6 +546,8 @@ impl Loader<'_> {
             None => d.max_attempts,
         };
         let backoff = match &r.backoff {
+            // No backoff is a choice: the next target is tried at once.
+            Some(s) if parse_duration(s.get_ref()) == Some(Duration::ZERO) => Duration::ZERO,
             Some(s) => self.duration(s, &at("backoff"))?,
             None => d.backoff,
         };
@@ -1206,5 +1208,19 @@ targets = [{ provider = "p", model = "m" }]
         )
         .unwrap_err();
         assert_eq!(diags[0].key, "routes[0].cache.max_entry_byte", "{diags:?}");
+    }
+
+    #[test]
+    fn a_zero_backoff_means_none() {
+        let route = |retries: &str| {
+            format!(
+                "[[providers]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\n\
+                 [[routes]]\nmodel = \"m\"\ntargets = [{{ provider = \"p\", model = \"x\" }}]\n{retries}"
+            )
+        };
+        let c = load(&route("retries = { backoff = \"0ms\" }\n"), &[]).unwrap();
+        assert_eq!(c.routes[0].retries.backoff, Duration::ZERO);
+        let diags = load(&route("retries = { backoff = \"soon\" }\n"), &[]).unwrap_err();
+        assert_eq!(diags[0].key, "routes[0].retries.backoff", "{diags:?}");
     }
 }
