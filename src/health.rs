@@ -43,33 +43,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::config::BreakerPolicy;
-
-/// Milliseconds on one monotonic clock shared by all health state.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    base: Instant,
-}
-
-impl Clock {
-    pub fn new() -> Self {
-        Self {
-            base: Instant::now(),
-        }
-    }
-
-    pub fn now_ms(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

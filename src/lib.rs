@@ -6,6 +6,7 @@ pub mod admin;
 pub mod auth;
 pub mod budget;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod dns;

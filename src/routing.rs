@@ -168,8 +168,9 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Clock;
     use crate::config::{BreakerPolicy, Provider, ProviderKind, RetryPolicy, Target, Timeouts};
-    use crate::health::{Clock, Failure};
+    use crate::health::Failure;
 
     fn route(targets: &[(usize, u32, u32)]) -> Route {
         let provider = Arc::new(Provider {
