@@ -113,15 +113,6 @@ pub struct ApiError {
     pub format: ClientFormat,
 }
 
-impl From<crate::limits::Limited> for GatewayError {
-    fn from(l: crate::limits::Limited) -> Self {
-        Self::RateLimited {
-            what: l.what,
-            retry_after: l.retry_after,
-        }
-    }
-}
-
 impl<E: Into<GatewayError>> From<E> for ApiError {
     fn from(e: E) -> Self {
         Self {

@@ -91,6 +91,15 @@ pub fn charge_tokens(
     Ok(())
 }
 
+/// A limit's refusal, as the client gets it: a 429 with `retry-after`.
+/// (Here, not a `From` in `error`: errors sit above the limits they report.)
+pub fn rate_limited(l: crate::limits::Limited) -> GatewayError {
+    GatewayError::RateLimited {
+        what: l.what,
+        retry_after: l.retry_after,
+    }
+}
+
 /// Starts handling `req`; a body that cannot be read ends it in `format`.
 pub async fn start(
     gw: &crate::state::Gateway,
