@@ -306,7 +306,7 @@ pub fn cache_mismatch() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ClientFormat;
+    use crate::protocol::chat::ClientFormat;
 
     #[test]
     fn every_name_is_prefixed_unique_and_documented() {

@@ -51,8 +51,7 @@ pub use key::{normalise, Key, IGNORED_FIELDS};
 pub use memory::MemoryBackend;
 
 use crate::config::{CacheBackend, CacheStore, RouteCache};
-use crate::error::ClientFormat;
-use crate::providers::Endpoint;
+use crate::protocol::chat::{ClientFormat, Endpoint};
 
 /// The request and response header.
 pub const HEADER: &str = "x-detour-cache";
