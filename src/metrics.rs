@@ -292,10 +292,9 @@ pub fn status_page_state(provider: &str, state: PageState) {
     gauge!(STATUS_PAGE_STATE, "provider" => provider.to_owned()).set(value);
 }
 
-/// A request on a cached route was a hit, a miss or a bypass.
-pub fn cache_lookup(route: &str, result: crate::cache::Status) {
-    counter!(CACHE_LOOKUPS_TOTAL, "route" => route.to_owned(), "result" => result.as_str())
-        .increment(1);
+/// A request on a cached route was a `hit`, a `miss` or a `bypass`.
+pub fn cache_lookup(route: &str, result: &'static str) {
+    counter!(CACHE_LOOKUPS_TOTAL, "route" => route.to_owned(), "result" => result).increment(1);
 }
 
 /// The cache dropped an entry that belonged to another tenant or request.

@@ -141,7 +141,6 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
     let mut visit = match route.cache {
         Some(policy) => {
             let ask = cache::Ask {
-                route: &route.alias,
                 tenant: &req.tenant,
                 format: req.format,
                 endpoint: req.endpoint,
@@ -149,7 +148,12 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 body: &req.body,
                 bypass: req.cache_bypass,
             };
-            match live.cache.visit(&ask, policy).await {
+            let outcome = live.cache.visit(&ask, policy).await;
+            crate::metrics::cache_lookup(&route.alias, outcome.status().as_str());
+            if outcome.mismatched() {
+                crate::metrics::cache_mismatch();
+            }
+            match outcome {
                 cache::Outcome::Hit(entry) => return replay(&entry, record),
                 cache::Outcome::Forward(visit) => Some(visit),
             }
