@@ -51,7 +51,7 @@ use tokio::time::Instant;
 use crate::cache;
 use crate::config::{HedgeAfter, Route, Target};
 use crate::error::{ApiError, ClientFormat, GatewayError};
-use crate::health::{Failure, TargetHealth, Traffic};
+use crate::health::{Failure, TargetHealth, Traffic, Transition};
 use crate::protocol::chat::{ChatRequest, Format};
 use crate::protocol::translate::{self, StreamDecoder, StreamEncoder, TranslateError};
 use crate::providers::{Adapter, Endpoint, Outgoing};
@@ -197,8 +197,11 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 tried.push(target, "skipped_budget_exhausted");
                 return false;
             }
-            if candidate.probe && !health.claim_probe() {
-                continue;
+            if candidate.probe {
+                match health.claim_probe() {
+                    Some(transition) => report(target, transition),
+                    None => continue,
+                }
             }
             let delay = if *attempts > 0 && in_flight.is_empty() {
                 backoff(route, *attempts, rng)
@@ -277,7 +280,9 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                     tried.push(&route.targets[*i], reason_of(error));
                 }
                 let took = committed.body.first_byte().unwrap_or_default();
-                health.on_success(&route.breaker, probe, traffic, took);
+                if let Some(t) = health.on_success(&route.breaker, probe, traffic, took) {
+                    report(target, t);
+                }
                 crate::metrics::hedge_decided(&route.alias, hedge, Some(index));
                 crate::incidents::served_by(live, position, index);
                 if committed.status.is_success() && !live.served_ok.load(Ordering::Relaxed) {
@@ -320,7 +325,9 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
             }
             Err(error) => {
                 if !matches!(error, UpstreamError::Untranslatable { .. }) {
-                    health.on_failure(failure_of(&error), &route.breaker, probe);
+                    if let Some(t) = health.on_failure(failure_of(&error), &route.breaker, probe) {
+                        report(target, t);
+                    }
                 } else if probe {
                     health.on_abandoned();
                 }
@@ -380,6 +387,24 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
     let resp = reject(record, req.format, error);
     let resp = with_attempt_headers(resp, target, attempts, &tried);
     with_cache_status(resp, visit.as_ref())
+}
+
+/// Reports a breaker's change of state, which health only returns: the
+/// metric, the incident log (a closed breaker ends a traffic incident), the
+/// log line.
+fn report(target: &Target, transition: Transition) {
+    let (provider, model) = (&target.provider.name, &target.model);
+    crate::metrics::breaker_transition(provider, transition.as_str());
+    match transition {
+        Transition::Opened => tracing::warn!(%provider, %model, "breaker opened"),
+        Transition::HalfOpened => {
+            tracing::info!(%provider, %model, "breaker half-open: probing");
+        }
+        Transition::Closed => {
+            crate::incidents::breaker_closed(provider);
+            tracing::info!(%provider, %model, "breaker closed: target recovered");
+        }
+    }
 }
 
 /// Answers a non-retryable error (the caller's own 4xx) from target `index`.

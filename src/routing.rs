@@ -233,7 +233,7 @@ mod tests {
             vec![0, 1, 2]
         );
         for _ in 0..5 {
-            h[0].on_failure(Failure::Fault, &BreakerPolicy::default(), false);
+            let _ = h[0].on_failure(Failure::Fault, &BreakerPolicy::default(), false);
         }
         assert_eq!(
             order(&plan(&r, &h, &o, Traffic::Whole, &mut rng)),
@@ -266,8 +266,8 @@ mod tests {
         let r = route(&[(0, 0, 1), (1, 1, 1)]);
         let (h, o) = (health(2), overrides(2));
         let policy = BreakerPolicy::default();
-        h[0].on_success(&policy, false, Traffic::Whole, Duration::from_millis(900));
-        h[1].on_success(&policy, false, Traffic::Whole, Duration::from_millis(100));
+        let _ = h[0].on_success(&policy, false, Traffic::Whole, Duration::from_millis(900));
+        let _ = h[1].on_success(&policy, false, Traffic::Whole, Duration::from_millis(100));
         let mut rng = fastrand::Rng::with_seed(1);
         assert_eq!(
             order(&plan(&r, &h, &o, Traffic::Whole, &mut rng)),
