@@ -199,7 +199,8 @@ async fn set_override(
         );
     };
     live.overrides[i].set(over);
-    crate::incidents::override_set(&name, over);
+    let down = over == Override::Down;
+    crate::incidents::global().overridden(&name, down, std::time::SystemTime::now());
     tracing::warn!(provider = %name, ?over, "provider override set by admin");
     Json(json!({"provider": name, "override": over})).into_response()
 }

@@ -39,7 +39,7 @@ use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -51,7 +51,8 @@ use tokio::time::Instant;
 use crate::cache;
 use crate::config::{HedgeAfter, Route, Target};
 use crate::error::{ApiError, ClientFormat, GatewayError};
-use crate::health::{Failure, TargetHealth, Traffic, Transition};
+use crate::health::{BreakerState, Failure, TargetHealth, Traffic, Transition};
+use crate::incidents;
 use crate::protocol::chat::{ChatRequest, Format};
 use crate::protocol::translate::{self, StreamDecoder, StreamEncoder, TranslateError};
 use crate::providers::{Adapter, Endpoint, Outgoing};
@@ -284,7 +285,7 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                     report(target, t);
                 }
                 crate::metrics::hedge_decided(&route.alias, hedge, Some(index));
-                crate::incidents::served_by(live, position, index);
+                count_failed_over(live, position, index);
                 if committed.status.is_success() && !live.served_ok.load(Ordering::Relaxed) {
                     live.served_ok.store(true, Ordering::Relaxed);
                 }
@@ -341,7 +342,9 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                     "attempt failed; failing over if another target is available"
                 );
                 crate::metrics::failover(&route.alias, reason_of(&error));
-                crate::incidents::attempt_failed(live, target.provider_index);
+                if all_breakers_open(live, target.provider_index) {
+                    incidents::global().traffic_down(&target.provider.name, SystemTime::now());
+                }
                 tried.push(target, reason_of(&error));
                 last = Some((index, error));
                 if in_flight.is_empty() && refused.is_none() {
@@ -401,10 +404,47 @@ fn report(target: &Target, transition: Transition) {
             tracing::info!(%provider, %model, "breaker half-open: probing");
         }
         Transition::Closed => {
-            crate::incidents::breaker_closed(provider);
+            incidents::global().traffic_recovered(provider, SystemTime::now());
             tracing::info!(%provider, %model, "breaker closed: target recovered");
         }
     }
+}
+
+/// Whether every target of provider `provider_index` on every route has a
+/// breaker that is not closed (a traffic incident). False for a provider no
+/// route uses.
+fn all_breakers_open(live: &Live, provider_index: usize) -> bool {
+    let mut any = false;
+    for (route, state) in live.config.routes.iter().zip(&live.routes) {
+        for (target, health) in route.targets.iter().zip(&state.health) {
+            if target.provider_index == provider_index {
+                if health.state() == BreakerState::Closed {
+                    return false;
+                }
+                any = true;
+            }
+        }
+    }
+    any
+}
+
+/// Target `target` of route `route` answered: counts the request for every
+/// ongoing incident of a provider with a target in an earlier priority group
+/// on that route. Lock-free without incidents.
+fn count_failed_over(live: &Live, route: usize, target: usize) {
+    let Some(route) = live.config.routes.get(route) else {
+        return;
+    };
+    let Some(serving) = route.targets.get(target) else {
+        return;
+    };
+    incidents::global().count_failed_over(|provider| {
+        provider != serving.provider.name
+            && route
+                .targets
+                .iter()
+                .any(|t| t.priority < serving.priority && t.provider.name == provider)
+    });
 }
 
 /// Answers a non-retryable error (the caller's own 4xx) from target `index`.
