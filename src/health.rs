@@ -687,6 +687,19 @@ pub enum PageState {
     Down,
 }
 
+impl PageState {
+    /// 0 unknown, 1 operational, 2 degraded, 3 down: worse is higher (as
+    /// stored, and as the `detour_status_page_state` gauge shows it).
+    pub fn level(self) -> u8 {
+        match self {
+            Self::Unknown => 0,
+            Self::Operational => 1,
+            Self::Degraded => 2,
+            Self::Down => 3,
+        }
+    }
+}
+
 /// Per-provider state: the manual override and the status page.
 #[derive(Debug, Default)]
 pub struct ProviderHealth {
@@ -726,13 +739,7 @@ impl ProviderHealth {
     }
 
     pub fn set_page(&self, state: PageState, error: Option<String>) {
-        let v = match state {
-            PageState::Unknown => 0,
-            PageState::Operational => 1,
-            PageState::Degraded => 2,
-            PageState::Down => 3,
-        };
-        self.page.store(v, Relaxed);
+        self.page.store(state.level(), Relaxed);
         *self.page_error.write().unwrap_or_else(|e| e.into_inner()) = error;
     }
 

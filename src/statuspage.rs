@@ -112,7 +112,7 @@ pub async fn poll(provider: Arc<Provider>, health: Arc<ProviderHealth>) {
             Ok(state) => {
                 let old = health.page_state();
                 health.set_page(state, None);
-                crate::metrics::status_page_state(&provider.name, state);
+                crate::metrics::status_page_state(&provider.name, state.level());
                 let reported = match state {
                     PageState::Down => Some(Impact::Down),
                     PageState::Degraded => Some(Impact::Degraded),

@@ -92,7 +92,15 @@ impl RequestRecord {
             return;
         }
         self.written = true;
-        crate::metrics::request_finished(self);
+        crate::metrics::request_finished(&crate::metrics::Finished {
+            route: self.route.as_deref(),
+            provider: self.provider.as_deref(),
+            status: self.status,
+            format: self.format.as_str(),
+            duration: self.started.elapsed(),
+            first_byte: self.first_byte,
+            tokens: self.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+        });
         if let (Some(charge), Some(usage)) = (&self.charge, self.usage) {
             charge.settle(usage.prompt_tokens + usage.completion_tokens);
         }
