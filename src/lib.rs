@@ -23,6 +23,7 @@ pub mod providers;
 pub mod proxy;
 pub mod relay;
 pub mod reload;
+pub mod request;
 pub mod rollout;
 pub mod routing;
 pub mod server;

@@ -57,9 +57,9 @@ use crate::protocol::chat::{ChatRequest, Format};
 use crate::protocol::translate::{self, StreamDecoder, StreamEncoder, TranslateError};
 use crate::providers::{Adapter, Endpoint, Outgoing};
 use crate::relay::{RelayBody, Shape};
+use crate::request::Tracked;
 use crate::routing;
 use crate::state::Live;
-use crate::telemetry::RequestRecord;
 use crate::upstream::{Unexpected, UpstreamError};
 
 /// A checked request in the client's format.
@@ -126,7 +126,7 @@ impl Tried {
     }
 }
 
-pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Response {
+pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response {
     record.route = Some(req.alias.clone());
     record.stream = req.stream;
     let Some(position) = live.config.route_position(&req.alias) else {
@@ -449,7 +449,7 @@ fn count_failed_over(live: &Live, route: usize, target: usize) {
 
 /// Answers a non-retryable error (the caller's own 4xx) from target `index`.
 fn refuse(
-    mut record: RequestRecord,
+    mut record: Tracked,
     req: &Forward,
     route: &Route,
     index: usize,
@@ -467,7 +467,7 @@ fn refuse(
 }
 
 /// Answers from the response cache: no attempt, the original answer's bytes.
-fn replay(entry: &cache::Entry, mut record: RequestRecord) -> Response {
+fn replay(entry: &cache::Entry, mut record: Tracked) -> Response {
     record.model = Some(entry.model.clone());
     record.status = entry.status;
     record.finish("cache_hit");
@@ -803,7 +803,7 @@ fn reason_of(error: &UpstreamError) -> &'static str {
 }
 
 /// Ends a request with an error response and its log line.
-pub fn reject(mut record: RequestRecord, format: ClientFormat, error: GatewayError) -> Response {
+pub fn reject(mut record: Tracked, format: ClientFormat, error: GatewayError) -> Response {
     let resp = ApiError { error, format }.into_response();
     record.status = resp.status().as_u16();
     record.finish("rejected");

@@ -28,7 +28,7 @@ use crate::protocol::chat::{ErrorKind, StreamEvent, Usage};
 use crate::protocol::openai::{usage_of, StreamWatch};
 use crate::protocol::sse::{EventFramer, EventTooLarge};
 use crate::protocol::translate::{StreamDecoder, StreamEncoder};
-use crate::telemetry::RequestRecord;
+use crate::request::Tracked;
 use crate::upstream::{TimeoutKind, UpstreamError};
 
 /// Notes what a run of decoded events says about the stream.
@@ -92,7 +92,7 @@ pub struct RelayBody {
     /// Events read by [`RelayBody::prime`], sent before anything else.
     primed: Option<Bytes>,
     /// Attached when the attempt is committed to the client.
-    record: Option<RequestRecord>,
+    record: Option<Tracked>,
     /// A copy of what the client is sent, for the response cache (bounded).
     capture: Option<Capture>,
     /// The body ended normally and whole (a stream with its end marker).
@@ -233,7 +233,7 @@ impl RelayBody {
 
     /// Commits the body to a client request: from now on it writes that
     /// request's log line.
-    pub fn attach(&mut self, mut record: RequestRecord) {
+    pub fn attach(&mut self, mut record: Tracked) {
         if let Some(fb) = self.first_byte {
             record.first_byte.get_or_insert(fb);
         }

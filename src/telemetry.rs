@@ -1,4 +1,6 @@
-//! Logging: set-up, and the one structured line written per request.
+//! Logging: set-up, and the one structured line written per request (with
+//! the request's metrics). What else ends with a request (limits, rollout
+//! cohort) is settled by `request::Tracked`, which holds the record.
 //!
 //! Architecture invariant: no prompt text, response text or secret is ever
 //! passed to a log macro. The request line carries ids, names, numbers.
@@ -48,12 +50,6 @@ pub struct RequestRecord {
     pub first_byte: Option<Duration>,
     pub usage: Option<Usage>,
     pub outcome: &'static str,
-    /// The rollout cohort the request ran in, if a rollout is baking.
-    pub cohort: Option<crate::rollout::CohortTag>,
-    /// A limit's permit held for as long as the request lives (open streams).
-    pub hold: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// Tokens charged to rate limits before the call, settled from `usage`.
-    pub charge: Option<crate::limits::TokenCharge>,
     written: bool,
 }
 
@@ -74,9 +70,6 @@ impl RequestRecord {
             usage: None,
             // Until told otherwise, the request ended because the client left.
             outcome: "client_gone",
-            cohort: None,
-            hold: None,
-            charge: None,
             written: false,
         }
     }
@@ -87,9 +80,11 @@ impl RequestRecord {
         self.write();
     }
 
-    fn write(&mut self) {
+    /// Writes the line and counts the request, unless that was done
+    /// already; true if this call did it.
+    pub fn write(&mut self) -> bool {
         if self.written {
-            return;
+            return false;
         }
         self.written = true;
         crate::metrics::request_finished(&crate::metrics::Finished {
@@ -101,13 +96,6 @@ impl RequestRecord {
             first_byte: self.first_byte,
             tokens: self.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
         });
-        if let (Some(charge), Some(usage)) = (&self.charge, self.usage) {
-            charge.settle(usage.prompt_tokens + usage.completion_tokens);
-        }
-        if let Some(c) = &self.cohort {
-            c.rollout
-                .record(c.canary, self.status, self.started.elapsed());
-        }
         let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
         let ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1e3);
         tracing::info!(
@@ -128,11 +116,24 @@ impl RequestRecord {
             outcome = self.outcome,
             "request"
         );
+        true
     }
 }
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
         self.write();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_line_is_written_once() {
+        let mut r = RequestRecord::new("id".into(), ClientFormat::OpenAi, "chat");
+        assert!(r.write());
+        assert!(!r.write(), "written already");
     }
 }

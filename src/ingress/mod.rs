@@ -11,6 +11,8 @@ use http_body_util::{BodyExt, Limited};
 
 use crate::error::GatewayError;
 use crate::limits::{estimate_tokens, TokenGate};
+use crate::request::Tracked;
+use crate::telemetry::RequestRecord;
 
 /// The request id, from the client's `x-request-id` or generated.
 #[derive(Debug, Clone)]
@@ -68,7 +70,7 @@ pub async fn read_body(
 /// limits.
 pub struct Started {
     pub live: std::sync::Arc<crate::state::Live>,
-    pub record: crate::telemetry::RequestRecord,
+    pub record: Tracked,
     pub headers: HeaderMap,
     pub body: Bytes,
     /// The caller's token buckets: charge them with [`charge_tokens`] once
@@ -81,7 +83,7 @@ pub struct Started {
 /// asking for at most `max_tokens` of answer; the record settles the charge
 /// from the real usage when the request ends.
 pub fn charge_tokens(
-    record: &mut crate::telemetry::RequestRecord,
+    record: &mut Tracked,
     tokens: &TokenGate,
     body_len: usize,
     max_tokens: Option<u64>,
@@ -109,7 +111,7 @@ pub async fn start(
     req: axum::extract::Request,
 ) -> Result<Started, axum::response::Response> {
     let (live, cohort) = gw.pick();
-    let mut record = crate::telemetry::RequestRecord::new(id.0, format, endpoint.as_str());
+    let mut record = Tracked::new(RequestRecord::new(id.0, format, endpoint.as_str()));
     record.cohort = cohort;
     let (mut parts, body) = req.into_parts();
     // Left by the limits layer; absent only on routers built without it.
