@@ -123,7 +123,7 @@ struct Inner {
 #[derive(Default)]
 pub struct IncidentLog {
     inner: RwLock<Inner>,
-    /// How many incidents are ongoing: zero keeps [`Self::served_by`] lock-free.
+    /// How many incidents are ongoing: zero keeps [`Self::count_failed_over`] lock-free.
     ongoing: AtomicUsize,
 }
 

@@ -8,7 +8,8 @@
 //! (holding at most `server.max_event_bytes` of an unfinished one), and ends
 //! a failed stream with a well-formed error event in the client's format
 //! (never a hang, never truncated JSON).
-//! It owns the request's log record and writes it when the body ends.
+//! It holds the request (`request::Tracked`: its log record and what is
+//! settled with it) and ends it when the body ends.
 //! On a cached route it also keeps a bounded copy of what it sends, and
 //! stores it (`crate::cache::Capture`) when the body ends whole.
 

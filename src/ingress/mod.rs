@@ -80,8 +80,8 @@ pub struct Started {
 
 /// Charges the caller's tokens-per-minute limits with the estimate for a
 /// body of `body_len` bytes (as read: chunked and HTTP/2 bodies count too)
-/// asking for at most `max_tokens` of answer; the record settles the charge
-/// from the real usage when the request ends.
+/// asking for at most `max_tokens` of answer; the tracked request settles
+/// the charge from the real usage when it ends.
 pub fn charge_tokens(
     record: &mut Tracked,
     tokens: &TokenGate,
