@@ -199,7 +199,8 @@ async fn set_override(
         );
     };
     live.overrides[i].set(over);
-    crate::incidents::override_set(&name, over);
+    let down = over == Override::Down;
+    crate::incidents::global().overridden(&name, down, std::time::SystemTime::now());
     tracing::warn!(provider = %name, ?over, "provider override set by admin");
     Json(json!({"provider": name, "override": over})).into_response()
 }
@@ -262,7 +263,10 @@ async fn rollback(State(s): State<AdminState>) -> Response {
 
 /// `GET /metrics`: the Prometheus text exposition format.
 async fn metrics(State(s): State<AdminState>) -> Response {
-    crate::metrics::collect(&s.gw);
+    // What the gateway counts itself is read now, on the scrape.
+    crate::metrics::config_rejected(s.gw.rejected_configs());
+    crate::metrics::rollout_baking(s.gw.rollout().is_some());
+    crate::metrics::dns_stale_uses(crate::dns::shared().stale_uses());
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     (
         [(http::header::CONTENT_TYPE, content_type)],

@@ -10,8 +10,8 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
+use crate::clock::Clock;
 use crate::config::RetryPolicy;
-use crate::health::Clock;
 
 /// Token amounts are kept in thousandths.
 const SCALE: i64 = 1000;

@@ -10,34 +10,11 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 
-use crate::protocol::chat::{ErrorKind, Format};
+pub use crate::protocol::chat::ClientFormat;
+use crate::protocol::chat::ErrorKind;
 use crate::protocol::openai::{self, InvalidRequest};
 use crate::protocol::translate;
 use crate::upstream::{TimeoutKind, UpstreamError};
-
-/// The API format the client speaks; errors are written in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientFormat {
-    OpenAi,
-    Anthropic,
-}
-
-impl ClientFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::OpenAi => "openai",
-            Self::Anthropic => "anthropic",
-        }
-    }
-
-    /// The wire format this client speaks.
-    pub fn wire(self) -> Format {
-        match self {
-            Self::OpenAi => Format::OpenAi,
-            Self::Anthropic => Format::Anthropic,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -111,15 +88,6 @@ fn list(items: &[String]) -> String {
 pub struct ApiError {
     pub error: GatewayError,
     pub format: ClientFormat,
-}
-
-impl From<crate::limits::Limited> for GatewayError {
-    fn from(l: crate::limits::Limited) -> Self {
-        Self::RateLimited {
-            what: l.what,
-            retry_after: l.retry_after,
-        }
-    }
 }
 
 impl<E: Into<GatewayError>> From<E> for ApiError {

@@ -43,33 +43,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::config::BreakerPolicy;
-
-/// Milliseconds on one monotonic clock shared by all health state.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    base: Instant,
-}
-
-impl Clock {
-    pub fn new() -> Self {
-        Self {
-            base: Instant::now(),
-        }
-    }
-
-    pub fn now_ms(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -77,6 +53,30 @@ pub enum BreakerState {
     Closed,
     Open,
     HalfOpen,
+}
+
+/// A breaker's change of state. Health only returns it: the caller reports
+/// it (the metric, the incident log, the log line), so that policy state
+/// stays free of reporting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Closed (or half-open, on a failed probe) → open.
+    Opened,
+    /// Open → half-open: this request holds the probe slot.
+    HalfOpened,
+    /// Half-open → closed: the probe succeeded, the target recovered.
+    Closed,
+}
+
+impl Transition {
+    /// The state moved to, as the metric's `to` label says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Opened => "open",
+            Self::HalfOpened => "half_open",
+            Self::Closed => "closed",
+        }
+    }
 }
 
 const CLOSED: u8 = 0;
@@ -279,19 +279,20 @@ impl TargetHealth {
         }
     }
 
-    /// Takes the single half-open probe slot; false if another request has it.
-    pub fn claim_probe(&self) -> bool {
+    /// Takes the single half-open probe slot: [`Transition::HalfOpened`]
+    /// for the request that gets it, `None` if another request has it.
+    #[must_use = "the caller reports the transition"]
+    pub fn claim_probe(&self) -> Option<Transition> {
         let won = self
             .state
             .compare_exchange(OPEN, HALF_OPEN, Relaxed, Relaxed)
             .is_ok();
-        if won {
-            self.probe_in_flight.store(1, Relaxed);
-            self.transitions.fetch_add(1, Relaxed);
-            crate::metrics::breaker_transition(&self.provider, "half_open");
-            tracing::info!(provider = %self.provider, model = %self.model, "breaker half-open: probing");
+        if !won {
+            return None;
         }
-        won
+        self.probe_in_flight.store(1, Relaxed);
+        self.transitions.fetch_add(1, Relaxed);
+        Some(Transition::HalfOpened)
     }
 
     fn slow_start_share(&self, policy: &BreakerPolicy, now: u64) -> f64 {
@@ -310,14 +311,16 @@ impl TargetHealth {
 
     /// An attempt succeeded after `took` (to its first event for
     /// [`Traffic::Streamed`], to its answer for [`Traffic::Whole`]). `probe`:
-    /// it held the half-open breaker's probe slot.
+    /// it held the half-open breaker's probe slot. Returns
+    /// [`Transition::Closed`] when the probe's success closed the breaker.
+    #[must_use = "the caller reports the transition"]
     pub fn on_success(
         &self,
         policy: &BreakerPolicy,
         probe: bool,
         traffic: Traffic,
         took: Duration,
-    ) {
+    ) -> Option<Transition> {
         let now = self.clock.now_ms();
         // Much slower than usual is the first sign of an overloaded provider.
         match self.ttfb_ewma(traffic) {
@@ -333,13 +336,21 @@ impl TargetHealth {
         // Only the probe closes the breaker: a success from a request sent
         // before the breaker opened says nothing about now.
         if probe && self.state.load(Relaxed) == HALF_OPEN {
-            self.close(now);
+            return self.close(now);
         }
+        None
     }
 
     /// An attempt failed. `probe`: it held the half-open breaker's probe
     /// slot; only then does the failure re-open a half-open breaker.
-    pub fn on_failure(&self, failure: Failure, policy: &BreakerPolicy, probe: bool) {
+    /// Returns [`Transition::Opened`] when this failure opened the breaker.
+    #[must_use = "the caller reports the transition"]
+    pub fn on_failure(
+        &self,
+        failure: Failure,
+        policy: &BreakerPolicy,
+        probe: bool,
+    ) -> Option<Transition> {
         let now = self.clock.now_ms();
         self.decrease_limit();
         match failure {
@@ -352,9 +363,9 @@ impl TargetHealth {
                 self.cool_down_until.store(now + ms(d), Relaxed);
                 tracing::info!(provider = %self.provider, model = %self.model, cool_down_ms = ms(d), "target cooling down");
                 if probe && self.state.load(Relaxed) == HALF_OPEN {
-                    self.open(now);
+                    return self.open(now);
                 }
-                return;
+                return None;
             }
             Failure::Credentials => {
                 self.misconfigured_until
@@ -385,10 +396,12 @@ impl TargetHealth {
                 let rate_trips = total >= policy.min_requests
                     && f64::from(failed) >= policy.failure_rate * f64::from(total);
                 if consecutive >= policy.consecutive_failures || rate_trips {
-                    self.open(now);
+                    self.open(now)
+                } else {
+                    None
                 }
             }
-            _ => {}
+            _ => None,
         }
     }
 
@@ -519,26 +532,25 @@ impl TargetHealth {
         self.estimate(traffic).p95()
     }
 
-    fn open(&self, now: u64) {
+    fn open(&self, now: u64) -> Option<Transition> {
         self.opened_at.store(now, Relaxed);
         self.probe_in_flight.store(0, Relaxed);
-        if self.state.swap(OPEN, Relaxed) != OPEN {
-            self.transitions.fetch_add(1, Relaxed);
-            crate::metrics::breaker_transition(&self.provider, "open");
-            tracing::warn!(provider = %self.provider, model = %self.model, "breaker opened");
+        if self.state.swap(OPEN, Relaxed) == OPEN {
+            return None;
         }
+        self.transitions.fetch_add(1, Relaxed);
+        Some(Transition::Opened)
     }
 
-    fn close(&self, now: u64) {
+    fn close(&self, now: u64) -> Option<Transition> {
         self.probe_in_flight.store(0, Relaxed);
-        if self.state.swap(CLOSED, Relaxed) != CLOSED {
-            self.closed_at.store(now.max(1), Relaxed);
-            self.transitions.fetch_add(1, Relaxed);
-            self.clear_window();
-            crate::metrics::breaker_transition(&self.provider, "closed");
-            crate::incidents::breaker_closed(&self.provider);
-            tracing::info!(provider = %self.provider, model = %self.model, "breaker closed: target recovered");
+        if self.state.swap(CLOSED, Relaxed) == CLOSED {
+            return None;
         }
+        self.closed_at.store(now.max(1), Relaxed);
+        self.transitions.fetch_add(1, Relaxed);
+        self.clear_window();
+        Some(Transition::Closed)
     }
 
     fn bucket(&self, policy: &BreakerPolicy, now: u64) -> &Bucket {
@@ -675,6 +687,19 @@ pub enum PageState {
     Down,
 }
 
+impl PageState {
+    /// 0 unknown, 1 operational, 2 degraded, 3 down: worse is higher (as
+    /// stored, and as the `detour_status_page_state` gauge shows it).
+    pub fn level(self) -> u8 {
+        match self {
+            Self::Unknown => 0,
+            Self::Operational => 1,
+            Self::Degraded => 2,
+            Self::Down => 3,
+        }
+    }
+}
+
 /// Per-provider state: the manual override and the status page.
 #[derive(Debug, Default)]
 pub struct ProviderHealth {
@@ -714,13 +739,7 @@ impl ProviderHealth {
     }
 
     pub fn set_page(&self, state: PageState, error: Option<String>) {
-        let v = match state {
-            PageState::Unknown => 0,
-            PageState::Operational => 1,
-            PageState::Degraded => 2,
-            PageState::Down => 3,
-        };
-        self.page.store(v, Relaxed);
+        self.page.store(state.level(), Relaxed);
         *self.page_error.write().unwrap_or_else(|e| e.into_inner()) = error;
     }
 
@@ -834,10 +853,10 @@ mod tests {
     async fn consecutive_failures_open_then_a_probe_closes() {
         let h = TargetHealth::new("p", "m", Clock::new());
         for _ in 0..2 {
-            h.on_failure(Failure::Fault, &policy(), false);
+            let _ = h.on_failure(Failure::Fault, &policy(), false);
         }
         assert_eq!(h.state(), BreakerState::Closed);
-        h.on_failure(Failure::Fault, &policy(), false);
+        let _ = h.on_failure(Failure::Fault, &policy(), false);
         assert_eq!(h.state(), BreakerState::Open);
         assert_eq!(h.status(&policy()), Status::Skip);
         tokio::time::advance(Duration::from_secs(5)).await;
@@ -846,10 +865,10 @@ mod tests {
             Status::Probe,
             "one probe after open_for"
         );
-        assert!(h.claim_probe());
-        assert!(!h.claim_probe(), "only one probe at a time");
+        assert_eq!(h.claim_probe(), Some(Transition::HalfOpened));
+        assert_eq!(h.claim_probe(), None, "only one probe at a time");
         assert_eq!(h.status(&policy()), Status::Skip);
-        h.on_success(&policy(), true, Traffic::Whole, Duration::from_millis(10));
+        let _ = h.on_success(&policy(), true, Traffic::Whole, Duration::from_millis(10));
         assert_eq!(h.state(), BreakerState::Closed);
         // Slow start: the share ramps from 10% to 100% over the window.
         let Status::Available(share) = h.status(&policy()) else {
@@ -866,14 +885,47 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn each_transition_is_returned_once_to_the_caller() {
+        let h = TargetHealth::new("p", "m", Clock::new());
+        let fail = |probe| h.on_failure(Failure::Fault, &policy(), probe);
+        assert_eq!(fail(false), None);
+        assert_eq!(fail(false), None);
+        assert_eq!(fail(false), Some(Transition::Opened));
+        assert_eq!(fail(false), None, "already open");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(h.claim_probe(), Some(Transition::HalfOpened));
+        assert_eq!(fail(true), Some(Transition::Opened), "the probe failed");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(h.claim_probe(), Some(Transition::HalfOpened));
+        let ok = |probe| h.on_success(&policy(), probe, Traffic::Whole, Duration::from_millis(5));
+        assert_eq!(ok(false), None, "a late success decides nothing");
+        assert_eq!(ok(true), Some(Transition::Closed));
+        assert_eq!(ok(true), None, "already closed");
+        // A throttled probe re-opens too.
+        assert_eq!((fail(false), fail(false)), (None, None));
+        assert_eq!(fail(false), Some(Transition::Opened));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(h.claim_probe(), Some(Transition::HalfOpened));
+        let throttled = Failure::Throttled {
+            cool_down: Duration::from_secs(1),
+        };
+        assert_eq!(
+            h.on_failure(throttled, &policy(), true),
+            Some(Transition::Opened)
+        );
+        // Eight returned above, each counted once.
+        assert_eq!(h.transitions(), 8);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_failed_probe_reopens() {
         let h = TargetHealth::new("p", "m", Clock::new());
         for _ in 0..3 {
-            h.on_failure(Failure::Fault, &policy(), false);
+            let _ = h.on_failure(Failure::Fault, &policy(), false);
         }
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(h.claim_probe());
-        h.on_failure(Failure::Fault, &policy(), true);
+        assert_eq!(h.claim_probe(), Some(Transition::HalfOpened));
+        let _ = h.on_failure(Failure::Fault, &policy(), true);
         assert_eq!(h.state(), BreakerState::Open);
         assert_eq!(h.status(&policy()), Status::Skip);
     }
@@ -883,8 +935,8 @@ mod tests {
         let h = TargetHealth::new("p", "m", Clock::new());
         // Alternating: never 3 in a row, but half of 10+ requests fail.
         for _ in 0..6 {
-            h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(1));
-            h.on_failure(Failure::Fault, &policy(), false);
+            let _ = h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(1));
+            let _ = h.on_failure(Failure::Fault, &policy(), false);
         }
         assert_eq!(h.state(), BreakerState::Open, "{:?}", h.snapshot(&policy()));
     }
@@ -893,9 +945,9 @@ mod tests {
     async fn old_failures_leave_the_window() {
         let h = TargetHealth::new("p", "m", Clock::new());
         for _ in 0..6 {
-            h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(1));
-            h.on_failure(Failure::Fault, &policy(), false);
-            h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(1));
+            let _ = h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(1));
+            let _ = h.on_failure(Failure::Fault, &policy(), false);
+            let _ = h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(1));
             tokio::time::advance(Duration::from_secs(3)).await;
         }
         assert_eq!(
@@ -909,7 +961,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retry_after_cools_down_without_opening() {
         let h = TargetHealth::new("p", "m", Clock::new());
-        h.on_failure(
+        let _ = h.on_failure(
             Failure::Throttled {
                 cool_down: Duration::from_secs(2),
             },
@@ -925,13 +977,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ttfb_ewma_tracks_latency() {
         let h = TargetHealth::new("p", "m", Clock::new());
-        h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(100));
+        let _ = h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(100));
         assert_eq!(
             h.ttfb_ewma(Traffic::Whole),
             Some(Duration::from_millis(100))
         );
         for _ in 0..30 {
-            h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(10));
+            let _ = h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(10));
         }
         assert!(h.ttfb_ewma(Traffic::Whole).unwrap() < Duration::from_millis(12));
     }
@@ -940,16 +992,16 @@ mod tests {
     async fn only_the_probes_outcome_decides_a_half_open_breaker() {
         let h = TargetHealth::new("p", "m", Clock::new());
         for _ in 0..3 {
-            h.on_failure(Failure::Fault, &policy(), false);
+            let _ = h.on_failure(Failure::Fault, &policy(), false);
         }
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(h.claim_probe());
+        assert_eq!(h.claim_probe(), Some(Transition::HalfOpened));
         // Requests sent before the breaker opened end late, either way.
-        h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(10));
+        let _ = h.on_success(&policy(), false, Traffic::Whole, Duration::from_millis(10));
         assert_eq!(h.state(), BreakerState::HalfOpen, "a late success");
-        h.on_failure(Failure::Fault, &policy(), false);
+        let _ = h.on_failure(Failure::Fault, &policy(), false);
         assert_eq!(h.state(), BreakerState::HalfOpen, "a late failure");
-        h.on_success(&policy(), true, Traffic::Whole, Duration::from_millis(10));
+        let _ = h.on_success(&policy(), true, Traffic::Whole, Duration::from_millis(10));
         assert_eq!(h.state(), BreakerState::Closed, "the probe's success");
     }
 
@@ -962,11 +1014,11 @@ mod tests {
             ..policy()
         };
         for _ in 0..5 {
-            h.on_failure(Failure::Fault, &lenient, false);
+            let _ = h.on_failure(Failure::Fault, &lenient, false);
         }
         assert_eq!(h.state(), BreakerState::Closed);
         // A reload made it stricter: what was counted already applies.
-        h.on_failure(Failure::Fault, &policy(), false);
+        let _ = h.on_failure(Failure::Fault, &policy(), false);
         assert_eq!(h.state(), BreakerState::Open);
         let quick = BreakerPolicy {
             open_for: Duration::from_millis(100),
@@ -987,7 +1039,7 @@ mod tests {
         );
         assert_eq!(h.ttfb_p95(Traffic::Whole), None);
         for _ in 0..10 {
-            h.on_success(
+            let _ = h.on_success(
                 &policy(),
                 false,
                 Traffic::Streamed,
@@ -999,7 +1051,7 @@ mod tests {
         let limit = h.concurrency_limit();
         // A whole answer takes far longer than a first event: not a sign of
         // overload, so the adaptive cap does not come down.
-        h.on_success(&policy(), false, Traffic::Whole, Duration::from_secs(3));
+        let _ = h.on_success(&policy(), false, Traffic::Whole, Duration::from_secs(3));
         assert!(h.concurrency_limit() >= limit);
         assert_eq!(h.ttfb_ewma(Traffic::Whole), Some(Duration::from_secs(3)));
         assert!(h.ttfb_ewma(Traffic::Streamed).unwrap() < Duration::from_millis(10));
@@ -1020,9 +1072,9 @@ mod tests {
         };
         tokio::time::advance(Duration::from_secs(100)).await;
         for _ in 0..3 {
-            h.on_failure(Failure::Fault, &short, false);
+            let _ = h.on_failure(Failure::Fault, &short, false);
         }
-        h.on_success(&short, false, Traffic::Whole, Duration::from_millis(1));
+        let _ = h.on_success(&short, false, Traffic::Whole, Duration::from_millis(1));
         tokio::time::advance(Duration::from_secs(9_900)).await;
         // Reloaded with a 1000 s window: the failures of 9900 s ago are
         // outside it, whatever the bucket width was when they were counted.
@@ -1030,7 +1082,7 @@ mod tests {
             window: Duration::from_secs(1_000),
             ..short
         };
-        h.on_failure(Failure::Fault, &long, false);
+        let _ = h.on_failure(Failure::Fault, &long, false);
         let snap = h.snapshot(&long);
         assert_eq!((snap.window_ok, snap.window_failed), (0, 1), "{snap:?}");
         assert_eq!(h.state(), BreakerState::Closed);

@@ -29,9 +29,6 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::health::{BreakerState, Override, PageState};
-use crate::state::Live;
-
 /// How long an ended incident is kept.
 pub const KEEP: Duration = Duration::from_secs(24 * 60 * 60);
 /// The most incidents kept; the oldest go first.
@@ -126,7 +123,7 @@ struct Inner {
 #[derive(Default)]
 pub struct IncidentLog {
     inner: RwLock<Inner>,
-    /// How many incidents are ongoing: zero keeps [`Self::served_by`] lock-free.
+    /// How many incidents are ongoing: zero keeps [`Self::count_failed_over`] lock-free.
     ongoing: AtomicUsize,
 }
 
@@ -261,104 +258,56 @@ pub fn global() -> &'static IncidentLog {
     LOG.get_or_init(IncidentLog::new)
 }
 
-/// Whether every target of provider `provider_index` on every route has a
-/// breaker that is not closed. False for a provider no route uses.
-pub fn all_breakers_open(live: &Live, provider_index: usize) -> bool {
-    let mut any = false;
-    for (route, state) in live.config.routes.iter().zip(&live.routes) {
-        for (target, health) in route.targets.iter().zip(&state.health) {
-            if target.provider_index == provider_index {
-                if health.state() == BreakerState::Closed {
-                    return false;
-                }
-                any = true;
-            }
+// The events its callers hand it, one method each. The log reads no gateway
+// state: the data plane tells it what traffic showed, the status-page poller
+// what a page said, the admin API what an operator did.
+impl IncidentLog {
+    /// A failed attempt left every target of `provider` with a breaker that
+    /// is not closed: opens its traffic incident, unless one is ongoing.
+    pub fn traffic_down(&self, provider: &str, now: SystemTime) {
+        if !self.is_ongoing(provider, Cause::Traffic) {
+            self.open(
+                provider,
+                Cause::Traffic,
+                Impact::Down,
+                "every target's circuit breaker opened",
+                now,
+            );
         }
     }
-    any
-}
 
-// The call sites, one line each.
-
-/// An attempt on provider `provider_index` failed (after health recorded it):
-/// opens a traffic incident if that left all of its breakers open.
-pub fn attempt_failed(live: &Live, provider_index: usize) {
-    let Some(provider) = live.config.providers.get(provider_index) else {
-        return;
-    };
-    let log = global();
-    if all_breakers_open(live, provider_index) && !log.is_ongoing(&provider.name, Cause::Traffic) {
-        log.open(
-            &provider.name,
-            Cause::Traffic,
-            Impact::Down,
-            "every target's circuit breaker opened",
-            SystemTime::now(),
-        );
+    /// A breaker of one of `provider`'s targets closed: it answers again.
+    pub fn traffic_recovered(&self, provider: &str, now: SystemTime) {
+        self.close(provider, Cause::Traffic, now);
     }
-}
 
-/// A breaker of one of `provider`'s targets closed: it answers again.
-pub fn breaker_closed(provider: &str) {
-    global().close(provider, Cause::Traffic, SystemTime::now());
-}
-
-/// Target `target` of route `route` (indexes into the live config) answered:
-/// counts the request for every ongoing incident of a provider with a target
-/// in an earlier priority group on that route. Lock-free without incidents.
-pub fn served_by(live: &Live, route: usize, target: usize) {
-    let log = global();
-    if log.ongoing.load(Relaxed) == 0 {
-        return;
+    /// A status-page poll for `provider`: `Some(impact)` while the page
+    /// reports a problem, `None` once it says operational (or nothing).
+    pub fn status_page(&self, provider: &str, reported: Option<Impact>, now: SystemTime) {
+        let Some(impact) = reported else {
+            return self.close(provider, Cause::StatusPage, now);
+        };
+        let detail = match impact {
+            Impact::Down => "its status page reports a major outage",
+            Impact::Degraded => "its status page reports degraded service",
+        };
+        self.open(provider, Cause::StatusPage, impact, detail, now);
     }
-    let Some(route) = live.config.routes.get(route) else {
-        return;
-    };
-    let Some(serving) = route.targets.get(target) else {
-        return;
-    };
-    log.count_failed_over(|provider| {
-        provider != serving.provider.name
-            && route
-                .targets
-                .iter()
-                .any(|t| t.priority < serving.priority && t.provider.name == provider)
-    });
-}
 
-/// A status-page poll read `state` for `provider`.
-pub fn page_state(provider: &str, state: PageState) {
-    let (impact, detail) = match state {
-        PageState::Down => (Impact::Down, "its status page reports a major outage"),
-        PageState::Degraded => (Impact::Degraded, "its status page reports degraded service"),
-        PageState::Operational | PageState::Unknown => {
-            global().close(provider, Cause::StatusPage, SystemTime::now());
-            return;
-        }
-    };
-    global().open(
-        provider,
-        Cause::StatusPage,
-        impact,
-        detail,
-        SystemTime::now(),
-    );
-}
-
-/// An operator set `provider`'s override.
-pub fn override_set(provider: &str, over: Override) {
-    let now = SystemTime::now();
-    match over {
-        Override::Down => {
-            global().open(
+    /// An operator set `provider`'s override: `down`, or lifted it (`up`,
+    /// `auto`).
+    pub fn overridden(&self, provider: &str, down: bool, now: SystemTime) {
+        if down {
+            self.open(
                 provider,
                 Cause::Override,
                 Impact::Down,
                 "overridden down by an operator",
                 now,
             );
+        } else {
+            self.close(provider, Cause::Override, now);
         }
-        Override::Up | Override::Auto => global().close(provider, Cause::Override, now),
     }
 }
 
@@ -405,6 +354,32 @@ mod tests {
         let all = log.since(at(0));
         assert_eq!((all[0].provider.as_str(), all[0].failed_over), ("a", 3));
         assert_eq!((all[1].provider.as_str(), all[1].failed_over), ("b", 0));
+    }
+
+    #[test]
+    fn the_events_callers_hand_it_open_and_close_incidents() {
+        let log = IncidentLog::new();
+        log.traffic_down("p", at(0));
+        log.traffic_down("p", at(1));
+        log.status_page("p", Some(Impact::Degraded), at(2));
+        log.status_page("p", Some(Impact::Down), at(3));
+        log.overridden("q", true, at(4));
+        let all = log.since(at(0));
+        assert_eq!(all.len(), 3, "one incident per provider and cause: {all:?}");
+        assert_eq!(
+            (all[0].cause, all[0].impact),
+            (Cause::Traffic, Impact::Down)
+        );
+        assert_eq!(all[1].detail, "its status page reports a major outage");
+        assert_eq!(
+            (all[2].provider.as_str(), all[2].cause),
+            ("q", Cause::Override)
+        );
+        log.traffic_recovered("p", at(5));
+        log.status_page("p", None, at(6));
+        log.overridden("q", false, at(7));
+        let ended: Vec<_> = log.since(at(0)).iter().map(|i| i.ended).collect();
+        assert_eq!(ended, [Some(at(5)), Some(at(6)), Some(at(7))]);
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! Prometheus metrics: every name in one table, and one typed helper per
 //! event so that a call site stays one line.
 //!
+//! A leaf: the helpers take plain values (names, numbers, fixed words) and
+//! import nothing of detour's, so any layer may record. What is read from the
+//! gateway at scrape time is read by the admin `/metrics` handler and handed
+//! in ([`config_rejected`], [`rollout_baking`], [`dns_stale_uses`]).
+//!
 //! Recording goes through the `metrics` facade into a
 //! `metrics-exporter-prometheus` recorder that this module installs once per
 //! process ([`handle`]); the admin listener serves [`render`] at
@@ -21,10 +26,6 @@ use std::time::Duration;
 
 use ::metrics::{counter, gauge, histogram, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-use crate::health::PageState;
-use crate::state::Gateway;
-use crate::telemetry::RequestRecord;
 
 /// The kind of a metric, for its `# TYPE` and `# HELP` lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,13 +149,31 @@ fn install() -> Option<PrometheusHandle> {
     Some(handle)
 }
 
+/// A request that ended, as its metrics need it.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished<'a> {
+    /// The model alias the client asked for, once known.
+    pub route: Option<&'a str>,
+    /// The provider that answered, if one did.
+    pub provider: Option<&'a str>,
+    pub status: u16,
+    /// The client format (`openai`, `anthropic`).
+    pub format: &'static str,
+    /// From arrival to the end of the response body.
+    pub duration: Duration,
+    /// To the first byte (or event) of the answer.
+    pub first_byte: Option<Duration>,
+    /// Prompt and completion tokens the provider reported.
+    pub tokens: Option<(u64, u64)>,
+}
+
 /// The route label of a finished request: the alias only once it named a
 /// route. A request for an unknown alias (a 404 with no provider) would
 /// otherwise put the client's text into a label.
-fn route_label(r: &RequestRecord) -> SharedString {
-    match &r.route {
+fn route_label(r: &Finished<'_>) -> SharedString {
+    match r.route {
         Some(_) if r.provider.is_none() && r.status == 404 => SharedString::const_str("unknown"),
-        Some(route) => SharedString::from(route.clone()),
+        Some(route) => SharedString::from(route.to_owned()),
         None => SharedString::const_str("none"),
     }
 }
@@ -181,29 +200,28 @@ fn status_label(status: u16) -> SharedString {
 
 /// A request ended (called once, where its log line is written): counts it,
 /// and records its latency, time to first byte and tokens.
-pub fn request_finished(r: &RequestRecord) {
+pub fn request_finished(r: &Finished<'_>) {
     let route = route_label(r);
-    let format = r.format.as_str();
-    let provider = r
-        .provider
-        .clone()
-        .map_or(SharedString::const_str("none"), SharedString::from);
+    let format = r.format;
+    let provider = r.provider.map_or(SharedString::const_str("none"), |p| {
+        SharedString::from(p.to_owned())
+    });
     counter!(REQUESTS_TOTAL, "route" => route.clone(), "provider" => provider.clone(),
         "status" => status_label(r.status), "format" => format)
     .increment(1);
     histogram!(REQUEST_DURATION_SECONDS, "route" => route, "format" => format)
-        .record(r.started.elapsed().as_secs_f64());
+        .record(r.duration.as_secs_f64());
     if r.provider.is_none() {
         return;
     }
     if let Some(ttfb) = r.first_byte {
         histogram!(TTFB_SECONDS, "provider" => provider.clone()).record(ttfb.as_secs_f64());
     }
-    if let Some(usage) = r.usage {
+    if let Some((prompt, completion)) = r.tokens {
         counter!(TOKENS_TOTAL, "provider" => provider.clone(), "kind" => "prompt")
-            .increment(usage.prompt_tokens);
+            .increment(prompt);
         counter!(TOKENS_TOTAL, "provider" => provider, "kind" => "completion")
-            .increment(usage.completion_tokens);
+            .increment(completion);
     }
 }
 
@@ -239,13 +257,21 @@ pub fn retry_budget_exhausted(route: &str) {
     counter!(RETRY_BUDGET_EXHAUSTED_TOTAL, "route" => route.to_owned()).increment(1);
 }
 
-/// Reads what the gateway counts itself (rejected configs, rollout state)
-/// into their series; called on each scrape, so those need no call site.
-pub fn collect(gw: &Gateway) {
-    counter!(CONFIG_REJECTED_TOTAL).absolute(gw.rejected_configs());
-    let baking = if gw.rollout().is_some() { 1.0 } else { 0.0 };
-    gauge!(ROLLOUT_STATE).set(baking);
-    counter!(DNS_STALE_USES_TOTAL).absolute(crate::dns::shared().stale_uses());
+// Counts the gateway keeps itself, handed in on each scrape.
+
+/// Configs refused so far (the gateway's own count).
+pub fn config_rejected(total: u64) {
+    counter!(CONFIG_REJECTED_TOTAL).absolute(total);
+}
+
+/// Whether a candidate config is baking now.
+pub fn rollout_baking(baking: bool) {
+    gauge!(ROLLOUT_STATE).set(if baking { 1.0 } else { 0.0 });
+}
+
+/// Connections made with a stale DNS answer so far (the resolver's count).
+pub fn dns_stale_uses(total: u64) {
+    counter!(DNS_STALE_USES_TOTAL).absolute(total);
 }
 
 /// Counts an open client connection for as long as it lives.
@@ -281,21 +307,15 @@ pub fn connection_closed(listener: &'static str, reason: &'static str) {
     counter!(CONNECTIONS_CLOSED_TOTAL, "listener" => listener, "reason" => reason).increment(1);
 }
 
-/// A status-page poll read `state` for `provider`.
-pub fn status_page_state(provider: &str, state: PageState) {
-    let value = match state {
-        PageState::Unknown => 0.0,
-        PageState::Operational => 1.0,
-        PageState::Degraded => 2.0,
-        PageState::Down => 3.0,
-    };
-    gauge!(STATUS_PAGE_STATE, "provider" => provider.to_owned()).set(value);
+/// A status-page poll read `level` for `provider`: 0 unknown, 1
+/// operational, 2 degraded, 3 down.
+pub fn status_page_state(provider: &str, level: u8) {
+    gauge!(STATUS_PAGE_STATE, "provider" => provider.to_owned()).set(f64::from(level));
 }
 
-/// A request on a cached route was a hit, a miss or a bypass.
-pub fn cache_lookup(route: &str, result: crate::cache::Status) {
-    counter!(CACHE_LOOKUPS_TOTAL, "route" => route.to_owned(), "result" => result.as_str())
-        .increment(1);
+/// A request on a cached route was a `hit`, a `miss` or a `bypass`.
+pub fn cache_lookup(route: &str, result: &'static str) {
+    counter!(CACHE_LOOKUPS_TOTAL, "route" => route.to_owned(), "result" => result).increment(1);
 }
 
 /// The cache dropped an entry that belonged to another tenant or request.
@@ -306,7 +326,6 @@ pub fn cache_mismatch() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ClientFormat;
 
     #[test]
     fn every_name_is_prefixed_unique_and_documented() {
@@ -327,15 +346,23 @@ mod tests {
 
     #[test]
     fn an_unknown_alias_never_becomes_a_label() {
-        let mut r = RequestRecord::new("id".into(), ClientFormat::OpenAi, "chat");
+        let mut r = Finished {
+            route: None,
+            provider: None,
+            status: 0,
+            format: "openai",
+            duration: Duration::ZERO,
+            first_byte: None,
+            tokens: None,
+        };
         assert_eq!(&*route_label(&r), "none");
-        r.route = Some("whatever-the-client-sent".into());
+        r.route = Some("whatever-the-client-sent");
         r.status = 404;
         assert_eq!(&*route_label(&r), "unknown");
         r.status = 503;
         assert_eq!(&*route_label(&r), "whatever-the-client-sent");
         r.status = 404;
-        r.provider = Some("p".into());
+        r.provider = Some("p");
         assert_eq!(&*route_label(&r), "whatever-the-client-sent");
     }
 }

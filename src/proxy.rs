@@ -39,7 +39,7 @@ use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -51,14 +51,15 @@ use tokio::time::Instant;
 use crate::cache;
 use crate::config::{HedgeAfter, Route, Target};
 use crate::error::{ApiError, ClientFormat, GatewayError};
-use crate::health::{Failure, TargetHealth, Traffic};
+use crate::health::{BreakerState, Failure, TargetHealth, Traffic, Transition};
+use crate::incidents;
 use crate::protocol::chat::{ChatRequest, Format};
 use crate::protocol::translate::{self, StreamDecoder, StreamEncoder, TranslateError};
 use crate::providers::{Adapter, Endpoint, Outgoing};
 use crate::relay::{RelayBody, Shape};
+use crate::request::Tracked;
 use crate::routing;
 use crate::state::Live;
-use crate::telemetry::RequestRecord;
 use crate::upstream::{Unexpected, UpstreamError};
 
 /// A checked request in the client's format.
@@ -125,7 +126,7 @@ impl Tried {
     }
 }
 
-pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Response {
+pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response {
     record.route = Some(req.alias.clone());
     record.stream = req.stream;
     let Some(position) = live.config.route_position(&req.alias) else {
@@ -141,7 +142,6 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
     let mut visit = match route.cache {
         Some(policy) => {
             let ask = cache::Ask {
-                route: &route.alias,
                 tenant: &req.tenant,
                 format: req.format,
                 endpoint: req.endpoint,
@@ -149,7 +149,12 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 body: &req.body,
                 bypass: req.cache_bypass,
             };
-            match live.cache.visit(&ask, policy).await {
+            let outcome = live.cache.visit(&ask, policy).await;
+            crate::metrics::cache_lookup(&route.alias, outcome.status().as_str());
+            if outcome.mismatched() {
+                crate::metrics::cache_mismatch();
+            }
+            match outcome {
                 cache::Outcome::Hit(entry) => return replay(&entry, record),
                 cache::Outcome::Forward(visit) => Some(visit),
             }
@@ -193,8 +198,11 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                 tried.push(target, "skipped_budget_exhausted");
                 return false;
             }
-            if candidate.probe && !health.claim_probe() {
-                continue;
+            if candidate.probe {
+                match health.claim_probe() {
+                    Some(transition) => report(target, transition),
+                    None => continue,
+                }
             }
             let delay = if *attempts > 0 && in_flight.is_empty() {
                 backoff(route, *attempts, rng)
@@ -273,9 +281,11 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                     tried.push(&route.targets[*i], reason_of(error));
                 }
                 let took = committed.body.first_byte().unwrap_or_default();
-                health.on_success(&route.breaker, probe, traffic, took);
+                if let Some(t) = health.on_success(&route.breaker, probe, traffic, took) {
+                    report(target, t);
+                }
                 crate::metrics::hedge_decided(&route.alias, hedge, Some(index));
-                crate::incidents::served_by(live, position, index);
+                count_failed_over(live, position, index);
                 if committed.status.is_success() && !live.served_ok.load(Ordering::Relaxed) {
                     live.served_ok.store(true, Ordering::Relaxed);
                 }
@@ -316,7 +326,9 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
             }
             Err(error) => {
                 if !matches!(error, UpstreamError::Untranslatable { .. }) {
-                    health.on_failure(failure_of(&error), &route.breaker, probe);
+                    if let Some(t) = health.on_failure(failure_of(&error), &route.breaker, probe) {
+                        report(target, t);
+                    }
                 } else if probe {
                     health.on_abandoned();
                 }
@@ -330,7 +342,9 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
                     "attempt failed; failing over if another target is available"
                 );
                 crate::metrics::failover(&route.alias, reason_of(&error));
-                crate::incidents::attempt_failed(live, target.provider_index);
+                if all_breakers_open(live, target.provider_index) {
+                    incidents::global().traffic_down(&target.provider.name, SystemTime::now());
+                }
                 tried.push(target, reason_of(&error));
                 last = Some((index, error));
                 if in_flight.is_empty() && refused.is_none() {
@@ -378,9 +392,64 @@ pub async fn forward(live: &Live, req: Forward, mut record: RequestRecord) -> Re
     with_cache_status(resp, visit.as_ref())
 }
 
+/// Reports a breaker's change of state, which health only returns: the
+/// metric, the incident log (a closed breaker ends a traffic incident), the
+/// log line.
+fn report(target: &Target, transition: Transition) {
+    let (provider, model) = (&target.provider.name, &target.model);
+    crate::metrics::breaker_transition(provider, transition.as_str());
+    match transition {
+        Transition::Opened => tracing::warn!(%provider, %model, "breaker opened"),
+        Transition::HalfOpened => {
+            tracing::info!(%provider, %model, "breaker half-open: probing");
+        }
+        Transition::Closed => {
+            incidents::global().traffic_recovered(provider, SystemTime::now());
+            tracing::info!(%provider, %model, "breaker closed: target recovered");
+        }
+    }
+}
+
+/// Whether every target of provider `provider_index` on every route has a
+/// breaker that is not closed (a traffic incident). False for a provider no
+/// route uses.
+fn all_breakers_open(live: &Live, provider_index: usize) -> bool {
+    let mut any = false;
+    for (route, state) in live.config.routes.iter().zip(&live.routes) {
+        for (target, health) in route.targets.iter().zip(&state.health) {
+            if target.provider_index == provider_index {
+                if health.state() == BreakerState::Closed {
+                    return false;
+                }
+                any = true;
+            }
+        }
+    }
+    any
+}
+
+/// Target `target` of route `route` answered: counts the request for every
+/// ongoing incident of a provider with a target in an earlier priority group
+/// on that route. Lock-free without incidents.
+fn count_failed_over(live: &Live, route: usize, target: usize) {
+    let Some(route) = live.config.routes.get(route) else {
+        return;
+    };
+    let Some(serving) = route.targets.get(target) else {
+        return;
+    };
+    incidents::global().count_failed_over(|provider| {
+        provider != serving.provider.name
+            && route
+                .targets
+                .iter()
+                .any(|t| t.priority < serving.priority && t.provider.name == provider)
+    });
+}
+
 /// Answers a non-retryable error (the caller's own 4xx) from target `index`.
 fn refuse(
-    mut record: RequestRecord,
+    mut record: Tracked,
     req: &Forward,
     route: &Route,
     index: usize,
@@ -398,7 +467,7 @@ fn refuse(
 }
 
 /// Answers from the response cache: no attempt, the original answer's bytes.
-fn replay(entry: &cache::Entry, mut record: RequestRecord) -> Response {
+fn replay(entry: &cache::Entry, mut record: Tracked) -> Response {
     record.model = Some(entry.model.clone());
     record.status = entry.status;
     record.finish("cache_hit");
@@ -734,7 +803,7 @@ fn reason_of(error: &UpstreamError) -> &'static str {
 }
 
 /// Ends a request with an error response and its log line.
-pub fn reject(mut record: RequestRecord, format: ClientFormat, error: GatewayError) -> Response {
+pub fn reject(mut record: Tracked, format: ClientFormat, error: GatewayError) -> Response {
     let resp = ApiError { error, format }.into_response();
     record.status = resp.status().as_u16();
     record.finish("rejected");

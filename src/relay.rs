@@ -8,7 +8,8 @@
 //! (holding at most `server.max_event_bytes` of an unfinished one), and ends
 //! a failed stream with a well-formed error event in the client's format
 //! (never a hang, never truncated JSON).
-//! It owns the request's log record and writes it when the body ends.
+//! It holds the request (`request::Tracked`: its log record and what is
+//! settled with it) and ends it when the body ends.
 //! On a cached route it also keeps a bounded copy of what it sends, and
 //! stores it (`crate::cache::Capture`) when the body ends whole.
 
@@ -28,7 +29,7 @@ use crate::protocol::chat::{ErrorKind, StreamEvent, Usage};
 use crate::protocol::openai::{usage_of, StreamWatch};
 use crate::protocol::sse::{EventFramer, EventTooLarge};
 use crate::protocol::translate::{StreamDecoder, StreamEncoder};
-use crate::telemetry::RequestRecord;
+use crate::request::Tracked;
 use crate::upstream::{TimeoutKind, UpstreamError};
 
 /// Notes what a run of decoded events says about the stream.
@@ -92,7 +93,7 @@ pub struct RelayBody {
     /// Events read by [`RelayBody::prime`], sent before anything else.
     primed: Option<Bytes>,
     /// Attached when the attempt is committed to the client.
-    record: Option<RequestRecord>,
+    record: Option<Tracked>,
     /// A copy of what the client is sent, for the response cache (bounded).
     capture: Option<Capture>,
     /// The body ended normally and whole (a stream with its end marker).
@@ -233,7 +234,7 @@ impl RelayBody {
 
     /// Commits the body to a client request: from now on it writes that
     /// request's log line.
-    pub fn attach(&mut self, mut record: RequestRecord) {
+    pub fn attach(&mut self, mut record: Tracked) {
         if let Some(fb) = self.first_byte {
             record.first_byte.get_or_insert(fb);
         }

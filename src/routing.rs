@@ -168,8 +168,9 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Clock;
     use crate::config::{BreakerPolicy, Provider, ProviderKind, RetryPolicy, Target, Timeouts};
-    use crate::health::{Clock, Failure};
+    use crate::health::Failure;
 
     fn route(targets: &[(usize, u32, u32)]) -> Route {
         let provider = Arc::new(Provider {
@@ -232,7 +233,7 @@ mod tests {
             vec![0, 1, 2]
         );
         for _ in 0..5 {
-            h[0].on_failure(Failure::Fault, &BreakerPolicy::default(), false);
+            let _ = h[0].on_failure(Failure::Fault, &BreakerPolicy::default(), false);
         }
         assert_eq!(
             order(&plan(&r, &h, &o, Traffic::Whole, &mut rng)),
@@ -265,8 +266,8 @@ mod tests {
         let r = route(&[(0, 0, 1), (1, 1, 1)]);
         let (h, o) = (health(2), overrides(2));
         let policy = BreakerPolicy::default();
-        h[0].on_success(&policy, false, Traffic::Whole, Duration::from_millis(900));
-        h[1].on_success(&policy, false, Traffic::Whole, Duration::from_millis(100));
+        let _ = h[0].on_success(&policy, false, Traffic::Whole, Duration::from_millis(900));
+        let _ = h[1].on_success(&policy, false, Traffic::Whole, Duration::from_millis(100));
         let mut rng = fastrand::Rng::with_seed(1);
         assert_eq!(
             order(&plan(&r, &h, &o, Traffic::Whole, &mut rng)),

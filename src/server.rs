@@ -134,10 +134,7 @@ async fn admit(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> 
     let (held, tokens) = match live.limits.admit(&caller) {
         Ok(ok) => ok,
         Err(limited) => {
-            let error = GatewayError::RateLimited {
-                what: limited.what,
-                retry_after: limited.retry_after,
-            };
+            let error = ingress::rate_limited(limited);
             return drain_then_refuse(req, error).await;
         }
     };

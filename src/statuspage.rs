@@ -16,12 +16,13 @@
 //! and a broken status page can never take a provider out.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
 use crate::config::Provider;
 use crate::health::{PageState, ProviderHealth};
+use crate::incidents::Impact;
 
 #[derive(Deserialize)]
 struct Summary {
@@ -111,8 +112,13 @@ pub async fn poll(provider: Arc<Provider>, health: Arc<ProviderHealth>) {
             Ok(state) => {
                 let old = health.page_state();
                 health.set_page(state, None);
-                crate::metrics::status_page_state(&provider.name, state);
-                crate::incidents::page_state(&provider.name, state);
+                crate::metrics::status_page_state(&provider.name, state.level());
+                let reported = match state {
+                    PageState::Down => Some(Impact::Down),
+                    PageState::Degraded => Some(Impact::Degraded),
+                    PageState::Operational | PageState::Unknown => None,
+                };
+                crate::incidents::global().status_page(&provider.name, reported, SystemTime::now());
                 if old != state {
                     tracing::warn!(provider = %provider.name, from = ?old, to = ?state, "status page changed");
                 }

@@ -1,4 +1,6 @@
-//! Logging: set-up, and the one structured line written per request.
+//! Logging: set-up, and the one structured line written per request (with
+//! the request's metrics). What else ends with a request (limits, rollout
+//! cohort) is settled by `request::Tracked`, which holds the record.
 //!
 //! Architecture invariant: no prompt text, response text or secret is ever
 //! passed to a log macro. The request line carries ids, names, numbers.
@@ -7,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::ClientFormat;
+use crate::protocol::chat::ClientFormat;
 use crate::protocol::openai::Usage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -48,12 +50,6 @@ pub struct RequestRecord {
     pub first_byte: Option<Duration>,
     pub usage: Option<Usage>,
     pub outcome: &'static str,
-    /// The rollout cohort the request ran in, if a rollout is baking.
-    pub cohort: Option<crate::rollout::CohortTag>,
-    /// A limit's permit held for as long as the request lives (open streams).
-    pub hold: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// Tokens charged to rate limits before the call, settled from `usage`.
-    pub charge: Option<crate::limits::TokenCharge>,
     written: bool,
 }
 
@@ -74,9 +70,6 @@ impl RequestRecord {
             usage: None,
             // Until told otherwise, the request ended because the client left.
             outcome: "client_gone",
-            cohort: None,
-            hold: None,
-            charge: None,
             written: false,
         }
     }
@@ -87,19 +80,22 @@ impl RequestRecord {
         self.write();
     }
 
-    fn write(&mut self) {
+    /// Writes the line and counts the request, unless that was done
+    /// already; true if this call did it.
+    pub fn write(&mut self) -> bool {
         if self.written {
-            return;
+            return false;
         }
         self.written = true;
-        crate::metrics::request_finished(self);
-        if let (Some(charge), Some(usage)) = (&self.charge, self.usage) {
-            charge.settle(usage.prompt_tokens + usage.completion_tokens);
-        }
-        if let Some(c) = &self.cohort {
-            c.rollout
-                .record(c.canary, self.status, self.started.elapsed());
-        }
+        crate::metrics::request_finished(&crate::metrics::Finished {
+            route: self.route.as_deref(),
+            provider: self.provider.as_deref(),
+            status: self.status,
+            format: self.format.as_str(),
+            duration: self.started.elapsed(),
+            first_byte: self.first_byte,
+            tokens: self.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+        });
         let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
         let ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1e3);
         tracing::info!(
@@ -120,11 +116,24 @@ impl RequestRecord {
             outcome = self.outcome,
             "request"
         );
+        true
     }
 }
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
         self.write();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_line_is_written_once() {
+        let mut r = RequestRecord::new("id".into(), ClientFormat::OpenAi, "chat");
+        assert!(r.write());
+        assert!(!r.write(), "written already");
     }
 }

@@ -25,8 +25,7 @@ use std::fmt;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::error::ClientFormat;
-use crate::providers::Endpoint;
+use crate::protocol::chat::{ClientFormat, Endpoint};
 
 /// Top-level request fields left out of the key.
 pub const IGNORED_FIELDS: &[&str] = &["user", "metadata"];

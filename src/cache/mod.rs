@@ -51,8 +51,7 @@ pub use key::{normalise, Key, IGNORED_FIELDS};
 pub use memory::MemoryBackend;
 
 use crate::config::{CacheBackend, CacheStore, RouteCache};
-use crate::error::ClientFormat;
-use crate::providers::Endpoint;
+use crate::protocol::chat::{ClientFormat, Endpoint};
 
 /// The request and response header.
 pub const HEADER: &str = "x-detour-cache";
@@ -252,13 +251,18 @@ impl Cache {
     /// and to this very request, and is fresh. Anything else is a miss; an
     /// entry of another tenant or request is also dropped, logged and counted.
     pub async fn lookup(&self, tenant: &str, key: &Key) -> Lookup {
+        self.read(tenant, key).await.0
+    }
+
+    /// [`Self::lookup`], and whether an entry of another tenant or request
+    /// was dropped on the way.
+    async fn read(&self, tenant: &str, key: &Key) -> (Lookup, bool) {
         let Some(entry) = self.backend.get(key).await else {
             self.misses.fetch_add(1, Ordering::Relaxed);
-            return Lookup::Miss;
+            return (Lookup::Miss, false);
         };
         if entry.tenant != tenant || entry.request_hash != *key {
             self.mismatches.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::cache_mismatch();
             tracing::error!(
                 tenant = %tenant,
                 key = %key,
@@ -269,14 +273,14 @@ impl Cache {
             );
             self.backend.remove(key).await;
             self.misses.fetch_add(1, Ordering::Relaxed);
-            return Lookup::Miss;
+            return (Lookup::Miss, true);
         }
         if !entry.is_fresh(SystemTime::now()) {
             self.misses.fetch_add(1, Ordering::Relaxed);
-            return Lookup::Miss;
+            return (Lookup::Miss, false);
         }
         self.hits.fetch_add(1, Ordering::Relaxed);
-        Lookup::Hit(entry)
+        (Lookup::Hit(entry), false)
     }
 
     /// Stores `entry` under its own `request_hash`.
@@ -288,6 +292,8 @@ impl Cache {
 
     /// The cache step of one request on a route with `policy`: a verified
     /// hit to replay, or the request goes upstream with what to do after.
+    /// The caller counts the outcome ([`Outcome::status`],
+    /// [`Outcome::mismatched`]).
     pub async fn visit(self: &Arc<Self>, ask: &Ask<'_>, policy: RouteCache) -> Outcome {
         let key = if ask.bypass {
             None
@@ -295,19 +301,19 @@ impl Cache {
             Key::of(ask.tenant, ask.format, ask.endpoint, ask.stream, ask.body)
         };
         let Some(key) = key else {
-            crate::metrics::cache_lookup(ask.route, Status::Bypass);
             return Outcome::Forward(Visit {
                 status: Status::Bypass,
+                mismatched: false,
                 pending: None,
             });
         };
-        if let Lookup::Hit(entry) = self.lookup(ask.tenant, &key).await {
-            crate::metrics::cache_lookup(ask.route, Status::Hit);
+        let (lookup, mismatched) = self.read(ask.tenant, &key).await;
+        if let Lookup::Hit(entry) = lookup {
             return Outcome::Hit(entry);
         }
-        crate::metrics::cache_lookup(ask.route, Status::Miss);
         Outcome::Forward(Visit {
             status: Status::Miss,
+            mismatched,
             pending: Some(Pending {
                 cache: Arc::clone(self),
                 key,
@@ -343,8 +349,6 @@ impl Cache {
 /// What a request on a cached route brings to the cache.
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a> {
-    /// The route alias (a metrics label).
-    pub route: &'a str,
     /// The authenticated caller's tenant.
     pub tenant: &'a str,
     pub format: ClientFormat,
@@ -363,10 +367,27 @@ pub enum Outcome {
     Forward(Visit),
 }
 
+impl Outcome {
+    /// `hit`, `miss` or `bypass`: for `x-detour-cache` and the lookup count.
+    pub fn status(&self) -> Status {
+        match self {
+            Self::Hit(_) => Status::Hit,
+            Self::Forward(v) => v.status,
+        }
+    }
+
+    /// The backend offered an entry of another tenant or request, which was
+    /// dropped (and logged): a miss the operator should hear about.
+    pub fn mismatched(&self) -> bool {
+        matches!(self, Self::Forward(v) if v.mismatched)
+    }
+}
+
 /// A request on a cached route that goes upstream.
 #[derive(Debug)]
 pub struct Visit {
     status: Status,
+    mismatched: bool,
     pending: Option<Pending>,
 }
 
@@ -486,6 +507,67 @@ mod tests {
         let tail = Bytes::from_static(b"data: a\n\npartial");
         assert_eq!(split_events(&tail).concat(), tail.to_vec());
         assert!(split_events(&Bytes::new()).is_empty());
+    }
+
+    /// A backend that answers every key with the one entry it holds.
+    #[derive(Debug, Default)]
+    struct Crossed(std::sync::RwLock<Option<Arc<Entry>>>);
+
+    impl Backend for Crossed {
+        fn get<'a>(&'a self, _: &'a Key) -> BoxFuture<'a, Option<Arc<Entry>>> {
+            Box::pin(async move { self.0.read().unwrap().clone() })
+        }
+        fn put(&self, _: Key, entry: Arc<Entry>) -> BoxFuture<'_, ()> {
+            *self.0.write().unwrap() = Some(entry);
+            Box::pin(async {})
+        }
+        fn remove<'a>(&'a self, _: &'a Key) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn ask<'a>(tenant: &'a str, bypass: bool) -> Ask<'a> {
+        Ask {
+            tenant,
+            format: ClientFormat::OpenAi,
+            endpoint: Endpoint::ChatCompletions,
+            stream: false,
+            body: b"{}",
+            bypass,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_visit_reports_its_outcome_for_the_caller_to_count() {
+        let cache = Arc::new(Cache::new(Arc::new(Crossed::default())));
+        let policy = RouteCache {
+            ttl: Duration::from_secs(60),
+            max_entry_bytes: 1 << 20,
+        };
+        let bypass = cache.visit(&ask("a", true), policy).await;
+        assert_eq!(
+            (bypass.status(), bypass.mismatched()),
+            (Status::Bypass, false)
+        );
+        let miss = cache.visit(&ask("a", false), policy).await;
+        assert_eq!((miss.status(), miss.mismatched()), (Status::Miss, false));
+        let Outcome::Forward(mut visit) = miss else {
+            panic!("a miss goes upstream")
+        };
+        let mut capture = visit
+            .capture(StatusCode::OK, &HeaderMap::new(), "p", "m")
+            .unwrap();
+        assert!(capture.push(&Bytes::from_static(b"{}")));
+        capture.finish().await;
+        let hit = cache.visit(&ask("a", false), policy).await;
+        assert_eq!((hit.status(), hit.mismatched()), (Status::Hit, false));
+        // The backend hands a's entry to b: dropped, and said so.
+        let crossed = cache.visit(&ask("b", false), policy).await;
+        assert_eq!(
+            (crossed.status(), crossed.mismatched()),
+            (Status::Miss, true)
+        );
+        assert_eq!(cache.mismatches(), 1);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use axum::Extension;
 
-use super::{charge_tokens, start, RequestId, Started};
+use super::{charge_tokens, rate_limited, start, RequestId, Started};
 use crate::auth::Caller;
 use crate::cache;
 use crate::error::{ClientFormat, GatewayError};
@@ -49,12 +49,12 @@ pub async fn messages(
         Err(e) => return reject(record, FORMAT, e.into()),
     };
     if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), ir.max_tokens) {
-        return reject(record, FORMAT, e.into());
+        return reject(record, FORMAT, rate_limited(e));
     }
     if ir.stream {
         match live.limits.stream_permit(&caller) {
             Ok(permit) => record.hold = permit,
-            Err(e) => return reject(record, FORMAT, e.into()),
+            Err(e) => return reject(record, FORMAT, rate_limited(e)),
         }
     }
     let fwd = Forward {

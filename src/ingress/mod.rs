@@ -11,6 +11,8 @@ use http_body_util::{BodyExt, Limited};
 
 use crate::error::GatewayError;
 use crate::limits::{estimate_tokens, TokenGate};
+use crate::request::Tracked;
+use crate::telemetry::RequestRecord;
 
 /// The request id, from the client's `x-request-id` or generated.
 #[derive(Debug, Clone)]
@@ -68,7 +70,7 @@ pub async fn read_body(
 /// limits.
 pub struct Started {
     pub live: std::sync::Arc<crate::state::Live>,
-    pub record: crate::telemetry::RequestRecord,
+    pub record: Tracked,
     pub headers: HeaderMap,
     pub body: Bytes,
     /// The caller's token buckets: charge them with [`charge_tokens`] once
@@ -78,10 +80,10 @@ pub struct Started {
 
 /// Charges the caller's tokens-per-minute limits with the estimate for a
 /// body of `body_len` bytes (as read: chunked and HTTP/2 bodies count too)
-/// asking for at most `max_tokens` of answer; the record settles the charge
-/// from the real usage when the request ends.
+/// asking for at most `max_tokens` of answer; the tracked request settles
+/// the charge from the real usage when it ends.
 pub fn charge_tokens(
-    record: &mut crate::telemetry::RequestRecord,
+    record: &mut Tracked,
     tokens: &TokenGate,
     body_len: usize,
     max_tokens: Option<u64>,
@@ -89,6 +91,15 @@ pub fn charge_tokens(
     let estimate = estimate_tokens(u64::try_from(body_len).unwrap_or(u64::MAX), max_tokens);
     record.charge = tokens.charge(estimate)?;
     Ok(())
+}
+
+/// A limit's refusal, as the client gets it: a 429 with `retry-after`.
+/// (Here, not a `From` in `error`: errors sit above the limits they report.)
+pub fn rate_limited(l: crate::limits::Limited) -> GatewayError {
+    GatewayError::RateLimited {
+        what: l.what,
+        retry_after: l.retry_after,
+    }
 }
 
 /// Starts handling `req`; a body that cannot be read ends it in `format`.
@@ -100,7 +111,7 @@ pub async fn start(
     req: axum::extract::Request,
 ) -> Result<Started, axum::response::Response> {
     let (live, cohort) = gw.pick();
-    let mut record = crate::telemetry::RequestRecord::new(id.0, format, endpoint.as_str());
+    let mut record = Tracked::new(RequestRecord::new(id.0, format, endpoint.as_str()));
     record.cohort = cohort;
     let (mut parts, body) = req.into_parts();
     // Left by the limits layer; absent only on routers built without it.

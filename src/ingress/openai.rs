@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use http::{header, HeaderValue};
 
-use super::{charge_tokens, start, RequestId, Started};
+use super::{charge_tokens, rate_limited, start, RequestId, Started};
 use crate::auth::Caller;
 use crate::cache;
 use crate::error::ClientFormat;
@@ -39,12 +39,12 @@ pub async fn chat_completions(
         Err(e) => return reject(record, FORMAT, e.into()),
     };
     if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), parsed.max_tokens) {
-        return reject(record, FORMAT, e.into());
+        return reject(record, FORMAT, rate_limited(e));
     }
     if parsed.stream {
         match live.limits.stream_permit(&caller) {
             Ok(permit) => record.hold = permit,
-            Err(e) => return reject(record, FORMAT, e.into()),
+            Err(e) => return reject(record, FORMAT, rate_limited(e)),
         }
     }
     let fwd = Forward {
@@ -85,7 +85,7 @@ pub async fn embeddings(
     };
     // An embedding has no answer tokens.
     if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), Some(0)) {
-        return reject(record, FORMAT, e.into());
+        return reject(record, FORMAT, rate_limited(e));
     }
     let fwd = Forward {
         endpoint: Endpoint::Embeddings,

@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::health::Clock;
+use crate::clock::Clock;
 
 #[derive(Debug)]
 pub struct Gcra {

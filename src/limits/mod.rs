@@ -22,8 +22,8 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::Caller;
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::health::Clock;
 use gcra::Gcra;
 
 /// Answer tokens assumed when a request does not say.

@@ -41,6 +41,49 @@ impl fmt::Display for Format {
     }
 }
 
+/// The API format a client speaks (a subset of [`Format`]); its errors are
+/// written in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFormat {
+    OpenAi,
+    Anthropic,
+}
+
+impl ClientFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::Anthropic => "anthropic",
+        }
+    }
+
+    /// The wire format this client speaks.
+    pub fn wire(self) -> Format {
+        match self {
+            Self::OpenAi => Format::OpenAi,
+            Self::Anthropic => Format::Anthropic,
+        }
+    }
+}
+
+/// The gateway endpoints a client can call and a provider can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Messages,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat_completions",
+            Self::Messages => "messages",
+            Self::Embeddings => "embeddings",
+        }
+    }
+}
+
 /// A chat request, whatever format it came in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {

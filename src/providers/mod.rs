@@ -16,28 +16,11 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 
 use crate::config::{Provider, ProviderKind};
+pub use crate::protocol::chat::Endpoint;
 use crate::protocol::chat::{ChatRequest, Format};
 use crate::protocol::openai::{rewrite_model, rewrite_model_asking_usage, AskUsage};
 use crate::protocol::translate::TranslateError;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
-
-/// The gateway endpoints a provider can serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    ChatCompletions,
-    Messages,
-    Embeddings,
-}
-
-impl Endpoint {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ChatCompletions => "chat_completions",
-            Self::Messages => "messages",
-            Self::Embeddings => "embeddings",
-        }
-    }
-}
 
 /// A client's request as a provider adapter needs it.
 pub struct Outgoing<'a> {

@@ -1,0 +1,148 @@
+//! What one request holds until its response ends, and what happens then.
+//!
+//! Each part belongs to its own layer and is read and tested there:
+//! - the log line and the request's metrics: [`RequestRecord`] (`telemetry`);
+//! - the tokens charged to the caller's rate limits before the call, settled
+//!   from the real usage: [`TokenCharge`] (`limits`);
+//! - the rollout cohort the request ran in, told its status and latency:
+//!   [`CohortTag`] (`rollout`);
+//! - a limit's permit (open streams), held until the body ends.
+//!
+//! [`Tracked`] only holds them together and ends them once, in that order:
+//! when told ([`Tracked::finish`]) or when dropped (the client went away).
+//! It travels with the request: ingress makes it, `proxy` fills it in, the
+//! committed `relay::RelayBody` keeps it until the body ends.
+
+use std::ops::{Deref, DerefMut};
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::limits::TokenCharge;
+use crate::rollout::CohortTag;
+use crate::telemetry::RequestRecord;
+
+/// A request's log record and the guards settled when it ends. Reads and
+/// writes of the record's fields go through to it ([`Deref`]).
+#[derive(Debug)]
+pub struct Tracked {
+    record: RequestRecord,
+    /// Tokens charged to rate limits before the call, settled from `usage`.
+    pub charge: Option<TokenCharge>,
+    /// The rollout cohort the request ran in, if a rollout is baking.
+    pub cohort: Option<CohortTag>,
+    /// A limit's permit held for as long as the request lives (open streams).
+    pub hold: Option<OwnedSemaphorePermit>,
+}
+
+impl Tracked {
+    pub fn new(record: RequestRecord) -> Self {
+        Self {
+            record,
+            charge: None,
+            cohort: None,
+            hold: None,
+        }
+    }
+
+    /// Ends the request now with `outcome` (instead of on drop).
+    pub fn finish(mut self, outcome: &'static str) {
+        self.record.outcome = outcome;
+        self.end();
+    }
+
+    /// Writes the record, then settles the charge and the cohort from it;
+    /// once. The permit goes when `self` does.
+    fn end(&mut self) {
+        if !self.record.write() {
+            return;
+        }
+        if let (Some(charge), Some(usage)) = (self.charge.take(), self.record.usage) {
+            charge.settle(usage.prompt_tokens + usage.completion_tokens);
+        }
+        if let Some(c) = self.cohort.take() {
+            let latency = self.record.started.elapsed();
+            c.rollout.record(c.canary, self.record.status, latency);
+        }
+    }
+}
+
+impl Deref for Tracked {
+    type Target = RequestRecord;
+
+    fn deref(&self) -> &RequestRecord {
+        &self.record
+    }
+}
+
+impl DerefMut for Tracked {
+    fn deref_mut(&mut self) -> &mut RequestRecord {
+        &mut self.record
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::RolloutPolicy;
+    use crate::protocol::chat::ClientFormat;
+    use crate::rollout::Rollout;
+
+    fn rollout() -> Arc<Rollout> {
+        let cfg = crate::config::load_str("", "t.toml").unwrap();
+        let live = crate::state::Live::build(cfg, &crate::health::Registry::default()).unwrap();
+        let policy = RolloutPolicy {
+            canary_percent: 50.0,
+            bake: Duration::from_secs(10),
+            max_error_rate_increase: 0.05,
+            max_latency_ratio: 1.5,
+            min_requests: 10,
+        };
+        Arc::new(Rollout::new(Arc::new(live), policy, None))
+    }
+
+    fn tracked(rollout: &Arc<Rollout>, canary: bool) -> Tracked {
+        let mut t = Tracked::new(RequestRecord::new(
+            "id".into(),
+            ClientFormat::OpenAi,
+            "chat",
+        ));
+        t.cohort = Some(CohortTag {
+            rollout: Arc::clone(rollout),
+            canary,
+        });
+        t
+    }
+
+    #[tokio::test]
+    async fn the_cohort_is_told_once_whether_finished_or_dropped() {
+        let r = rollout();
+        let mut finished = tracked(&r, true);
+        finished.status = 502;
+        finished.finish("rejected");
+        let mut dropped = tracked(&r, false);
+        dropped.status = 200;
+        drop(dropped);
+        let view = r.view();
+        assert_eq!((view.canary.requests, view.canary.errors), (1, 1));
+        assert_eq!((view.stable.requests, view.stable.errors), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn the_permit_is_held_until_the_request_ends() {
+        let streams = Arc::new(tokio::sync::Semaphore::new(1));
+        let mut t = tracked(&rollout(), false);
+        t.hold = Some(Arc::clone(&streams).try_acquire_owned().unwrap());
+        assert_eq!(streams.available_permits(), 0);
+        t.finish("ok");
+        assert_eq!(streams.available_permits(), 1);
+    }
+}
