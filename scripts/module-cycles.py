@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
 """Import cycles between detour's modules: a CI check that fails on a new one.
 
-Reads every `crate::…` and `super::…` path in src/ (test code excluded: files
-named tests.rs and `#[cfg(test)] mod … { … }` blocks), folds each path to a
-node (a top-level module, or `protocol::<sub>` inside the pure protocol layer),
+Reads every `crate::…` and `super::…` path in the gateway's src/ and in each
+workspace crate's crates/<name>/src (test code excluded: files named tests.rs
+and `#[cfg(test)] mod … { … }` blocks), folds each path to a node (a top-level
+module, or `protocol::<sub>` for the protocol crate as the gateway sees it),
 and finds the strongly connected components of the resulting graph (Tarjan).
+A crate's modules are nodes of their own, named `<crate>::<module>` (e.g.
+`detour_mock::server`); the gateway's are bare. Crates depend on each other
+one way by construction (cargo refuses a cycle between crates), so only
+cycles inside a crate can exist, and each crate is checked for its own.
 
 The layering is written down in ARCHITECTURE.md: lower layers never import
 higher ones, so the graph must have no cycle. Until every known back-edge is
@@ -22,19 +27,23 @@ import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SRC = os.path.join(ROOT, "src")
+CRATES = os.path.join(ROOT, "crates")
 ALLOW = os.path.join(ROOT, "scripts", "module-cycles.allow")
 
 # Modules folded one level deeper: their submodules are layers of their own.
 DEEP = {"protocol"}
-# Roots that may import anything (the binary's entry points).
+# Roots that may import anything (the binary's entry points, a crate's root).
 ROOTS = {"main", "lib"}
+# In a crate root: `pub use detour_protocol as protocol;` makes `protocol` a
+# module name of this crate.
+REEXPORT = re.compile(r"^pub use [A-Za-z_][A-Za-z0-9_]* as ([A-Za-z_][A-Za-z0-9_]*);", re.M)
 
 PATH = re.compile(r"\b(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)+)")
 GROUP = re.compile(r"\b(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)*)::\{")
 
 
-def module_of(path):
-    rel = os.path.relpath(path, SRC)[: -len(".rs")].split(os.sep)
+def module_of(path, src):
+    rel = os.path.relpath(path, src)[: -len(".rs")].split(os.sep)
     if rel[-1] == "mod":
         rel = rel[:-1]
     return rel
@@ -127,8 +136,8 @@ def group_items(text, start):
     return [re.split(r"[:\s{]", s.strip())[0] for s in items if s.strip()]
 
 
-def references(path):
-    me = module_of(path)
+def references(path, src):
+    me = module_of(path, src)
     text = strip_tests(sanitize(open(path, encoding="utf-8").read()))
     targets = set()
 
@@ -151,19 +160,43 @@ def references(path):
     return node(me), targets
 
 
-def graph():
-    edges = {}
-    for dirpath, _, files in os.walk(SRC):
+def modules(src):
+    """The crate's top-level module names: its files and directories under
+    src, and the crates its root re-exports under a module name. A path into
+    anything else (`super::Flavor` for an item of the crate root) names the
+    root, which may be imported from anywhere."""
+    names = {f[: -len(".rs")] if f.endswith(".rs") else f for f in os.listdir(src)}
+    for root in ("lib.rs", "main.rs"):
+        if os.path.exists(os.path.join(src, root)):
+            names |= set(REEXPORT.findall(open(os.path.join(src, root), encoding="utf-8").read()))
+    return names - ROOTS
+
+
+def crate_graph(src, prefix=""):
+    known, edges = modules(src), {}
+    for dirpath, _, files in os.walk(src):
         for f in files:
             if not f.endswith(".rs") or f == "tests.rs":
                 continue
-            src, targets = references(os.path.join(dirpath, f))
-            if src in ROOTS or src is None:
+            me, targets = references(os.path.join(dirpath, f), src)
+            if me in ROOTS or me is None:
                 continue
             for t in targets:
-                if t and t != src and t not in ROOTS:
-                    edges.setdefault(src, set()).add(t)
-            edges.setdefault(src, set())
+                if t and t != me and t.split("::")[0] in known:
+                    edges.setdefault(prefix + me, set()).add(prefix + t)
+            edges.setdefault(prefix + me, set())
+    return edges
+
+
+def graph():
+    """The gateway's modules, and each workspace crate's, in one graph (no
+    edge joins two crates' nodes, so each crate's cycles are its own)."""
+    edges = crate_graph(SRC)
+    if os.path.isdir(CRATES):
+        for name in sorted(os.listdir(CRATES)):
+            src = os.path.join(CRATES, name, "src")
+            if os.path.isdir(src):
+                edges.update(crate_graph(src, name.replace("-", "_") + "::"))
     return edges
 
 

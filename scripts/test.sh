@@ -23,17 +23,18 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, anthropic'
 fi
 
 # Every phase runs even when an earlier one failed, so one failure never hides
-# another; the script fails if any did.
+# another; the script fails if any did. Every phase covers the whole workspace:
+# the gateway, crates/detour-protocol and crates/detour-mock.
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  load='binary(chaos) | test(=a_sheddable_flood_cannot_take_the_critical_tiers_capacity)'
-  cargo nextest run --locked --all-targets --no-fail-fast -E "not ($load)" || status=1
+  load='binary_id(detour::chaos) | test(=a_sheddable_flood_cannot_take_the_critical_tiers_capacity)'
+  cargo nextest run --locked --workspace --all-targets --no-fail-fast -E "not ($load)" || status=1
   # The chaos suite and the overload test measure latency under load: alone,
   # after the rest.
-  cargo nextest run --locked --all-targets --no-fail-fast -E "$load" || status=1
+  cargo nextest run --locked --workspace --all-targets --no-fail-fast -E "$load" || status=1
   # nextest does not run doc tests.
-  cargo test --locked --doc || status=1
+  cargo test --locked --workspace --doc || status=1
 else
-  cargo test --locked --all-targets --no-fail-fast || status=1
+  cargo test --locked --workspace --all-targets --no-fail-fast || status=1
 fi
 exit $status

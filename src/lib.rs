@@ -1,6 +1,14 @@
 //! detour: an LLM gateway that routes around provider outages.
 //!
 //! See ARCHITECTURE.md for the code map and the path of a request.
+//!
+//! The pure wire formats and the fake providers are crates of their own in this
+//! workspace (`crates/detour-protocol`, `crates/detour-mock`). The gateway names
+//! them by their module names, `crate::protocol::…` and `detour::mock::…`, through
+//! the two re-exports below.
+
+pub use detour_mock as mock;
+pub use detour_protocol as protocol;
 
 pub mod admin;
 pub mod auth;
@@ -17,8 +25,6 @@ pub mod ingress;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
-pub mod mock;
-pub mod protocol;
 pub mod providers;
 pub mod proxy;
 pub mod relay;
@@ -31,5 +37,4 @@ pub mod state;
 pub mod status_page;
 pub mod statuspage;
 pub mod telemetry;
-pub mod timefmt;
 pub mod upstream;

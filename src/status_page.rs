@@ -549,7 +549,7 @@ fn human_time(t: SystemTime) -> String {
 
 /// RFC 3339 in UTC with milliseconds, as Statuspage writes times.
 pub fn rfc3339(t: SystemTime) -> String {
-    crate::timefmt::rfc3339(t, true)
+    crate::protocol::timefmt::rfc3339(t, true)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use detour::mock::{self, Faults, Flavor, MockOptions, MockServer, Stats};
+use detour_mock::{self as mock, Faults, Flavor, MockOptions, MockServer, Stats};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

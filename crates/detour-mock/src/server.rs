@@ -8,72 +8,24 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use socket2::SockRef;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::body::{Ctx, MockBody, Payload, Reply, SseBody};
-use super::faults::{Decision, Faults};
-use super::record::{Counters, Endpoint, Recorder};
-use super::statuspage::{self, Page, PageStatus};
-use super::{anthropic, control, gemini, gen, gzip, openai, Flavor, MockOptions};
-
-/// State shared by the server handle, the accept loop and every connection.
-pub(crate) struct Shared {
-    pub flavor: Flavor,
-    pub opts: MockOptions,
-    pub faults: ArcSwap<Faults>,
-    /// The status page's state (used by the statuspage flavor only).
-    pub page: ArcSwap<Page>,
-    pub counters: Counters,
-    pub recorder: Recorder,
-    fingerprint: String,
-    builder: auto::Builder<TokioExecutor>,
-}
-
-impl Shared {
-    pub(crate) fn new(flavor: Flavor, opts: MockOptions) -> Self {
-        let fingerprint = format!("fp_{:010x}", gen::mix(opts.seed, 0xf1) >> 24);
-        Self {
-            flavor,
-            opts,
-            faults: ArcSwap::from_pointee(Faults::default()),
-            page: ArcSwap::from_pointee(Page::new(&PageStatus::default(), None)),
-            counters: Counters::default(),
-            recorder: Recorder::new(),
-            fingerprint,
-            builder: auto::Builder::new(TokioExecutor::new()),
-        }
-    }
-
-    /// Replaces the status page's state.
-    pub(crate) fn set_status(&self, status: &PageStatus) {
-        let previous = self.page.load_full();
-        self.page
-            .store(Arc::new(Page::new(status, Some(&previous))));
-    }
-
-    /// Clears faults, counters, recorded requests and the page status; arrival numbers
-    /// restart at 0, so the fault sequence after a reset is the same as after start.
-    pub(crate) fn reset(&self) {
-        self.faults.store(Arc::new(Faults::default()));
-        self.page
-            .store(Arc::new(Page::new(&PageStatus::default(), None)));
-        self.counters.clear();
-        self.recorder.clear();
-    }
-}
+use super::body::{read_body, Ctx, MockBody, Payload, Reply, SseBody};
+use super::faults::Decision;
+use super::record::Endpoint;
+use super::shared::Shared;
+use super::statuspage;
+use super::{anthropic, control, gemini, gen, gzip, openai, Flavor};
 
 pub(crate) async fn accept_loop(
     listener: TcpListener,
@@ -451,22 +403,5 @@ fn unpaced(events: Vec<Bytes>) -> SseBody {
 async fn pause(delay: Duration) {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
-    }
-}
-
-const MAX_BODY_BYTES: usize = 32 << 20;
-
-/// The body, or the status and message to refuse it with.
-pub(crate) async fn read_body(body: Incoming) -> Result<Bytes, (StatusCode, String)> {
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err((
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "mock: request body is larger than 32 MiB".to_owned(),
-        )),
-        Err(error) => Err((
-            StatusCode::BAD_REQUEST,
-            format!("mock: could not read the request body: {error}"),
-        )),
     }
 }

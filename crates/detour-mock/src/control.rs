@@ -23,10 +23,10 @@ use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::body::Reply;
+use super::body::{read_body, Reply};
 use super::faults::Faults;
 use super::openai;
-use super::server::{read_body, Shared};
+use super::shared::Shared;
 use super::statuspage::PageStatus;
 use super::Flavor;
 

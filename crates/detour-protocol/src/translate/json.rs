@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::protocol::openai::InvalidRequest;
+use crate::openai::InvalidRequest;
 
 pub(crate) type Object = Map<String, Value>;
 

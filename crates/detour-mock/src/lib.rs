@@ -70,6 +70,7 @@ mod gzip;
 mod openai;
 mod record;
 mod server;
+mod shared;
 mod statuspage;
 
 use std::fmt;
@@ -88,7 +89,7 @@ pub use statuspage::{
     ComponentStatus, Incident, IncidentStatus, Indicator, PageStatus, DEFAULT_COMPONENTS,
 };
 
-use server::Shared;
+use shared::Shared;
 
 /// Which provider the mock imitates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use detour::mock::{
-    self, ComponentStatus, Flavor, Incident, IncidentStatus, Indicator, MockOptions, MockServer,
-    PageStatus, DEFAULT_COMPONENTS,
+use detour_mock::{
+    self as mock, ComponentStatus, Flavor, Incident, IncidentStatus, Indicator, MockOptions,
+    MockServer, PageStatus, DEFAULT_COMPONENTS,
 };
 use serde_json::{json, Value};
 

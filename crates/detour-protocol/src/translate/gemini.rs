@@ -20,7 +20,7 @@ use super::{
     arguments_object, carry_extra, native_part, native_tool, result_text, with_tool_calls,
     TranslateError,
 };
-use crate::protocol::chat::{
+use crate::chat::{
     ChatRequest, ChatResponse, Choice, ErrorInfo, ErrorKind, FinishReason, Format, MediaSource,
     Output, Part, ResponseFormat, Role, StreamEvent, Tool, ToolCall, ToolChoice, ToolResult, Usage,
 };

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use detour::mock::{self, Flavor, MockOptions, MockServer};
+use detour_mock::{self as mock, Flavor, MockOptions, MockServer};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------

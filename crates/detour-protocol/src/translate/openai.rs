@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 
 use super::json::{self, Object};
 use super::{carry_extra, native_part, native_tool, result_text, with_tool_calls, TranslateError};
-use crate::protocol::chat::{
+use crate::chat::{
     Audio, ChatRequest, ChatResponse, Choice, ErrorInfo, ErrorKind, FinishReason, Format,
     FunctionTool, Image, MediaSource, Message, Native, Output, Part, ResponseFormat, Role,
     StreamEvent, Tool, ToolCall, ToolChoice, ToolResult, Usage,

@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use super::json::{self, Object};
 use super::openai::to_bytes;
 use super::{arguments_object, carry_extra, native_part, native_tool, TranslateError};
-use crate::protocol::chat::{
+use crate::chat::{
     ChatRequest, ChatResponse, ErrorInfo, ErrorKind, FinishReason, Format, FunctionTool, Image,
     MediaSource, Message, Native, Output, Part, ResponseFormat, Role, StreamEvent, Tool, ToolCall,
     ToolChoice, ToolResult, Usage,
@@ -647,7 +647,7 @@ pub fn parse_response(body: &[u8]) -> Result<ChatResponse, TranslateError> {
     Ok(ChatResponse {
         id: wire.id.unwrap_or_default(),
         model: wire.model.unwrap_or_default(),
-        choices: vec![crate::protocol::chat::Choice {
+        choices: vec![crate::chat::Choice {
             content,
             finish_reason: stop_reason(wire.stop_reason.as_deref(), wire.stop_sequence),
         }],

@@ -6,7 +6,7 @@
 //! as [`Native`] (a content part or tool in its source format's JSON) or in
 //! [`ChatRequest::extra`] (top-level fields): a target in the same format gets
 //! it back verbatim, any other target applies the rules written down in
-//! [`crate::protocol::translate`] (drop it, or refuse the request).
+//! [`crate::translate`] (drop it, or refuse the request).
 //!
 //! Conventions:
 //! - Tool-call arguments are JSON *text*, as OpenAI sends them; formats that

@@ -1,4 +1,5 @@
-//! Replies and the response body type, including the paced, cuttable SSE body.
+//! Request bodies read whole (bounded), replies, and the response body type, including
+//! the paced, cuttable SSE body.
 
 use std::future::Future;
 use std::io;
@@ -9,6 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 /// Per-request inputs that do not come from the request itself.
@@ -275,5 +278,22 @@ impl SseBody {
                 None => Poll::Ready(None),
             },
         }
+    }
+}
+
+const MAX_BODY_BYTES: usize = 32 << 20;
+
+/// The body, or the status and message to refuse it with.
+pub(crate) async fn read_body(body: Incoming) -> Result<Bytes, (StatusCode, String)> {
+    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "mock: request body is larger than 32 MiB".to_owned(),
+        )),
+        Err(error) => Err((
+            StatusCode::BAD_REQUEST,
+            format!("mock: could not read the request body: {error}"),
+        )),
     }
 }

@@ -277,7 +277,7 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-pub(crate) use crate::timefmt::rfc3339;
+pub(crate) use detour_protocol::timefmt::rfc3339;
 
 /// Standard base64 (RFC 4648 §4) with padding.
 pub(crate) fn base64(bytes: &[u8]) -> String {

@@ -10,11 +10,11 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 
 use super::{anthropic, gemini, openai, StreamDecoder, StreamEncoder, TranslateError};
-use crate::protocol::chat::{
+use crate::chat::{
     ChatRequest, ErrorKind, FinishReason, Format, Message, Part, Role, StreamEvent, ToolCall,
     ToolResult, Usage,
 };
-use crate::protocol::sse::data_payloads;
+use crate::sse::data_payloads;
 
 const MODEL: &str = "upstream-model";
 const DEFAULT_MAX_TOKENS: u64 = 4096;
@@ -119,7 +119,7 @@ fn translate(input_name: &str, input: &[u8], target: Format) -> Result<Vec<u8>, 
             }
             .expect("the fixture is an error body");
             match target {
-                Format::OpenAi => crate::protocol::openai::error_body(
+                Format::OpenAi => crate::openai::error_body(
                     &info.message,
                     openai::error_type(info.kind),
                     None,

@@ -1,4 +1,4 @@
-//! Translation between wire formats through the IR in [`crate::protocol::chat`].
+//! Translation between wire formats through the IR in [`crate::chat`].
 //!
 //! Each format has one adapter that decodes into the IR and encodes out of it;
 //! a request from an OpenAI-SDK client served by Claude goes
@@ -25,7 +25,7 @@
 //! | here | [`TranslateError`], [`StreamDecoder`], [`StreamEncoder`] | format-independent handles for the relay |
 //!
 //! Decoders are fed one SSE `data:` payload at a time (as split by
-//! [`crate::protocol::sse::data_payloads`], OpenAI's `[DONE]` included) and
+//! [`crate::sse::data_payloads`], OpenAI's `[DONE]` included) and
 //! return IR events; at the end of the upstream body call `finish()`, which
 //! emits `Done` for Gemini (whose body just ends) and fails if the stream was
 //! cut short. Encoders append client SSE bytes to a buffer per event.
@@ -96,8 +96,8 @@
 use bytes::BytesMut;
 use serde_json::{Map, Value};
 
-use crate::protocol::chat::{Format, Native, Part, StreamEvent, ToolResult};
-use crate::protocol::openai::InvalidRequest;
+use crate::chat::{Format, Native, Part, StreamEvent, ToolResult};
+use crate::openai::InvalidRequest;
 
 pub mod anthropic;
 pub mod gemini;
@@ -140,7 +140,7 @@ impl TranslateError {
 }
 
 /// Reads a provider's error body in its format.
-pub fn parse_error(format: Format, body: &[u8]) -> Option<crate::protocol::chat::ErrorInfo> {
+pub fn parse_error(format: Format, body: &[u8]) -> Option<crate::chat::ErrorInfo> {
     match format {
         Format::OpenAi => openai::parse_error(body),
         Format::Anthropic => anthropic::parse_error(body),
@@ -342,10 +342,10 @@ pub(crate) fn parse_data_url(url: &str) -> Option<(&str, &str)> {
 
 /// Maps finish reasons that say "stop" while tool calls were made.
 pub(crate) fn with_tool_calls(
-    reason: crate::protocol::chat::FinishReason,
+    reason: crate::chat::FinishReason,
     saw_tool_call: bool,
-) -> crate::protocol::chat::FinishReason {
-    use crate::protocol::chat::FinishReason;
+) -> crate::chat::FinishReason {
+    use crate::chat::FinishReason;
     match reason {
         FinishReason::Stop if saw_tool_call => FinishReason::ToolCalls,
         other => other,
