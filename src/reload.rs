@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::{self, ConfigError};
-use crate::rollout::{Rollout, Verdict};
+use crate::rollout::{verdict, Rollout, Verdict};
 use crate::state::Gateway;
 
 /// What the last reload did, for the admin API.
@@ -127,7 +127,7 @@ async fn judge(gw: Arc<Gateway>, rollout: Arc<Rollout>) {
         if !current.is_some_and(|c| Arc::ptr_eq(&c, &rollout)) {
             return; // promoted or rolled back by hand, or replaced
         }
-        match rollout.verdict() {
+        match verdict(&rollout) {
             Verdict::Wait => {}
             Verdict::Promote => {
                 gw.promote();

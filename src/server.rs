@@ -3,12 +3,15 @@
 //! Order, outermost first, and why:
 //! 1. request id — every response, including auth failures and 404s, carries
 //!    `x-request-id`, so it wraps everything;
-//! 2. auth — on matched API routes only (a `route_layer`), so an unknown path
+//! 2. snapshot — on matched API routes, the one config snapshot the request
+//!    runs on ([`Snapshot`]: the stable config, or the canary's), taken once
+//!    and read by every later stage, so a reload cannot split a request;
+//! 3. auth — on matched API routes only (a `route_layer`), so an unknown path
 //!    answers 404 without revealing whether a key is valid;
-//! 3. limits and admission (a `route_layer` after auth, since they need the
+//! 4. limits and admission (a `route_layer` after auth, since they need the
 //!    caller): requests per minute, concurrency and a spent token allowance
 //!    refuse before the body is read;
-//! 4. the handler: ingress reads and checks the body and charges the caller's
+//! 5. the handler: ingress reads and checks the body and charges the caller's
 //!    tokens from it, then [`crate::proxy`] runs routing → provider adapter →
 //!    upstream → relay.
 //!
@@ -29,7 +32,7 @@ use tokio::net::TcpListener;
 use crate::auth::Caller;
 use crate::error::{ApiError, ClientFormat, GatewayError};
 use crate::ingress::{self, RequestId};
-use crate::state::Gateway;
+use crate::state::{Gateway, Snapshot};
 use crate::telemetry::RequestRecord;
 
 pub fn router(gw: Arc<Gateway>) -> Router {
@@ -46,6 +49,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             Arc::clone(&gw),
             authenticate,
         ))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&gw), snapshot))
         // The status page: public, so added after (outside) the auth and
         // admission route layers.
         .route("/status", get(crate::status_page::html))
@@ -67,6 +71,21 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     resp
 }
 
+/// Takes the request's one config snapshot (see [`Snapshot`]).
+async fn snapshot(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
+    req.extensions_mut().insert(gw.snapshot());
+    next.run(req).await
+}
+
+/// The request's snapshot, or a fresh one on a router built without the
+/// snapshot layer.
+fn snapshot_of(gw: &Gateway, req: &Request) -> Snapshot {
+    req.extensions()
+        .get::<Snapshot>()
+        .cloned()
+        .unwrap_or_else(|| gw.snapshot())
+}
+
 async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
     let ip = req
         .extensions()
@@ -83,7 +102,7 @@ async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Ne
             },
         );
     }
-    let caller = gw.live().keys.authenticate(req.headers());
+    let caller = snapshot_of(&gw, &req).live.keys.authenticate(req.headers());
     match caller {
         Some(caller) => {
             req.extensions_mut().insert(caller);
@@ -127,7 +146,7 @@ fn refuse(req: &Request, stage: &'static str, error: GatewayError) -> Response {
 ///
 /// [`Admission`]: crate::limits::admission::Admission
 async fn admit(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
-    let live = gw.live();
+    let live = snapshot_of(&gw, &req).live;
     let Some(caller) = req.extensions().get::<Caller>().cloned() else {
         return refuse(&req, "limits", GatewayError::Unauthorized);
     };

@@ -105,7 +105,7 @@ pub struct Summary {
 impl Summary {
     pub fn of(gw: &Gateway) -> Self {
         let now = SystemTime::now();
-        let uptime = Duration::from_millis(gw.registry().clock().now_ms());
+        let uptime = Duration::from_millis(gw.health().clock().now_ms());
         let started = now.checked_sub(uptime).unwrap_or(UNIX_EPOCH);
         let live = gw.live();
         let since = now.checked_sub(incidents::KEEP).unwrap_or(UNIX_EPOCH);

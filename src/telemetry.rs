@@ -51,7 +51,7 @@ pub struct RequestRecord {
     /// The rollout cohort the request ran in, if a rollout is baking.
     pub cohort: Option<crate::rollout::CohortTag>,
     /// A limit's permit held for as long as the request lives (open streams).
-    pub hold: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub hold: Option<crate::limits::Slot>,
     /// Tokens charged to rate limits before the call, settled from `usage`.
     pub charge: Option<crate::limits::TokenCharge>,
     written: bool,
