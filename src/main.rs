@@ -244,6 +244,7 @@ async fn serve(
         tracing::info!("admin listening on http://{}", admin.local_addr()?);
         detour::admin::spawn_thread(admin, Arc::clone(&gw), token)?;
     }
+    tokio::spawn(detour::statuspage::keep_polling(Arc::clone(&gw)));
     tokio::spawn(detour::reload::watch(Arc::clone(&gw)));
     tokio::spawn(detour::reload::keep_last_known_good(Arc::clone(&gw)));
     detour::server::serve(gw, listener, shutdown_signal()).await?;

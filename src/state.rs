@@ -176,13 +176,14 @@ pub struct Gateway {
     /// The stable configs' health.
     health: Registry,
     owners: Owners,
-    /// Status-page pollers of the live config (cold path: config changes only).
-    pollers: RwLock<Vec<tokio::task::AbortHandle>>,
+    /// Bumped whenever the stable config changes, for the control plane
+    /// (status-page pollers) to follow it.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Gateway {
-    /// Builds the gateway; inside a tokio runtime it also starts the
-    /// status-page pollers.
+    /// Builds the gateway. Status pages are polled by the control plane
+    /// (`statuspage::keep_polling`), which follows [`Gateway::changes`].
     pub fn new(config: Config) -> Result<Self, AdapterError> {
         let health = Registry::default();
         let clock = health.clock();
@@ -204,30 +205,18 @@ impl Gateway {
             auth_failures: AuthFailures::new(auth_per_minute, clock),
             health,
             owners,
-            pollers: RwLock::new(Vec::new()),
+            changes: tokio::sync::watch::Sender::new(0),
         };
-        gw.restart_pollers();
         Ok(gw)
     }
 
-    fn restart_pollers(&self) {
-        let live = self.live();
-        let mut pollers = self.pollers.write().unwrap_or_else(|e| e.into_inner());
-        for p in pollers.drain(..) {
-            p.abort();
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        for (provider, health) in live.config.providers.iter().zip(&live.overrides) {
-            if provider.status_page.is_some() {
-                let task = rt.spawn(crate::statuspage::poll(
-                    Arc::clone(provider),
-                    Arc::clone(health),
-                ));
-                pollers.push(task.abort_handle());
-            }
-        }
+    /// Wakes on every change of the stable config (a swap or a promotion).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// The stable live state (admin views, keys).
@@ -271,7 +260,7 @@ impl Gateway {
         self.rollout.store(None);
         self.live.store(Arc::new(live));
         *self.source.write().unwrap_or_else(|e| e.into_inner()) = source;
-        self.restart_pollers();
+        self.changed();
         Ok(())
     }
 
@@ -311,7 +300,7 @@ impl Gateway {
         self.health.adopt(&r.health);
         self.live.store(Arc::clone(&r.candidate));
         *self.source.write().unwrap_or_else(|e| e.into_inner()) = r.source.clone();
-        self.restart_pollers();
+        self.changed();
         true
     }
 
@@ -381,19 +370,6 @@ pub struct Ops {
     pub config_path: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub last_reload: Option<ReloadStatus>,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        for p in self
-            .pollers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            p.abort();
-        }
-    }
 }
 
 // The rollout's data: what the request path records. The verdict is
