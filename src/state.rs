@@ -36,7 +36,6 @@ use crate::health::{ProviderHealth, Registry, TargetHealth};
 use crate::limits::admission::Admission;
 use crate::limits::{AuthFailures, LimitStore, Limits};
 use crate::providers::{Adapter, AdapterError};
-use crate::reload::ReloadStatus;
 
 /// Everything built from one config.
 #[derive(Debug)]
@@ -320,13 +319,6 @@ impl Gateway {
         ops.state_dir = state_dir;
     }
 
-    pub fn set_last_reload(&self, status: ReloadStatus) {
-        self.ops
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .last_reload = Some(status);
-    }
-
     pub fn count_rejected_config(&self) {
         self.rejected_configs.fetch_add(1, Ordering::Relaxed);
     }
@@ -364,12 +356,12 @@ impl Gateway {
     }
 }
 
-/// Operational settings and history of a gateway (cold path).
+/// Where a gateway's config comes from and where it keeps files (cold path).
+/// What reloads did is the control plane's (`reload::Reloader`).
 #[derive(Debug, Clone, Default)]
 pub struct Ops {
     pub config_path: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
-    pub last_reload: Option<ReloadStatus>,
 }
 
 // The rollout's data: what the request path records. The verdict is

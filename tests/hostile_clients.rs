@@ -200,7 +200,8 @@ async fn the_admin_listener_times_out_silent_connections_and_caps_them() {
     let gw = Arc::new(Gateway::new(cfg).unwrap());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let admin = listener.local_addr().unwrap();
-    detour::admin::spawn_thread(listener, gw, Some("t".into())).unwrap();
+    let reloader = detour::reload::Reloader::new(gw);
+    detour::admin::spawn_thread(listener, reloader, Some("t".into())).unwrap();
 
     let mut silent = TcpStream::connect(admin).await.unwrap();
     let _other = TcpStream::connect(admin).await.unwrap();

@@ -76,7 +76,8 @@ pub fn sse_data(body: &str) -> Vec<String> {
 pub async fn admin(gw: &Running, token: &str) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = detour::admin::router(Arc::clone(&gw.gateway), Some(token.to_owned()));
+    let reloader = detour::reload::Reloader::new(Arc::clone(&gw.gateway));
+    let router = detour::admin::router(reloader, Some(token.to_owned()));
     tokio::spawn(async move { axum::serve(listener, router).await });
     format!("http://{addr}")
 }
