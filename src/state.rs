@@ -256,6 +256,8 @@ impl Gateway {
         source: Option<String>,
     ) -> Result<(), AdapterError> {
         let live = Live::build(config, &self.owners, &self.health, Role::Stable)?;
+        let auth_per_minute = u64::from(live.config.server.auth_failures_per_minute);
+        self.auth_failures.retune(auth_per_minute);
         self.rollout.store(None);
         self.live.store(Arc::new(live));
         *self.source.write().unwrap_or_else(|e| e.into_inner()) = source;
@@ -295,6 +297,8 @@ impl Gateway {
             .admission
             .retune(s.max_concurrent_requests, s.queue_timeout);
         let _ = owners.limits.reconcile(config);
+        self.auth_failures
+            .retune(u64::from(s.auth_failures_per_minute));
         owners.cache.keep(Arc::clone(&r.candidate.cache));
         self.health.adopt(&r.health);
         self.live.store(Arc::clone(&r.candidate));

@@ -209,3 +209,32 @@ async fn a_request_runs_on_one_config_from_authentication_to_its_answer() {
         "the request saw two configs (authenticated on one, answered on another): {body}"
     );
 }
+
+#[tokio::test]
+async fn a_reload_keeps_failed_authentications_counted_and_applies_a_new_allowance() {
+    let up = mock().await;
+    let text = |per_minute: u32| {
+        let server = format!("[server]\nauth_failures_per_minute = {per_minute}\n");
+        config(
+            up.addr(),
+            "sk",
+            "fast",
+            "[[keys]]\nkey = \"k1\"\ntenant = \"a\"\n",
+        )
+        .replacen("[server]", &server, 1)
+    };
+    let gw = gateway(&text(2)).await;
+    assert_eq!(call(&gw, "wrong").await, 401);
+    assert_eq!(call(&gw, "wrong").await, 401);
+    assert_eq!(call(&gw, "k1").await, 429, "2 of 2 failures used");
+
+    gw.gateway.swap(load(&text(2))).unwrap();
+    assert_eq!(call(&gw, "k1").await, 429, "the reload forgave the address");
+
+    gw.gateway.swap(load(&text(10))).unwrap();
+    assert_eq!(
+        call(&gw, "k1").await,
+        200,
+        "the raised allowance did not apply"
+    );
+}

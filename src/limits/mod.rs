@@ -16,7 +16,7 @@ pub mod gcra;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -341,10 +341,12 @@ pub fn estimate_tokens(body_bytes: u64, max_tokens: Option<u64>) -> u64 {
 }
 
 /// Failed authentication per client IP: after `per_minute` failures, the IP
-/// gets 429 until its allowance refills, so guessing keys is slow.
+/// gets 429 until its allowance refills, so guessing keys is slow. Kept for
+/// the life of the process; a new config's allowance applies to the
+/// addresses already counted ([`AuthFailures::retune`]).
 #[derive(Debug)]
 pub struct AuthFailures {
-    per_minute: u64,
+    per_minute: AtomicU64,
     clock: Clock,
     ips: moka::sync::Cache<IpAddr, Arc<Gcra>>,
 }
@@ -352,12 +354,21 @@ pub struct AuthFailures {
 impl AuthFailures {
     pub fn new(per_minute: u64, clock: Clock) -> Self {
         Self {
-            per_minute,
+            per_minute: AtomicU64::new(per_minute),
             clock,
             ips: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
                 .build(),
+        }
+    }
+
+    /// Applies a new allowance (cold path: config changes).
+    pub fn retune(&self, per_minute: u64) {
+        if self.per_minute.swap(per_minute, Relaxed) != per_minute {
+            for (_, bucket) in &self.ips {
+                bucket.retune(per_minute, per_minute);
+            }
         }
     }
 
@@ -368,7 +379,7 @@ impl AuthFailures {
 
     /// Records a failed attempt; returns the wait if the IP is now blocked.
     pub fn failed(&self, ip: IpAddr) -> Option<Duration> {
-        let (per_minute, clock) = (self.per_minute, self.clock);
+        let (per_minute, clock) = (self.per_minute.load(Relaxed), self.clock);
         let bucket = self.ips.get_with(ip, || {
             Arc::new(Gcra::per_minute(per_minute, per_minute, clock))
         });
@@ -403,5 +414,18 @@ mod tests {
         charge.settle(100);
         assert!(g.buckets[1].1.check(400).is_ok());
         assert!(TokenGate::default().charge(10).unwrap().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_failed_auth_allowance_applies_to_addresses_already_counted() {
+        let f = AuthFailures::new(2, Clock::new());
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        assert!(f.failed(ip).is_none());
+        assert!(f.failed(ip).is_none());
+        assert!(f.blocked(ip).is_some(), "2 of 2 used");
+        f.retune(10);
+        assert!(f.blocked(ip).is_none(), "the raised allowance applies");
+        f.retune(1);
+        assert!(f.blocked(ip).is_some());
     }
 }
