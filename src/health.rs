@@ -1051,4 +1051,25 @@ mod tests {
         assert_eq!((snap.window_ok, snap.window_failed), (0, 1), "{snap:?}");
         assert_eq!(h.state(), BreakerState::Closed);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fork_keeps_its_targets_apart_until_adopted() {
+        let stable = Registry::default();
+        let target = || ("fast", "p", "http://up/v1", "m");
+        let (r, p, b, m) = target();
+        let stable_health = stable.target(r, p, b, m);
+        let over = stable.provider(p);
+        let canary = stable.fork();
+        let canary_health = canary.target(r, p, b, m);
+        assert!(!Arc::ptr_eq(&stable_health, &canary_health));
+        assert!(
+            Arc::ptr_eq(&over, &canary.provider(p)),
+            "overrides are shared"
+        );
+        canary_health.on_failure(Failure::Credentials, &policy(), false);
+        assert!(canary_health.is_misconfigured());
+        assert!(!stable.target(r, p, b, m).is_misconfigured());
+        stable.adopt(&canary);
+        assert!(Arc::ptr_eq(&stable.target(r, p, b, m), &canary_health));
+    }
 }
