@@ -238,3 +238,43 @@ async fn a_reload_keeps_failed_authentications_counted_and_applies_a_new_allowan
         "the raised allowance did not apply"
     );
 }
+
+#[tokio::test]
+async fn requests_in_flight_keep_their_admission_slots_across_a_reload() {
+    let up = mock().await;
+    up.set_faults(faults(json!({"latency_ms": 1500})));
+    let text = |alias: &str| {
+        config(up.addr(), "sk", alias, "").replacen(
+            "[server]",
+            "[server]\nmax_concurrent_requests = 1\nqueue_timeout = \"2ms\"\n",
+            1,
+        )
+    };
+    let gw = gateway(&text("fast")).await;
+    let url = gw.url();
+    let slow = tokio::spawn(async move {
+        client()
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&chat(false))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.stats().requests == 0 {
+        assert!(Instant::now() < deadline, "the first request never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // An unrelated change: a second alias.
+    let unrelated = text("fast")
+        + "\n[[routes]]\nmodel = \"other\"\ntargets = [{ provider = \"p\", model = \"m\" }]\n";
+    gw.gateway.swap(load(&unrelated)).unwrap();
+    assert_eq!(
+        call(&gw, "any").await,
+        503,
+        "the reload gave a fresh slot while the only one is taken"
+    );
+    assert_eq!(slow.await.unwrap(), 200);
+}
