@@ -278,3 +278,37 @@ async fn requests_in_flight_keep_their_admission_slots_across_a_reload() {
     );
     assert_eq!(slow.await.unwrap(), 200);
 }
+
+#[tokio::test]
+async fn a_canary_request_is_authenticated_by_the_canarys_keys() {
+    let up = mock().await;
+    let keys = |key: &str| format!("[[keys]]\nkey = \"{key}\"\ntenant = \"a\"\n");
+    let gw = gateway(&config(up.addr(), "sk", "fast", &keys("k1"))).await;
+    assert_eq!(call(&gw, "k2").await, 401);
+    // Every request is the canary's, and the canary knows k2 only.
+    let canary = "[rollout]\ncanary_percent = 100\nbake = \"60s\"\nmin_requests = 1000\n";
+    let status = detour::reload::apply_text(
+        &gw.gateway,
+        &config(
+            up.addr(),
+            "sk",
+            "fast",
+            &format!("{canary}\n{}", keys("k2")),
+        ),
+        "new.toml",
+        "test",
+    );
+    assert_eq!(status.outcome, "rollout_started");
+    assert_eq!(
+        call(&gw, "k2").await,
+        200,
+        "the canary's own key was refused"
+    );
+    assert_eq!(
+        call(&gw, "k1").await,
+        401,
+        "a key the canary removed still served it"
+    );
+    assert!(gw.gateway.rollback());
+    assert_eq!(call(&gw, "k1").await, 200);
+}
