@@ -73,7 +73,7 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
     let cfg = config::load_str(&text, "demo.toml")?;
     let gw = Arc::new(Gateway::new(cfg)?);
     tokio::spawn(crate::statuspage::keep_polling(Arc::clone(&gw)));
-    let gateway = crate::server::Running::start(gw, listener).await?;
+    let gateway = crate::server::Running::start(gw, listener, crate::status_page::routes()).await?;
     Ok(Demo {
         primary,
         backup,

@@ -249,7 +249,13 @@ async fn serve(
     tokio::spawn(detour::statuspage::keep_polling(Arc::clone(&gw)));
     tokio::spawn(detour::reload::watch(reloader));
     tokio::spawn(detour::reload::keep_last_known_good(Arc::clone(&gw)));
-    detour::server::serve(gw, listener, shutdown_signal()).await?;
+    detour::server::serve(
+        gw,
+        listener,
+        detour::status_page::routes(),
+        shutdown_signal(),
+    )
+    .await?;
     tracing::info!("detour stopped");
     Ok(())
 }

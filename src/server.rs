@@ -35,7 +35,10 @@ use crate::ingress::{self, RequestId};
 use crate::state::{Gateway, Snapshot};
 use crate::telemetry::RequestRecord;
 
-pub fn router(gw: Arc<Gateway>) -> Router {
+/// The main listener's router: the API routes behind the middleware stack,
+/// and `public` routes outside it (detour's status page: the caller hands
+/// them in, so the data plane does not import the control plane's pages).
+pub fn router(gw: Arc<Gateway>, public: Router<Arc<Gateway>>) -> Router {
     Router::new()
         .route(
             "/v1/chat/completions",
@@ -50,10 +53,9 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             authenticate,
         ))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&gw), snapshot))
-        // The status page: public, so added after (outside) the auth and
-        // admission route layers.
-        .route("/status", get(crate::status_page::html))
-        .route("/status.json", get(crate::status_page::json))
+        // Public routes (the status page): added after (outside) the
+        // snapshot, auth and admission route layers.
+        .merge(public)
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .layer(middleware::from_fn(request_id))
@@ -243,10 +245,11 @@ async fn not_found(req: Request) -> Response {
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
+    public: Router<Arc<Gateway>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let policy = crate::listener::Policy::main(&gw.live().config.server);
-    crate::listener::serve(router(gw), listener, policy, shutdown).await
+    crate::listener::serve(router(gw, public), listener, policy, shutdown).await
 }
 
 /// A gateway running on a background task (tests, the demo).
@@ -257,9 +260,14 @@ pub struct Running {
 }
 
 impl Running {
-    pub async fn start(gw: Arc<Gateway>, listener: TcpListener) -> std::io::Result<Self> {
+    pub async fn start(
+        gw: Arc<Gateway>,
+        listener: TcpListener,
+        public: Router<Arc<Gateway>>,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
-        let task = tokio::spawn(serve(Arc::clone(&gw), listener, std::future::pending()));
+        let pending = std::future::pending();
+        let task = tokio::spawn(serve(Arc::clone(&gw), listener, public, pending));
         Ok(Self {
             addr,
             gateway: gw,

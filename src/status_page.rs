@@ -239,6 +239,14 @@ pub fn provider_state(live: &Live, i: usize) -> (ProviderState, String) {
 }
 
 /// `GET /status`.
+/// `GET /status` and `GET /status.json`, public: for the main listener's
+/// router ([`crate::server::router`]), outside authentication.
+pub fn routes() -> axum::Router<Arc<Gateway>> {
+    axum::Router::new()
+        .route("/status", axum::routing::get(html))
+        .route("/status.json", axum::routing::get(json))
+}
+
 pub async fn html(State(gw): State<Arc<Gateway>>) -> Response {
     let page = render_html(&Summary::of(&gw));
     (

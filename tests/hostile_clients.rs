@@ -225,9 +225,14 @@ async fn shutdown_closes_what_is_left_once_shutdown_timeout_passes() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(detour::server::serve(gw, listener, async {
-        let _ = stopped.await;
-    }));
+    let serving = tokio::spawn(detour::server::serve(
+        gw,
+        listener,
+        detour::status_page::routes(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     // An HTTP/2 client with a request in flight that never reads GOAWAY or
     // answers the shutdown's ping.
     let mut tcp = TcpStream::connect(addr).await.unwrap();

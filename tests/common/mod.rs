@@ -24,7 +24,9 @@ pub async fn gateway(config: &str) -> Running {
     let gw = Arc::new(Gateway::new(cfg).unwrap());
     tokio::spawn(detour::statuspage::keep_polling(Arc::clone(&gw)));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Running::start(gw, listener).await.unwrap()
+    Running::start(gw, listener, detour::status_page::routes())
+        .await
+        .unwrap()
 }
 
 /// One provider `p` of kind openai at `upstream`, route `fast` → `gpt-up`.
