@@ -428,4 +428,36 @@ mod tests {
         f.retune(1);
         assert!(f.blocked(ip).is_some());
     }
+
+    fn config(rpm: u32, extra: &str) -> Config {
+        let text = format!("[[keys]]\nkey = \"k1\"\ntenant = \"a\"\nrpm = {rpm}\n{extra}");
+        crate::config::load_str(&text, "t.toml").unwrap()
+    }
+
+    fn caller(config: &Config) -> Caller {
+        let key = &config.keys[0];
+        Caller {
+            key_digest: Some(key.sha256),
+            key_name: String::new(),
+            tenant: "a".into(),
+            tier: crate::config::Tier::Standard,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_canary_shares_the_buckets_under_the_stable_values_until_promoted() {
+        let store = LimitStore::new(Clock::new());
+        let stable = store.reconcile(&config(1, ""));
+        let canary_config = config(10, "max_concurrent = 1\n");
+        let canary = store.share(&canary_config);
+        let who = caller(&canary_config);
+        assert!(stable.admit(&who).is_ok());
+        assert!(canary.admit(&who).is_err(), "one bucket, the stable rpm");
+        // Promoted, its values apply to the same buckets.
+        let promoted = store.reconcile(&canary_config);
+        let held = promoted.admit(&who).unwrap();
+        assert!(promoted.admit(&who).is_err(), "max_concurrent = 1");
+        drop(held);
+        assert!(promoted.admit(&who).is_ok(), "the slot is free again");
+    }
 }
