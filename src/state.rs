@@ -2,7 +2,7 @@
 //! and the owners of the state that outlives configs.
 //!
 //! Architecture invariant: only this module swaps the live state. A request
-//! takes one snapshot ([`Gateway::pick`], once, in `server`) at its start and
+//! takes one snapshot ([`Gateway::snapshot`], once, in `server`) at its start and
 //! keeps it to the end, so a reload never changes a request half-way.
 //!
 //! What outlives a config has one owner each, held by the [`Gateway`] for the
