@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::HedgeAfter;
 use crate::health::{Override, PageState, TargetSnapshot};
+use crate::reload::Reloader;
 use crate::state::Gateway;
 
 /// The environment variable that holds the admin token.
@@ -30,14 +31,16 @@ pub const TOKEN_ENV: &str = "DETOUR_ADMIN_TOKEN";
 #[derive(Clone)]
 struct AdminState {
     gw: Arc<Gateway>,
+    reloader: Arc<Reloader>,
     /// SHA-256 of the token; `None` refuses every call.
     token: Option<[u8; 32]>,
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
-pub fn router(gw: Arc<Gateway>, token: Option<String>) -> Router {
+pub fn router(reloader: Arc<Reloader>, token: Option<String>) -> Router {
     let state = AdminState {
-        gw,
+        gw: Arc::clone(reloader.gateway()),
+        reloader,
         token: token
             .filter(|t| !t.is_empty())
             .map(|t| Sha256::digest(t.as_bytes()).into()),
@@ -69,7 +72,7 @@ const MAX_IN_FLIGHT: usize = 16;
 /// with their own cap, `server.admin_max_connections`.
 pub fn spawn_thread(
     listener: std::net::TcpListener,
-    gw: Arc<Gateway>,
+    reloader: Arc<Reloader>,
     token: Option<String>,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
@@ -87,8 +90,9 @@ pub fn spawn_thread(
                         return;
                     }
                 };
-                let policy = crate::listener::Policy::admin(&gw.live().config.server);
-                let app = router(gw, token);
+                let server = &reloader.gateway().live().config.server;
+                let policy = crate::listener::Policy::admin(server);
+                let app = router(reloader, token);
                 let forever = std::future::pending();
                 if let Err(e) = crate::listener::serve(app, listener, policy, forever).await {
                     tracing::error!("admin listener failed: {e}");
@@ -208,17 +212,16 @@ async fn set_override(
 async fn reload(State(s): State<AdminState>) -> Response {
     // File reading and validation are quick, but blocking: keep them off the
     // async workers.
-    let gw = Arc::clone(&s.gw);
-    let status =
-        match tokio::task::spawn_blocking(move || crate::reload::reload(&gw, "admin")).await {
-            Ok(status) => status,
-            Err(e) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("reload failed: {e}"),
-                )
-            }
-        };
+    let reloader = Arc::clone(&s.reloader);
+    let status = match tokio::task::spawn_blocking(move || reloader.reload("admin")).await {
+        Ok(status) => status,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("reload failed: {e}"),
+            )
+        }
+    };
     let code = if status.outcome == "rejected" {
         StatusCode::UNPROCESSABLE_ENTITY
     } else {
@@ -231,7 +234,7 @@ async fn last_reload(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let ops = s.gw.ops();
     Json(json!({
         "config_path": ops.config_path.map(|p| p.display().to_string()),
-        "last_reload": ops.last_reload,
+        "last_reload": s.reloader.last(),
         "rejected_configs": s.gw.rejected_configs(),
     }))
 }

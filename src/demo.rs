@@ -72,7 +72,8 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
     let text = config_text(addr, primary.addr(), backup.addr());
     let cfg = config::load_str(&text, "demo.toml")?;
     let gw = Arc::new(Gateway::new(cfg)?);
-    let gateway = crate::server::Running::start(gw, listener).await?;
+    tokio::spawn(crate::statuspage::keep_polling(Arc::clone(&gw)));
+    let gateway = crate::server::Running::start(gw, listener, crate::status_page::routes()).await?;
     Ok(Demo {
         primary,
         backup,

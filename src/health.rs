@@ -761,15 +761,17 @@ struct TargetKey {
 }
 
 /// Health state that outlives config reloads, looked up when a config is
-/// built so that the request path holds direct references. It also keeps the
-/// response cache, which outlives reloads the same way.
+/// built so that the request path holds direct references.
+///
+/// The gateway keeps one for its stable config; a canary gets a
+/// [`Registry::fork`], so that what goes wrong with a candidate config (a
+/// wrong key, a wrong model) never takes a target away from stable traffic.
 #[derive(Debug, Default)]
 pub struct Registry {
     clock: Clock,
     // Only touched when a config is built, never on the request path.
     targets: RwLock<HashMap<TargetKey, Arc<TargetHealth>>>,
     providers: RwLock<HashMap<String, Arc<ProviderHealth>>>,
-    cache: RwLock<Option<Arc<crate::cache::Cache>>>,
 }
 
 impl Registry {
@@ -811,25 +813,39 @@ impl Registry {
         self.clock
     }
 
-    /// The response cache for `[cache]` settings: the same one across
-    /// configs while the settings stay the same, a new (empty) one otherwise.
-    /// An installed cache is kept whatever the settings.
-    pub fn cache(&self, settings: &crate::config::CacheStore) -> Arc<crate::cache::Cache> {
-        let mut slot = self.cache.write().unwrap_or_else(|e| e.into_inner());
-        match &*slot {
-            Some(c) if c.settings().is_none_or(|s| s == settings) => Arc::clone(c),
-            _ => {
-                let c = Arc::new(crate::cache::Cache::from_config(settings));
-                *slot = Some(Arc::clone(&c));
-                c
-            }
+    /// The health a canary config runs on: its targets start afresh and
+    /// keep their own breakers, cool-downs and misconfigured marks, while a
+    /// provider's override and status-page state (facts about the provider,
+    /// not about a config) are shared with this registry.
+    pub fn fork(&self) -> Self {
+        let providers = self
+            .providers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Self {
+            clock: self.clock,
+            targets: RwLock::default(),
+            providers: RwLock::new(providers),
         }
     }
 
-    /// Uses `cache` for every config built from now on (a backend that
-    /// `[cache]` cannot name: a shared one, or a test's).
-    pub fn install_cache(&self, cache: Arc<crate::cache::Cache>) {
-        *self.cache.write().unwrap_or_else(|e| e.into_inner()) = Some(cache);
+    /// Takes over what a promoted canary learned: its targets' health
+    /// replaces the stable one, and its new providers join.
+    pub fn adopt(&self, fork: &Registry) {
+        let learned = fork.targets.read().unwrap_or_else(|e| e.into_inner());
+        let mut targets = self.targets.write().unwrap_or_else(|e| e.into_inner());
+        for (key, health) in learned.iter() {
+            targets.insert(key.clone(), Arc::clone(health));
+        }
+        drop((learned, targets));
+        let known = fork.providers.read().unwrap_or_else(|e| e.into_inner());
+        let mut providers = self.providers.write().unwrap_or_else(|e| e.into_inner());
+        for (name, health) in known.iter() {
+            providers
+                .entry(name.clone())
+                .or_insert_with(|| Arc::clone(health));
+        }
     }
 }
 
@@ -1086,5 +1102,26 @@ mod tests {
         let snap = h.snapshot(&long);
         assert_eq!((snap.window_ok, snap.window_failed), (0, 1), "{snap:?}");
         assert_eq!(h.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fork_keeps_its_targets_apart_until_adopted() {
+        let stable = Registry::default();
+        let target = || ("fast", "p", "http://up/v1", "m");
+        let (r, p, b, m) = target();
+        let stable_health = stable.target(r, p, b, m);
+        let over = stable.provider(p);
+        let canary = stable.fork();
+        let canary_health = canary.target(r, p, b, m);
+        assert!(!Arc::ptr_eq(&stable_health, &canary_health));
+        assert!(
+            Arc::ptr_eq(&over, &canary.provider(p)),
+            "overrides are shared"
+        );
+        let _ = canary_health.on_failure(Failure::Credentials, &policy(), false);
+        assert!(canary_health.is_misconfigured());
+        assert!(!stable.target(r, p, b, m).is_misconfigured());
+        stable.adopt(&canary);
+        assert!(Arc::ptr_eq(&stable.target(r, p, b, m), &canary_health));
     }
 }

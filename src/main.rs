@@ -227,6 +227,8 @@ async fn serve(
     let gw = Arc::new(Gateway::new(cfg)?);
     gw.set_source(Some(text));
     gw.set_ops(Some(config_path), Some(state_dir));
+    // The control plane: reloads and their judges run on this runtime.
+    let reloader = detour::reload::Reloader::new(Arc::clone(&gw));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
@@ -242,11 +244,18 @@ async fn serve(
         let admin = std::net::TcpListener::bind(admin_listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {admin_listen} (admin): {e}"))?;
         tracing::info!("admin listening on http://{}", admin.local_addr()?);
-        detour::admin::spawn_thread(admin, Arc::clone(&gw), token)?;
+        detour::admin::spawn_thread(admin, Arc::clone(&reloader), token)?;
     }
-    tokio::spawn(detour::reload::watch(Arc::clone(&gw)));
+    tokio::spawn(detour::statuspage::keep_polling(Arc::clone(&gw)));
+    tokio::spawn(detour::reload::watch(reloader));
     tokio::spawn(detour::reload::keep_last_known_good(Arc::clone(&gw)));
-    detour::server::serve(gw, listener, shutdown_signal()).await?;
+    detour::server::serve(
+        gw,
+        listener,
+        detour::status_page::routes(),
+        shutdown_signal(),
+    )
+    .await?;
     tracing::info!("detour stopped");
     Ok(())
 }

@@ -17,13 +17,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::config::{self, ConfigError};
-use crate::rollout::{Rollout, Verdict};
+use crate::rollout::{verdict, Rollout, Verdict};
 use crate::state::Gateway;
 
 /// What the last reload did, for the admin API.
@@ -42,8 +42,59 @@ fn now_unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The control plane's handle on one gateway's config: applies reloads,
+/// remembers what the last one did (for `GET /admin/reload`), and runs the
+/// rollout judge on the runtime it was made on (the main one: never the
+/// admin listener's, which only asks for a reload).
+#[derive(Debug)]
+pub struct Reloader {
+    gw: Arc<Gateway>,
+    runtime: Option<tokio::runtime::Handle>,
+    last: RwLock<Option<ReloadStatus>>,
+}
+
+impl Reloader {
+    /// Made inside the runtime its judges should run on.
+    pub fn new(gw: Arc<Gateway>) -> Arc<Self> {
+        Arc::new(Self {
+            gw,
+            runtime: tokio::runtime::Handle::try_current().ok(),
+            last: RwLock::new(None),
+        })
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gw
+    }
+
+    /// Re-reads the config file and applies it.
+    pub fn reload(&self, trigger: &str) -> ReloadStatus {
+        self.record(reload_on(&self.gw, trigger, self.runtime.as_ref()))
+    }
+
+    /// Validates `text` and applies it (swap or rollout).
+    pub fn apply_text(&self, text: &str, file: &str, trigger: &str) -> ReloadStatus {
+        let status = apply(&self.gw, text, file, trigger, self.runtime.as_ref());
+        self.record(status)
+    }
+
+    /// What the last reload did.
+    pub fn last(&self) -> Option<ReloadStatus> {
+        self.last.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn record(&self, status: ReloadStatus) -> ReloadStatus {
+        *self.last.write().unwrap_or_else(|e| e.into_inner()) = Some(status.clone());
+        status
+    }
+}
+
 /// Re-reads the gateway's config file and applies it.
-pub fn reload(gw: &Arc<Gateway>, trigger: &str) -> ReloadStatus {
+fn reload_on(
+    gw: &Arc<Gateway>,
+    trigger: &str,
+    rt: Option<&tokio::runtime::Handle>,
+) -> ReloadStatus {
     let Some(path) = gw.ops().config_path else {
         return finish(
             gw,
@@ -59,11 +110,23 @@ pub fn reload(gw: &Arc<Gateway>, trigger: &str) -> ReloadStatus {
             return finish(gw, trigger, "rejected", vec![error]);
         }
     };
-    apply_text(gw, &text, &path.display().to_string(), trigger)
+    apply(gw, &text, &path.display().to_string(), trigger, rt)
 }
 
-/// Validates `text` and applies it (swap or rollout).
+/// Validates `text` and applies it (swap or rollout); a rollout's judge runs
+/// on the current runtime.
 pub fn apply_text(gw: &Arc<Gateway>, text: &str, file: &str, trigger: &str) -> ReloadStatus {
+    let rt = tokio::runtime::Handle::try_current().ok();
+    apply(gw, text, file, trigger, rt.as_ref())
+}
+
+fn apply(
+    gw: &Arc<Gateway>,
+    text: &str,
+    file: &str,
+    trigger: &str,
+    rt: Option<&tokio::runtime::Handle>,
+) -> ReloadStatus {
     if gw.source().as_deref() == Some(text) && gw.rollout().is_none() {
         return finish(gw, trigger, "unchanged", Vec::new());
     }
@@ -87,7 +150,7 @@ pub fn apply_text(gw: &Arc<Gateway>, text: &str, file: &str, trigger: &str) -> R
                     bake_s = policy.bake.as_secs_f64(),
                     "new config baking on a canary share"
                 );
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                if let Some(rt) = rt {
                     rt.spawn(judge(Arc::clone(gw), rollout));
                 }
                 finish(gw, trigger, "rollout_started", Vec::new())
@@ -114,7 +177,6 @@ fn finish(gw: &Gateway, trigger: &str, outcome: &'static str, errors: Vec<String
     if outcome == "rejected" {
         gw.count_rejected_config();
     }
-    gw.set_last_reload(status.clone());
     status
 }
 
@@ -127,7 +189,7 @@ async fn judge(gw: Arc<Gateway>, rollout: Arc<Rollout>) {
         if !current.is_some_and(|c| Arc::ptr_eq(&c, &rollout)) {
             return; // promoted or rolled back by hand, or replaced
         }
-        match rollout.verdict() {
+        match verdict(&rollout) {
             Verdict::Wait => {}
             Verdict::Promote => {
                 gw.promote();
@@ -144,8 +206,8 @@ async fn judge(gw: Arc<Gateway>, rollout: Arc<Rollout>) {
 }
 
 /// Reloads on file changes and `SIGHUP` until the task is dropped.
-pub async fn watch(gw: Arc<Gateway>) {
-    let Some(path) = gw.ops().config_path else {
+pub async fn watch(reloader: Arc<Reloader>) {
+    let Some(path) = reloader.gw.ops().config_path else {
         return;
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
@@ -170,7 +232,7 @@ pub async fn watch(gw: Arc<Gateway>) {
         // Editors write files in several steps: let the burst settle.
         tokio::time::sleep(Duration::from_millis(200)).await;
         while rx.try_recv().is_ok() {}
-        let status = reload(&gw, trigger);
+        let status = reloader.reload(trigger);
         tracing::info!(trigger, outcome = status.outcome, "reload");
     }
 }

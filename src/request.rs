@@ -15,10 +15,8 @@
 
 use std::ops::{Deref, DerefMut};
 
-use tokio::sync::OwnedSemaphorePermit;
-
 use crate::limits::TokenCharge;
-use crate::rollout::CohortTag;
+use crate::state::CohortTag;
 use crate::telemetry::RequestRecord;
 
 /// A request's log record and the guards settled when it ends. Reads and
@@ -31,7 +29,7 @@ pub struct Tracked {
     /// The rollout cohort the request ran in, if a rollout is baking.
     pub cohort: Option<CohortTag>,
     /// A limit's permit held for as long as the request lives (open streams).
-    pub hold: Option<OwnedSemaphorePermit>,
+    pub hold: Option<crate::limits::Slot>,
 }
 
 impl Tracked {
@@ -94,11 +92,11 @@ mod tests {
     use super::*;
     use crate::config::RolloutPolicy;
     use crate::protocol::chat::ClientFormat;
-    use crate::rollout::Rollout;
+    use crate::state::Rollout;
 
     fn rollout() -> Arc<Rollout> {
         let cfg = crate::config::load_str("", "t.toml").unwrap();
-        let live = crate::state::Live::build(cfg, &crate::health::Registry::default()).unwrap();
+        let live = crate::state::Gateway::new(cfg).unwrap().live();
         let policy = RolloutPolicy {
             canary_percent: 50.0,
             bake: Duration::from_secs(10),
@@ -106,7 +104,8 @@ mod tests {
             max_latency_ratio: 1.5,
             min_requests: 10,
         };
-        Arc::new(Rollout::new(Arc::new(live), policy, None))
+        let health = crate::health::Registry::default();
+        Arc::new(Rollout::new(live, health, policy, None))
     }
 
     fn tracked(rollout: &Arc<Rollout>, canary: bool) -> Tracked {
@@ -138,11 +137,11 @@ mod tests {
 
     #[tokio::test]
     async fn the_permit_is_held_until_the_request_ends() {
-        let streams = Arc::new(tokio::sync::Semaphore::new(1));
+        let streams = Arc::new(crate::limits::Slots::new(1));
         let mut t = tracked(&rollout(), false);
-        t.hold = Some(Arc::clone(&streams).try_acquire_owned().unwrap());
-        assert_eq!(streams.available_permits(), 0);
+        t.hold = Some(streams.try_take().unwrap());
+        assert_eq!(streams.in_flight(), 1);
         t.finish("ok");
-        assert_eq!(streams.available_permits(), 1);
+        assert_eq!(streams.in_flight(), 0);
     }
 }

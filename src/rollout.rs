@@ -11,74 +11,9 @@
 //! fewer than `min_requests` keeps baking, up to four bake times, and is then
 //! promoted (no evidence of harm).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
-use std::time::Duration;
-
-use serde::Serialize;
-use tokio::time::Instant;
-
-use crate::config::RolloutPolicy;
-use crate::state::Live;
-
-/// Outcomes of one group of requests.
-#[derive(Debug, Default)]
-pub struct Cohort {
-    requests: AtomicU64,
-    errors: AtomicU64,
-    latency_us: AtomicU64,
-}
-
-impl Cohort {
-    fn record(&self, server_error: bool, latency: Duration) {
-        self.requests.fetch_add(1, Relaxed);
-        if server_error {
-            self.errors.fetch_add(1, Relaxed);
-        }
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.latency_us.fetch_add(us, Relaxed);
-    }
-
-    fn snapshot(&self) -> CohortView {
-        let requests = self.requests.load(Relaxed);
-        let errors = self.errors.load(Relaxed);
-        let latency = self.latency_us.load(Relaxed);
-        CohortView {
-            requests,
-            errors,
-            error_rate: if requests == 0 {
-                0.0
-            } else {
-                errors as f64 / requests as f64
-            },
-            mean_latency_ms: if requests == 0 {
-                0.0
-            } else {
-                latency as f64 / requests as f64 / 1e3
-            },
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct CohortView {
-    pub requests: u64,
-    pub errors: u64,
-    pub error_rate: f64,
-    pub mean_latency_ms: f64,
-}
-
-/// A candidate config being baked.
-#[derive(Debug)]
-pub struct Rollout {
-    pub candidate: Arc<Live>,
-    pub policy: RolloutPolicy,
-    /// The candidate's config text, kept as last-known-good once it serves.
-    pub source: Option<String>,
-    started: Instant,
-    stable: Cohort,
-    canary: Cohort,
-}
+pub use crate::state::Rollout;
+// The rollout's data lives with the state the request path records into.
+pub use crate::state::{CohortTag, CohortView, RolloutView};
 
 /// What the analysis says.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,92 +23,47 @@ pub enum Verdict {
     Rollback(String),
 }
 
-impl Rollout {
-    pub fn new(candidate: Arc<Live>, policy: RolloutPolicy, source: Option<String>) -> Self {
-        Self {
-            candidate,
-            policy,
-            source,
-            started: Instant::now(),
-            stable: Cohort::default(),
-            canary: Cohort::default(),
-        }
+/// Judges a rollout: roll back, promote, or wait.
+pub fn verdict(rollout: &Rollout) -> Verdict {
+    let (stable, canary) = rollout.cohorts();
+    let p = &rollout.policy;
+    let enough = canary.requests >= u64::from(p.min_requests);
+    let error_bad = canary.error_rate > stable.error_rate + p.max_error_rate_increase;
+    let latency_bad = stable.requests > 0
+        && stable.mean_latency_ms > 0.0
+        && canary.mean_latency_ms > p.max_latency_ratio * stable.mean_latency_ms;
+    if enough && error_bad {
+        return Verdict::Rollback(format!(
+            "canary error rate {:.1}% vs stable {:.1}% (allowed +{:.1} points)",
+            canary.error_rate * 100.0,
+            stable.error_rate * 100.0,
+            p.max_error_rate_increase * 100.0
+        ));
     }
-
-    /// Should this request go to the candidate?
-    pub fn takes(&self, rng: &mut fastrand::Rng) -> bool {
-        rng.f64() * 100.0 < self.policy.canary_percent
+    let elapsed = rollout.elapsed();
+    if elapsed < p.bake {
+        return Verdict::Wait;
     }
-
-    /// Records a finished request of either cohort. Only server-side failures
-    /// (5xx) count as errors: a client's 4xx says nothing about the config.
-    pub fn record(&self, canary: bool, status: u16, latency: Duration) {
-        let cohort = if canary { &self.canary } else { &self.stable };
-        cohort.record(status >= 500, latency);
+    if enough && latency_bad {
+        return Verdict::Rollback(format!(
+            "canary mean latency {:.1} ms vs stable {:.1} ms (allowed {:.1}x)",
+            canary.mean_latency_ms, stable.mean_latency_ms, p.max_latency_ratio
+        ));
     }
-
-    pub fn verdict(&self) -> Verdict {
-        let (stable, canary) = (self.stable.snapshot(), self.canary.snapshot());
-        let p = &self.policy;
-        let enough = canary.requests >= u64::from(p.min_requests);
-        let error_bad = canary.error_rate > stable.error_rate + p.max_error_rate_increase;
-        let latency_bad = stable.requests > 0
-            && stable.mean_latency_ms > 0.0
-            && canary.mean_latency_ms > p.max_latency_ratio * stable.mean_latency_ms;
-        if enough && error_bad {
-            return Verdict::Rollback(format!(
-                "canary error rate {:.1}% vs stable {:.1}% (allowed +{:.1} points)",
-                canary.error_rate * 100.0,
-                stable.error_rate * 100.0,
-                p.max_error_rate_increase * 100.0
-            ));
-        }
-        let elapsed = self.started.elapsed();
-        if elapsed < p.bake {
-            return Verdict::Wait;
-        }
-        if enough && latency_bad {
-            return Verdict::Rollback(format!(
-                "canary mean latency {:.1} ms vs stable {:.1} ms (allowed {:.1}x)",
-                canary.mean_latency_ms, stable.mean_latency_ms, p.max_latency_ratio
-            ));
-        }
-        if enough || elapsed >= 4 * p.bake {
-            return Verdict::Promote;
-        }
-        Verdict::Wait
+    if enough || elapsed >= 4 * p.bake {
+        return Verdict::Promote;
     }
-
-    pub fn view(&self) -> RolloutView {
-        RolloutView {
-            canary_percent: self.policy.canary_percent,
-            bake_ms: u64::try_from(self.policy.bake.as_millis()).unwrap_or(u64::MAX),
-            elapsed_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            stable: self.stable.snapshot(),
-            canary: self.canary.snapshot(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RolloutView {
-    pub canary_percent: f64,
-    pub bake_ms: u64,
-    pub elapsed_ms: u64,
-    pub stable: CohortView,
-    pub canary: CohortView,
-}
-
-/// Which cohort a request belongs to, carried to where it finishes.
-#[derive(Debug, Clone)]
-pub struct CohortTag {
-    pub rollout: Arc<Rollout>,
-    pub canary: bool,
+    Verdict::Wait
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
     use super::*;
+    use crate::config::RolloutPolicy;
+    use crate::state::Gateway;
 
     fn policy() -> RolloutPolicy {
         RolloutPolicy {
@@ -185,10 +75,10 @@ mod tests {
         }
     }
 
-    fn rollout() -> Rollout {
-        let cfg = crate::config::load_str("", "t.toml").unwrap();
-        let live = Live::build(cfg, &crate::health::Registry::default()).unwrap();
-        Rollout::new(Arc::new(live), policy(), None)
+    fn rollout() -> Arc<Rollout> {
+        let cfg = || crate::config::load_str("", "t.toml").unwrap();
+        let gw = Gateway::new(cfg()).unwrap();
+        gw.start_rollout(cfg(), policy(), None).unwrap()
     }
 
     #[tokio::test(start_paused = true)]
@@ -202,7 +92,7 @@ mod tests {
                 Duration::from_millis(10),
             );
         }
-        assert!(matches!(r.verdict(), Verdict::Rollback(_)));
+        assert!(matches!(verdict(&r), Verdict::Rollback(_)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -212,9 +102,9 @@ mod tests {
             r.record(false, 200, Duration::from_millis(10));
             r.record(true, 200, Duration::from_millis(11));
         }
-        assert_eq!(r.verdict(), Verdict::Wait);
+        assert_eq!(verdict(&r), Verdict::Wait);
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(r.verdict(), Verdict::Promote);
+        assert_eq!(verdict(&r), Verdict::Promote);
     }
 
     #[tokio::test(start_paused = true)]
@@ -225,8 +115,8 @@ mod tests {
             r.record(true, 400, Duration::from_millis(30));
         }
         tokio::time::advance(Duration::from_secs(10)).await;
-        let Verdict::Rollback(why) = r.verdict() else {
-            panic!("{:?}", r.verdict())
+        let Verdict::Rollback(why) = verdict(&r) else {
+            panic!("{:?}", verdict(&r))
         };
         assert!(why.contains("latency"), "{why}");
     }
@@ -235,8 +125,8 @@ mod tests {
     async fn too_few_requests_keep_baking_then_promote() {
         let r = rollout();
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(r.verdict(), Verdict::Wait);
+        assert_eq!(verdict(&r), Verdict::Wait);
         tokio::time::advance(Duration::from_secs(30)).await;
-        assert_eq!(r.verdict(), Verdict::Promote);
+        assert_eq!(verdict(&r), Verdict::Promote);
     }
 }

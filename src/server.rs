@@ -3,12 +3,15 @@
 //! Order, outermost first, and why:
 //! 1. request id — every response, including auth failures and 404s, carries
 //!    `x-request-id`, so it wraps everything;
-//! 2. auth — on matched API routes only (a `route_layer`), so an unknown path
+//! 2. snapshot — on matched API routes, the one config snapshot the request
+//!    runs on ([`Snapshot`]: the stable config, or the canary's), taken once
+//!    and read by every later stage, so a reload cannot split a request;
+//! 3. auth — on matched API routes only (a `route_layer`), so an unknown path
 //!    answers 404 without revealing whether a key is valid;
-//! 3. limits and admission (a `route_layer` after auth, since they need the
+//! 4. limits and admission (a `route_layer` after auth, since they need the
 //!    caller): requests per minute, concurrency and a spent token allowance
 //!    refuse before the body is read;
-//! 4. the handler: ingress reads and checks the body and charges the caller's
+//! 5. the handler: ingress reads and checks the body and charges the caller's
 //!    tokens from it, then [`crate::proxy`] runs routing → provider adapter →
 //!    upstream → relay.
 //!
@@ -29,10 +32,13 @@ use tokio::net::TcpListener;
 use crate::auth::Caller;
 use crate::error::{ApiError, ClientFormat, GatewayError};
 use crate::ingress::{self, RequestId};
-use crate::state::Gateway;
+use crate::state::{Gateway, Snapshot};
 use crate::telemetry::RequestRecord;
 
-pub fn router(gw: Arc<Gateway>) -> Router {
+/// The main listener's router: the API routes behind the middleware stack,
+/// and `public` routes outside it (detour's status page: the caller hands
+/// them in, so the data plane does not import the control plane's pages).
+pub fn router(gw: Arc<Gateway>, public: Router<Arc<Gateway>>) -> Router {
     Router::new()
         .route(
             "/v1/chat/completions",
@@ -46,10 +52,10 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             Arc::clone(&gw),
             authenticate,
         ))
-        // The status page: public, so added after (outside) the auth and
-        // admission route layers.
-        .route("/status", get(crate::status_page::html))
-        .route("/status.json", get(crate::status_page::json))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&gw), snapshot))
+        // Public routes (the status page): added after (outside) the
+        // snapshot, auth and admission route layers.
+        .merge(public)
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .layer(middleware::from_fn(request_id))
@@ -65,6 +71,21 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// Takes the request's one config snapshot (see [`Snapshot`]).
+async fn snapshot(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
+    req.extensions_mut().insert(gw.snapshot());
+    next.run(req).await
+}
+
+/// The request's snapshot, or a fresh one on a router built without the
+/// snapshot layer.
+fn snapshot_of(gw: &Gateway, req: &Request) -> Snapshot {
+    req.extensions()
+        .get::<Snapshot>()
+        .cloned()
+        .unwrap_or_else(|| gw.snapshot())
 }
 
 async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
@@ -83,7 +104,7 @@ async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Ne
             },
         );
     }
-    let caller = gw.live().keys.authenticate(req.headers());
+    let caller = snapshot_of(&gw, &req).live.keys.authenticate(req.headers());
     match caller {
         Some(caller) => {
             req.extensions_mut().insert(caller);
@@ -127,7 +148,7 @@ fn refuse(req: &Request, stage: &'static str, error: GatewayError) -> Response {
 ///
 /// [`Admission`]: crate::limits::admission::Admission
 async fn admit(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
-    let live = gw.live();
+    let live = snapshot_of(&gw, &req).live;
     let Some(caller) = req.extensions().get::<Caller>().cloned() else {
         return refuse(&req, "limits", GatewayError::Unauthorized);
     };
@@ -221,10 +242,11 @@ async fn not_found(req: Request) -> Response {
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
+    public: Router<Arc<Gateway>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let policy = crate::listener::Policy::main(&gw.live().config.server);
-    crate::listener::serve(router(gw), listener, policy, shutdown).await
+    crate::listener::serve(router(gw, public), listener, policy, shutdown).await
 }
 
 /// A gateway running on a background task (tests, the demo).
@@ -235,9 +257,14 @@ pub struct Running {
 }
 
 impl Running {
-    pub async fn start(gw: Arc<Gateway>, listener: TcpListener) -> std::io::Result<Self> {
+    pub async fn start(
+        gw: Arc<Gateway>,
+        listener: TcpListener,
+        public: Router<Arc<Gateway>>,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
-        let task = tokio::spawn(serve(Arc::clone(&gw), listener, std::future::pending()));
+        let pending = std::future::pending();
+        let task = tokio::spawn(serve(Arc::clone(&gw), listener, public, pending));
         Ok(Self {
             addr,
             gateway: gw,

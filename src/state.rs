@@ -1,26 +1,41 @@
-//! The live gateway state: the validated config and what was built from it.
+//! The live gateway state: the validated config and what was built from it,
+//! and the owners of the state that outlives configs.
 //!
 //! Architecture invariant: only this module swaps the live state. A request
-//! takes one snapshot ([`Gateway::live`]) at its start and keeps it to the
-//! end, so a reload never changes a request half-way. Health state lives in
-//! the [`Registry`], which outlives configs: a reload keeps what detour has
-//! learned about each target.
+//! takes one snapshot ([`Gateway::snapshot`], once, in `server`) at its start and
+//! keeps it to the end, so a reload never changes a request half-way.
+//!
+//! What outlives a config has one owner each, held by the [`Gateway`] for the
+//! life of the process; a new config reconciles with them instead of
+//! starting afresh:
+//!
+//! | owner | holds | a new stable config | a canary |
+//! |---|---|---|---|
+//! | [`Registry`] (`health`) | breakers, cool-downs, latency per route and target; provider overrides and status-page state | finds the same target's health again | gets a [`Registry::fork`]: its own target health, the providers' shared; adopted on promotion |
+//! | [`LimitStore`] | rate-limit buckets, concurrency and stream counts per key and tenant | applies its values to them | shares them under the stable values |
+//! | [`Admission`] | the in-flight count and the tiered queues | applies its limit and timeout | shares it |
+//! | [`KeptCache`] | the response cache | the same cache while `[cache]` is unchanged | the same cache, or its own if `[cache]` differs |
+//! | [`AuthFailures`] | failed authentications per client IP | (kept) | (shared) |
+//!
+//! Incidents are the process's log (`incidents::global`), not the config's.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use serde::Serialize;
+use tokio::time::Instant;
 
 use crate::auth::KeyTable;
 use crate::budget::RetryBudget;
+use crate::cache::{Cache, KeptCache};
 use crate::config::{Config, RolloutPolicy};
 use crate::health::{ProviderHealth, Registry, TargetHealth};
 use crate::limits::admission::Admission;
-use crate::limits::{AuthFailures, Limits};
+use crate::limits::{AuthFailures, LimitStore, Limits};
 use crate::providers::{Adapter, AdapterError};
-use crate::reload::ReloadStatus;
-use crate::rollout::{CohortTag, Rollout};
 
 /// Everything built from one config.
 #[derive(Debug)]
@@ -28,9 +43,9 @@ pub struct Live {
     pub config: Arc<Config>,
     /// Set once a request served by this config succeeded (for last-known-good).
     pub served_ok: AtomicBool,
-    /// Tiered admission: `server.max_concurrent_requests`.
+    /// Tiered admission: `server.max_concurrent_requests` (the process's).
     pub admission: Arc<Admission>,
-    /// Per-key and per-tenant limits.
+    /// Per-key and per-tenant limits, on the process's [`LimitStore`].
     pub limits: Limits,
     /// Parallel to `config.providers`.
     pub adapters: Vec<Adapter>,
@@ -39,8 +54,24 @@ pub struct Live {
     /// Parallel to `config.routes`.
     pub routes: Vec<RouteState>,
     pub keys: KeyTable,
-    /// The response cache (from the registry: it outlives reloads).
-    pub cache: Arc<crate::cache::Cache>,
+    /// The response cache (the process's [`KeptCache`]).
+    pub cache: Arc<Cache>,
+}
+
+/// The one config snapshot a request runs on, taken once when its route
+/// matched (`server`) and kept in its extensions: authentication, limits,
+/// admission and the handler all read this one, so a reload or a rollout
+/// can never make one request see two configs.
+///
+/// A canary request is authenticated by the canary's key table: a rollout
+/// that adds a key accepts it on the canary share only (401 on the stable
+/// share) until it is promoted, and one that removes a key refuses it on
+/// the canary share first. 4xx answers do not count against the canary.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub live: Arc<Live>,
+    /// The rollout cohort, while a rollout bakes.
+    pub cohort: Option<CohortTag>,
 }
 
 /// A route's shared runtime state.
@@ -53,8 +84,30 @@ pub struct RouteState {
     pub budget: RetryBudget,
 }
 
+/// The owners of what outlives a config (see the module doc), besides health.
+#[derive(Debug)]
+struct Owners {
+    limits: LimitStore,
+    admission: Arc<Admission>,
+    cache: KeptCache,
+}
+
+/// Whether a config is built to serve everyone or to bake on a canary share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Stable,
+    Canary,
+}
+
 impl Live {
-    pub fn build(config: Config, registry: &Registry) -> Result<Self, AdapterError> {
+    /// Builds `config` on the state the gateway keeps: target health from
+    /// `health`, the rest from the gateway's owners.
+    fn build(
+        config: Config,
+        gw: &Owners,
+        health: &Registry,
+        role: Role,
+    ) -> Result<Self, AdapterError> {
         let adapters = config
             .providers
             .iter()
@@ -63,7 +116,7 @@ impl Live {
         let overrides = config
             .providers
             .iter()
-            .map(|p| registry.provider(&p.name))
+            .map(|p| health.provider(&p.name))
             .collect();
         let routes = config
             .routes
@@ -74,21 +127,29 @@ impl Live {
                     .iter()
                     .map(|t| {
                         let base = t.provider.base_url.as_str();
-                        registry.target(&r.alias, &t.provider.name, base, &t.model)
+                        health.target(&r.alias, &t.provider.name, base, &t.model)
                     })
                     .collect(),
-                budget: RetryBudget::new(&r.retries, registry.clock()),
+                budget: RetryBudget::new(&r.retries, health.clock()),
             })
             .collect();
         let keys = KeyTable::new(&config.keys, config.server.open_access);
-        let cache = registry.cache(&config.cache);
-        let max_in_flight = config.server.max_concurrent_requests;
-        let queue_timeout = config.server.queue_timeout;
-        let limits = Limits::new(&config, registry.clock());
+        let (limits, cache) = match role {
+            Role::Stable => {
+                let s = &config.server;
+                gw.admission
+                    .retune(s.max_concurrent_requests, s.queue_timeout);
+                (
+                    gw.limits.reconcile(&config),
+                    gw.cache.for_stable(&config.cache),
+                )
+            }
+            Role::Canary => (gw.limits.share(&config), gw.cache.for_canary(&config.cache)),
+        };
         Ok(Self {
             config: Arc::new(config),
             served_ok: AtomicBool::new(false),
-            admission: Arc::new(Admission::new(max_in_flight, queue_timeout)),
+            admission: Arc::clone(&gw.admission),
             limits,
             adapters,
             overrides,
@@ -111,50 +172,50 @@ pub struct Gateway {
     rejected_configs: AtomicU64,
     /// Failed authentications per client IP (survives reloads).
     pub auth_failures: AuthFailures,
-    registry: Registry,
-    /// Status-page pollers of the live config (cold path: config changes only).
-    pollers: RwLock<Vec<tokio::task::AbortHandle>>,
+    /// The stable configs' health.
+    health: Registry,
+    owners: Owners,
+    /// Bumped whenever the stable config changes, for the control plane
+    /// (status-page pollers) to follow it.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Gateway {
-    /// Builds the gateway; inside a tokio runtime it also starts the
-    /// status-page pollers.
+    /// Builds the gateway. Status pages are polled by the control plane
+    /// (`statuspage::keep_polling`), which follows [`Gateway::changes`].
     pub fn new(config: Config) -> Result<Self, AdapterError> {
-        let registry = Registry::default();
-        let live = Live::build(config, &registry)?;
-        let auth_per_minute = u64::from(live.config.server.auth_failures_per_minute);
+        let health = Registry::default();
+        let clock = health.clock();
+        let s = &config.server;
+        let auth_per_minute = u64::from(s.auth_failures_per_minute);
+        let admission = Admission::new(s.max_concurrent_requests, s.queue_timeout);
+        let owners = Owners {
+            limits: LimitStore::new(clock),
+            admission: Arc::new(admission),
+            cache: KeptCache::default(),
+        };
+        let live = Live::build(config, &owners, &health, Role::Stable)?;
         let gw = Self {
             live: ArcSwap::from_pointee(live),
             rollout: ArcSwapOption::empty(),
             source: RwLock::new(None),
             ops: RwLock::new(Ops::default()),
             rejected_configs: AtomicU64::new(0),
-            auth_failures: AuthFailures::new(auth_per_minute, registry.clock()),
-            registry,
-            pollers: RwLock::new(Vec::new()),
+            auth_failures: AuthFailures::new(auth_per_minute, clock),
+            health,
+            owners,
+            changes: tokio::sync::watch::Sender::new(0),
         };
-        gw.restart_pollers();
         Ok(gw)
     }
 
-    fn restart_pollers(&self) {
-        let live = self.live();
-        let mut pollers = self.pollers.write().unwrap_or_else(|e| e.into_inner());
-        for p in pollers.drain(..) {
-            p.abort();
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        for (provider, health) in live.config.providers.iter().zip(&live.overrides) {
-            if provider.status_page.is_some() {
-                let task = rt.spawn(crate::statuspage::poll(
-                    Arc::clone(provider),
-                    Arc::clone(health),
-                ));
-                pollers.push(task.abort_handle());
-            }
-        }
+    /// Wakes on every change of the stable config (a swap or a promotion).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// The stable live state (admin views, keys).
@@ -177,6 +238,12 @@ impl Gateway {
         (live, Some(CohortTag { rollout, canary }))
     }
 
+    /// The snapshot one request runs on: see [`Snapshot`].
+    pub fn snapshot(&self) -> Snapshot {
+        let (live, cohort) = self.pick();
+        Snapshot { live, cohort }
+    }
+
     /// Builds `config` and makes it the stable config at once; requests in
     /// flight keep their snapshot. Any rollout in progress is dropped.
     pub fn swap(&self, config: Config) -> Result<(), AdapterError> {
@@ -188,11 +255,13 @@ impl Gateway {
         config: Config,
         source: Option<String>,
     ) -> Result<(), AdapterError> {
-        let live = Live::build(config, &self.registry)?;
+        let live = Live::build(config, &self.owners, &self.health, Role::Stable)?;
+        let auth_per_minute = u64::from(live.config.server.auth_failures_per_minute);
+        self.auth_failures.retune(auth_per_minute);
         self.rollout.store(None);
         self.live.store(Arc::new(live));
         *self.source.write().unwrap_or_else(|e| e.into_inner()) = source;
-        self.restart_pollers();
+        self.changed();
         Ok(())
     }
 
@@ -203,8 +272,9 @@ impl Gateway {
         policy: RolloutPolicy,
         source: Option<String>,
     ) -> Result<Arc<Rollout>, AdapterError> {
-        let live = Arc::new(Live::build(config, &self.registry)?);
-        let rollout = Arc::new(Rollout::new(live, policy, source));
+        let health = self.health.fork();
+        let live = Arc::new(Live::build(config, &self.owners, &health, Role::Canary)?);
+        let rollout = Arc::new(Rollout::new(live, health, policy, source));
         self.rollout.store(Some(Arc::clone(&rollout)));
         Ok(rollout)
     }
@@ -219,9 +289,21 @@ impl Gateway {
         let Some(r) = self.rollout.swap(None) else {
             return false;
         };
+        // The candidate's values apply to the state the process keeps, and
+        // what it learned about its targets becomes the stable health.
+        let (config, s) = (&r.candidate.config, &r.candidate.config.server);
+        let owners = &self.owners;
+        owners
+            .admission
+            .retune(s.max_concurrent_requests, s.queue_timeout);
+        let _ = owners.limits.reconcile(config);
+        self.auth_failures
+            .retune(u64::from(s.auth_failures_per_minute));
+        owners.cache.keep(Arc::clone(&r.candidate.cache));
+        self.health.adopt(&r.health);
         self.live.store(Arc::clone(&r.candidate));
         *self.source.write().unwrap_or_else(|e| e.into_inner()) = r.source.clone();
-        self.restart_pollers();
+        self.changed();
         true
     }
 
@@ -239,13 +321,6 @@ impl Gateway {
         let mut ops = self.ops.write().unwrap_or_else(|e| e.into_inner());
         ops.config_path = config_path;
         ops.state_dir = state_dir;
-    }
-
-    pub fn set_last_reload(&self, status: ReloadStatus) {
-        self.ops
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .last_reload = Some(status);
     }
 
     pub fn count_rejected_config(&self) {
@@ -269,28 +344,158 @@ impl Gateway {
             .clone()
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    /// The stable configs' health (its clock is the process's uptime).
+    pub fn health(&self) -> &Registry {
+        &self.health
+    }
+
+    /// The process's response cache.
+    pub fn cache(&self) -> &KeptCache {
+        &self.owners.cache
+    }
+
+    /// The process's tiered admission.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.owners.admission
     }
 }
 
-/// Operational settings and history of a gateway (cold path).
+/// Where a gateway's config comes from and where it keeps files (cold path).
+/// What reloads did is the control plane's (`reload::Reloader`).
 #[derive(Debug, Clone, Default)]
 pub struct Ops {
     pub config_path: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
-    pub last_reload: Option<ReloadStatus>,
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        for p in self
-            .pollers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            p.abort();
+// The rollout's data: what the request path records. The verdict is
+// `crate::rollout`'s (the control plane).
+
+/// Outcomes of one group of requests.
+#[derive(Debug, Default)]
+pub struct Cohort {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    latency_us: AtomicU64,
+}
+
+impl Cohort {
+    fn record(&self, server_error: bool, latency: Duration) {
+        self.requests.fetch_add(1, Relaxed);
+        if server_error {
+            self.errors.fetch_add(1, Relaxed);
+        }
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latency_us.fetch_add(us, Relaxed);
+    }
+
+    fn snapshot(&self) -> CohortView {
+        let requests = self.requests.load(Relaxed);
+        let errors = self.errors.load(Relaxed);
+        let latency = self.latency_us.load(Relaxed);
+        CohortView {
+            requests,
+            errors,
+            error_rate: if requests == 0 {
+                0.0
+            } else {
+                errors as f64 / requests as f64
+            },
+            mean_latency_ms: if requests == 0 {
+                0.0
+            } else {
+                latency as f64 / requests as f64 / 1e3
+            },
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CohortView {
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub mean_latency_ms: f64,
+}
+
+/// A candidate config being baked on a canary share, and the outcomes of
+/// both cohorts; [`crate::rollout`] judges them.
+#[derive(Debug)]
+pub struct Rollout {
+    pub candidate: Arc<Live>,
+    /// The candidate's target health, apart from the stable one's.
+    pub health: Registry,
+    pub policy: RolloutPolicy,
+    /// The candidate's config text, kept as last-known-good once it serves.
+    pub source: Option<String>,
+    started: Instant,
+    stable: Cohort,
+    canary: Cohort,
+}
+
+impl Rollout {
+    pub fn new(
+        candidate: Arc<Live>,
+        health: Registry,
+        policy: RolloutPolicy,
+        source: Option<String>,
+    ) -> Self {
+        Self {
+            candidate,
+            health,
+            policy,
+            source,
+            started: Instant::now(),
+            stable: Cohort::default(),
+            canary: Cohort::default(),
+        }
+    }
+
+    /// Should this request go to the candidate?
+    pub fn takes(&self, rng: &mut fastrand::Rng) -> bool {
+        rng.f64() * 100.0 < self.policy.canary_percent
+    }
+
+    /// Records a finished request of either cohort. Only server-side failures
+    /// (5xx) count as errors: a client's 4xx says nothing about the config.
+    pub fn record(&self, canary: bool, status: u16, latency: Duration) {
+        let cohort = if canary { &self.canary } else { &self.stable };
+        cohort.record(status >= 500, latency);
+    }
+
+    /// How long the candidate has baked.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The stable and the canary cohorts' outcomes so far.
+    pub fn cohorts(&self) -> (CohortView, CohortView) {
+        (self.stable.snapshot(), self.canary.snapshot())
+    }
+
+    pub fn view(&self) -> RolloutView {
+        RolloutView {
+            canary_percent: self.policy.canary_percent,
+            bake_ms: u64::try_from(self.policy.bake.as_millis()).unwrap_or(u64::MAX),
+            elapsed_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            stable: self.stable.snapshot(),
+            canary: self.canary.snapshot(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutView {
+    pub canary_percent: f64,
+    pub bake_ms: u64,
+    pub elapsed_ms: u64,
+    pub stable: CohortView,
+    pub canary: CohortView,
+}
+
+/// Which cohort a request belongs to, carried to where it finishes.
+#[derive(Debug, Clone)]
+pub struct CohortTag {
+    pub rollout: Arc<Rollout>,
+    pub canary: bool,
 }

@@ -105,7 +105,7 @@ pub struct Summary {
 impl Summary {
     pub fn of(gw: &Gateway) -> Self {
         let now = SystemTime::now();
-        let uptime = Duration::from_millis(gw.registry().clock().now_ms());
+        let uptime = Duration::from_millis(gw.health().clock().now_ms());
         let started = now.checked_sub(uptime).unwrap_or(UNIX_EPOCH);
         let live = gw.live();
         let since = now.checked_sub(incidents::KEEP).unwrap_or(UNIX_EPOCH);
@@ -239,6 +239,14 @@ pub fn provider_state(live: &Live, i: usize) -> (ProviderState, String) {
 }
 
 /// `GET /status`.
+/// `GET /status` and `GET /status.json`, public: for the main listener's
+/// router ([`crate::server::router`]), outside authentication.
+pub fn routes() -> axum::Router<Arc<Gateway>> {
+    axum::Router::new()
+        .route("/status", axum::routing::get(html))
+        .route("/status.json", axum::routing::get(json))
+}
+
 pub async fn html(State(gw): State<Arc<Gateway>>) -> Response {
     let page = render_html(&Summary::of(&gw));
     (

@@ -131,6 +131,33 @@ pub async fn poll(provider: Arc<Provider>, health: Arc<ProviderHealth>) {
     }
 }
 
+/// Polls the status pages of the gateway's stable config, following it:
+/// when the stable config changes (a reload, a promotion), the old pollers
+/// stop and the new config's start. Runs on the task that calls it (the
+/// main runtime, never the admin listener's), until that task is dropped or
+/// the gateway is; the pollers end with it.
+pub async fn keep_polling(gw: Arc<crate::state::Gateway>) {
+    let mut changes = gw.changes();
+    // Not kept alive by its pollers: the gateway's end ends them.
+    let gw = Arc::downgrade(&gw);
+    loop {
+        let Some(live) = gw.upgrade().map(|gw| gw.live()) else {
+            return;
+        };
+        let mut pollers = tokio::task::JoinSet::new();
+        for (provider, health) in live.config.providers.iter().zip(&live.overrides) {
+            if provider.status_page.is_some() {
+                pollers.spawn(poll(Arc::clone(provider), Arc::clone(health)));
+            }
+        }
+        drop(live);
+        if changes.changed().await.is_err() {
+            return; // the gateway is gone
+        }
+        // Dropping the set aborts the old config's pollers.
+    }
+}
+
 /// What went wrong, without the page's URL: it may carry a token in its
 /// query, and the message reaches the log and `/admin/health`.
 fn without_url(e: reqwest::Error) -> String {

@@ -534,10 +534,12 @@ async fn a_faulty_backend_never_gets_a_wrong_entry_to_a_client() {
     let gw = Arc::new(Gateway::new(cfg()).unwrap());
     let faulty = Arc::new(Faulty::default());
     let cache = Arc::new(Cache::new(faulty.clone()));
-    gw.registry().install_cache(Arc::clone(&cache));
+    gw.cache().install(Arc::clone(&cache));
     gw.swap(cfg()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gw = Running::start(gw, listener).await.unwrap();
+    let gw = Running::start(gw, listener, detour::status_page::routes())
+        .await
+        .unwrap();
 
     let same = prompt("The same prompt", false);
     let asks = [

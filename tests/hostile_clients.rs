@@ -200,7 +200,8 @@ async fn the_admin_listener_times_out_silent_connections_and_caps_them() {
     let gw = Arc::new(Gateway::new(cfg).unwrap());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let admin = listener.local_addr().unwrap();
-    detour::admin::spawn_thread(listener, gw, Some("t".into())).unwrap();
+    let reloader = detour::reload::Reloader::new(gw);
+    detour::admin::spawn_thread(listener, reloader, Some("t".into())).unwrap();
 
     let mut silent = TcpStream::connect(admin).await.unwrap();
     let _other = TcpStream::connect(admin).await.unwrap();
@@ -224,9 +225,14 @@ async fn shutdown_closes_what_is_left_once_shutdown_timeout_passes() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(detour::server::serve(gw, listener, async {
-        let _ = stopped.await;
-    }));
+    let serving = tokio::spawn(detour::server::serve(
+        gw,
+        listener,
+        detour::status_page::routes(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     // An HTTP/2 client with a request in flight that never reads GOAWAY or
     // answers the shutdown's ping.
     let mut tcp = TcpStream::connect(addr).await.unwrap();

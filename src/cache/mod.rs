@@ -31,6 +31,7 @@
 //! backend can follow the in-process [`MemoryBackend`]: the checks above run
 //! in [`Cache`], whatever the backend returns.
 
+mod kept;
 mod key;
 mod memory;
 
@@ -47,6 +48,7 @@ use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 
+pub use kept::KeptCache;
 pub use key::{normalise, Key, IGNORED_FIELDS};
 pub use memory::MemoryBackend;
 

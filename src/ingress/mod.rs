@@ -110,10 +110,14 @@ pub async fn start(
     endpoint: crate::providers::Endpoint,
     req: axum::extract::Request,
 ) -> Result<Started, axum::response::Response> {
-    let (live, cohort) = gw.pick();
+    let (mut parts, body) = req.into_parts();
+    // Taken by the server's snapshot layer; fresh only on routers without it.
+    let crate::state::Snapshot { live, cohort } = parts
+        .extensions
+        .remove::<crate::state::Snapshot>()
+        .unwrap_or_else(|| gw.snapshot());
     let mut record = Tracked::new(RequestRecord::new(id.0, format, endpoint.as_str()));
     record.cohort = cohort;
-    let (mut parts, body) = req.into_parts();
     // Left by the limits layer; absent only on routers built without it.
     let tokens = parts.extensions.remove::<TokenGate>().unwrap_or_default();
     match read_body(&parts.headers, body, &live.config.server).await {

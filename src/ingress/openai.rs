@@ -103,8 +103,11 @@ pub async fn embeddings(
     forward(&live, fwd, record).await
 }
 
-pub async fn models(State(gw): State<Arc<Gateway>>) -> Response {
-    let live = gw.live();
+pub async fn models(
+    State(gw): State<Arc<Gateway>>,
+    snapshot: Option<Extension<crate::state::Snapshot>>,
+) -> Response {
+    let live = snapshot.map_or_else(|| gw.snapshot().live, |s| s.0.live);
     let mut resp = model_list(live.config.aliases()).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -9,9 +9,13 @@
 //! tier is shed first and the top tier keeps its slots: priority that holds.
 //! Requests never wait past their timeout: a shed answer is fast and clear
 //! (fail fast, as Linkerd's `failfast` does, instead of queueing forever).
+//!
+//! One `Admission` serves the process: a reload changes its limit and queue
+//! timeout ([`Admission::retune`]) while the requests in flight and waiting
+//! keep their places.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,9 +35,10 @@ struct Waiter {
 
 #[derive(Debug)]
 pub struct Admission {
-    limit: usize,
-    max_queue: usize,
-    timeouts: [Duration; 3],
+    limit: AtomicUsize,
+    max_queue: AtomicUsize,
+    /// Queue timeout per tier, in microseconds.
+    timeouts_us: [AtomicU64; 3],
     in_flight: AtomicUsize,
     // Taken only at capacity (overload), never across an await.
     #[allow(clippy::disallowed_types)]
@@ -73,16 +78,68 @@ impl Admission {
     /// `queue_timeout` is the critical tier's; standard waits half of it and
     /// sheddable not at all.
     pub fn new(limit: usize, queue_timeout: Duration) -> Self {
-        Self {
-            limit: limit.max(1),
-            // Waiters cost a few bytes each; a deeper queue than the limit
-            // lets bursts ride through instead of being shed.
-            max_queue: (4 * limit).max(16),
-            timeouts: [queue_timeout, queue_timeout / 2, Duration::ZERO],
+        let a = Self {
+            limit: AtomicUsize::new(1),
+            max_queue: AtomicUsize::new(16),
+            timeouts_us: Default::default(),
             in_flight: AtomicUsize::new(0),
             #[allow(clippy::disallowed_types)]
             queues: std::sync::Mutex::new(Default::default()),
+        };
+        a.set(limit, queue_timeout);
+        a
+    }
+
+    fn set(&self, limit: usize, queue_timeout: Duration) {
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.limit.store(limit.max(1), SeqCst);
+        // Waiters cost a few bytes each; a deeper queue than the limit lets
+        // bursts ride through instead of being shed.
+        self.max_queue.store((4 * limit).max(16), SeqCst);
+        let timeouts = [queue_timeout, queue_timeout / 2, Duration::ZERO];
+        for (slot, t) in self.timeouts_us.iter().zip(timeouts) {
+            slot.store(us(t), SeqCst);
         }
+    }
+
+    /// Applies a new config's limit and queue timeout. Requests in flight
+    /// keep their slots (a lower limit admits no one until they end); a
+    /// higher one admits waiters at once. Waiters keep the timeout they
+    /// started with.
+    pub fn retune(&self, limit: usize, queue_timeout: Duration) {
+        self.set(limit, queue_timeout);
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        'grant: for queue in queues.iter_mut() {
+            while let Some(w) = queue.front() {
+                if !self.try_fast() {
+                    break 'grant;
+                }
+                let granted = w
+                    .state
+                    .compare_exchange(WAITING, GRANTED, SeqCst, SeqCst)
+                    .is_ok();
+                if granted {
+                    w.wake.notify_one();
+                } else {
+                    self.in_flight.fetch_sub(1, SeqCst);
+                }
+                queue.pop_front();
+            }
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit.load(SeqCst)
+    }
+
+    /// Requests waiting in the queues (cold path: takes the queues' lock).
+    pub fn waiting(&self) -> usize {
+        let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        queues
+            .iter()
+            .flatten()
+            .filter(|w| w.state.load(SeqCst) == WAITING)
+            .count()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -91,7 +148,7 @@ impl Admission {
 
     fn try_fast(&self) -> bool {
         self.in_flight
-            .fetch_update(SeqCst, SeqCst, |n| (n < self.limit).then_some(n + 1))
+            .fetch_update(SeqCst, SeqCst, |n| (n < self.limit()).then_some(n + 1))
             .is_ok()
     }
 
@@ -101,7 +158,7 @@ impl Admission {
                 admission: Arc::clone(self),
             });
         }
-        let timeout = self.timeouts[rank(tier)];
+        let timeout = Duration::from_micros(self.timeouts_us[rank(tier)].load(SeqCst));
         let waiter = {
             let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
             // A slot may have freed while we took the lock.
@@ -114,7 +171,7 @@ impl Admission {
                 return Err(Shed::Full);
             }
             let queued: usize = queues.iter().map(VecDeque::len).sum();
-            if queued >= self.max_queue {
+            if queued >= self.max_queue.load(SeqCst) {
                 // Make room by shedding the newest waiter of the lowest tier
                 // below ours; else we are the one shed.
                 let victim = (rank(tier) + 1..3).rev().find_map(|r| queues[r].pop_back());
@@ -231,5 +288,21 @@ mod tests {
         assert_eq!(low.pop().unwrap().await.unwrap(), Err(Shed::Displaced));
         drop(held);
         assert_eq!(high.await.unwrap(), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_limit_keeps_the_requests_in_flight_and_admits_waiters() {
+        let a = Arc::new(Admission::new(1, Duration::from_secs(10)));
+        let held = a.acquire(Tier::Critical).await.unwrap();
+        let a1 = Arc::clone(&a);
+        let waiter = tokio::spawn(async move { a1.acquire(Tier::Critical).await.map(|_| ()) });
+        tokio::task::yield_now().await;
+        a.retune(2, Duration::from_secs(10));
+        assert_eq!(waiter.await.unwrap(), Ok(()), "the raised limit admits it");
+        a.retune(1, Duration::from_secs(10));
+        assert_eq!(a.in_flight(), 1, "the request in flight still counts");
+        assert_eq!(a.acquire(Tier::Sheddable).await.unwrap_err(), Shed::Full);
+        drop(held);
+        assert!(a.acquire(Tier::Sheddable).await.is_ok());
     }
 }

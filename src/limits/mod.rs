@@ -16,10 +16,9 @@ pub mod gcra;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
-
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::Caller;
 use crate::clock::Clock;
@@ -29,12 +28,184 @@ use gcra::Gcra;
 /// Answer tokens assumed when a request does not say.
 const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
 
-/// Rate and concurrency limits of one key or tenant.
-#[derive(Debug, Default)]
+/// Rate and concurrency limits of one key or tenant, as one config sets
+/// them; the state behind them is the [`LimitStore`]'s.
+#[derive(Debug, Default, Clone)]
 struct Buckets {
-    rpm: Option<Gcra>,
+    rpm: Option<Arc<Gcra>>,
     tpm: Option<Arc<Gcra>>,
-    concurrent: Option<Arc<Semaphore>>,
+    concurrent: Option<Arc<Slots>>,
+}
+
+/// A count of things in flight (requests, open streams) under a limit that a
+/// new config may change; what is in flight keeps counting.
+#[derive(Debug)]
+pub struct Slots {
+    in_flight: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+impl Slots {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            limit: AtomicUsize::new(limit),
+        }
+    }
+
+    pub(crate) fn try_take(self: &Arc<Self>) -> Option<Slot> {
+        let limit = self.limit.load(Relaxed);
+        self.in_flight
+            .fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(Arc::clone(self)))
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Relaxed)
+    }
+}
+
+/// One taken slot of [`Slots`], given back when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<Slots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The state of one key's or tenant's limits, whatever config set them.
+#[derive(Debug, Default)]
+struct Cells {
+    rpm: Option<Arc<Gcra>>,
+    tpm: Option<Arc<Gcra>>,
+    concurrent: Option<Arc<Slots>>,
+    streams: Option<Arc<Slots>>,
+}
+
+/// The values one config gives a key or tenant.
+#[derive(Debug, Clone, Copy)]
+struct Values {
+    rpm: Option<u32>,
+    tpm: Option<u64>,
+    concurrent: Option<u32>,
+    streams: Option<u32>,
+}
+
+/// Rate-limit buckets and in-flight counts per key (by digest) and tenant,
+/// kept for the life of the process: a config does not own them, it only
+/// sets their limits. A reload therefore neither gives a caller at its limit
+/// a fresh minute nor forgets the requests and streams it has in flight,
+/// and its new values apply at once ([`Gcra::retune`]).
+///
+/// Only the stable config sets values ([`LimitStore::reconcile`]); a canary
+/// shares the same state under the stable values ([`LimitStore::share`]),
+/// so a tenant's limit holds across both cohorts. Its own values apply
+/// when it is promoted.
+///
+/// The next step (limits shared by several gateways) replaces this store;
+/// the request path only sees the [`Limits`] built from it.
+#[derive(Debug)]
+pub struct LimitStore {
+    clock: Clock,
+    // Only touched when a config is built, never on the request path.
+    keys: RwLock<HashMap<[u8; 32], Cells>>,
+    tenants: RwLock<HashMap<String, Cells>>,
+}
+
+impl LimitStore {
+    pub fn new(clock: Clock) -> Self {
+        Self {
+            clock,
+            keys: RwLock::default(),
+            tenants: RwLock::default(),
+        }
+    }
+
+    /// The limits of the stable `config`: its values apply to the state kept
+    /// here.
+    pub fn reconcile(&self, config: &Config) -> Limits {
+        self.limits(config, true)
+    }
+
+    /// The limits of a canary `config`: the stable state and values; a limit
+    /// only the canary sets starts with the canary's value.
+    pub fn share(&self, config: &Config) -> Limits {
+        self.limits(config, false)
+    }
+
+    fn limits(&self, config: &Config, apply: bool) -> Limits {
+        let clock = self.clock;
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let mut limits = Limits::default();
+        for k in &config.keys {
+            let values = Values {
+                rpm: k.rpm,
+                tpm: k.tpm,
+                concurrent: k.max_concurrent,
+                streams: k.max_streams,
+            };
+            let cells = keys.entry(k.sha256).or_default();
+            let (buckets, streams) = cells.set(values, apply, clock);
+            limits.keys.insert(k.sha256, buckets);
+            if let Some(s) = streams {
+                limits.streams.insert(k.sha256, s);
+            }
+        }
+        drop(keys);
+        let mut tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
+        for t in &config.tenants {
+            let values = Values {
+                rpm: t.rpm,
+                tpm: t.tpm,
+                concurrent: t.max_concurrent,
+                streams: None,
+            };
+            let cells = tenants.entry(t.name.clone()).or_default();
+            let (buckets, _) = cells.set(values, apply, clock);
+            limits.tenants.insert(t.name.clone(), buckets);
+        }
+        limits
+    }
+}
+
+impl Cells {
+    /// The buckets for `values`, made or (`apply`) retuned here.
+    fn set(&mut self, v: Values, apply: bool, clock: Clock) -> (Buckets, Option<Arc<Slots>>) {
+        // A minute's allowance may come as one burst.
+        let per_minute = |cell: &mut Option<Arc<Gcra>>, n: Option<u64>| {
+            let n = n?;
+            match cell {
+                Some(g) => {
+                    if apply {
+                        g.retune(n, n);
+                    }
+                }
+                None => *cell = Some(Arc::new(Gcra::per_minute(n, n, clock))),
+            }
+            cell.clone()
+        };
+        let slots = |cell: &mut Option<Arc<Slots>>, n: Option<u32>| {
+            let n = n? as usize;
+            match cell {
+                Some(s) => {
+                    if apply {
+                        s.limit.store(n, Relaxed);
+                    }
+                }
+                None => *cell = Some(Arc::new(Slots::new(n))),
+            }
+            cell.clone()
+        };
+        let buckets = Buckets {
+            rpm: per_minute(&mut self.rpm, v.rpm.map(u64::from)),
+            tpm: per_minute(&mut self.tpm, v.tpm),
+            concurrent: slots(&mut self.concurrent, v.concurrent),
+        };
+        (buckets, slots(&mut self.streams, v.streams))
+    }
 }
 
 /// Why a request is refused by a limit.
@@ -47,7 +218,7 @@ pub struct Limited {
 /// What a request holds while it runs (released when it ends).
 #[derive(Debug, Default)]
 pub struct Held {
-    _concurrency: Vec<OwnedSemaphorePermit>,
+    _concurrency: Vec<Slot>,
 }
 
 /// Tokens charged before a call, to correct when its usage is known.
@@ -97,56 +268,25 @@ impl TokenGate {
     }
 }
 
-/// The limits of one config.
+/// The limits of one config, on the [`LimitStore`]'s state.
 #[derive(Debug, Default)]
 pub struct Limits {
     keys: HashMap<[u8; 32], Buckets>,
     /// Open streams per key.
-    streams: HashMap<[u8; 32], Arc<Semaphore>>,
+    streams: HashMap<[u8; 32], Arc<Slots>>,
     tenants: HashMap<String, Buckets>,
 }
 
 impl Limits {
-    pub fn new(config: &Config, clock: Clock) -> Self {
-        let keys = config
-            .keys
-            .iter()
-            .map(|k| (k.sha256, buckets_for(k.rpm, k.tpm, k.max_concurrent, clock)))
-            .collect();
-        let tenants = config
-            .tenants
-            .iter()
-            .map(|t| {
-                (
-                    t.name.clone(),
-                    buckets_for(t.rpm, t.tpm, t.max_concurrent, clock),
-                )
-            })
-            .collect();
-        let streams = config
-            .keys
-            .iter()
-            .filter_map(|k| Some((k.sha256, Arc::new(Semaphore::new(k.max_streams? as usize)))))
-            .collect();
-        Self {
-            keys,
-            tenants,
-            streams,
-        }
-    }
-
     /// A permit for one more open stream of the caller's key, if it has a cap.
-    pub fn stream_permit(&self, caller: &Caller) -> Result<Option<OwnedSemaphorePermit>, Limited> {
-        let Some(sem) = caller.key_digest.and_then(|d| self.streams.get(&d)) else {
+    pub fn stream_permit(&self, caller: &Caller) -> Result<Option<Slot>, Limited> {
+        let Some(slots) = caller.key_digest.and_then(|d| self.streams.get(&d)) else {
             return Ok(None);
         };
-        Arc::clone(sem)
-            .try_acquire_owned()
-            .map(Some)
-            .map_err(|_| Limited {
-                what: "open streams for this key".into(),
-                retry_after: Duration::from_secs(1),
-            })
+        slots.try_take().map(Some).ok_or_else(|| Limited {
+            what: "open streams for this key".into(),
+            retry_after: Duration::from_secs(1),
+        })
     }
 
     /// Checks and takes the caller's request and concurrency limits, and
@@ -178,10 +318,10 @@ impl Limits {
                 }
                 gate.buckets.push((scope, Arc::clone(tpm)));
             }
-            if let Some(sem) = &b.concurrent {
-                match Arc::clone(sem).try_acquire_owned() {
-                    Ok(p) => held._concurrency.push(p),
-                    Err(_) => {
+            if let Some(slots) = &b.concurrent {
+                match slots.try_take() {
+                    Some(slot) => held._concurrency.push(slot),
+                    None => {
                         return Err(Limited {
                             what: format!("concurrent requests for this {scope}"),
                             retry_after: Duration::from_secs(1),
@@ -194,20 +334,6 @@ impl Limits {
     }
 }
 
-fn buckets_for(
-    rpm: Option<u32>,
-    tpm: Option<u64>,
-    concurrent: Option<u32>,
-    clock: Clock,
-) -> Buckets {
-    Buckets {
-        // A minute's allowance may come as one burst.
-        rpm: rpm.map(|r| Gcra::per_minute(u64::from(r), u64::from(r), clock)),
-        tpm: tpm.map(|t| Arc::new(Gcra::per_minute(t, t, clock))),
-        concurrent: concurrent.map(|c| Arc::new(Semaphore::new(c as usize))),
-    }
-}
-
 /// Estimated tokens of a request of `body_bytes` asking for at most
 /// `max_tokens` of answer.
 pub fn estimate_tokens(body_bytes: u64, max_tokens: Option<u64>) -> u64 {
@@ -215,10 +341,12 @@ pub fn estimate_tokens(body_bytes: u64, max_tokens: Option<u64>) -> u64 {
 }
 
 /// Failed authentication per client IP: after `per_minute` failures, the IP
-/// gets 429 until its allowance refills, so guessing keys is slow.
+/// gets 429 until its allowance refills, so guessing keys is slow. Kept for
+/// the life of the process; a new config's allowance applies to the
+/// addresses already counted ([`AuthFailures::retune`]).
 #[derive(Debug)]
 pub struct AuthFailures {
-    per_minute: u64,
+    per_minute: AtomicU64,
     clock: Clock,
     ips: moka::sync::Cache<IpAddr, Arc<Gcra>>,
 }
@@ -226,12 +354,21 @@ pub struct AuthFailures {
 impl AuthFailures {
     pub fn new(per_minute: u64, clock: Clock) -> Self {
         Self {
-            per_minute,
+            per_minute: AtomicU64::new(per_minute),
             clock,
             ips: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
                 .build(),
+        }
+    }
+
+    /// Applies a new allowance (cold path: config changes).
+    pub fn retune(&self, per_minute: u64) {
+        if self.per_minute.swap(per_minute, Relaxed) != per_minute {
+            for (_, bucket) in &self.ips {
+                bucket.retune(per_minute, per_minute);
+            }
         }
     }
 
@@ -242,7 +379,7 @@ impl AuthFailures {
 
     /// Records a failed attempt; returns the wait if the IP is now blocked.
     pub fn failed(&self, ip: IpAddr) -> Option<Duration> {
-        let (per_minute, clock) = (self.per_minute, self.clock);
+        let (per_minute, clock) = (self.per_minute.load(Relaxed), self.clock);
         let bucket = self.ips.get_with(ip, || {
             Arc::new(Gcra::per_minute(per_minute, per_minute, clock))
         });
@@ -277,5 +414,50 @@ mod tests {
         charge.settle(100);
         assert!(g.buckets[1].1.check(400).is_ok());
         assert!(TokenGate::default().charge(10).unwrap().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_failed_auth_allowance_applies_to_addresses_already_counted() {
+        let f = AuthFailures::new(2, Clock::new());
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        assert!(f.failed(ip).is_none());
+        assert!(f.failed(ip).is_none());
+        assert!(f.blocked(ip).is_some(), "2 of 2 used");
+        f.retune(10);
+        assert!(f.blocked(ip).is_none(), "the raised allowance applies");
+        f.retune(1);
+        assert!(f.blocked(ip).is_some());
+    }
+
+    fn config(rpm: u32, extra: &str) -> Config {
+        let text = format!("[[keys]]\nkey = \"k1\"\ntenant = \"a\"\nrpm = {rpm}\n{extra}");
+        crate::config::load_str(&text, "t.toml").unwrap()
+    }
+
+    fn caller(config: &Config) -> Caller {
+        let key = &config.keys[0];
+        Caller {
+            key_digest: Some(key.sha256),
+            key_name: String::new(),
+            tenant: "a".into(),
+            tier: crate::config::Tier::Standard,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_canary_shares_the_buckets_under_the_stable_values_until_promoted() {
+        let store = LimitStore::new(Clock::new());
+        let stable = store.reconcile(&config(1, ""));
+        let canary_config = config(10, "max_concurrent = 1\n");
+        let canary = store.share(&canary_config);
+        let who = caller(&canary_config);
+        assert!(stable.admit(&who).is_ok());
+        assert!(canary.admit(&who).is_err(), "one bucket, the stable rpm");
+        // Promoted, its values apply to the same buckets.
+        let promoted = store.reconcile(&canary_config);
+        let held = promoted.admit(&who).unwrap();
+        assert!(promoted.admit(&who).is_err(), "max_concurrent = 1");
+        drop(held);
+        assert!(promoted.admit(&who).is_ok(), "the slot is free again");
     }
 }

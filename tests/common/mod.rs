@@ -22,8 +22,11 @@ pub async fn mock() -> MockServer {
 pub async fn gateway(config: &str) -> Running {
     let cfg = detour::config::load_str(config, "test.toml").unwrap_or_else(|e| panic!("{e}"));
     let gw = Arc::new(Gateway::new(cfg).unwrap());
+    tokio::spawn(detour::statuspage::keep_polling(Arc::clone(&gw)));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Running::start(gw, listener).await.unwrap()
+    Running::start(gw, listener, detour::status_page::routes())
+        .await
+        .unwrap()
 }
 
 /// One provider `p` of kind openai at `upstream`, route `fast` → `gpt-up`.
@@ -75,7 +78,8 @@ pub fn sse_data(body: &str) -> Vec<String> {
 pub async fn admin(gw: &Running, token: &str) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = detour::admin::router(Arc::clone(&gw.gateway), Some(token.to_owned()));
+    let reloader = detour::reload::Reloader::new(Arc::clone(&gw.gateway));
+    let router = detour::admin::router(reloader, Some(token.to_owned()));
     tokio::spawn(async move { axum::serve(listener, router).await });
     format!("http://{addr}")
 }
