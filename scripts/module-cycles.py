@@ -232,6 +232,47 @@ def sccs(edges):
     return out
 
 
+# The gateway's layers, lowest first (ARCHITECTURE.md, "Layers"). A module may
+# import its own layer and those below, never one above. A new module must be
+# given a layer here. Nodes of other crates (`detour_mock::…`) are not layered:
+# a crate cannot import the gateway at all.
+LAYERS = [
+    ("leaves", {"config", "clock", "metrics", "mock"}),
+    ("policy", {"auth", "health", "budget", "limits", "routing", "cache", "incidents"}),
+    ("data plane", {"dns", "upstream", "providers", "state", "request", "telemetry",
+                    "relay", "proxy", "ingress", "error", "listener", "server"}),
+    ("control plane", {"reload", "rollout", "statuspage", "admin", "status_page"}),
+    ("entry points", {"demo"}),
+]
+
+
+def layer_of(node):
+    if node.startswith("protocol"):
+        return 0
+    for i, (_, members) in enumerate(LAYERS):
+        if node in members:
+            return i
+    return None
+
+
+def upward(edges):
+    """Imports that point from a lower layer to a higher one, and modules
+    that have no layer."""
+    problems = []
+    for src in sorted(edges):
+        if "::" in src and not src.startswith("protocol"):
+            continue  # another crate's own module graph
+        a = layer_of(src)
+        if a is None:
+            problems.append(f"  {src} has no layer: add it to LAYERS in scripts/module-cycles.py")
+            continue
+        for dst in sorted(edges[src]):
+            b = layer_of(dst)
+            if b is not None and b > a:
+                problems.append(f"  {src} ({LAYERS[a][0]}) -> {dst} ({LAYERS[b][0]})")
+    return problems
+
+
 def main():
     edges = graph()
     if "--graph" in sys.argv:
@@ -267,7 +308,12 @@ def main():
         for a, b in new:
             print(f"  {a} -> {b}")
         return 1
-    print(f"module-cycles: ok ({len(edges)} modules, {len(cyclic)} known cyclic edges allowed)")
+    problems = upward(edges)
+    if problems:
+        print("module-cycles: these imports point up the layers (lower layers must not import higher ones; see ARCHITECTURE.md):")
+        print("\n".join(problems))
+        return 1
+    print(f"module-cycles: ok ({len(edges)} modules, {len(cyclic)} known cyclic edges allowed, no import up the layers)")
     return 0
 
 
