@@ -72,8 +72,9 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
     let text = config_text(addr, primary.addr(), backup.addr());
     let cfg = config::load_str(&text, "demo.toml")?;
     let gw = Arc::new(Gateway::new(cfg)?);
-    tokio::spawn(crate::statuspage::keep_polling(Arc::clone(&gw)));
-    let gateway = crate::server::Running::start(gw, listener, crate::status_page::routes()).await?;
+    tokio::spawn(crate::status_poller::keep_polling(Arc::clone(&gw)));
+    let gateway =
+        crate::server::Running::start(gw, listener, crate::public_status::routes()).await?;
     Ok(Demo {
         primary,
         backup,

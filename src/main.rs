@@ -246,13 +246,13 @@ async fn serve(
         tracing::info!("admin listening on http://{}", admin.local_addr()?);
         detour::admin::spawn_thread(admin, Arc::clone(&reloader), token)?;
     }
-    tokio::spawn(detour::statuspage::keep_polling(Arc::clone(&gw)));
+    tokio::spawn(detour::status_poller::keep_polling(Arc::clone(&gw)));
     tokio::spawn(detour::reload::watch(reloader));
     tokio::spawn(detour::reload::keep_last_known_good(Arc::clone(&gw)));
     detour::server::serve(
         gw,
         listener,
-        detour::status_page::routes(),
+        detour::public_status::routes(),
         shutdown_signal(),
     )
     .await?;

@@ -182,7 +182,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds the gateway. Status pages are polled by the control plane
-    /// (`statuspage::keep_polling`), which follows [`Gateway::changes`].
+    /// (`status_poller::keep_polling`), which follows [`Gateway::changes`].
     pub fn new(config: Config) -> Result<Self, AdapterError> {
         let health = Registry::default();
         let clock = health.clock();

@@ -537,7 +537,7 @@ async fn a_faulty_backend_never_gets_a_wrong_entry_to_a_client() {
     gw.cache().install(Arc::clone(&cache));
     gw.swap(cfg()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gw = Running::start(gw, listener, detour::status_page::routes())
+    let gw = Running::start(gw, listener, detour::public_status::routes())
         .await
         .unwrap();
 

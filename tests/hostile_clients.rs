@@ -228,7 +228,7 @@ async fn shutdown_closes_what_is_left_once_shutdown_timeout_passes() {
     let serving = tokio::spawn(detour::server::serve(
         gw,
         listener,
-        detour::status_page::routes(),
+        detour::public_status::routes(),
         async {
             let _ = stopped.await;
         },

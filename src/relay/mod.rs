@@ -1,0 +1,549 @@
+//! Relaying a provider's answer body to the client as it arrives.
+//!
+//! [`RelayBody`] is an `http_body::Body` over the upstream body: no buffering
+//! of whole responses, backpressure for free (hyper polls it only when the
+//! client's socket has room). It composes one part per job:
+//! - [`framing`]: OpenAI SSE to an OpenAI client, cut into whole events
+//!   (holding at most `server.max_event_bytes` of an unfinished one), usage
+//!   read and, when the client did not ask for it, stripped;
+//! - [`translate`]: SSE in another shape, decoded into IR events and
+//!   re-encoded for the client (or passed through, decoded only to know where
+//!   it ends);
+//! - [`plain`]: any other body, relayed chunk by chunk, scanned for usage;
+//! - [`deadline`]: the first-byte, idle and total limits (an event stream's
+//!   first-byte limit holds until its first whole event);
+//! - [`capture`]: the response cache's bounded copy, stored when the body
+//!   ends whole.
+//!
+//! `RelayBody` itself primes event streams to their first event (so an early
+//! failure can still fail over unseen), ends a failed stream with a
+//! well-formed error event in the client's format (never a hang, never
+//! truncated JSON), and holds the request (`request::Tracked`: its log
+//! record and what is settled with it), ending it when the body ends.
+
+pub mod capture;
+pub mod deadline;
+pub mod framing;
+pub mod plain;
+pub mod translate;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use crate::cache::Capture;
+use crate::config::Timeouts;
+use crate::error::{stream_error_event, ClientFormat, GatewayError};
+use crate::protocol::sse::EventTooLarge;
+use crate::protocol::translate::{StreamDecoder, StreamEncoder};
+use crate::request::Tracked;
+use crate::upstream::{TimeoutKind, UpstreamError};
+
+use capture::CacheCopy;
+use deadline::Deadline;
+use framing::{first_error_event, OpenAiEvents, Step};
+use plain::UsageScan;
+use translate::{Broken, Translated};
+
+pub struct RelayBody {
+    inner: reqwest::Body,
+    mode: Mode,
+    provider: String,
+    format: ClientFormat,
+    deadline: Deadline,
+    state: State,
+    /// Events read by [`RelayBody::prime`], sent before anything else.
+    primed: Option<Bytes>,
+    /// Attached when the attempt is committed to the client.
+    record: Option<Tracked>,
+    /// A copy of what the client is sent, for the response cache.
+    copy: CacheCopy,
+    /// The body ended normally and whole (a stream with its end marker).
+    whole: bool,
+}
+
+enum Mode {
+    /// OpenAI SSE to an OpenAI client. The fast path.
+    Events(OpenAiEvents),
+    /// SSE decoded into IR events, re-encoded or relayed as it came.
+    Decoded(Translated),
+    /// Any other body: relayed chunk by chunk.
+    Plain(UsageScan),
+    /// A body the gateway made whole (a translated non-streamed answer).
+    Ready(Option<Bytes>),
+}
+
+impl Mode {
+    fn is_event_stream(&self) -> bool {
+        matches!(self, Mode::Events(_) | Mode::Decoded(_))
+    }
+}
+
+/// How an upstream body reaches the client.
+pub enum Shape {
+    /// OpenAI SSE to an OpenAI client; `strip_usage` drops the usage chunk.
+    OpenAiEvents { strip_usage: bool },
+    /// SSE decoded with `decoder`; re-encoded with `encoder` if given.
+    Decoded {
+        decoder: Box<StreamDecoder>,
+        encoder: Option<Box<StreamEncoder>>,
+    },
+    /// Bytes as they come.
+    Plain,
+    /// A complete body already in the client's format.
+    Ready(Bytes),
+}
+
+enum State {
+    Relaying,
+    /// One last frame (an error event) to send, then the end.
+    Closing(Bytes),
+    Done,
+}
+
+type Polled = Poll<Option<Result<Frame<Bytes>, std::io::Error>>>;
+
+/// The outcome a request's log line records when its upstream failed after
+/// the client got its headers.
+fn broken_off_outcome(error: &UpstreamError) -> &'static str {
+    match error {
+        UpstreamError::Timeout {
+            kind: TimeoutKind::Idle,
+            ..
+        } => "idle_timeout",
+        UpstreamError::Timeout {
+            kind: TimeoutKind::Total,
+            ..
+        } => "total_timeout",
+        UpstreamError::Timeout { .. } => "first_byte_timeout",
+        UpstreamError::EventTooLarge { .. } => "event_too_large",
+        _ => "upstream_broke_off",
+    }
+}
+
+impl RelayBody {
+    /// `started` is when the attempt began; a stream's first whole event must
+    /// come before its first-byte deadline. An event stream holds at most
+    /// `max_event_bytes` of an unfinished event.
+    pub fn new(
+        inner: reqwest::Body,
+        shape: Shape,
+        provider: String,
+        timeouts: Timeouts,
+        max_event_bytes: usize,
+        format: ClientFormat,
+        started: Instant,
+    ) -> Self {
+        let mode = match shape {
+            Shape::OpenAiEvents { strip_usage } => {
+                Mode::Events(OpenAiEvents::new(max_event_bytes, strip_usage))
+            }
+            Shape::Decoded { decoder, encoder } => {
+                Mode::Decoded(Translated::new(max_event_bytes, decoder, encoder))
+            }
+            Shape::Plain => Mode::Plain(UsageScan::default()),
+            Shape::Ready(body) => Mode::Ready(Some(body)),
+        };
+        let event_stream = mode.is_event_stream();
+        Self {
+            inner,
+            copy: CacheCopy::new(matches!(mode, Mode::Events(_))),
+            mode,
+            provider,
+            format,
+            deadline: Deadline::new(timeouts, started, event_stream),
+            state: State::Relaying,
+            primed: None,
+            record: None,
+            whole: false,
+        }
+    }
+
+    /// Keeps a copy of the bytes sent to the client, to be stored in the
+    /// response cache if the body ends whole (and the answer may be kept).
+    pub fn capture(&mut self, capture: Capture) {
+        self.copy.start(capture);
+    }
+
+    /// The answer is relayed but never stored (an encoded body: the cache
+    /// keeps only the content type, and would replay it mislabelled).
+    pub fn keep_out_of_cache(&mut self) {
+        self.copy.keep_out();
+    }
+
+    /// Commits the body to a client request: from now on it writes that
+    /// request's log line.
+    pub fn attach(&mut self, mut record: Tracked) {
+        if let Some(fb) = self.deadline.first_byte() {
+            record.first_byte.get_or_insert(fb);
+        }
+        self.record = Some(record);
+    }
+
+    /// For event streams: reads until the first whole event, without sending
+    /// anything, so that a stream which fails before its first event, or whose
+    /// first event is an error, can still fail over invisibly to the client.
+    pub async fn prime(&mut self) -> Result<(), UpstreamError> {
+        if !self.mode.is_event_stream() {
+            return Ok(());
+        }
+        std::future::poll_fn(|cx| self.poll_prime(cx)).await
+    }
+
+    fn poll_prime(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        loop {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    let out = self.on_chunk(data);
+                    if let Mode::Decoded(translated) = &self.mode {
+                        if let Some(message) = translated.error() {
+                            return Poll::Ready(Err(UpstreamError::ErrorEvent {
+                                provider: self.provider.clone(),
+                                message: message.to_owned(),
+                            }));
+                        }
+                    }
+                    let out = match out {
+                        Ok(out) => out,
+                        Err(error) => return Poll::Ready(Err(error)),
+                    };
+                    if let Some(events) = out {
+                        if let Some(message) = first_error_event(&events) {
+                            return Poll::Ready(Err(UpstreamError::ErrorEvent {
+                                provider: self.provider.clone(),
+                                message,
+                            }));
+                        }
+                        self.primed = Some(events);
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Err(UpstreamError::Transport {
+                        provider: self.provider.clone(),
+                        detail: format!("stream failed before its first event: {e}"),
+                    }))
+                }
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err(UpstreamError::Transport {
+                        provider: self.provider.clone(),
+                        detail: "stream ended before its first event".to_owned(),
+                    }))
+                }
+                Poll::Pending => {
+                    return self
+                        .deadline
+                        .poll_expired(cx)
+                        .map(|(kind, after)| Err(self.timeout(kind, after)));
+                }
+            }
+        }
+    }
+
+    /// Time from the attempt's start to its first body chunk, once known.
+    pub fn first_byte(&self) -> Option<Duration> {
+        self.deadline.first_byte()
+    }
+
+    fn timeout(&self, kind: TimeoutKind, after: Duration) -> UpstreamError {
+        UpstreamError::Timeout {
+            provider: self.provider.clone(),
+            kind,
+            after,
+        }
+    }
+
+    /// Takes one upstream chunk; returns the bytes for the client (if any),
+    /// or why the upstream's stream cannot be used.
+    fn on_chunk(&mut self, data: Bytes) -> Result<Option<Bytes>, UpstreamError> {
+        self.deadline.on_bytes();
+        let too_large = |e: EventTooLarge| UpstreamError::EventTooLarge {
+            provider: self.provider.clone(),
+            limit: e.limit,
+        };
+        let step = match &mut self.mode {
+            Mode::Events(events) => events.push(data).map_err(too_large),
+            Mode::Decoded(translated) => translated.push(data).map_err(|e| match e {
+                Broken::TooLarge(e) => too_large(e),
+                Broken::Decode(detail) => UpstreamError::Transport {
+                    provider: self.provider.clone(),
+                    detail,
+                },
+            }),
+            Mode::Plain(scan) => {
+                scan.push(&data);
+                Ok(Step {
+                    out: Some(data),
+                    whole_event: true,
+                })
+            }
+            Mode::Ready(_) => Ok(Step {
+                out: None,
+                whole_event: true,
+            }),
+        };
+        // Until an event stream's first whole event, the first-byte deadline
+        // stands; after it, every usable chunk restarts the idle limit.
+        let step = step?;
+        self.deadline.on_progress(step.whole_event);
+        Ok(step.out)
+    }
+
+    /// The upstream body ended.
+    fn on_end(&mut self) -> Polled {
+        let mut tail = None;
+        match &mut self.mode {
+            Mode::Events(events) => {
+                if let Some(r) = &mut self.record {
+                    r.usage = events.usage();
+                }
+                if let Err(unfinished) = events.finish() {
+                    let detail = format!(
+                        "stream ended before its end marker ({} chunks relayed)",
+                        unfinished.chunks
+                    );
+                    return self.fail(UpstreamError::Transport {
+                        provider: self.provider.clone(),
+                        detail,
+                    });
+                }
+            }
+            Mode::Decoded(translated) => {
+                tail = match translated.finish() {
+                    Ok(tail) => tail,
+                    Err(e) => {
+                        let detail = e.to_string();
+                        return self.fail(UpstreamError::Transport {
+                            provider: self.provider.clone(),
+                            detail,
+                        });
+                    }
+                };
+                if let Some(r) = &mut self.record {
+                    r.usage = translated.usage();
+                }
+            }
+            Mode::Plain(scan) => {
+                if let (Some(usage), Some(r)) = (scan.usage(), &mut self.record) {
+                    r.usage = usage;
+                }
+            }
+            Mode::Ready(_) => {}
+        }
+        // A decoded stream without its end marker (or with an error event)
+        // is relayed as it came, but is not an answer to keep.
+        self.whole = match &self.mode {
+            Mode::Decoded(translated) => translated.whole(),
+            _ => true,
+        };
+        if let Some(r) = self.record.take() {
+            r.finish("ok");
+        }
+        match tail {
+            Some(bytes) => {
+                self.state = State::Closing(bytes);
+                self.poll_state()
+            }
+            None => {
+                self.state = State::Done;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    /// The upstream failed after the client got its headers.
+    fn fail(&mut self, error: UpstreamError) -> Polled {
+        if let Some(r) = self.record.take() {
+            tracing::warn!(
+                request_id = %r.request_id,
+                provider = %self.provider,
+                error = %error,
+                "upstream failed after the response started"
+            );
+            r.finish(broken_off_outcome(&error));
+        }
+        let error = GatewayError::Upstream(error);
+        let event = match &mut self.mode {
+            // Any partial event held back is dropped: the client gets only
+            // whole events, then the error.
+            Mode::Decoded(translated) => translated
+                .error_event(error.to_string())
+                .unwrap_or_else(|| stream_error_event(self.format, &error)),
+            Mode::Events(_) => stream_error_event(self.format, &error),
+            Mode::Plain(_) | Mode::Ready(_) => {
+                // A plain body cannot carry an error once started: abort it so
+                // the client sees an incomplete response, not a silent cut.
+                self.state = State::Done;
+                return Poll::Ready(Some(Err(std::io::Error::other(error.to_string()))));
+            }
+        };
+        self.state = State::Closing(event);
+        self.poll_state()
+    }
+
+    fn poll_state(&mut self) -> Polled {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Closing(event) => Poll::Ready(Some(Ok(Frame::data(event)))),
+            State::Done => Poll::Ready(None),
+            State::Relaying => {
+                self.state = State::Relaying;
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Copies a frame into the cache copy, and hands the copy over to be
+    /// stored when the body ended whole.
+    fn keep(&mut self, out: Polled, cx: &mut Context<'_>) -> Polled {
+        match &out {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.copy.on_data(data);
+                }
+            }
+            Poll::Ready(end) => {
+                let whole = end.is_none() && self.whole;
+                if self.copy.on_end(whole, cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            Poll::Pending => {}
+        }
+        out
+    }
+
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Polled {
+        if !matches!(self.state, State::Relaying) {
+            return self.poll_state();
+        }
+        if let Some(events) = self.primed.take() {
+            return Poll::Ready(Some(Ok(Frame::data(events))));
+        }
+        if let Mode::Ready(body) = &mut self.mode {
+            return match body.take() {
+                Some(b) => {
+                    // Finish now: hyper stops polling a body once its
+                    // length is written, so a later end would never be seen.
+                    let _ = self.on_end();
+                    Poll::Ready(Some(Ok(Frame::data(b))))
+                }
+                None => self.on_end(),
+            };
+        }
+        loop {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers are not relayed; providers do not send them.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    match self.on_chunk(data) {
+                        Ok(Some(out)) => {
+                            // The last chunk of a body of known length: finish
+                            // now, as hyper will not poll for the end.
+                            if matches!(self.mode, Mode::Plain(_)) && self.inner.is_end_stream() {
+                                let _ = self.on_end();
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                        Ok(None) => {}
+                        Err(error) => return self.fail(error),
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let detail = format!("{e}");
+                    return self.fail(UpstreamError::Transport {
+                        provider: self.provider.clone(),
+                        detail,
+                    });
+                }
+                Poll::Ready(None) => return self.on_end(),
+                Poll::Pending => {
+                    let Poll::Ready((kind, after)) = self.deadline.poll_expired(cx) else {
+                        return Poll::Pending;
+                    };
+                    let error = self.timeout(kind, after);
+                    return self.fail(error);
+                }
+            }
+        }
+    }
+}
+
+impl Body for RelayBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
+        let this = self.get_mut();
+        if let Some(stored) = this.copy.poll_storing(cx) {
+            // The client's body ends once the answer is stored.
+            return stored.map(|()| None);
+        }
+        let out = this.poll_relay(cx);
+        if !this.copy.is_copying() {
+            return out;
+        }
+        this.keep(out, cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // With a copy to hand over, the end must be polled for.
+        matches!(self.state, State::Done) && !self.copy.is_copying() && !self.copy.is_storing()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.copy.is_copying() {
+            // No length: the client sees the end only after the answer is stored.
+            return SizeHint::default();
+        }
+        match &self.mode {
+            Mode::Plain(_) => self.inner.size_hint(),
+            Mode::Ready(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_off_stream_logs_which_limit_or_fault_ended_it() {
+        let timeout = |kind| UpstreamError::Timeout {
+            provider: "p".to_owned(),
+            kind,
+            after: Duration::from_secs(1),
+        };
+        let cases = [
+            (timeout(TimeoutKind::Idle), "idle_timeout"),
+            (timeout(TimeoutKind::Total), "total_timeout"),
+            (timeout(TimeoutKind::FirstByte), "first_byte_timeout"),
+            (
+                UpstreamError::EventTooLarge {
+                    provider: "p".to_owned(),
+                    limit: 1,
+                },
+                "event_too_large",
+            ),
+            (
+                UpstreamError::Transport {
+                    provider: "p".to_owned(),
+                    detail: "reset".to_owned(),
+                },
+                "upstream_broke_off",
+            ),
+        ];
+        for (error, outcome) in cases {
+            assert_eq!(broken_off_outcome(&error), outcome, "{error}");
+        }
+    }
+}
