@@ -241,7 +241,7 @@ LAYERS = [
     ("policy", {"auth", "health", "budget", "limits", "routing", "cache", "incidents"}),
     ("data plane", {"dns", "upstream", "providers", "state", "request", "telemetry",
                     "relay", "proxy", "ingress", "error", "listener", "server"}),
-    ("control plane", {"reload", "rollout", "statuspage", "admin", "status_page"}),
+    ("control plane", {"reload", "rollout", "status_poller", "admin", "public_status"}),
     ("entry points", {"demo"}),
 ]
 
