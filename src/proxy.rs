@@ -278,7 +278,7 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
                     tracing::info!(request_id = %record.request_id, provider = %route.targets[*i].provider.name, "hedge lost the race: cancelled");
                 }
                 if let Some((i, error)) = &refused {
-                    tried.push(&route.targets[*i], reason_of(error));
+                    tried.push(&route.targets[*i], error.kind().reason());
                 }
                 let took = committed.body.first_byte().unwrap_or_default();
                 if let Some(t) = health.on_success(&route.breaker, probe, traffic, took) {
@@ -337,15 +337,15 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
                     route = %route.alias,
                     provider = %target.provider.name,
                     model = %target.model,
-                    reason = reason_of(&error),
+                    reason = error.kind().reason(),
                     error = %error,
                     "attempt failed; failing over if another target is available"
                 );
-                crate::metrics::failover(&route.alias, reason_of(&error));
+                crate::metrics::failover(&route.alias, error.kind().reason());
                 if all_breakers_open(live, target.provider_index) {
                     incidents::global().traffic_down(&target.provider.name, SystemTime::now());
                 }
-                tried.push(target, reason_of(&error));
+                tried.push(target, error.kind().reason());
                 last = Some((index, error));
                 if in_flight.is_empty() && refused.is_none() {
                     launch(
@@ -769,36 +769,6 @@ fn failure_of(error: &UpstreamError) -> Failure {
         },
         UpstreamError::ModelNotFound { .. } => Failure::ModelNotFound,
         _ => Failure::Fault,
-    }
-}
-
-fn reason_of(error: &UpstreamError) -> &'static str {
-    match error {
-        UpstreamError::Connect { .. } => "connect_error",
-        UpstreamError::Timeout { kind, .. } => match kind {
-            crate::upstream::TimeoutKind::Connect => "connect_timeout",
-            crate::upstream::TimeoutKind::FirstByte => "first_byte_timeout",
-            crate::upstream::TimeoutKind::Idle => "idle_timeout",
-            crate::upstream::TimeoutKind::Total => "total_timeout",
-        },
-        UpstreamError::Transport { .. } => "transport_error",
-        UpstreamError::ErrorEvent { .. } => "stream_error_event",
-        UpstreamError::Untranslatable { .. } => "untranslatable",
-        UpstreamError::ModelNotFound { .. } => "model_not_found",
-        UpstreamError::EventTooLarge { .. } => "event_too_large",
-        UpstreamError::UnexpectedAnswer { what, .. } => match what {
-            Unexpected::ContentType(_) => "unexpected_content_type",
-            Unexpected::Encoding(_) => "unexpected_encoding",
-            Unexpected::NotJson => "invalid_json",
-        },
-        UpstreamError::AnswerTooLarge { .. } => "answer_too_large",
-        UpstreamError::TranslationFailed { .. } => "translation_failed",
-        UpstreamError::Status { status, .. } => match status.as_u16() {
-            429 => "status_429",
-            401..=403 => "credentials_rejected",
-            s if s >= 500 => "status_5xx",
-            _ => "status_4xx",
-        },
     }
 }
 
