@@ -60,6 +60,7 @@ use crate::relay::{RelayBody, Shape};
 use crate::request::Tracked;
 use crate::routing;
 use crate::state::Live;
+use crate::telemetry::Outcome;
 use crate::upstream::{Unexpected, UpstreamError};
 
 /// A checked request in the client's format.
@@ -470,7 +471,7 @@ fn refuse(
 fn replay(entry: &cache::Entry, mut record: Tracked) -> Response {
     record.model = Some(entry.model.clone());
     record.status = entry.status;
-    record.finish("cache_hit");
+    record.finish(Outcome::CacheHit);
     entry.response()
 }
 
@@ -776,7 +777,7 @@ fn failure_of(error: &UpstreamError) -> Failure {
 pub fn reject(mut record: Tracked, format: ClientFormat, error: GatewayError) -> Response {
     let resp = ApiError { error, format }.into_response();
     record.status = resp.status().as_u16();
-    record.finish("rejected");
+    record.finish(Outcome::Rejected);
     resp
 }
 

@@ -474,7 +474,7 @@ impl RelayBody {
             Mode::Decoded { done: false, .. } | Mode::Decoded { error: Some(_), .. }
         );
         if let Some(r) = self.record.take() {
-            r.finish("ok");
+            r.finish(crate::telemetry::Outcome::Ok);
         }
         match tail {
             Some(bytes) => {
@@ -490,19 +490,7 @@ impl RelayBody {
 
     /// The upstream failed after the client got its headers.
     fn fail(&mut self, error: UpstreamError) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        let outcome = match &error {
-            UpstreamError::Timeout {
-                kind: TimeoutKind::Idle,
-                ..
-            } => "idle_timeout",
-            UpstreamError::Timeout {
-                kind: TimeoutKind::Total,
-                ..
-            } => "total_timeout",
-            UpstreamError::Timeout { .. } => "first_byte_timeout",
-            UpstreamError::EventTooLarge { .. } => "event_too_large",
-            _ => "upstream_broke_off",
-        };
+        let outcome = crate::telemetry::Outcome::BrokeOff(error.kind());
         if let Some(r) = self.record.take() {
             tracing::warn!(
                 request_id = %r.request_id,
