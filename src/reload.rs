@@ -121,12 +121,6 @@ impl Reloader {
         self.record(reload_on(&self.gw, trigger, self.runtime.as_ref()))
     }
 
-    /// Validates `text` and applies it (swap or rollout).
-    pub fn apply_text(&self, text: &str, file: &str, trigger: Trigger) -> ReloadStatus {
-        let status = apply(&self.gw, text, file, trigger, self.runtime.as_ref());
-        self.record(status)
-    }
-
     /// What the last reload did.
     pub fn last(&self) -> Option<ReloadStatus> {
         self.last.read().unwrap_or_else(|e| e.into_inner()).clone()
