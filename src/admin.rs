@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::HedgeAfter;
 use crate::health::{Override, PageState, TargetSnapshot};
-use crate::reload::Reloader;
+use crate::reload::{Outcome, Reloader, Trigger};
 use crate::state::Gateway;
 
 /// The environment variable that holds the admin token.
@@ -213,7 +213,7 @@ async fn reload(State(s): State<AdminState>) -> Response {
     // File reading and validation are quick, but blocking: keep them off the
     // async workers.
     let reloader = Arc::clone(&s.reloader);
-    let status = match tokio::task::spawn_blocking(move || reloader.reload("admin")).await {
+    let status = match tokio::task::spawn_blocking(move || reloader.reload(Trigger::Admin)).await {
         Ok(status) => status,
         Err(e) => {
             return error(
@@ -222,7 +222,7 @@ async fn reload(State(s): State<AdminState>) -> Response {
             )
         }
     };
-    let code = if status.outcome == "rejected" {
+    let code = if status.outcome == Outcome::Rejected {
         StatusCode::UNPROCESSABLE_ENTITY
     } else {
         StatusCode::OK

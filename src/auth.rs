@@ -16,7 +16,6 @@ use crate::config::{ApiKey, Tier};
 pub struct Caller {
     /// The key's digest (`None` when running open).
     pub key_digest: Option<[u8; 32]>,
-    pub key_name: String,
     pub tenant: String,
     pub tier: Tier,
 }
@@ -25,7 +24,6 @@ impl Caller {
     fn anonymous() -> Self {
         Self {
             key_digest: None,
-            key_name: "anonymous".to_owned(),
             tenant: "anonymous".to_owned(),
             tier: Tier::Standard,
         }
@@ -45,7 +43,6 @@ impl KeyTable {
             .map(|k| {
                 let caller = Caller {
                     key_digest: Some(k.sha256),
-                    key_name: k.name.clone(),
                     tenant: k.tenant.clone(),
                     tier: k.tier,
                 };

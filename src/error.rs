@@ -14,7 +14,7 @@ pub use crate::protocol::chat::ClientFormat;
 use crate::protocol::chat::ErrorKind;
 use crate::protocol::openai::{self, InvalidRequest};
 use crate::protocol::translate;
-use crate::upstream::{TimeoutKind, UpstreamError};
+use crate::upstream::UpstreamError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -179,57 +179,14 @@ impl GatewayError {
     }
 }
 
+/// An upstream error's shape: a row of `UpstreamKind`'s table.
 fn upstream_shape(e: &UpstreamError) -> Shape<'static> {
-    let shape = |status, code| Shape {
-        status,
-        kind: "upstream_error",
-        code: Some(code),
+    let kind = e.kind();
+    Shape {
+        status: kind.status(),
+        kind: kind.error_type(),
+        code: Some(kind.code()),
         param: None,
-    };
-    match e {
-        UpstreamError::Timeout { kind, .. } => shape(
-            StatusCode::GATEWAY_TIMEOUT,
-            match kind {
-                TimeoutKind::Connect => "upstream_connect_timeout",
-                TimeoutKind::FirstByte => "upstream_first_byte_timeout",
-                TimeoutKind::Idle => "upstream_idle_timeout",
-                TimeoutKind::Total => "upstream_total_timeout",
-            },
-        ),
-        UpstreamError::Connect { .. } => shape(StatusCode::BAD_GATEWAY, "upstream_connect_error"),
-        UpstreamError::Transport { .. } => {
-            shape(StatusCode::BAD_GATEWAY, "upstream_transport_error")
-        }
-        UpstreamError::ErrorEvent { .. } => shape(StatusCode::BAD_GATEWAY, "upstream_stream_error"),
-        UpstreamError::Untranslatable { .. } => Shape {
-            kind: "invalid_request_error",
-            ..shape(StatusCode::BAD_REQUEST, "untranslatable")
-        },
-        UpstreamError::ModelNotFound { .. } => {
-            shape(StatusCode::BAD_GATEWAY, "upstream_model_not_found")
-        }
-        UpstreamError::EventTooLarge { .. } => {
-            shape(StatusCode::BAD_GATEWAY, "upstream_event_too_large")
-        }
-        UpstreamError::UnexpectedAnswer { .. } => {
-            shape(StatusCode::BAD_GATEWAY, "upstream_unexpected_answer")
-        }
-        UpstreamError::AnswerTooLarge { .. } => {
-            shape(StatusCode::BAD_GATEWAY, "upstream_answer_too_large")
-        }
-        // detour's own failure, after the provider did its part.
-        UpstreamError::TranslationFailed { .. } => Shape {
-            kind: "server_error",
-            ..shape(StatusCode::BAD_GATEWAY, "translation_failed")
-        },
-        UpstreamError::Status { status, .. } => match status.as_u16() {
-            429 => Shape {
-                kind: "rate_limit_error",
-                ..shape(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded")
-            },
-            401..=403 => shape(StatusCode::BAD_GATEWAY, "upstream_credentials_rejected"),
-            _ => shape(StatusCode::BAD_GATEWAY, "upstream_server_error"),
-        },
     }
 }
 

@@ -20,6 +20,10 @@
 //! | the caller's own 4xx (400, 404, 409, 413, 415, 422) | no: relayed | none |
 //! | a failure after the first event reached the client | no: error event | — |
 //!
+//! The attempts themselves (which target next, hedging, budget and backoff,
+//! what each end tells health) are scheduled by [`attempts::Attempts`];
+//! `forward` decides what the client is answered.
+//!
 //! A retry needs a token from the route's retry budget; without one, the
 //! request ends with the last error instead of adding load to a failing fleet.
 //!
@@ -35,23 +39,25 @@
 //! `on_failure`); a probe that ends telling nothing (cancelled, or the
 //! caller's own 4xx) frees the slot.
 
-use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
+mod attempts;
+
+use attempts::{Attempts, Ended, Exhausted, Tried};
+
 use crate::cache;
-use crate::config::{HedgeAfter, Route, Target};
+use crate::config::{Route, Target};
 use crate::error::{ApiError, ClientFormat, GatewayError};
-use crate::health::{BreakerState, Failure, TargetHealth, Traffic, Transition};
+use crate::health::{BreakerState, Failure, Traffic, Transition};
 use crate::incidents;
 use crate::protocol::chat::{ChatRequest, Format};
 use crate::protocol::translate::{self, StreamDecoder, StreamEncoder, TranslateError};
@@ -60,6 +66,7 @@ use crate::relay::{RelayBody, Shape};
 use crate::request::Tracked;
 use crate::routing;
 use crate::state::Live;
+use crate::telemetry::Outcome;
 use crate::upstream::{Unexpected, UpstreamError};
 
 /// A checked request in the client's format.
@@ -106,26 +113,6 @@ struct Committed {
     body: RelayBody,
 }
 
-/// What each failed attempt was, for the `x-detour-tried` header and logs.
-#[derive(Debug, Default)]
-struct Tried(Vec<String>);
-
-impl Tried {
-    fn push(&mut self, target: &Target, reason: &str) {
-        self.0.push(format!(
-            "{}/{}={reason}",
-            target.provider.name, target.model
-        ));
-    }
-
-    fn header(&self) -> Option<HeaderValue> {
-        if self.0.is_empty() {
-            return None;
-        }
-        HeaderValue::from_str(&self.0.join(", ")).ok()
-    }
-}
-
 pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response {
     record.route = Some(req.alias.clone());
     record.stream = req.stream;
@@ -166,217 +153,63 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
     let mut rng = fastrand::Rng::new();
     // Streamed and whole answers have their own latency estimates.
     let traffic = Traffic::of(req.stream);
-    let mut plan =
-        routing::plan(route, &state.health, &live.overrides, traffic, &mut rng).into_iter();
-
-    let mut tried = Tried::default();
-    let mut attempts = 0u32;
-    let mut last: Option<(usize, UpstreamError)> = None;
-    // A non-retryable error (the caller's own 4xx) while another attempt was
-    // still in flight: the answer, unless that attempt succeeds. Nothing new
-    // is launched after it: other targets would refuse the request too.
-    let mut refused: Option<(usize, UpstreamError)> = None;
-    let mut in_flight = FuturesUnordered::new();
-    // Attempts in flight: target index and start, so that an attempt which
-    // loses a hedge race still tells health how slow it was.
-    let mut pending: Vec<(usize, Instant)> = Vec::new();
-    // Launches the next candidate that can take a request; false when none can.
-    let mut launch = |in_flight: &mut FuturesUnordered<_>,
-                      pending: &mut Vec<(usize, Instant)>,
-                      attempts: &mut u32,
-                      tried: &mut Tried,
-                      rng: &mut fastrand::Rng| {
-        while *attempts < route.retries.max_attempts {
-            let Some(candidate) = plan.next() else {
-                return false;
-            };
-            let target = &route.targets[candidate.index];
-            let health = &state.health[candidate.index];
-            if *attempts > 0 && !state.budget.try_withdraw() {
-                tracing::warn!(request_id = %record.request_id, route = %route.alias, "retry budget exhausted: not trying another target");
-                crate::metrics::retry_budget_exhausted(&route.alias);
-                tried.push(target, "skipped_budget_exhausted");
-                return false;
-            }
-            if candidate.probe {
-                match health.claim_probe() {
-                    Some(transition) => report(target, transition),
-                    None => continue,
-                }
-            }
-            let delay = if *attempts > 0 && in_flight.is_empty() {
-                backoff(route, *attempts, rng)
-            } else {
-                Duration::ZERO
-            };
-            *attempts += 1;
-            crate::metrics::attempt_launched(&route.alias, *attempts, !in_flight.is_empty());
-            pending.push((candidate.index, Instant::now()));
-            let fut = guarded(
-                candidate.probe,
-                health,
-                delay,
-                attempt(live, route, target, &req),
-            );
-            let probe = candidate.probe;
-            in_flight.push(Box::pin(async move { (candidate.index, probe, fut.await) }));
-            return true;
-        }
-        false
-    };
-
-    launch(
-        &mut in_flight,
-        &mut pending,
-        &mut attempts,
-        &mut tried,
-        &mut rng,
+    let plan = routing::plan(route, &state.health, &live.overrides, traffic, &mut rng);
+    let mut attempts = Attempts::new(
+        route,
+        state,
+        plan,
+        traffic,
+        &record.request_id,
+        rng,
+        |target| attempt(live, route, target, &req),
     );
-    let mut hedging = route.hedge_after;
-    let mut hedge = None; // metrics: the target index of the hedge, if one started
-    while !in_flight.is_empty() {
-        let hedge_after = match hedging {
-            _ if in_flight.len() != 1 => None,
-            Some(HedgeAfter::Fixed(d)) => Some(d),
-            // No samples of this kind of traffic yet: no estimate, no hedge
-            // (a guess would double the cost of every slow first answer).
-            Some(HedgeAfter::P95) => pending
-                .first()
-                .and_then(|(i, _)| state.health[*i].ttfb_p95(traffic))
-                .map(|p95| p95.max(Duration::from_millis(1))),
-            None => None,
-        };
-        let hedge_timer = async move {
-            match hedge_after {
-                Some(after) => tokio::time::sleep(after).await,
-                None => std::future::pending().await,
-            }
-        };
-        let outcome = tokio::select! {
-            Some(outcome) = in_flight.next() => outcome,
-            () = hedge_timer => {
-                // The attempt in flight is slow: race a second target against it.
-                if launch(&mut in_flight, &mut pending, &mut attempts, &mut tried, &mut rng) {
-                    tracing::info!(request_id = %record.request_id, route = %route.alias, "hedging: started a second attempt");
-                    hedge = pending.last().map(|(i, _)| *i);
-                }
-                hedging = None;
-                continue;
-            }
-        };
-        let (index, probe, result) = outcome;
-        pending.retain(|(i, _)| *i != index);
-        let target = &route.targets[index];
-        let health = &state.health[index];
+    attempts.launch();
+    while let Some(Ended {
+        index,
+        probe,
+        result,
+    }) = attempts.next().await
+    {
         match result {
-            Ok(mut committed) => {
-                // Dropping the others cancels them (their connections close);
-                // each lost a race, so it was at least this slow.
-                drop(in_flight);
-                for (i, started) in &pending {
-                    state.health[*i].on_race_lost(traffic, started.elapsed());
-                    tracing::info!(request_id = %record.request_id, provider = %route.targets[*i].provider.name, "hedge lost the race: cancelled");
-                }
-                if let Some((i, error)) = &refused {
-                    tried.push(&route.targets[*i], reason_of(error));
-                }
+            Ok(committed) => {
                 let took = committed.body.first_byte().unwrap_or_default();
-                if let Some(t) = health.on_success(&route.breaker, probe, traffic, took) {
-                    report(target, t);
-                }
-                crate::metrics::hedge_decided(&route.alias, hedge, Some(index));
+                let (tried, launched) = attempts.won(index, probe, took);
+                record.attempts = launched;
                 count_failed_over(live, position, index);
                 if committed.status.is_success() && !live.served_ok.load(Ordering::Relaxed) {
                     live.served_ok.store(true, Ordering::Relaxed);
                 }
-                record.attempts = attempts;
-                record.provider = Some(target.provider.name.clone());
-                record.model = Some(target.model.clone());
-                record.status = committed.status.as_u16();
-                let capture = visit.as_mut().and_then(|v| {
-                    let (provider, model) = (&target.provider.name, &target.model);
-                    v.capture(committed.status, &committed.headers, provider, model)
-                });
-                if let Some(capture) = capture {
-                    committed.body.capture(capture);
-                }
-                committed.body.attach(record);
-                let mut resp = Response::new(Body::new(committed.body));
-                *resp.status_mut() = committed.status;
-                copy_headers(&committed.headers, resp.headers_mut());
-                let resp = with_attempt_headers(resp, Some(target), attempts, &tried);
-                return with_cache_status(resp, visit.as_ref());
+                return commit(committed, record, route, index, &tried, visit.as_mut());
             }
-            Err(error) if !error.retryable() => {
-                // The caller's own request was refused: that says nothing
-                // about the target's health.
-                if probe {
-                    health.on_abandoned();
-                }
-                if in_flight.is_empty() {
-                    crate::metrics::hedge_decided(&route.alias, hedge, Some(index));
-                    record.attempts = attempts;
-                    return refuse(record, &req, route, index, error, &tried, visit.as_ref());
-                }
-                // A hedge is still running and may yet succeed: wait for it.
-                tracing::info!(request_id = %record.request_id, provider = %target.provider.name, "hedge refused the request; waiting for the other attempt");
-                if refused.is_none() {
-                    refused = Some((index, error));
-                }
-            }
+            Err(error) if !error.retryable() => attempts.refused(index, probe, error),
             Err(error) => {
-                if !matches!(error, UpstreamError::Untranslatable { .. }) {
-                    if let Some(t) = health.on_failure(failure_of(&error), &route.breaker, probe) {
-                        report(target, t);
-                    }
-                } else if probe {
-                    health.on_abandoned();
-                }
-                tracing::warn!(
-                    request_id = %record.request_id,
-                    route = %route.alias,
-                    provider = %target.provider.name,
-                    model = %target.model,
-                    reason = reason_of(&error),
-                    error = %error,
-                    "attempt failed; failing over if another target is available"
-                );
-                crate::metrics::failover(&route.alias, reason_of(&error));
+                let target = &route.targets[index];
+                attempts.failed(index, probe, error);
                 if all_breakers_open(live, target.provider_index) {
                     incidents::global().traffic_down(&target.provider.name, SystemTime::now());
-                }
-                tried.push(target, reason_of(&error));
-                last = Some((index, error));
-                if in_flight.is_empty() && refused.is_none() {
-                    launch(
-                        &mut in_flight,
-                        &mut pending,
-                        &mut attempts,
-                        &mut tried,
-                        &mut rng,
-                    );
                 }
             }
         }
     }
 
-    record.attempts = attempts;
-    if let Some((index, error)) = refused {
-        crate::metrics::hedge_decided(&route.alias, hedge, Some(index));
-        return refuse(record, &req, route, index, error, &tried, visit.as_ref());
-    }
-    crate::metrics::hedge_decided(&route.alias, hedge, None);
-    let (error, target) = match last {
+    let (end, tried, launched) = attempts.finish();
+    record.attempts = launched;
+    let (error, target) = match end {
+        Exhausted::Refused(index, error) => {
+            return refuse(record, &req, route, index, error, &tried, visit.as_ref());
+        }
         // One attempt: its own error says most (a 504 naming the timeout...).
-        Some((index, error)) if attempts == 1 => (error.into(), Some(&route.targets[index])),
-        Some(_) => (
+        Exhausted::Failed(Some((index, error))) if launched == 1 => {
+            (error.into(), Some(&route.targets[index]))
+        }
+        Exhausted::Failed(Some(_)) => (
             GatewayError::AllTargetsFailed {
                 alias: route.alias.clone(),
-                tried: tried.0.join(", "),
+                tried: tried.list(),
             },
             None,
         ),
-        None => (
+        Exhausted::Failed(None) => (
             GatewayError::NoHealthyTarget {
                 alias: route.alias.clone(),
             },
@@ -388,8 +221,40 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
         record.model = Some(t.model.clone());
     }
     let resp = reject(record, req.format, error);
-    let resp = with_attempt_headers(resp, target, attempts, &tried);
+    let resp = with_attempt_headers(resp, target, launched, &tried);
     with_cache_status(resp, visit.as_ref())
+}
+
+/// Hands the winning attempt's response to the client: the record (and, on
+/// a cached route, the capture) go with the body, which ends them.
+fn commit(
+    mut committed: Committed,
+    mut record: Tracked,
+    route: &Route,
+    index: usize,
+    tried: &Tried,
+    visit: Option<&mut cache::Visit>,
+) -> Response {
+    let target = &route.targets[index];
+    let attempts = record.attempts;
+    record.provider = Some(target.provider.name.clone());
+    record.model = Some(target.model.clone());
+    record.status = committed.status.as_u16();
+    let (provider, model) = (&target.provider.name, &target.model);
+    let mut visit = visit;
+    let capture = visit
+        .as_mut()
+        .and_then(|v| v.capture(committed.status, &committed.headers, provider, model));
+    if let Some(capture) = capture {
+        committed.body.capture(capture);
+    }
+    let visit = visit.map(|v| &*v);
+    committed.body.attach(record);
+    let mut resp = Response::new(Body::new(committed.body));
+    *resp.status_mut() = committed.status;
+    copy_headers(&committed.headers, resp.headers_mut());
+    let resp = with_attempt_headers(resp, Some(target), attempts, tried);
+    with_cache_status(resp, visit)
 }
 
 /// Reports a breaker's change of state, which health only returns: the
@@ -470,7 +335,7 @@ fn refuse(
 fn replay(entry: &cache::Entry, mut record: Tracked) -> Response {
     record.model = Some(entry.model.clone());
     record.status = entry.status;
-    record.finish("cache_hit");
+    record.finish(Outcome::CacheHit);
     entry.response()
 }
 
@@ -481,33 +346,6 @@ fn with_cache_status(mut resp: Response, visit: Option<&cache::Visit>) -> Respon
             .insert(cache::HEADER, v.status().header());
     }
     resp
-}
-
-/// Runs an attempt after `delay`. If it claimed a breaker's probe slot and is
-/// dropped before it ends (the client left, or a hedge won), the slot is
-/// released so the target can be probed again.
-async fn guarded<T>(
-    probe: bool,
-    health: &TargetHealth,
-    delay: Duration,
-    attempt: impl Future<Output = T>,
-) -> T {
-    struct ProbeGuard<'a>(Option<&'a TargetHealth>);
-    impl Drop for ProbeGuard<'_> {
-        fn drop(&mut self) {
-            if let Some(h) = self.0 {
-                h.on_abandoned();
-            }
-        }
-    }
-    let mut guard = ProbeGuard(probe.then_some(health));
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    let _in_flight = health.start_attempt();
-    let out = attempt.await;
-    guard.0 = None;
-    out
 }
 
 /// One attempt on one target, up to the point where the client can be given
@@ -741,13 +579,6 @@ async fn read_whole(
     }
 }
 
-/// Full-jitter exponential backoff before retry number `attempts`.
-fn backoff(route: &Route, attempts: u32, rng: &mut fastrand::Rng) -> Duration {
-    let base = route.retries.backoff.as_micros() as u64;
-    let cap = base.saturating_mul(1 << attempts.saturating_sub(1).min(10));
-    Duration::from_micros(rng.u64(0..=cap))
-}
-
 fn failure_of(error: &UpstreamError) -> Failure {
     match error {
         UpstreamError::Status {
@@ -772,41 +603,11 @@ fn failure_of(error: &UpstreamError) -> Failure {
     }
 }
 
-fn reason_of(error: &UpstreamError) -> &'static str {
-    match error {
-        UpstreamError::Connect { .. } => "connect_error",
-        UpstreamError::Timeout { kind, .. } => match kind {
-            crate::upstream::TimeoutKind::Connect => "connect_timeout",
-            crate::upstream::TimeoutKind::FirstByte => "first_byte_timeout",
-            crate::upstream::TimeoutKind::Idle => "idle_timeout",
-            crate::upstream::TimeoutKind::Total => "total_timeout",
-        },
-        UpstreamError::Transport { .. } => "transport_error",
-        UpstreamError::ErrorEvent { .. } => "stream_error_event",
-        UpstreamError::Untranslatable { .. } => "untranslatable",
-        UpstreamError::ModelNotFound { .. } => "model_not_found",
-        UpstreamError::EventTooLarge { .. } => "event_too_large",
-        UpstreamError::UnexpectedAnswer { what, .. } => match what {
-            Unexpected::ContentType(_) => "unexpected_content_type",
-            Unexpected::Encoding(_) => "unexpected_encoding",
-            Unexpected::NotJson => "invalid_json",
-        },
-        UpstreamError::AnswerTooLarge { .. } => "answer_too_large",
-        UpstreamError::TranslationFailed { .. } => "translation_failed",
-        UpstreamError::Status { status, .. } => match status.as_u16() {
-            429 => "status_429",
-            401..=403 => "credentials_rejected",
-            s if s >= 500 => "status_5xx",
-            _ => "status_4xx",
-        },
-    }
-}
-
 /// Ends a request with an error response and its log line.
 pub fn reject(mut record: Tracked, format: ClientFormat, error: GatewayError) -> Response {
     let resp = ApiError { error, format }.into_response();
     record.status = resp.status().as_u16();
-    record.finish("rejected");
+    record.finish(Outcome::Rejected);
     resp
 }
 

@@ -30,10 +30,59 @@ use crate::state::Gateway;
 #[derive(Debug, Clone, Serialize)]
 pub struct ReloadStatus {
     pub at_unix_ms: u64,
-    pub trigger: String,
-    /// `applied`, `rollout_started`, `unchanged` or `rejected`.
-    pub outcome: &'static str,
+    pub trigger: Trigger,
+    pub outcome: Outcome,
     pub errors: Vec<String>,
+}
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The config file changed on disk.
+    FileChange,
+    /// The process got `SIGHUP`.
+    Sighup,
+    /// `POST /admin/reload`.
+    Admin,
+    /// Code that embeds detour called [`apply_text`] (tests, tools).
+    Direct,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FileChange => "file_change",
+            Self::Sighup => "sighup",
+            Self::Admin => "admin",
+            Self::Direct => "direct",
+        }
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The new config serves every request now.
+    Applied,
+    /// The new config bakes on a canary share first.
+    RolloutStarted,
+    /// The file is the config already serving: nothing to do.
+    Unchanged,
+    /// Invalid, unreadable or failed to build: the running config stays.
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::RolloutStarted => "rollout_started",
+            Self::Unchanged => "unchanged",
+            Self::Rejected => "rejected",
+        }
+    }
 }
 
 fn now_unix_ms() -> u64 {
@@ -68,14 +117,8 @@ impl Reloader {
     }
 
     /// Re-reads the config file and applies it.
-    pub fn reload(&self, trigger: &str) -> ReloadStatus {
+    pub fn reload(&self, trigger: Trigger) -> ReloadStatus {
         self.record(reload_on(&self.gw, trigger, self.runtime.as_ref()))
-    }
-
-    /// Validates `text` and applies it (swap or rollout).
-    pub fn apply_text(&self, text: &str, file: &str, trigger: &str) -> ReloadStatus {
-        let status = apply(&self.gw, text, file, trigger, self.runtime.as_ref());
-        self.record(status)
     }
 
     /// What the last reload did.
@@ -92,14 +135,14 @@ impl Reloader {
 /// Re-reads the gateway's config file and applies it.
 fn reload_on(
     gw: &Arc<Gateway>,
-    trigger: &str,
+    trigger: Trigger,
     rt: Option<&tokio::runtime::Handle>,
 ) -> ReloadStatus {
     let Some(path) = gw.ops().config_path else {
         return finish(
             gw,
             trigger,
-            "rejected",
+            Outcome::Rejected,
             vec!["this gateway has no config file to reload".into()],
         );
     };
@@ -107,7 +150,7 @@ fn reload_on(
         Ok(t) => t,
         Err(e) => {
             let error = format!("{}: cannot read config: {e}", path.display());
-            return finish(gw, trigger, "rejected", vec![error]);
+            return finish(gw, trigger, Outcome::Rejected, vec![error]);
         }
     };
     apply(gw, &text, &path.display().to_string(), trigger, rt)
@@ -115,7 +158,7 @@ fn reload_on(
 
 /// Validates `text` and applies it (swap or rollout); a rollout's judge runs
 /// on the current runtime.
-pub fn apply_text(gw: &Arc<Gateway>, text: &str, file: &str, trigger: &str) -> ReloadStatus {
+pub fn apply_text(gw: &Arc<Gateway>, text: &str, file: &str, trigger: Trigger) -> ReloadStatus {
     let rt = tokio::runtime::Handle::try_current().ok();
     apply(gw, text, file, trigger, rt.as_ref())
 }
@@ -124,28 +167,28 @@ fn apply(
     gw: &Arc<Gateway>,
     text: &str,
     file: &str,
-    trigger: &str,
+    trigger: Trigger,
     rt: Option<&tokio::runtime::Handle>,
 ) -> ReloadStatus {
     if gw.source().as_deref() == Some(text) && gw.rollout().is_none() {
-        return finish(gw, trigger, "unchanged", Vec::new());
+        return finish(gw, trigger, Outcome::Unchanged, Vec::new());
     }
     let cfg = match config::load_str(text, file) {
         Ok(c) => c,
         Err(ConfigError::Invalid(diags)) => {
             let errors: Vec<String> = diags.iter().map(ToString::to_string).collect();
             for e in &errors {
-                tracing::error!(trigger, "config refused: {e}");
+                tracing::error!(trigger = trigger.as_str(), "config refused: {e}");
             }
-            return finish(gw, trigger, "rejected", errors);
+            return finish(gw, trigger, Outcome::Rejected, errors);
         }
-        Err(e) => return finish(gw, trigger, "rejected", vec![e.to_string()]),
+        Err(e) => return finish(gw, trigger, Outcome::Rejected, vec![e.to_string()]),
     };
     match cfg.rollout.filter(|p| p.canary_percent > 0.0) {
         Some(policy) => match gw.start_rollout(cfg, policy, Some(text.to_owned())) {
             Ok(rollout) => {
                 tracing::warn!(
-                    trigger,
+                    trigger = trigger.as_str(),
                     canary_percent = policy.canary_percent,
                     bake_s = policy.bake.as_secs_f64(),
                     "new config baking on a canary share"
@@ -153,28 +196,28 @@ fn apply(
                 if let Some(rt) = rt {
                     rt.spawn(judge(Arc::clone(gw), rollout));
                 }
-                finish(gw, trigger, "rollout_started", Vec::new())
+                finish(gw, trigger, Outcome::RolloutStarted, Vec::new())
             }
-            Err(e) => finish(gw, trigger, "rejected", vec![e.to_string()]),
+            Err(e) => finish(gw, trigger, Outcome::Rejected, vec![e.to_string()]),
         },
         None => match gw.swap_with_source(cfg, Some(text.to_owned())) {
             Ok(()) => {
-                tracing::warn!(trigger, "new config applied");
-                finish(gw, trigger, "applied", Vec::new())
+                tracing::warn!(trigger = trigger.as_str(), "new config applied");
+                finish(gw, trigger, Outcome::Applied, Vec::new())
             }
-            Err(e) => finish(gw, trigger, "rejected", vec![e.to_string()]),
+            Err(e) => finish(gw, trigger, Outcome::Rejected, vec![e.to_string()]),
         },
     }
 }
 
-fn finish(gw: &Gateway, trigger: &str, outcome: &'static str, errors: Vec<String>) -> ReloadStatus {
+fn finish(gw: &Gateway, trigger: Trigger, outcome: Outcome, errors: Vec<String>) -> ReloadStatus {
     let status = ReloadStatus {
         at_unix_ms: now_unix_ms(),
-        trigger: trigger.to_owned(),
+        trigger,
         outcome,
         errors,
     };
-    if outcome == "rejected" {
+    if outcome == Outcome::Rejected {
         gw.count_rejected_config();
     }
     status
@@ -210,7 +253,7 @@ pub async fn watch(reloader: Arc<Reloader>) {
     let Some(path) = reloader.gw.ops().config_path else {
         return;
     };
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Trigger>(16);
     let _watcher = file_watcher(&path, tx.clone());
     #[cfg(unix)]
     {
@@ -221,7 +264,7 @@ pub async fn watch(reloader: Arc<Reloader>) {
                 return;
             };
             while hup.recv().await.is_some() {
-                if tx.send("sighup").await.is_err() {
+                if tx.send(Trigger::Sighup).await.is_err() {
                     return;
                 }
             }
@@ -233,13 +276,17 @@ pub async fn watch(reloader: Arc<Reloader>) {
         tokio::time::sleep(Duration::from_millis(200)).await;
         while rx.try_recv().is_ok() {}
         let status = reloader.reload(trigger);
-        tracing::info!(trigger, outcome = status.outcome, "reload");
+        tracing::info!(
+            trigger = trigger.as_str(),
+            outcome = status.outcome.as_str(),
+            "reload"
+        );
     }
 }
 
 fn file_watcher(
     path: &Path,
-    tx: tokio::sync::mpsc::Sender<&'static str>,
+    tx: tokio::sync::mpsc::Sender<Trigger>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
     let file: PathBuf = path.file_name()?.into();
@@ -257,7 +304,7 @@ fn file_watcher(
             .iter()
             .any(|p| p.file_name() == Some(file.as_os_str()))
         {
-            let _ = tx.try_send("file_change");
+            let _ = tx.try_send(Trigger::FileChange);
         }
     })
     .map_err(|e| tracing::warn!("cannot watch the config file: {e}"))
@@ -331,6 +378,36 @@ fn save_lkg(dir: &Path, text: &str) -> std::io::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `GET /admin/reload` and the log show the same words as before the
+    /// enums: operators' scripts read them.
+    #[test]
+    fn triggers_and_outcomes_keep_their_words() {
+        let triggers = [
+            (Trigger::FileChange, "file_change"),
+            (Trigger::Sighup, "sighup"),
+            (Trigger::Admin, "admin"),
+            (Trigger::Direct, "direct"),
+        ];
+        for (t, word) in triggers {
+            assert_eq!(
+                (t.as_str(), serde_json::json!(t)),
+                (word, serde_json::json!(word))
+            );
+        }
+        let outcomes = [
+            (Outcome::Applied, "applied"),
+            (Outcome::RolloutStarted, "rollout_started"),
+            (Outcome::Unchanged, "unchanged"),
+            (Outcome::Rejected, "rejected"),
+        ];
+        for (o, word) in outcomes {
+            assert_eq!(
+                (o.as_str(), serde_json::json!(o)),
+                (word, serde_json::json!(word))
+            );
+        }
+    }
 
     #[cfg(unix)]
     fn mode(path: &Path) -> u32 {

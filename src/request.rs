@@ -17,7 +17,7 @@ use std::ops::{Deref, DerefMut};
 
 use crate::limits::TokenCharge;
 use crate::state::CohortTag;
-use crate::telemetry::RequestRecord;
+use crate::telemetry::{Outcome, RequestRecord};
 
 /// A request's log record and the guards settled when it ends. Reads and
 /// writes of the record's fields go through to it ([`Deref`]).
@@ -43,7 +43,7 @@ impl Tracked {
     }
 
     /// Ends the request now with `outcome` (instead of on drop).
-    pub fn finish(mut self, outcome: &'static str) {
+    pub fn finish(mut self, outcome: Outcome) {
         self.record.outcome = outcome;
         self.end();
     }
@@ -126,7 +126,7 @@ mod tests {
         let r = rollout();
         let mut finished = tracked(&r, true);
         finished.status = 502;
-        finished.finish("rejected");
+        finished.finish(Outcome::Rejected);
         let mut dropped = tracked(&r, false);
         dropped.status = 200;
         drop(dropped);
@@ -141,7 +141,7 @@ mod tests {
         let mut t = tracked(&rollout(), false);
         t.hold = Some(streams.try_take().unwrap());
         assert_eq!(streams.in_flight(), 1);
-        t.finish("ok");
+        t.finish(Outcome::Ok);
         assert_eq!(streams.in_flight(), 0);
     }
 }

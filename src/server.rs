@@ -133,7 +133,7 @@ fn refuse(req: &Request, stage: &'static str, error: GatewayError) -> Response {
     let mut record = RequestRecord::new(id, format, stage);
     let resp = ApiError { error, format }.into_response();
     record.status = resp.status().as_u16();
-    record.finish("refused");
+    record.finish(crate::telemetry::Outcome::Refused);
     resp
 }
 

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::protocol::chat::ClientFormat;
 use crate::protocol::openai::Usage;
+use crate::upstream::UpstreamKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -33,6 +34,42 @@ pub fn init(format: LogFormat, default_level: &str) {
     drop(result);
 }
 
+/// How a request ended: the `outcome` of its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response body ended whole.
+    Ok,
+    /// Answered from the response cache.
+    CacheHit,
+    /// Ended with detour's error response, after ingress took the request.
+    Rejected,
+    /// Turned away by the middleware (limits, admission) before ingress.
+    Refused,
+    /// The client went away before the response ended (the default).
+    ClientGone,
+    /// The provider failed after the client got its headers. A time limit
+    /// or an oversized event is named by its reason (`idle_timeout`,
+    /// `event_too_large`, ...), which an operator can tune; any other
+    /// failure is `upstream_broke_off`.
+    BrokeOff(UpstreamKind),
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::CacheHit => "cache_hit",
+            Self::Rejected => "rejected",
+            Self::Refused => "refused",
+            Self::ClientGone => "client_gone",
+            Self::BrokeOff(kind) if kind.is_timeout() || kind == UpstreamKind::EventTooLarge => {
+                kind.reason()
+            }
+            Self::BrokeOff(_) => "upstream_broke_off",
+        }
+    }
+}
+
 /// What one request did; written as one log line when the request ends,
 /// whether it completed, failed, or the client went away.
 #[derive(Debug)]
@@ -49,7 +86,7 @@ pub struct RequestRecord {
     pub started: Instant,
     pub first_byte: Option<Duration>,
     pub usage: Option<Usage>,
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     written: bool,
 }
 
@@ -69,13 +106,13 @@ impl RequestRecord {
             first_byte: None,
             usage: None,
             // Until told otherwise, the request ended because the client left.
-            outcome: "client_gone",
+            outcome: Outcome::ClientGone,
             written: false,
         }
     }
 
     /// Writes the line now (instead of on drop).
-    pub fn finish(mut self, outcome: &'static str) {
+    pub fn finish(mut self, outcome: Outcome) {
         self.outcome = outcome;
         self.write();
     }
@@ -113,7 +150,7 @@ impl RequestRecord {
             ttfb_ms,
             prompt_tokens = self.usage.map(|u| u.prompt_tokens),
             completion_tokens = self.usage.map(|u| u.completion_tokens),
-            outcome = self.outcome,
+            outcome = self.outcome.as_str(),
             "request"
         );
         true
@@ -129,6 +166,28 @@ impl Drop for RequestRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The log line keeps the words dashboards and alerts search for.
+    #[test]
+    fn outcomes_keep_their_words() {
+        #[rustfmt::skip]
+        let table = [
+            (Outcome::Ok, "ok"),
+            (Outcome::CacheHit, "cache_hit"),
+            (Outcome::Rejected, "rejected"),
+            (Outcome::Refused, "refused"),
+            (Outcome::ClientGone, "client_gone"),
+            (Outcome::BrokeOff(UpstreamKind::IdleTimeout), "idle_timeout"),
+            (Outcome::BrokeOff(UpstreamKind::TotalTimeout), "total_timeout"),
+            (Outcome::BrokeOff(UpstreamKind::FirstByteTimeout), "first_byte_timeout"),
+            (Outcome::BrokeOff(UpstreamKind::EventTooLarge), "event_too_large"),
+            (Outcome::BrokeOff(UpstreamKind::TransportError), "upstream_broke_off"),
+            (Outcome::BrokeOff(UpstreamKind::StreamErrorEvent), "upstream_broke_off"),
+        ];
+        for (outcome, word) in table {
+            assert_eq!(outcome.as_str(), word, "{outcome:?}");
+        }
+    }
 
     #[test]
     fn the_line_is_written_once() {

@@ -125,6 +125,174 @@ impl std::fmt::Display for Unexpected {
     }
 }
 
+/// What kind of failure an [`UpstreamError`] is, and every word it is known
+/// by: the one table to extend when a variant is added. `reason` names the
+/// failure in the log, the `x-detour-tried` header and the
+/// `detour_failovers_total` label; `code`, `error_type` and `status` are what
+/// the client reads when the request ends in it (`error::ApiError`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    ConnectError,
+    ConnectTimeout,
+    FirstByteTimeout,
+    IdleTimeout,
+    TotalTimeout,
+    TransportError,
+    StreamErrorEvent,
+    Untranslatable,
+    ModelNotFound,
+    EventTooLarge,
+    UnexpectedContentType,
+    UnexpectedEncoding,
+    InvalidJson,
+    AnswerTooLarge,
+    TranslationFailed,
+    /// A 429.
+    Throttled,
+    /// A 401, 402 or 403: detour's own key was refused.
+    CredentialsRejected,
+    /// Any 5xx (and Anthropic's 529).
+    ServerError,
+    /// Any other 4xx that is not the caller's fault.
+    OtherStatus,
+}
+
+/// One row of [`UpstreamKind`]'s table.
+struct Row {
+    reason: &'static str,
+    code: &'static str,
+    error_type: &'static str,
+    status: StatusCode,
+}
+
+impl UpstreamKind {
+    fn row(self) -> Row {
+        use StatusCode as S;
+        let row = |reason, code, error_type, status| Row {
+            reason,
+            code,
+            error_type,
+            status,
+        };
+        let upstream = |reason, code, status| row(reason, code, "upstream_error", status);
+        match self {
+            Self::ConnectError => {
+                upstream("connect_error", "upstream_connect_error", S::BAD_GATEWAY)
+            }
+            Self::ConnectTimeout => upstream(
+                "connect_timeout",
+                "upstream_connect_timeout",
+                S::GATEWAY_TIMEOUT,
+            ),
+            Self::FirstByteTimeout => upstream(
+                "first_byte_timeout",
+                "upstream_first_byte_timeout",
+                S::GATEWAY_TIMEOUT,
+            ),
+            Self::IdleTimeout => {
+                upstream("idle_timeout", "upstream_idle_timeout", S::GATEWAY_TIMEOUT)
+            }
+            Self::TotalTimeout => upstream(
+                "total_timeout",
+                "upstream_total_timeout",
+                S::GATEWAY_TIMEOUT,
+            ),
+            Self::TransportError => upstream(
+                "transport_error",
+                "upstream_transport_error",
+                S::BAD_GATEWAY,
+            ),
+            Self::StreamErrorEvent => upstream(
+                "stream_error_event",
+                "upstream_stream_error",
+                S::BAD_GATEWAY,
+            ),
+            Self::Untranslatable => row(
+                "untranslatable",
+                "untranslatable",
+                "invalid_request_error",
+                S::BAD_REQUEST,
+            ),
+            Self::ModelNotFound => upstream(
+                "model_not_found",
+                "upstream_model_not_found",
+                S::BAD_GATEWAY,
+            ),
+            Self::EventTooLarge => upstream(
+                "event_too_large",
+                "upstream_event_too_large",
+                S::BAD_GATEWAY,
+            ),
+            Self::UnexpectedContentType => upstream(
+                "unexpected_content_type",
+                "upstream_unexpected_answer",
+                S::BAD_GATEWAY,
+            ),
+            Self::UnexpectedEncoding => upstream(
+                "unexpected_encoding",
+                "upstream_unexpected_answer",
+                S::BAD_GATEWAY,
+            ),
+            Self::InvalidJson => {
+                upstream("invalid_json", "upstream_unexpected_answer", S::BAD_GATEWAY)
+            }
+            Self::AnswerTooLarge => upstream(
+                "answer_too_large",
+                "upstream_answer_too_large",
+                S::BAD_GATEWAY,
+            ),
+            // detour's own failure, after the provider did its part.
+            Self::TranslationFailed => row(
+                "translation_failed",
+                "translation_failed",
+                "server_error",
+                S::BAD_GATEWAY,
+            ),
+            Self::Throttled => row(
+                "status_429",
+                "rate_limit_exceeded",
+                "rate_limit_error",
+                S::TOO_MANY_REQUESTS,
+            ),
+            Self::CredentialsRejected => upstream(
+                "credentials_rejected",
+                "upstream_credentials_rejected",
+                S::BAD_GATEWAY,
+            ),
+            Self::ServerError => upstream("status_5xx", "upstream_server_error", S::BAD_GATEWAY),
+            Self::OtherStatus => upstream("status_4xx", "upstream_server_error", S::BAD_GATEWAY),
+        }
+    }
+
+    /// The failure's name in logs, `x-detour-tried` and metric labels.
+    pub fn reason(self) -> &'static str {
+        self.row().reason
+    }
+
+    /// The `code` of the client's error body.
+    pub fn code(self) -> &'static str {
+        self.row().code
+    }
+
+    /// The `type` of the client's error body (OpenAI's shape).
+    pub fn error_type(self) -> &'static str {
+        self.row().error_type
+    }
+
+    /// The status of the client's error response.
+    pub fn status(self) -> StatusCode {
+        self.row().status
+    }
+
+    /// A time limit that fired.
+    pub fn is_timeout(self) -> bool {
+        matches!(
+            self,
+            Self::ConnectTimeout | Self::FirstByteTimeout | Self::IdleTimeout | Self::TotalTimeout
+        )
+    }
+}
+
 /// A header's text for an error message: printable, at most 40 characters.
 pub fn shorten(v: &HeaderValue) -> String {
     let text = v.to_str().unwrap_or("(not text)");
@@ -132,6 +300,37 @@ pub fn shorten(v: &HeaderValue) -> String {
 }
 
 impl UpstreamError {
+    /// Which kind of failure this is (see [`UpstreamKind`]).
+    pub fn kind(&self) -> UpstreamKind {
+        match self {
+            Self::Connect { .. } => UpstreamKind::ConnectError,
+            Self::Timeout { kind, .. } => match kind {
+                TimeoutKind::Connect => UpstreamKind::ConnectTimeout,
+                TimeoutKind::FirstByte => UpstreamKind::FirstByteTimeout,
+                TimeoutKind::Idle => UpstreamKind::IdleTimeout,
+                TimeoutKind::Total => UpstreamKind::TotalTimeout,
+            },
+            Self::Transport { .. } => UpstreamKind::TransportError,
+            Self::ErrorEvent { .. } => UpstreamKind::StreamErrorEvent,
+            Self::Untranslatable { .. } => UpstreamKind::Untranslatable,
+            Self::ModelNotFound { .. } => UpstreamKind::ModelNotFound,
+            Self::EventTooLarge { .. } => UpstreamKind::EventTooLarge,
+            Self::UnexpectedAnswer { what, .. } => match what {
+                Unexpected::ContentType(_) => UpstreamKind::UnexpectedContentType,
+                Unexpected::Encoding(_) => UpstreamKind::UnexpectedEncoding,
+                Unexpected::NotJson => UpstreamKind::InvalidJson,
+            },
+            Self::AnswerTooLarge { .. } => UpstreamKind::AnswerTooLarge,
+            Self::TranslationFailed { .. } => UpstreamKind::TranslationFailed,
+            Self::Status { status, .. } => match status.as_u16() {
+                429 => UpstreamKind::Throttled,
+                401..=403 => UpstreamKind::CredentialsRejected,
+                s if s >= 500 => UpstreamKind::ServerError,
+                _ => UpstreamKind::OtherStatus,
+            },
+        }
+    }
+
     /// Whether another target may be tried (used by failover).
     pub fn retryable(&self) -> bool {
         match self {
@@ -446,6 +645,69 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status(code: u16) -> UpstreamError {
+        UpstreamError::Status {
+            provider: "p".to_owned(),
+            format: Format::OpenAi,
+            status: StatusCode::from_u16(code).unwrap(),
+            retry_after: None,
+            content_type: None,
+            body: Bytes::new(),
+        }
+    }
+
+    /// The wire words of each kind, as clients, logs and dashboards know them.
+    #[test]
+    fn each_kind_keeps_its_words() {
+        let p = || "p".to_owned();
+        let timeout = |kind| UpstreamError::Timeout {
+            provider: p(),
+            kind,
+            after: Duration::from_secs(1),
+        };
+        let unexpected = |what| UpstreamError::UnexpectedAnswer {
+            provider: p(),
+            what,
+        };
+        #[rustfmt::skip]
+        let table = [
+            (UpstreamError::Connect { provider: p(), detail: p() }, "connect_error", "upstream_connect_error", "upstream_error", 502),
+            (timeout(TimeoutKind::Connect), "connect_timeout", "upstream_connect_timeout", "upstream_error", 504),
+            (timeout(TimeoutKind::FirstByte), "first_byte_timeout", "upstream_first_byte_timeout", "upstream_error", 504),
+            (timeout(TimeoutKind::Idle), "idle_timeout", "upstream_idle_timeout", "upstream_error", 504),
+            (timeout(TimeoutKind::Total), "total_timeout", "upstream_total_timeout", "upstream_error", 504),
+            (UpstreamError::Transport { provider: p(), detail: p() }, "transport_error", "upstream_transport_error", "upstream_error", 502),
+            (UpstreamError::ErrorEvent { provider: p(), message: p() }, "stream_error_event", "upstream_stream_error", "upstream_error", 502),
+            (UpstreamError::Untranslatable { provider: p(), message: p() }, "untranslatable", "untranslatable", "invalid_request_error", 400),
+            (UpstreamError::ModelNotFound { provider: p(), model: p() }, "model_not_found", "upstream_model_not_found", "upstream_error", 502),
+            (UpstreamError::EventTooLarge { provider: p(), limit: 1 }, "event_too_large", "upstream_event_too_large", "upstream_error", 502),
+            (unexpected(Unexpected::ContentType(p())), "unexpected_content_type", "upstream_unexpected_answer", "upstream_error", 502),
+            (unexpected(Unexpected::Encoding(p())), "unexpected_encoding", "upstream_unexpected_answer", "upstream_error", 502),
+            (unexpected(Unexpected::NotJson), "invalid_json", "upstream_unexpected_answer", "upstream_error", 502),
+            (UpstreamError::AnswerTooLarge { provider: p(), limit: 1 }, "answer_too_large", "upstream_answer_too_large", "upstream_error", 502),
+            (UpstreamError::TranslationFailed { provider: p(), message: p() }, "translation_failed", "translation_failed", "server_error", 502),
+            (status(429), "status_429", "rate_limit_exceeded", "rate_limit_error", 429),
+            (status(401), "credentials_rejected", "upstream_credentials_rejected", "upstream_error", 502),
+            (status(403), "credentials_rejected", "upstream_credentials_rejected", "upstream_error", 502),
+            (status(500), "status_5xx", "upstream_server_error", "upstream_error", 502),
+            (status(529), "status_5xx", "upstream_server_error", "upstream_error", 502),
+            (status(408), "status_4xx", "upstream_server_error", "upstream_error", 502),
+        ];
+        for (error, reason, code, error_type, http) in table {
+            let kind = error.kind();
+            assert_eq!(
+                (
+                    kind.reason(),
+                    kind.code(),
+                    kind.error_type(),
+                    kind.status().as_u16()
+                ),
+                (reason, code, error_type, http),
+                "{error:?}"
+            );
+        }
+    }
 
     fn wait(text: &str) -> Option<Duration> {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);

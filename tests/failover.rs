@@ -547,8 +547,18 @@ async fn a_reload_that_changes_the_breaker_takes_effect() {
     // Stricter: the failures already counted (5 in a row) open it at the next one.
     let strict = r#"breaker = { consecutive_failures = 2, open_for = "60s" }"#;
     let config = two_targets(primary.addr(), backup.addr(), strict);
-    let status = detour::reload::apply_text(&gw.gateway, &config, "new.toml", "test");
-    assert_eq!(status.outcome, "applied", "{:?}", status.errors);
+    let status = detour::reload::apply_text(
+        &gw.gateway,
+        &config,
+        "new.toml",
+        detour::reload::Trigger::Direct,
+    );
+    assert_eq!(
+        status.outcome,
+        detour::reload::Outcome::Applied,
+        "{:?}",
+        status.errors
+    );
     for _ in 0..10 {
         assert_eq!(post(&gw, false).await.status(), 200);
     }
@@ -562,8 +572,18 @@ async fn a_reload_that_changes_the_breaker_takes_effect() {
     primary.set_faults(faults(json!({})));
     let short = r#"breaker = { consecutive_failures = 2, open_for = "100ms", slow_start = "0s" }"#;
     let config = two_targets(primary.addr(), backup.addr(), short);
-    let status = detour::reload::apply_text(&gw.gateway, &config, "new.toml", "test");
-    assert_eq!(status.outcome, "applied", "{:?}", status.errors);
+    let status = detour::reload::apply_text(
+        &gw.gateway,
+        &config,
+        "new.toml",
+        detour::reload::Trigger::Direct,
+    );
+    assert_eq!(
+        status.outcome,
+        detour::reload::Outcome::Applied,
+        "{:?}",
+        status.errors
+    );
     tokio::time::sleep(Duration::from_millis(150)).await;
     let resp = post(&gw, false).await;
     assert_eq!(

@@ -266,9 +266,9 @@ async fn a_healthy_canary_is_promoted_by_itself() {
         &gw.gateway,
         &rollout_config(b.addr(), CANARY),
         "new.toml",
-        "test",
+        detour::reload::Trigger::Direct,
     );
-    assert_eq!(status.outcome, "rollout_started");
+    assert_eq!(status.outcome, detour::reload::Outcome::RolloutStarted);
     let admin = admin(&gw, "t").await;
     let view: Value = client()
         .get(format!("{admin}/admin/rollout"))
@@ -320,7 +320,7 @@ async fn a_failing_canary_rolls_itself_back() {
         &gw.gateway,
         &rollout_config(b.addr(), CANARY),
         "new.toml",
-        "test",
+        detour::reload::Trigger::Direct,
     );
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut errors = 0;
@@ -368,7 +368,7 @@ async fn an_operator_can_promote_or_roll_back_by_hand() {
         &gw.gateway,
         &rollout_config(b.addr(), slow),
         "new.toml",
-        "test",
+        detour::reload::Trigger::Direct,
     );
     assert_eq!(post("/admin/rollout/rollback").await, 200);
     assert!(gw.gateway.rollout().is_none());
@@ -377,7 +377,7 @@ async fn an_operator_can_promote_or_roll_back_by_hand() {
         &gw.gateway,
         &rollout_config(b.addr(), slow),
         "new.toml",
-        "test",
+        detour::reload::Trigger::Direct,
     );
     assert_eq!(post("/admin/rollout/promote").await, 200);
     client()

@@ -133,9 +133,9 @@ async fn a_canary_with_a_wrong_provider_key_leaves_stable_traffic_served() {
         &gw.gateway,
         &config(up.addr(), "sk-wrong", "fast", canary),
         "new.toml",
-        "test",
+        detour::reload::Trigger::Direct,
     );
-    assert_eq!(status.outcome, "rollout_started");
+    assert_eq!(status.outcome, detour::reload::Outcome::RolloutStarted);
     for _ in 0..3 {
         assert_ne!(call(&gw, "any").await, 200, "the canary's key is wrong");
     }
@@ -296,9 +296,9 @@ async fn a_canary_request_is_authenticated_by_the_canarys_keys() {
             &format!("{canary}\n{}", keys("k2")),
         ),
         "new.toml",
-        "test",
+        detour::reload::Trigger::Direct,
     );
-    assert_eq!(status.outcome, "rollout_started");
+    assert_eq!(status.outcome, detour::reload::Outcome::RolloutStarted);
     assert_eq!(
         call(&gw, "k2").await,
         200,

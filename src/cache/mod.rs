@@ -218,7 +218,6 @@ pub struct Cache {
     hits: AtomicU64,
     misses: AtomicU64,
     mismatches: AtomicU64,
-    stored: AtomicU64,
 }
 
 impl Cache {
@@ -230,7 +229,6 @@ impl Cache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             mismatches: AtomicU64::new(0),
-            stored: AtomicU64::new(0),
         }
     }
 
@@ -289,7 +287,6 @@ impl Cache {
     pub async fn store(&self, entry: Entry) {
         let key = entry.request_hash;
         self.backend.put(key, Arc::new(entry)).await;
-        self.stored.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The cache step of one request on a route with `policy`: a verified
@@ -340,11 +337,6 @@ impl Cache {
     /// Entries the backend returned for another tenant or request: dropped.
     pub fn mismatches(&self) -> u64 {
         self.mismatches.load(Ordering::Relaxed)
-    }
-
-    /// Entries written.
-    pub fn stored(&self) -> u64 {
-        self.stored.load(Ordering::Relaxed)
     }
 }
 

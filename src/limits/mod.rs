@@ -438,7 +438,6 @@ mod tests {
         let key = &config.keys[0];
         Caller {
             key_digest: Some(key.sha256),
-            key_name: String::new(),
             tenant: "a".into(),
             tier: crate::config::Tier::Standard,
         }

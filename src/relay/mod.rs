@@ -41,6 +41,7 @@ use crate::error::{stream_error_event, ClientFormat, GatewayError};
 use crate::protocol::sse::EventTooLarge;
 use crate::protocol::translate::{StreamDecoder, StreamEncoder};
 use crate::request::Tracked;
+use crate::telemetry::Outcome;
 use crate::upstream::{TimeoutKind, UpstreamError};
 
 use capture::CacheCopy;
@@ -108,21 +109,9 @@ enum State {
 type Polled = Poll<Option<Result<Frame<Bytes>, std::io::Error>>>;
 
 /// The outcome a request's log line records when its upstream failed after
-/// the client got its headers.
-fn broken_off_outcome(error: &UpstreamError) -> &'static str {
-    match error {
-        UpstreamError::Timeout {
-            kind: TimeoutKind::Idle,
-            ..
-        } => "idle_timeout",
-        UpstreamError::Timeout {
-            kind: TimeoutKind::Total,
-            ..
-        } => "total_timeout",
-        UpstreamError::Timeout { .. } => "first_byte_timeout",
-        UpstreamError::EventTooLarge { .. } => "event_too_large",
-        _ => "upstream_broke_off",
-    }
+/// the client got its headers (its words: `telemetry::Outcome::as_str`).
+fn broken_off_outcome(error: &UpstreamError) -> Outcome {
+    Outcome::BrokeOff(error.kind())
 }
 
 impl RelayBody {
@@ -344,7 +333,7 @@ impl RelayBody {
             _ => true,
         };
         if let Some(r) = self.record.take() {
-            r.finish("ok");
+            r.finish(Outcome::Ok);
         }
         match tail {
             Some(bytes) => {
@@ -543,7 +532,7 @@ mod tests {
             ),
         ];
         for (error, outcome) in cases {
-            assert_eq!(broken_off_outcome(&error), outcome, "{error}");
+            assert_eq!(broken_off_outcome(&error).as_str(), outcome, "{error}");
         }
     }
 }

@@ -89,11 +89,6 @@ impl EventFramer {
     pub fn is_at_boundary(&self) -> bool {
         self.partial.is_empty()
     }
-
-    /// Bytes of an unfinished event at the end of the stream.
-    pub fn pending(&self) -> usize {
-        self.partial.len()
-    }
 }
 
 /// Index just past the last blank line (end of the last complete event).
@@ -205,7 +200,6 @@ mod tests {
         for _ in 0..(1 << 20) {
             assert_eq!(f.push(Bytes::from_static(b"x")), Ok(Bytes::new()));
         }
-        assert_eq!(f.pending(), 1 << 20);
         assert_eq!(
             f.push(Bytes::from_static(b"\n\n")).map(|b| b.len()),
             Ok((1 << 20) + 2)
