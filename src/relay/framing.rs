@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 
-use crate::protocol::openai::{strip_usage_chunks, StreamWatch, Usage};
+use crate::protocol::openai::{StreamWatch, Usage};
 use crate::protocol::sse::{data_payloads, EventFramer, EventTooLarge};
 
 /// What one upstream chunk gave.
@@ -46,14 +46,11 @@ impl OpenAiEvents {
 
     /// Takes one upstream chunk; gives the whole events it completed.
     pub fn push(&mut self, data: Bytes) -> Result<Step, EventTooLarge> {
-        let mut events = self.framer.push(data)?;
+        let events = self.framer.push(data)?;
         if events.is_empty() {
             return Ok(Step::default());
         }
-        self.watch.observe(&events);
-        if self.strip_usage {
-            events = strip_usage_chunks(events);
-        }
+        let events = self.watch.observe(events, self.strip_usage);
         Ok(Step {
             out: (!events.is_empty()).then_some(events),
             whole_event: true,

@@ -425,57 +425,6 @@ fn has_usage_object(data: &[u8]) -> bool {
     false
 }
 
-/// Whether an SSE data payload is the usage chunk a stream ends with when
-/// `include_usage` is set: empty `choices` and a `usage` object.
-fn is_usage_chunk(data: &[u8]) -> bool {
-    #[derive(Deserialize)]
-    struct Chunk {
-        choices: Vec<serde::de::IgnoredAny>,
-        usage: Option<Usage>,
-    }
-    has_usage_object(data)
-        && serde_json::from_slice::<Chunk>(data)
-            .is_ok_and(|c| c.choices.is_empty() && c.usage.is_some())
-}
-
-/// Drops the usage chunk from whole SSE events (as framed by
-/// [`super::sse::EventFramer`]): for clients that did not ask for usage, when
-/// the gateway asked the provider for it. Other events pass untouched, and
-/// events without a usage object cost one byte scan.
-pub fn strip_usage_chunks(events: Bytes) -> Bytes {
-    if !has_usage_object(&events) {
-        return events;
-    }
-    let mut out = BytesMut::with_capacity(events.len());
-    let mut start = 0;
-    while start < events.len() {
-        let rest = &events[start..];
-        let end = event_end(rest);
-        let event = &rest[..end];
-        let usage_only = super::sse::data_payloads(event)
-            .next()
-            .is_some_and(|data| is_usage_chunk(&data));
-        if !usage_only {
-            out.put_slice(event);
-        }
-        start += end;
-    }
-    out.freeze()
-}
-
-/// The length of the first SSE event in `buf`, its blank line included.
-fn event_end(buf: &[u8]) -> usize {
-    for i in 0..buf.len() {
-        if buf[i..].starts_with(b"\n\n") {
-            return i + 2;
-        }
-        if buf[i..].starts_with(b"\r\n\r\n") {
-            return i + 4;
-        }
-    }
-    buf.len()
-}
-
 /// Token counts as OpenAI reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Usage {
@@ -508,19 +457,57 @@ pub struct StreamWatch {
 }
 
 impl StreamWatch {
-    /// Feeds complete events (as framed by [`super::sse::EventFramer`]).
-    pub fn observe(&mut self, events: &[u8]) {
-        for data in super::sse::data_payloads(events) {
-            if data.starts_with(b"[DONE]") {
-                self.done = true;
-                continue;
-            }
-            self.chunks += 1;
-            if has_usage_object(&data) {
-                if let Some(u) = usage_of(&data) {
-                    self.usage = Some(u);
+    /// Feeds complete events (as framed by [`super::sse::EventFramer`]):
+    /// notes usage, `[DONE]` and the events seen, and with `strip_usage`
+    /// drops the usage chunk (empty `choices` and a `usage` object: the one a
+    /// stream ends with under `include_usage`), for clients that did not ask
+    /// for it when the gateway did. One pass over the events; they are copied
+    /// only when one is dropped.
+    pub fn observe(&mut self, events: Bytes, strip_usage: bool) -> Bytes {
+        #[derive(Deserialize)]
+        struct Chunk {
+            #[serde(default)]
+            choices: Option<Vec<serde::de::IgnoredAny>>,
+            usage: Option<Usage>,
+        }
+        let mut kept: Option<BytesMut> = None;
+        for span in super::sse::event_spans(&events) {
+            let event = &events[span.clone()];
+            let mut drop = false;
+            if let Some(data) = super::sse::data_payload(event) {
+                if data.starts_with(b"[DONE]") {
+                    self.done = true;
+                } else {
+                    self.chunks += 1;
+                    if has_usage_object(&data) {
+                        match serde_json::from_slice::<Chunk>(&data) {
+                            Ok(chunk) => {
+                                if chunk.usage.is_some() {
+                                    self.usage = chunk.usage;
+                                }
+                                drop = strip_usage
+                                    && chunk.usage.is_some()
+                                    && chunk.choices.is_some_and(|c| c.is_empty());
+                            }
+                            // `choices` of an unexpected shape: still read usage.
+                            Err(_) => self.usage = usage_of(&data).or(self.usage),
+                        }
+                    }
                 }
             }
+            match (&mut kept, drop) {
+                (Some(out), false) => out.put_slice(event),
+                (None, true) => {
+                    let mut out = BytesMut::with_capacity(events.len());
+                    out.put_slice(&events[..span.start]);
+                    kept = Some(out);
+                }
+                _ => {}
+            }
+        }
+        match kept {
+            Some(out) => out.freeze(),
+            None => events,
         }
     }
 }
@@ -755,14 +742,16 @@ mod tests {
         let events = "data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n\
                       data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n\
                       data: [DONE]\n\n";
-        let out = strip_usage_chunks(Bytes::from(events));
+        let strip =
+            |events: &'static str| StreamWatch::default().observe(Bytes::from(events), true);
+        let out = strip(events);
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             "data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\ndata: [DONE]\n\n"
         );
         // A content chunk that mentions usage, or carries it beside choices, stays.
         let keep = "data: {\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\": {\"}}],\"usage\":{\"prompt_tokens\":1}}\r\n\r\n";
-        assert_eq!(strip_usage_chunks(Bytes::from(keep)), keep);
+        assert_eq!(strip(keep), keep);
     }
 
     #[test]
@@ -806,7 +795,7 @@ mod tests {
     #[test]
     fn stream_watch_finds_usage_and_done() {
         let mut w = StreamWatch::default();
-        w.observe(b"data: {\"choices\":[],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\ndata: [DONE]\n\n");
+        let _ = w.observe(Bytes::from_static(b"data: {\"choices\":[],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\ndata: [DONE]\n\n"), false);
         assert_eq!(w.usage.map(|u| u.total_tokens), Some(7));
         assert!(w.done);
         assert_eq!(w.chunks, 2);

@@ -111,39 +111,45 @@ fn last_event_end(buf: &[u8]) -> Option<usize> {
 /// Iterates over the `data:` payloads of complete events (joined per event
 /// with `\n`, as the SSE spec says), skipping comments and other fields.
 pub fn data_payloads(events: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
-    split_events(events).filter_map(|event| {
-        let mut data: Option<Vec<u8>> = None;
-        for line in event.split(|b| *b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if let Some(rest) = line.strip_prefix(b"data:") {
-                let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-                match data.as_mut() {
-                    Some(d) => {
-                        d.push(b'\n');
-                        d.extend_from_slice(rest);
-                    }
-                    None => data = Some(rest.to_vec()),
-                }
-            }
-        }
-        data
-    })
+    event_spans(events).filter_map(|span| data_payload(&events[span]))
 }
 
-fn split_events(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut rest = buf;
-    std::iter::from_fn(move || loop {
-        if rest.is_empty() {
+/// The `data:` payload of one event (its lines joined with `\n`), or `None`
+/// when it has no data line (a comment, a bare `event:`, blank lines).
+pub fn data_payload(event: &[u8]) -> Option<Vec<u8>> {
+    let mut data: Option<Vec<u8>> = None;
+    for line in event.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+            match data.as_mut() {
+                Some(d) => {
+                    d.push(b'\n');
+                    d.extend_from_slice(rest);
+                }
+                None => data = Some(rest.to_vec()),
+            }
+        }
+    }
+    data
+}
+
+/// The span of each event in `buf`, its closing blank line included, so
+/// that the spans of whole events tile `buf` exactly; a trailing piece
+/// without a blank line is the last span.
+pub fn event_spans(buf: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= buf.len() {
             return None;
         }
-        let (event, tail) = match find_blank_line(rest) {
-            Some((end, skip)) => (&rest[..end], &rest[end + skip..]),
-            None => (rest, &rest[rest.len()..]),
+        let end = match find_blank_line(&buf[start..]) {
+            Some((at, skip)) => start + at + skip,
+            None => buf.len(),
         };
-        rest = tail;
-        if !event.iter().all(|b| *b == b'\n' || *b == b'\r') {
-            return Some(event);
-        }
+        let span = start..end;
+        start = end;
+        Some(span)
     })
 }
 
