@@ -79,13 +79,13 @@ async fn snapshot(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) 
     next.run(req).await
 }
 
-/// The request's snapshot, or a fresh one on a router built without the
-/// snapshot layer.
-fn snapshot_of(gw: &Gateway, req: &Request) -> Snapshot {
-    req.extensions()
-        .get::<Snapshot>()
-        .cloned()
-        .unwrap_or_else(|| gw.snapshot())
+/// The config of the request's snapshot (a fresh one on a router built
+/// without the snapshot layer); the cohort stays with the request.
+fn live_of(gw: &Gateway, req: &Request) -> Arc<crate::state::Live> {
+    match req.extensions().get::<Snapshot>() {
+        Some(snapshot) => Arc::clone(&snapshot.live),
+        None => gw.snapshot().live,
+    }
 }
 
 async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
@@ -104,7 +104,7 @@ async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Ne
             },
         );
     }
-    let caller = snapshot_of(&gw, &req).live.keys.authenticate(req.headers());
+    let caller = live_of(&gw, &req).keys.authenticate(req.headers());
     match caller {
         Some(caller) => {
             req.extensions_mut().insert(caller);
@@ -148,7 +148,7 @@ fn refuse(req: &Request, stage: &'static str, error: GatewayError) -> Response {
 ///
 /// [`Admission`]: crate::limits::admission::Admission
 async fn admit(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
-    let live = snapshot_of(&gw, &req).live;
+    let live = live_of(&gw, &req);
     let Some(caller) = req.extensions().get::<Caller>().cloned() else {
         return refuse(&req, "limits", GatewayError::Unauthorized);
     };
