@@ -238,6 +238,7 @@ def sccs(edges):
 # a crate cannot import the gateway at all.
 LAYERS = [
     ("leaves", {"config", "clock", "metrics", "mock"}),
+    ("shared state", {"shared"}),
     ("policy", {"auth", "health", "budget", "limits", "routing", "cache", "incidents"}),
     ("data plane", {"dns", "upstream", "providers", "state", "request", "telemetry",
                     "relay", "proxy", "ingress", "error", "listener", "server"}),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command, on a fresh machine or an old one: installs what the tests
-# need (Debian's chromium for the status-page test, python3-venv and a venv with
+# need (Debian's chromium for the status-page test, redis-server for the
+# replica tests, which start their own on free ports, python3-venv and a venv with
 # the official SDKs), then runs every test. Safe to run again; fast when set up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,7 @@ cd "$(dirname "$0")/.."
 missing=()
 python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]} (Debian packages the tests need)" >&2
   sudo=""

@@ -139,6 +139,9 @@ async fn authorize(State(s): State<AdminState>, req: Request, next: Next) -> Res
 struct Health {
     providers: Vec<ProviderView>,
     routes: Vec<RouteView>,
+    /// The replicas' Redis (`[state] backend = "redis"`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis: Option<crate::shared::View>,
 }
 
 #[derive(Serialize)]
@@ -182,7 +185,12 @@ async fn health(State(s): State<AdminState>) -> Json<Health> {
             targets: st.health.iter().map(|h| h.snapshot(&r.breaker)).collect(),
         })
         .collect();
-    Json(Health { providers, routes })
+    let redis = s.gw.shared().map(|r| r.view());
+    Json(Health {
+        providers,
+        routes,
+        redis,
+    })
 }
 
 async fn set_override(
@@ -288,6 +296,21 @@ async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
             "open_access": c.server.open_access,
             "max_body_bytes": c.server.max_body_bytes,
         },
+        "state": match c.state.redis() {
+            None => json!({"backend": "memory"}),
+            Some(r) => json!({
+                "backend": "redis",
+                // It may carry a password.
+                "redis_url": r.masked_url(),
+                "key_prefix": r.key_prefix,
+                "timeout_ms": r.timeout.as_millis() as u64,
+                "on_redis_failure": r.on_failure.as_str(),
+            }),
+        },
+        "cache": {"backend": match c.cache.backend {
+            crate::config::CacheBackend::Memory => "memory",
+            crate::config::CacheBackend::Redis => "redis",
+        }, "max_bytes": c.cache.max_bytes},
         "providers": c.providers.iter().map(|p| json!({
             "name": p.name,
             "kind": p.kind.as_str(),

@@ -34,6 +34,7 @@ pub mod request;
 pub mod rollout;
 pub mod routing;
 pub mod server;
+pub mod shared;
 pub mod state;
 pub mod status_poller;
 pub mod telemetry;

@@ -82,7 +82,20 @@ metric_names! {
     Counter CACHE_LOOKUPS_TOTAL = "detour_cache_lookups_total";
     /// Cache entries dropped, never served, because their tenant or request hash did not match the request that read them.
     Counter CACHE_MISMATCHES_TOTAL = "detour_cache_mismatches_total";
+    /// 1 while this replica reaches the `[state]` Redis (shared limits, cache, health), 0 while it runs on local state.
+    Gauge REDIS_UP = "detour_redis_up";
+    /// Time of each call to the `[state]` Redis, by operation.
+    Histogram REDIS_CALL_SECONDS = "detour_redis_call_seconds";
+    /// Calls to the `[state]` Redis that failed, by operation and kind (`timeout`, `connection`, `server`, `down`: not tried because Redis is known down).
+    Counter REDIS_FAILURES_TOTAL = "detour_redis_failures_total";
+    /// Live replicas this replica sees registered in Redis.
+    Gauge REDIS_REPLICAS = "detour_redis_replicas";
 }
+
+/// Bucket bounds of the Redis call histogram: 50 µs to 1 s.
+pub const REDIS_SECONDS_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
 
 /// Bucket bounds of every `_seconds` histogram: 5 ms to 5 min, for first
 /// bytes in milliseconds and streams that run for minutes.
@@ -112,7 +125,12 @@ pub fn render() -> String {
 fn install() -> Option<PrometheusHandle> {
     let builder = match PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)
-    {
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(REDIS_CALL_SECONDS.to_owned()),
+                REDIS_SECONDS_BUCKETS,
+            )
+        }) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!("metrics: {e}");
@@ -321,6 +339,29 @@ pub fn cache_lookup(route: &str, result: &'static str) {
 /// The cache dropped an entry that belonged to another tenant or request.
 pub fn cache_mismatch() {
     counter!(CACHE_MISMATCHES_TOTAL).increment(1);
+}
+
+/// Whether this replica reaches its Redis.
+pub fn redis_up(up: bool) {
+    gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// A Redis call `op` took `took`; `failure` names how it failed, if it did.
+pub fn redis_call(op: &'static str, took: Duration, failure: Option<&'static str>) {
+    histogram!(REDIS_CALL_SECONDS, "op" => op).record(took.as_secs_f64());
+    if let Some(kind) = failure {
+        redis_failure(op, kind);
+    }
+}
+
+/// A Redis call `op` failed (or was not tried) for `kind`.
+pub fn redis_failure(op: &'static str, kind: &'static str) {
+    counter!(REDIS_FAILURES_TOTAL, "op" => op, "kind" => kind).increment(1);
+}
+
+/// Live replicas seen in Redis.
+pub fn redis_replicas(n: usize) {
+    gauge!(REDIS_REPLICAS).set(n as f64);
 }
 
 #[cfg(test)]

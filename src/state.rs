@@ -36,6 +36,7 @@ use crate::health::{ProviderHealth, Registry, TargetHealth};
 use crate::limits::admission::Admission;
 use crate::limits::{AuthFailures, LimitStore, Limits};
 use crate::providers::{Adapter, AdapterError};
+use crate::shared::Shared;
 
 /// Everything built from one config.
 #[derive(Debug)]
@@ -87,6 +88,8 @@ pub struct RouteState {
 /// The owners of what outlives a config (see the module doc), besides health.
 #[derive(Debug)]
 struct Owners {
+    /// The replicas' Redis, when `[state] backend = "redis"` (fixed at start).
+    shared: Option<Arc<Shared>>,
     limits: LimitStore,
     admission: Arc<Admission>,
     cache: KeptCache,
@@ -189,7 +192,9 @@ impl Gateway {
         let s = &config.server;
         let auth_per_minute = u64::from(s.auth_failures_per_minute);
         let admission = Admission::new(s.max_concurrent_requests, s.queue_timeout);
+        let shared = config.state.redis().cloned().map(Shared::start);
         let owners = Owners {
+            shared,
             limits: LimitStore::new(clock),
             admission: Arc::new(admission),
             cache: KeptCache::default(),
@@ -207,6 +212,11 @@ impl Gateway {
             changes: tokio::sync::watch::Sender::new(0),
         };
         Ok(gw)
+    }
+
+    /// The replicas' Redis, when `[state]` names one.
+    pub fn shared(&self) -> Option<&Arc<Shared>> {
+        self.owners.shared.as_ref()
     }
 
     /// Wakes on every change of the stable config (a swap or a promotion).
@@ -255,6 +265,7 @@ impl Gateway {
         config: Config,
         source: Option<String>,
     ) -> Result<(), AdapterError> {
+        self.warn_if_state_changed(&config);
         let live = Live::build(config, &self.owners, &self.health, Role::Stable)?;
         let auth_per_minute = u64::from(live.config.server.auth_failures_per_minute);
         self.auth_failures.retune(auth_per_minute);
@@ -263,6 +274,20 @@ impl Gateway {
         *self.source.write().unwrap_or_else(|e| e.into_inner()) = source;
         self.changed();
         Ok(())
+    }
+
+    /// `[state]` is read once, at start: say so when a new config changes it.
+    fn warn_if_state_changed(&self, config: &Config) {
+        let now = self.owners.shared.as_ref().map(|s| s.settings());
+        if config.state.redis() != now {
+            tracing::warn!(
+                "[state] changed: it applies at the next start; this process keeps {}",
+                now.map_or("memory".to_owned(), |s| format!(
+                    "redis at {}",
+                    s.masked_url()
+                ))
+            );
+        }
     }
 
     /// Starts baking `config` on its rollout's canary share.

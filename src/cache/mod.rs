@@ -236,6 +236,8 @@ impl Cache {
     pub fn from_config(settings: &CacheStore) -> Self {
         let backend: Arc<dyn Backend> = match settings.backend {
             CacheBackend::Memory => Arc::new(MemoryBackend::new(settings.max_bytes)),
+            // Until the shared backend lands: a cache local to this replica.
+            CacheBackend::Redis => Arc::new(MemoryBackend::new(settings.max_bytes)),
         };
         Self {
             settings: Some(*settings),

@@ -155,6 +155,16 @@ impl Loader<'_> {
             })
             .collect();
         let cache = self.cache_store(&raw.cache)?;
+        let state = self.state_store(&raw.state)?;
+        if cache.backend == CacheBackend::Redis && state.redis().is_none() {
+            let at = raw.cache.backend.as_ref()?;
+            self.report(
+                at,
+                "cache.backend",
+                "`redis` needs `[state] backend = \"redis\"` and its `redis_url`",
+            );
+            return None;
+        }
         Some(Config {
             server,
             rollout,
@@ -163,6 +173,7 @@ impl Loader<'_> {
             routes,
             keys,
             cache,
+            state,
             route_index,
         })
     }
@@ -461,6 +472,7 @@ impl Loader<'_> {
             None => d.backend,
             Some(b) => match b.get_ref().as_str() {
                 "memory" => CacheBackend::Memory,
+                "redis" => CacheBackend::Redis,
                 other => {
                     self.report(
                         b,
@@ -483,6 +495,118 @@ impl Loader<'_> {
             None => d.max_bytes,
         };
         Some(CacheStore { backend, max_bytes })
+    }
+
+    fn state_store(&mut self, raw: &super::raw::RawState) -> Option<StateStore> {
+        let redis = match raw.backend.as_ref().map(|b| (b, b.get_ref().as_str())) {
+            None | Some((_, "memory")) => false,
+            Some((_, "redis")) => true,
+            Some((b, other)) => {
+                self.report(
+                    b,
+                    "state.backend",
+                    &format!("unknown state backend `{other}` (expected one of: memory, redis)"),
+                );
+                return None;
+            }
+        };
+        if !redis {
+            let stray = [
+                ("state.redis_url", &raw.redis_url),
+                ("state.key_prefix", &raw.key_prefix),
+                ("state.timeout", &raw.timeout),
+                ("state.on_redis_failure", &raw.on_redis_failure),
+            ];
+            let mut ok = true;
+            for (key, value) in stray {
+                if let Some(v) = value {
+                    self.report(v, key, "only used with `backend = \"redis\"`");
+                    ok = false;
+                }
+            }
+            return ok.then_some(StateStore::Memory);
+        }
+        let Some(raw_url) = &raw.redis_url else {
+            let at = raw.backend.as_ref()?;
+            self.report(
+                at,
+                "state.redis_url",
+                "`backend = \"redis\"` needs a `redis_url`",
+            );
+            return None;
+        };
+        let text = self.expand(raw_url, "state.redis_url")?;
+        match Url::parse(&text) {
+            Ok(u) if matches!(u.scheme(), "redis" | "rediss") && u.host().is_some() => {}
+            Ok(u) => {
+                let scheme = u.scheme().to_owned();
+                self.report(
+                    raw_url,
+                    "state.redis_url",
+                    &format!("`{scheme}` URLs are not supported; use redis:// or rediss://"),
+                );
+                return None;
+            }
+            // Never echo the text: it may hold a password.
+            Err(e) => {
+                self.report(raw_url, "state.redis_url", &format!("not a valid URL: {e}"));
+                return None;
+            }
+        }
+        let key_prefix = match &raw.key_prefix {
+            Some(p)
+                if p.get_ref()
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control()) =>
+            {
+                self.report(
+                    p,
+                    "state.key_prefix",
+                    "may not contain spaces or control characters",
+                );
+                return None;
+            }
+            Some(p) => p.get_ref().clone(),
+            None => DEFAULT_KEY_PREFIX.to_owned(),
+        };
+        let timeout =
+            self.duration_or(raw.timeout.as_ref(), "state.timeout", DEFAULT_REDIS_TIMEOUT)?;
+        if timeout > Duration::from_secs(1) {
+            let at = raw.timeout.as_ref()?;
+            self.report(
+                at,
+                "state.timeout",
+                "at most 1s: every limited request may wait this long for Redis",
+            );
+            return None;
+        }
+        let on_failure = match raw
+            .on_redis_failure
+            .as_ref()
+            .map(|v| (v, v.get_ref().as_str()))
+        {
+            None => OnRedisFailure::default(),
+            Some((_, "local")) => OnRedisFailure::Local,
+            Some((_, "open")) => OnRedisFailure::Open,
+            Some((_, "closed")) => OnRedisFailure::Closed,
+            Some((v, other)) => {
+                self.report(
+                    v,
+                    "state.on_redis_failure",
+                    &format!(
+                        "unknown value `{other}` (expected one of: {})",
+                        OnRedisFailure::NAMES.join(", ")
+                    ),
+                );
+                return None;
+            }
+        };
+        Some(StateStore::Redis(RedisSettings {
+            url: Secret::new(text),
+            key_prefix,
+            timeout,
+            on_failure,
+        }))
     }
 
     fn rollout(&mut self, r: &super::raw::RawRollout) -> Option<RolloutPolicy> {
@@ -1222,5 +1346,66 @@ targets = [{ provider = "p", model = "m" }]
         assert_eq!(c.routes[0].retries.backoff, Duration::ZERO);
         let diags = load(&route("retries = { backoff = \"soon\" }\n"), &[]).unwrap_err();
         assert_eq!(diags[0].key, "routes[0].retries.backoff", "{diags:?}");
+    }
+
+    #[test]
+    fn state_on_redis_is_checked_and_its_url_is_a_secret() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.state, StateStore::Memory);
+        let text = "[state]\nbackend = \"redis\"\nredis_url = \"${REDIS_URL}\"\n\
+                    key_prefix = \"prod:\"\ntimeout = \"5ms\"\non_redis_failure = \"closed\"\n\
+                    [cache]\nbackend = \"redis\"\n";
+        let url = "rediss://:hunter2@redis.internal:6380/2";
+        let c = load(text, &[("REDIS_URL", url)]).unwrap();
+        let r = c.state.redis().unwrap();
+        assert_eq!(r.url.expose(), url);
+        assert_eq!(r.key_prefix, "prod:");
+        assert_eq!(r.timeout, Duration::from_millis(5));
+        assert_eq!(r.on_failure, OnRedisFailure::Closed);
+        assert_eq!(c.cache.backend, CacheBackend::Redis);
+        assert!(!r.masked_url().contains("hunter2"), "{}", r.masked_url());
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let d = load(
+            "[state]\nbackend = \"redis\"\nredis_url = \"redis://h\"\n",
+            &[],
+        )
+        .unwrap();
+        let d = d.state.redis().unwrap();
+        assert_eq!(
+            (d.key_prefix.as_str(), d.timeout, d.on_failure),
+            (
+                DEFAULT_KEY_PREFIX,
+                DEFAULT_REDIS_TIMEOUT,
+                OnRedisFailure::Local
+            )
+        );
+
+        let keys = |text: &str| -> Vec<String> {
+            let diags = load(text, &[]).unwrap_err();
+            let all = format!("{diags:?}");
+            assert!(!all.contains("hunter2"), "{all}");
+            diags.into_iter().map(|d| d.key).collect()
+        };
+        assert_eq!(keys("[state]\nbackend = \"etcd\"\n"), ["state.backend"]);
+        assert_eq!(keys("[state]\nbackend = \"redis\"\n"), ["state.redis_url"]);
+        assert_eq!(
+            keys("[state]\nbackend = \"redis\"\nredis_url = \"http://:hunter2@h\"\n"),
+            ["state.redis_url"]
+        );
+        assert_eq!(
+            keys("[state]\nredis_url = \"redis://:hunter2@h\"\n"),
+            ["state.redis_url"],
+            "a URL without the backend would be silently unused"
+        );
+        let redis = "[state]\nbackend = \"redis\"\nredis_url = \"redis://h\"\n";
+        assert_eq!(
+            keys(&format!("{redis}timeout = \"5s\"\n")),
+            ["state.timeout"]
+        );
+        assert_eq!(
+            keys(&format!("{redis}on_redis_failure = \"maybe\"\n")),
+            ["state.on_redis_failure"]
+        );
+        assert_eq!(keys("[cache]\nbackend = \"redis\"\n"), ["cache.backend"]);
     }
 }

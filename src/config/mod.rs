@@ -33,6 +33,9 @@ pub struct Config {
     pub keys: Vec<ApiKey>,
     /// `[cache]`: where cached answers are kept (routes opt in).
     pub cache: CacheStore,
+    /// `[state]`: where the state shared by replicas lives. Read at start:
+    /// a reload that changes it is reported and applies at the next start.
+    pub state: StateStore,
     route_index: HashMap<String, usize>,
 }
 
@@ -209,12 +212,84 @@ impl Default for CacheStore {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheBackend {
-    /// In this process (a shared backend can follow behind `cache::Backend`).
+    /// In this process.
     Memory,
+    /// In `[state]`'s Redis, shared by every replica.
+    Redis,
 }
 
 impl CacheBackend {
-    pub const NAMES: &'static [&'static str] = &["memory"];
+    pub const NAMES: &'static [&'static str] = &["memory", "redis"];
+}
+
+/// `[state]`: the state replicas share (rate limits, health, rollouts, and
+/// the cache when `[cache] backend = "redis"`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StateStore {
+    /// Each process keeps its own (one replica, no dependency).
+    #[default]
+    Memory,
+    Redis(RedisSettings),
+}
+
+impl StateStore {
+    pub fn redis(&self) -> Option<&RedisSettings> {
+        match self {
+            Self::Memory => None,
+            Self::Redis(r) => Some(r),
+        }
+    }
+}
+
+/// Where the replicas' Redis is and how detour treats it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` (TLS); may carry a password: a secret.
+    pub url: Secret,
+    /// Prefixed to every key and channel, so deployments can share a Redis.
+    pub key_prefix: String,
+    /// The most a Redis call may add to a request; past it the call counts
+    /// as failed and the request goes on as [`OnRedisFailure`] says.
+    pub timeout: Duration,
+    pub on_failure: OnRedisFailure,
+}
+
+impl RedisSettings {
+    /// The URL fit for a log or an operator: password masked.
+    pub fn masked_url(&self) -> String {
+        match Url::parse(self.url.expose()) {
+            Ok(u) => masked_url(&u),
+            Err(_) => "***".to_owned(),
+        }
+    }
+}
+
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(20);
+pub const DEFAULT_KEY_PREFIX: &str = "detour:";
+
+/// What the rate limits do while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnRedisFailure {
+    /// Each replica enforces its share: the limit divided by the replicas it
+    /// last saw alive.
+    #[default]
+    Local,
+    /// Limits are not enforced.
+    Open,
+    /// Limited requests are refused with 503.
+    Closed,
+}
+
+impl OnRedisFailure {
+    pub const NAMES: &'static [&'static str] = &["local", "open", "closed"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Open => "open",
+            Self::Closed => "closed",
+        }
+    }
 }
 
 /// How a new config reaches traffic: a canary share first, for a bake time.

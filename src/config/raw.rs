@@ -24,6 +24,18 @@ pub struct RawConfig {
     /// `[cache]`: where the response cache keeps entries.
     #[serde(default)]
     pub cache: RawCacheStore,
+    /// `[state]`: where state shared by replicas lives.
+    #[serde(default)]
+    pub state: RawState,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawState {
+    pub backend: Option<Str>,
+    pub redis_url: Option<Str>,
+    pub key_prefix: Option<Str>,
+    pub timeout: Option<Str>,
+    pub on_redis_failure: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

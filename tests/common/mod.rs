@@ -2,6 +2,8 @@
 //! port 0, configured from TOML text exactly as a user would write it.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
