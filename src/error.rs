@@ -30,6 +30,8 @@ pub enum GatewayError {
     Unauthorized,
     #[error("detour is at capacity ({limit} requests in flight); retry shortly")]
     Overloaded { limit: usize },
+    #[error("rate limits cannot be checked right now (the replicas' shared state is unreachable and `on_redis_failure = \"closed\"`); retry shortly")]
+    LimitsUnavailable,
     #[error("rate limit reached: {what}; retry after {}s", retry_after_secs(.retry_after))]
     RateLimited {
         what: String,
@@ -164,6 +166,11 @@ impl GatewayError {
                 "server_error",
                 Some("overloaded"),
             ),
+            Self::LimitsUnavailable => shape(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("limits_unavailable"),
+            ),
             Self::NoHealthyTarget { .. } => shape(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream_error",
@@ -242,7 +249,9 @@ impl IntoResponse for ApiError {
             GatewayError::RateLimited { retry_after, .. } => {
                 Some(HeaderValue::from(retry_after_secs(retry_after).max(1)))
             }
-            GatewayError::Overloaded { .. } => Some(HeaderValue::from_static("1")),
+            GatewayError::Overloaded { .. } | GatewayError::LimitsUnavailable => {
+                Some(HeaderValue::from_static("1"))
+            }
             _ => None,
         };
         render(

@@ -29,7 +29,7 @@ pub struct Tracked {
     /// The rollout cohort the request ran in, if a rollout is baking.
     pub cohort: Option<CohortTag>,
     /// A limit's permit held for as long as the request lives (open streams).
-    pub hold: Option<crate::limits::Slot>,
+    pub hold: Option<crate::limits::StreamPermit>,
 }
 
 impl Tracked {
@@ -139,7 +139,7 @@ mod tests {
     async fn the_permit_is_held_until_the_request_ends() {
         let streams = Arc::new(crate::limits::Slots::new(1));
         let mut t = tracked(&rollout(), false);
-        t.hold = Some(streams.try_take().unwrap());
+        t.hold = Some(streams.try_take().unwrap().into());
         assert_eq!(streams.in_flight(), 1);
         t.finish(Outcome::Ok);
         assert_eq!(streams.in_flight(), 0);

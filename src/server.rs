@@ -111,7 +111,11 @@ async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Ne
             next.run(req).await
         }
         None => {
-            let error = match ip.and_then(|ip| gw.auth_failures.failed(ip)) {
+            let wait = match ip {
+                Some(ip) => gw.auth_failures.failed(ip).await,
+                None => None,
+            };
+            let error = match wait {
                 Some(wait) => GatewayError::RateLimited {
                     what: "failed authentications from this address".into(),
                     retry_after: wait,
@@ -152,7 +156,7 @@ async fn admit(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> 
     let Some(caller) = req.extensions().get::<Caller>().cloned() else {
         return refuse(&req, "limits", GatewayError::Unauthorized);
     };
-    let (held, tokens) = match live.limits.admit(&caller) {
+    let (held, tokens) = match live.limits.admit(&caller).await {
         Ok(ok) => ok,
         Err(limited) => {
             let error = ingress::rate_limited(limited);

@@ -193,9 +193,14 @@ impl Gateway {
         let auth_per_minute = u64::from(s.auth_failures_per_minute);
         let admission = Admission::new(s.max_concurrent_requests, s.queue_timeout);
         let shared = config.state.redis().cloned().map(Shared::start);
+        let limits = match &shared {
+            Some(s) => LimitStore::with_shared(clock, Arc::clone(s)),
+            None => LimitStore::new(clock),
+        };
+        let auth_failures = AuthFailures::with_shared(auth_per_minute, clock, shared.clone());
         let owners = Owners {
             shared,
-            limits: LimitStore::new(clock),
+            limits,
             admission: Arc::new(admission),
             cache: KeptCache::default(),
         };
@@ -206,7 +211,7 @@ impl Gateway {
             source: RwLock::new(None),
             ops: RwLock::new(Ops::default()),
             rejected_configs: AtomicU64::new(0),
-            auth_failures: AuthFailures::new(auth_per_minute, clock),
+            auth_failures,
             health,
             owners,
             changes: tokio::sync::watch::Sender::new(0),

@@ -3,31 +3,19 @@
 //! the admin listener under a saturated main listener, and secrets kept out
 //! of logs and admin output. Real processes, real signals.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// The stderr collector runs on a plain thread.
-#![allow(clippy::disallowed_types)]
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
+use common::serve::{Serve, BIN, TOKEN};
 use common::*;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_detour");
-const TOKEN: &str = "admin-t0ken";
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+use common::serve::free_port;
 
 fn config_to(listen: SocketAddr, admin: SocketAddr, upstream: SocketAddr, extra: &str) -> String {
     format!(
@@ -51,60 +39,6 @@ key = "${{DETOUR_TEST_GATEWAY_KEY}}"
 tenant = "t"
 "#
     )
-}
-
-/// A `detour serve` process; its stderr lines are collected.
-struct Serve {
-    child: std::process::Child,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Serve {
-    fn start(config: &Path, extra_args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["--log-format", "json", "serve", "--config"])
-            .arg(config)
-            .args(extra_args)
-            .env("DETOUR_ADMIN_TOKEN", TOKEN)
-            .env("DETOUR_TEST_UPSTREAM_KEY", "sk-upstream-SECRET-1")
-            .env("DETOUR_TEST_GATEWAY_KEY", "dk-gateway-SECRET-2")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let lines = BufReader::new(child.stderr.take().unwrap());
-        let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            for line in lines.lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Self { child, stderr }
-    }
-
-    fn log(&self) -> String {
-        self.stderr.lock().unwrap().join("\n")
-    }
-
-    async fn wait_ready(&self, addr: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "detour did not start:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn ask(listen: SocketAddr) -> reqwest::Response {

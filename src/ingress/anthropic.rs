@@ -48,11 +48,11 @@ pub async fn messages(
         Ok((_, span)) => span,
         Err(e) => return reject(record, FORMAT, e.into()),
     };
-    if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), ir.max_tokens) {
+    if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), ir.max_tokens).await {
         return reject(record, FORMAT, rate_limited(e));
     }
     if ir.stream {
-        match live.limits.stream_permit(&caller) {
+        match live.limits.stream_permit(&caller).await {
             Ok(permit) => record.hold = permit,
             Err(e) => return reject(record, FORMAT, rate_limited(e)),
         }

@@ -82,20 +82,23 @@ pub struct Started {
 /// body of `body_len` bytes (as read: chunked and HTTP/2 bodies count too)
 /// asking for at most `max_tokens` of answer; the tracked request settles
 /// the charge from the real usage when it ends.
-pub fn charge_tokens(
+pub async fn charge_tokens(
     record: &mut Tracked,
     tokens: &TokenGate,
     body_len: usize,
     max_tokens: Option<u64>,
 ) -> Result<(), crate::limits::Limited> {
     let estimate = estimate_tokens(u64::try_from(body_len).unwrap_or(u64::MAX), max_tokens);
-    record.charge = tokens.charge(estimate)?;
+    record.charge = tokens.charge(estimate).await?;
     Ok(())
 }
 
 /// A limit's refusal, as the client gets it: a 429 with `retry-after`.
 /// (Here, not a `From` in `error`: errors sit above the limits they report.)
 pub fn rate_limited(l: crate::limits::Limited) -> GatewayError {
+    if l.unavailable {
+        return GatewayError::LimitsUnavailable;
+    }
     GatewayError::RateLimited {
         what: l.what,
         retry_after: l.retry_after,

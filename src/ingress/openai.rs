@@ -38,11 +38,11 @@ pub async fn chat_completions(
         Ok(p) => p,
         Err(e) => return reject(record, FORMAT, e.into()),
     };
-    if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), parsed.max_tokens) {
+    if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), parsed.max_tokens).await {
         return reject(record, FORMAT, rate_limited(e));
     }
     if parsed.stream {
-        match live.limits.stream_permit(&caller) {
+        match live.limits.stream_permit(&caller).await {
             Ok(permit) => record.hold = permit,
             Err(e) => return reject(record, FORMAT, rate_limited(e)),
         }
@@ -84,7 +84,7 @@ pub async fn embeddings(
         Err(e) => return reject(record, FORMAT, e.into()),
     };
     // An embedding has no answer tokens.
-    if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), Some(0)) {
+    if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), Some(0)).await {
         return reject(record, FORMAT, rate_limited(e));
     }
     let fwd = Forward {

@@ -10,9 +10,18 @@
 //! 256), then corrected from the real usage when the request ends
 //! ([`TokenCharge`]). A caller whose token allowance is already spent is
 //! refused early too.
+//!
+//! With `[state] backend = "redis"` the same limits hold across every
+//! replica together ([`shared`]): one script call admits, one charges the
+//! tokens, settling and releasing are sent without waiting. The local state
+//! keeps counting what this replica admitted, so that when Redis cannot be
+//! reached (`on_redis_failure`): `local` enforces this replica's share (each
+//! limit divided by the replicas it last saw alive) on its own recent
+//! usage; `open` admits; `closed` refuses with 503.
 
 pub mod admission;
 pub mod gcra;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -22,19 +31,23 @@ use std::time::Duration;
 
 use crate::auth::Caller;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, OnRedisFailure};
+use crate::shared::Shared;
 use gcra::Gcra;
+use shared::{LeaseBook, Refused, ScopeKeys, Scoped};
 
 /// Answer tokens assumed when a request does not say.
 const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
 
 /// Rate and concurrency limits of one key or tenant, as one config sets
 /// them; the state behind them is the [`LimitStore`]'s.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 struct Buckets {
     rpm: Option<Arc<Gcra>>,
     tpm: Option<Arc<Gcra>>,
     concurrent: Option<Arc<Slots>>,
+    /// The values in force, for this replica's share of them.
+    values: Values,
 }
 
 /// A count of things in flight (requests, open streams) under a limit that a
@@ -59,6 +72,13 @@ impl Slots {
             .fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1))
             .ok()
             .map(|_| Slot(Arc::clone(self)))
+    }
+
+    /// Counts one more in flight whatever the limit (admitted elsewhere: by
+    /// the replicas' shared limits).
+    fn take_unchecked(self: &Arc<Self>) -> Slot {
+        self.in_flight.fetch_add(1, Relaxed);
+        Slot(Arc::clone(self))
     }
 
     pub fn in_flight(&self) -> usize {
@@ -86,12 +106,21 @@ struct Cells {
 }
 
 /// The values one config gives a key or tenant.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Values {
     rpm: Option<u32>,
     tpm: Option<u64>,
     concurrent: Option<u32>,
     streams: Option<u32>,
+}
+
+impl Values {
+    fn is_none(&self) -> bool {
+        self.rpm.is_none()
+            && self.tpm.is_none()
+            && self.concurrent.is_none()
+            && self.streams.is_none()
+    }
 }
 
 /// Rate-limit buckets and in-flight counts per key (by digest) and tenant,
@@ -110,6 +139,8 @@ struct Values {
 #[derive(Debug)]
 pub struct LimitStore {
     clock: Clock,
+    /// The replicas' limits, when `[state]` names a Redis.
+    book: Option<Arc<LeaseBook>>,
     // Only touched when a config is built, never on the request path.
     keys: RwLock<HashMap<[u8; 32], Cells>>,
     tenants: RwLock<HashMap<String, Cells>>,
@@ -119,8 +150,18 @@ impl LimitStore {
     pub fn new(clock: Clock) -> Self {
         Self {
             clock,
+            book: None,
             keys: RwLock::default(),
             tenants: RwLock::default(),
+        }
+    }
+
+    /// Limits shared with the other replicas on `shared` (needs a tokio
+    /// runtime: leases are renewed in the background).
+    pub fn with_shared(clock: Clock, shared: Arc<Shared>) -> Self {
+        Self {
+            book: Some(LeaseBook::start(shared)),
+            ..Self::new(clock)
         }
     }
 
@@ -139,7 +180,10 @@ impl LimitStore {
     fn limits(&self, config: &Config, apply: bool) -> Limits {
         let clock = self.clock;
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        let mut limits = Limits::default();
+        let mut limits = Limits {
+            book: self.book.clone(),
+            ..Limits::default()
+        };
         for k in &config.keys {
             let values = Values {
                 rpm: k.rpm,
@@ -147,11 +191,15 @@ impl LimitStore {
                 concurrent: k.max_concurrent,
                 streams: k.max_streams,
             };
+            if values.is_none() {
+                // Nothing to count: no state, and admission skips the key.
+                continue;
+            }
             let cells = keys.entry(k.sha256).or_default();
             let (buckets, streams) = cells.set(values, apply, clock);
             limits.keys.insert(k.sha256, buckets);
-            if let Some(s) = streams {
-                limits.streams.insert(k.sha256, s);
+            if let (Some(s), Some(cap)) = (streams, k.max_streams) {
+                limits.streams.insert(k.sha256, (s, cap));
             }
         }
         drop(keys);
@@ -163,6 +211,9 @@ impl LimitStore {
                 concurrent: t.max_concurrent,
                 streams: None,
             };
+            if values.is_none() {
+                continue;
+            }
             let cells = tenants.entry(t.name.clone()).or_default();
             let (buckets, _) = cells.set(values, apply, clock);
             limits.tenants.insert(t.name.clone(), buckets);
@@ -203,6 +254,7 @@ impl Cells {
             rpm: per_minute(&mut self.rpm, v.rpm.map(u64::from)),
             tpm: per_minute(&mut self.tpm, v.tpm),
             concurrent: slots(&mut self.concurrent, v.concurrent),
+            values: v,
         };
         (buckets, slots(&mut self.streams, v.streams))
     }
@@ -213,12 +265,59 @@ impl Cells {
 pub struct Limited {
     pub what: String,
     pub retry_after: Duration,
+    /// Not over a limit: the limits could not be checked (Redis unreachable
+    /// and `on_redis_failure = "closed"`).
+    pub unavailable: bool,
+}
+
+impl Limited {
+    fn over(what: String, retry_after: Duration) -> Self {
+        Self {
+            what,
+            retry_after,
+            unavailable: false,
+        }
+    }
+
+    fn unavailable() -> Self {
+        Self {
+            what: "the replicas' shared limits cannot be reached".into(),
+            retry_after: Duration::from_secs(1),
+            unavailable: true,
+        }
+    }
 }
 
 /// What a request holds while it runs (released when it ends).
 #[derive(Debug, Default)]
 pub struct Held {
     _concurrency: Vec<Slot>,
+    _lease: Option<shared::Lease>,
+}
+
+/// An open stream's permit: this replica's count and, with shared limits,
+/// the replicas' lease.
+#[derive(Debug)]
+pub struct StreamPermit {
+    _local: Slot,
+    _lease: Option<shared::Lease>,
+}
+
+impl From<Slot> for StreamPermit {
+    /// A permit of this replica's count only.
+    fn from(local: Slot) -> Self {
+        Self {
+            _local: local,
+            _lease: None,
+        }
+    }
+}
+
+/// The replicas' tokens-per-minute limits of one caller (key, tenant).
+#[derive(Debug, Clone)]
+struct SharedTokens {
+    book: Arc<LeaseBook>,
+    tpm: [Scoped; 2],
 }
 
 /// Tokens charged before a call, to correct when its usage is known.
@@ -226,15 +325,27 @@ pub struct Held {
 pub struct TokenCharge {
     buckets: Vec<Arc<Gcra>>,
     estimate: u64,
+    /// Charged in Redis too: corrected there as well.
+    shared: Option<SharedTokens>,
 }
 
 impl TokenCharge {
-    /// Replaces the estimate by the real count.
+    /// Replaces the estimate by the real count (in Redis without waiting: a
+    /// correction lost while Redis is away is the only inexactness).
     pub fn settle(&self, actual: u64) {
         let delta = i64::try_from(actual).unwrap_or(i64::MAX)
             - i64::try_from(self.estimate).unwrap_or(i64::MAX);
         for b in &self.buckets {
             b.adjust(delta);
+        }
+        if let (Some(s), Ok(rt), true) = (
+            self.shared.clone(),
+            tokio::runtime::Handle::try_current(),
+            delta != 0,
+        ) {
+            rt.spawn(async move {
+                let _ = shared::adjust(s.book.shared(), &s.tpm, delta).await;
+            });
         }
     }
 }
@@ -244,26 +355,55 @@ impl TokenCharge {
 #[derive(Debug, Clone, Default)]
 pub struct TokenGate {
     buckets: Vec<(&'static str, Arc<Gcra>)>,
+    shared: Option<SharedTokens>,
 }
 
 impl TokenGate {
     /// Takes `estimate` tokens from every bucket, or none of them.
-    pub fn charge(&self, estimate: u64) -> Result<Option<TokenCharge>, Limited> {
+    pub async fn charge(&self, estimate: u64) -> Result<Option<TokenCharge>, Limited> {
         let cost = i64::try_from(estimate).unwrap_or(i64::MAX);
+        if let Some(s) = &self.shared {
+            match shared::charge(s.book.shared(), &[&s.tpm[0], &s.tpm[1]], estimate).await {
+                Ok(Ok(())) => {
+                    // Counted here too, for this replica's share if Redis goes.
+                    for (_, b) in &self.buckets {
+                        b.adjust(cost);
+                    }
+                    return Ok(Some(TokenCharge {
+                        buckets: self.buckets.iter().map(|(_, b)| Arc::clone(b)).collect(),
+                        estimate,
+                        shared: Some(s.clone()),
+                    }));
+                }
+                Ok(Err(refused)) => {
+                    let scope = if refused.index == 0 { "key" } else { "tenant" };
+                    return Err(Limited::over(
+                        format!("tokens per minute for this {scope}"),
+                        refused.wait,
+                    ));
+                }
+                Err(_) => match s.book.shared().on_failure() {
+                    OnRedisFailure::Open => return Ok(None),
+                    OnRedisFailure::Closed => return Err(Limited::unavailable()),
+                    OnRedisFailure::Local => {}
+                },
+            }
+        }
         for (i, (scope, bucket)) in self.buckets.iter().enumerate() {
             if let Err(wait) = bucket.try_take(estimate) {
                 for (_, taken) in &self.buckets[..i] {
                     taken.adjust(-cost);
                 }
-                return Err(Limited {
-                    what: format!("tokens per minute for this {scope}"),
-                    retry_after: wait,
-                });
+                return Err(Limited::over(
+                    format!("tokens per minute for this {scope}"),
+                    wait,
+                ));
             }
         }
         Ok((!self.buckets.is_empty()).then(|| TokenCharge {
             buckets: self.buckets.iter().map(|(_, b)| Arc::clone(b)).collect(),
             estimate,
+            shared: None,
         }))
     }
 }
@@ -272,49 +412,194 @@ impl TokenGate {
 #[derive(Debug, Default)]
 pub struct Limits {
     keys: HashMap<[u8; 32], Buckets>,
-    /// Open streams per key.
-    streams: HashMap<[u8; 32], Arc<Slots>>,
+    /// Open streams per key, and the cap.
+    streams: HashMap<[u8; 32], (Arc<Slots>, u32)>,
     tenants: HashMap<String, Buckets>,
+    /// The replicas' limits (`[state] backend = "redis"`).
+    book: Option<Arc<LeaseBook>>,
+    /// The replica count this replica's local share was last tuned for.
+    share_of: AtomicUsize,
+}
+
+/// What to do when the replicas' limits could not be asked.
+enum Fallback {
+    /// Decide here, on this replica's share.
+    Local,
+    Admit,
+    Refuse,
 }
 
 impl Limits {
+    /// What the shared limits' failure means (and, for `local`, tunes this
+    /// replica's share to the replicas last seen alive).
+    fn fallback(&self, book: &LeaseBook) -> Fallback {
+        match book.shared().on_failure() {
+            OnRedisFailure::Open => Fallback::Admit,
+            OnRedisFailure::Closed => Fallback::Refuse,
+            OnRedisFailure::Local => {
+                self.tune_share(book.shared().live_replicas());
+                Fallback::Local
+            }
+        }
+    }
+
+    /// Tunes the local buckets to `1/replicas` of each limit (cold: only
+    /// when the replica count seen changes while Redis is away).
+    fn tune_share(&self, replicas: usize) {
+        let replicas = replicas.max(1);
+        if self.share_of.swap(replicas, Relaxed) == replicas {
+            return;
+        }
+        let n = replicas as u64;
+        let part = |v: u64| (v / n).max(1);
+        for b in self.keys.values().chain(self.tenants.values()) {
+            if let (Some(g), Some(v)) = (&b.rpm, b.values.rpm) {
+                let v = part(u64::from(v));
+                g.retune(v, v);
+            }
+            if let (Some(g), Some(v)) = (&b.tpm, b.values.tpm) {
+                let v = part(v);
+                g.retune(v, v);
+            }
+            if let (Some(s), Some(v)) = (&b.concurrent, b.values.concurrent) {
+                s.limit.store(part(u64::from(v)) as usize, Relaxed);
+            }
+        }
+        for (s, v) in self.streams.values() {
+            s.limit.store(part(u64::from(*v)) as usize, Relaxed);
+        }
+    }
+
     /// A permit for one more open stream of the caller's key, if it has a cap.
-    pub fn stream_permit(&self, caller: &Caller) -> Result<Option<Slot>, Limited> {
-        let Some(slots) = caller.key_digest.and_then(|d| self.streams.get(&d)) else {
+    pub async fn stream_permit(&self, caller: &Caller) -> Result<Option<StreamPermit>, Limited> {
+        let Some((digest, (slots, cap))) = caller
+            .key_digest
+            .and_then(|d| self.streams.get(&d).map(|s| (d, s)))
+        else {
             return Ok(None);
         };
-        slots.try_take().map(Some).ok_or_else(|| Limited {
-            what: "open streams for this key".into(),
-            retry_after: Duration::from_secs(1),
-        })
+        let refused = || Limited::over("open streams for this key".into(), Duration::from_secs(1));
+        if let Some(book) = &self.book {
+            let key = book
+                .shared()
+                .key(&format!("rl:k:{}:streams", hex::encode(digest)));
+            match book.lease(&key, u64::from(*cap)).await {
+                Ok(Ok(lease)) => {
+                    return Ok(Some(StreamPermit {
+                        _local: slots.take_unchecked(),
+                        _lease: Some(lease),
+                    }))
+                }
+                Ok(Err(_)) => return Err(refused()),
+                Err(_) => match self.fallback(book) {
+                    Fallback::Local => {}
+                    Fallback::Admit => {
+                        return Ok(Some(StreamPermit {
+                            _local: slots.take_unchecked(),
+                            _lease: None,
+                        }))
+                    }
+                    Fallback::Refuse => return Err(Limited::unavailable()),
+                },
+            }
+        }
+        let local = slots.try_take().ok_or_else(refused)?;
+        Ok(Some(StreamPermit {
+            _local: local,
+            _lease: None,
+        }))
     }
 
     /// Checks and takes the caller's request and concurrency limits, and
     /// refuses a caller whose token allowance is spent. The returned gate
     /// charges the request's tokens once its body is read.
-    pub fn admit(&self, caller: &Caller) -> Result<(Held, TokenGate), Limited> {
-        let scopes = [
-            ("key", caller.key_digest.and_then(|d| self.keys.get(&d))),
-            ("tenant", self.tenants.get(&caller.tenant)),
-        ];
+    pub async fn admit(&self, caller: &Caller) -> Result<(Held, TokenGate), Limited> {
+        let key = caller
+            .key_digest
+            .and_then(|d| self.keys.get(&d).map(|b| (d, b)));
+        let tenant = self.tenants.get(&caller.tenant);
+        if key.is_none() && tenant.is_none() {
+            return Ok((Held::default(), TokenGate::default()));
+        }
+        if let Some(book) = &self.book {
+            let shared = book.shared();
+            let scope = |name: String, b: Option<&Buckets>| match b {
+                Some(b) => {
+                    let v = b.values;
+                    ScopeKeys::new(
+                        shared,
+                        &name,
+                        v.rpm.map_or(0, u64::from),
+                        v.tpm.unwrap_or(0),
+                        v.concurrent.map_or(0, u64::from),
+                    )
+                }
+                None => ScopeKeys::none(shared),
+            };
+            let scopes = [
+                scope(
+                    key.map(|(d, _)| format!("k:{}", hex::encode(d)))
+                        .unwrap_or_default(),
+                    key.map(|(_, b)| b),
+                ),
+                scope(format!("t:{}", caller.tenant), tenant),
+            ];
+            match book.admit(&[&scopes[0], &scopes[1]]).await {
+                Ok(Ok(lease)) => {
+                    let mut held = Held {
+                        _lease: Some(lease),
+                        ..Held::default()
+                    };
+                    let mut gate = TokenGate::default();
+                    // Counted here too, for this replica's share if Redis goes.
+                    for (scope, b) in [("key", key.map(|(_, b)| b)), ("tenant", tenant)] {
+                        let Some(b) = b else { continue };
+                        if let Some(rpm) = &b.rpm {
+                            rpm.adjust(1);
+                        }
+                        if let Some(tpm) = &b.tpm {
+                            gate.buckets.push((scope, Arc::clone(tpm)));
+                        }
+                        if let Some(slots) = &b.concurrent {
+                            held._concurrency.push(slots.take_unchecked());
+                        }
+                    }
+                    let [k, t] = scopes;
+                    if k.tpm.limit > 0 || t.tpm.limit > 0 {
+                        gate.shared = Some(SharedTokens {
+                            book: Arc::clone(book),
+                            tpm: [k.tpm, t.tpm],
+                        });
+                    }
+                    return Ok((held, gate));
+                }
+                Ok(Err(refused)) => return Err(shared_refusal(refused)),
+                Err(_) => match self.fallback(book) {
+                    Fallback::Local => {}
+                    Fallback::Admit => return Ok((Held::default(), TokenGate::default())),
+                    Fallback::Refuse => return Err(Limited::unavailable()),
+                },
+            }
+        }
+        let scopes = [("key", key.map(|(_, b)| b)), ("tenant", tenant)];
         let mut held = Held::default();
         let mut gate = TokenGate::default();
         for (scope, buckets) in scopes {
             let Some(b) = buckets else { continue };
             if let Some(rpm) = &b.rpm {
                 if let Err(wait) = rpm.try_take(1) {
-                    return Err(Limited {
-                        what: format!("requests per minute for this {scope}"),
-                        retry_after: wait,
-                    });
+                    return Err(Limited::over(
+                        format!("requests per minute for this {scope}"),
+                        wait,
+                    ));
                 }
             }
             if let Some(tpm) = &b.tpm {
                 if let Err(wait) = tpm.check(1) {
-                    return Err(Limited {
-                        what: format!("tokens per minute for this {scope}"),
-                        retry_after: wait,
-                    });
+                    return Err(Limited::over(
+                        format!("tokens per minute for this {scope}"),
+                        wait,
+                    ));
                 }
                 gate.buckets.push((scope, Arc::clone(tpm)));
             }
@@ -322,16 +607,32 @@ impl Limits {
                 match slots.try_take() {
                     Some(slot) => held._concurrency.push(slot),
                     None => {
-                        return Err(Limited {
-                            what: format!("concurrent requests for this {scope}"),
-                            retry_after: Duration::from_secs(1),
-                        });
+                        return Err(Limited::over(
+                            format!("concurrent requests for this {scope}"),
+                            Duration::from_secs(1),
+                        ));
                     }
                 }
             }
         }
         Ok((held, gate))
     }
+}
+
+/// The admission script's refusal, in the words of the local limits.
+fn shared_refusal(r: Refused) -> Limited {
+    let scope = if r.index < 3 { "key" } else { "tenant" };
+    let what = match r.index % 3 {
+        0 => "requests per minute",
+        1 => "tokens per minute",
+        _ => "concurrent requests",
+    };
+    let wait = if r.index % 3 == 2 {
+        Duration::from_secs(1)
+    } else {
+        r.wait
+    };
+    Limited::over(format!("{what} for this {scope}"), wait)
 }
 
 /// Estimated tokens of a request of `body_bytes` asking for at most
@@ -349,6 +650,14 @@ pub struct AuthFailures {
     per_minute: AtomicU64,
     clock: Clock,
     ips: moka::sync::Cache<IpAddr, Arc<Gcra>>,
+    /// Counted across replicas (`[state] backend = "redis"`); while Redis is
+    /// away, each replica counts its share locally (none with `open`).
+    shared: Option<Arc<Shared>>,
+    /// Addresses the replicas' count blocked, until when (ms on `clock`).
+    /// Checking stays local, so a request with a good key never waits for
+    /// Redis: an address blocked by failures on other replicas only is
+    /// learned at its first failure here.
+    blocked_until: moka::sync::Cache<IpAddr, u64>,
 }
 
 impl AuthFailures {
@@ -360,6 +669,19 @@ impl AuthFailures {
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
                 .build(),
+            shared: None,
+            blocked_until: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+        }
+    }
+
+    /// Failed authentications counted by every replica together.
+    pub fn with_shared(per_minute: u64, clock: Clock, shared: Option<Arc<Shared>>) -> Self {
+        Self {
+            shared,
+            ..Self::new(per_minute, clock)
         }
     }
 
@@ -373,17 +695,57 @@ impl AuthFailures {
     }
 
     /// How long the IP must wait before it may try again, if it must.
+    /// Local only (see `blocked_until`).
     pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        if let Some(until) = self.blocked_until.get(&ip) {
+            let now = self.clock.now_ms();
+            if until > now {
+                return Some(Duration::from_millis(until - now));
+            }
+        }
         self.ips.get(&ip)?.check(1).err()
     }
 
     /// Records a failed attempt; returns the wait if the IP is now blocked.
-    pub fn failed(&self, ip: IpAddr) -> Option<Duration> {
-        let (per_minute, clock) = (self.per_minute.load(Relaxed), self.clock);
+    pub async fn failed(&self, ip: IpAddr) -> Option<Duration> {
+        let shared = self.ask_shared(ip, true).await;
+        // Counted here as well, for this replica's share if Redis goes.
+        let (per_minute, clock) = (self.local_allowance(), self.clock);
         let bucket = self.ips.get_with(ip, || {
             Arc::new(Gcra::per_minute(per_minute, per_minute, clock))
         });
-        bucket.try_take(1).err()
+        match shared {
+            Some(answer) => {
+                bucket.adjust(1);
+                if let Some(wait) = answer {
+                    let until = self.clock.now_ms().saturating_add(wait.as_millis() as u64);
+                    self.blocked_until.insert(ip, until);
+                }
+                answer
+            }
+            None => bucket.try_take(1).err(),
+        }
+    }
+
+    /// The replicas' answer, or `None` to decide locally.
+    async fn ask_shared(&self, ip: IpAddr, take: bool) -> Option<Option<Duration>> {
+        if !take {
+            return None;
+        }
+        let shared = self.shared.as_ref()?;
+        let key = shared.key(&format!("af:{ip}"));
+        let per_minute = self.per_minute.load(Relaxed);
+        match shared::gcra_one(shared, &key, per_minute, take).await {
+            Ok(answer) => Some(answer.err()),
+            Err(_) if shared.on_failure() == OnRedisFailure::Open => Some(None),
+            Err(_) => None,
+        }
+    }
+
+    /// This replica's share of the allowance.
+    fn local_allowance(&self) -> u64 {
+        let n = self.shared.as_ref().map_or(1, |s| s.live_replicas()) as u64;
+        (self.per_minute.load(Relaxed) / n).max(1)
     }
 }
 
@@ -395,6 +757,7 @@ mod tests {
         let bucket = |n| Arc::new(Gcra::per_minute(n, n, clock));
         TokenGate {
             buckets: vec![("key", bucket(key)), ("tenant", bucket(tenant))],
+            shared: None,
         }
     }
 
@@ -402,9 +765,9 @@ mod tests {
     async fn a_charge_takes_from_every_bucket_or_none() {
         let g = gate(1000, 500, Clock::new());
         // The tenant cannot take 600: the key's 600 are given back.
-        let refused = g.charge(600).unwrap_err();
+        let refused = g.charge(600).await.unwrap_err();
         assert_eq!(refused.what, "tokens per minute for this tenant");
-        let charge = g.charge(400).unwrap().unwrap();
+        let charge = g.charge(400).await.unwrap().unwrap();
         assert!(
             g.buckets[0].1.check(600).is_ok(),
             "the key was charged twice"
@@ -413,15 +776,15 @@ mod tests {
         // Settled from usage: 100 used, 300 given back.
         charge.settle(100);
         assert!(g.buckets[1].1.check(400).is_ok());
-        assert!(TokenGate::default().charge(10).unwrap().is_none());
+        assert!(TokenGate::default().charge(10).await.unwrap().is_none());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_new_failed_auth_allowance_applies_to_addresses_already_counted() {
         let f = AuthFailures::new(2, Clock::new());
         let ip: IpAddr = [127, 0, 0, 1].into();
-        assert!(f.failed(ip).is_none());
-        assert!(f.failed(ip).is_none());
+        assert!(f.failed(ip).await.is_none());
+        assert!(f.failed(ip).await.is_none());
         assert!(f.blocked(ip).is_some(), "2 of 2 used");
         f.retune(10);
         assert!(f.blocked(ip).is_none(), "the raised allowance applies");
@@ -450,13 +813,16 @@ mod tests {
         let canary_config = config(10, "max_concurrent = 1\n");
         let canary = store.share(&canary_config);
         let who = caller(&canary_config);
-        assert!(stable.admit(&who).is_ok());
-        assert!(canary.admit(&who).is_err(), "one bucket, the stable rpm");
+        assert!(stable.admit(&who).await.is_ok());
+        assert!(
+            canary.admit(&who).await.is_err(),
+            "one bucket, the stable rpm"
+        );
         // Promoted, its values apply to the same buckets.
         let promoted = store.reconcile(&canary_config);
-        let held = promoted.admit(&who).unwrap();
-        assert!(promoted.admit(&who).is_err(), "max_concurrent = 1");
+        let held = promoted.admit(&who).await.unwrap();
+        assert!(promoted.admit(&who).await.is_err(), "max_concurrent = 1");
         drop(held);
-        assert!(promoted.admit(&who).is_ok(), "the slot is free again");
+        assert!(promoted.admit(&who).await.is_ok(), "the slot is free again");
     }
 }

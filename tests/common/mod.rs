@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod redis;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,467 @@
+//! The rate limits of every replica together, on Redis: the same GCRA and
+//! the same concurrency counts as the local limits, decided by atomic Lua
+//! scripts so that replicas never read-then-write.
+//!
+//! - Requests and tokens per minute: one key per key/tenant and kind holding
+//!   the GCRA's theoretical arrival time in microseconds of Redis's clock
+//!   (`TIME`), so replicas' clocks never disagree. Expires when it no longer
+//!   matters.
+//! - Concurrent requests and open streams: a sorted set per key/tenant of
+//!   leases, scored by their expiry. A replica renews the leases it holds
+//!   ([`LEASE_TTL`] / 3); one that dies stops renewing and its leases expire,
+//!   so a dead replica never holds slots for more than [`LEASE_TTL`].
+//! - Admission is one script for every limit of the key and its tenant:
+//!   all are checked before any is taken, so a refusal takes nothing.
+//! - Tokens are reserved (the estimate) before the call, all-or-none, and
+//!   settled from the real usage when it ends: a refund or an extra charge.
+//!
+//! Keys: `<prefix>rl:k:<key digest>:<kind>` and `<prefix>rl:t:<tenant>:<kind>`
+//! (the kind is last, so a tenant name cannot make two keys meet), and
+//! `<prefix>af:<ip>` for failed authentications.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+#[allow(clippy::disallowed_types)] // See `LeaseBook::held`.
+use std::sync::Mutex;
+use std::sync::{Arc, LazyLock, Weak};
+use std::time::Duration;
+
+use redis::Script;
+
+use crate::shared::{Shared, Unavailable};
+
+/// How long a concurrency lease lives without renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(6);
+
+/// A limit of one key or tenant, as a script sees it.
+#[derive(Debug, Clone)]
+pub struct Scoped {
+    /// The Redis key.
+    pub key: String,
+    /// The limit; 0 when there is none.
+    pub limit: u64,
+}
+
+/// The Redis keys of one key's or tenant's limits.
+#[derive(Debug, Clone)]
+pub struct ScopeKeys {
+    pub rpm: Scoped,
+    pub tpm: Scoped,
+    pub concurrent: Scoped,
+}
+
+impl ScopeKeys {
+    /// `scope` is `k:<hex digest>` or `t:<tenant>`.
+    pub fn new(shared: &Shared, scope: &str, rpm: u64, tpm: u64, concurrent: u64) -> Self {
+        let at = |kind: &str, limit: u64| Scoped {
+            key: shared.key(&format!("rl:{scope}:{kind}")),
+            limit,
+        };
+        Self {
+            rpm: at("rpm", rpm),
+            tpm: at("tpm", tpm),
+            concurrent: at("conc", concurrent),
+        }
+    }
+
+    /// No limit in this scope.
+    pub fn none(shared: &Shared) -> Self {
+        Self::new(shared, "none", 0, 0, 0)
+    }
+}
+
+/// What a script refused: the index of the limit (in the order the keys
+/// were given) and how long to wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub index: usize,
+    pub wait: Duration,
+}
+
+/// A lease held in Redis, given back when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    id: u64,
+    book: Weak<LeaseBook>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(book) = self.book.upgrade() {
+            book.release(self.id);
+        }
+    }
+}
+
+/// The leases this replica holds, renewed together.
+#[derive(Debug)]
+pub struct LeaseBook {
+    shared: Arc<Shared>,
+    next: AtomicU64,
+    // Held for one insert or removal per limited request (next to a Redis
+    // round trip a thousand times longer) and one copy per renewal; never
+    // across an await.
+    #[allow(clippy::disallowed_types)]
+    held: Mutex<HashMap<u64, Vec<String>>>,
+}
+
+impl LeaseBook {
+    /// The book, and its renewal task (which ends with the book).
+    pub fn start(shared: Arc<Shared>) -> Arc<Self> {
+        let book = Arc::new(Self {
+            shared,
+            next: AtomicU64::new(1),
+            #[allow(clippy::disallowed_types)]
+            held: Mutex::default(),
+        });
+        tokio::spawn(keep_renewing(Arc::downgrade(&book)));
+        book
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn member(&self, id: u64) -> String {
+        format!("{}:{id}", self.shared.replica())
+    }
+
+    fn release(&self, id: u64) {
+        let keys = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        let Some(keys) = keys.filter(|k| !k.is_empty()) else {
+            return;
+        };
+        let member = self.member(id);
+        let shared = Arc::clone(&self.shared);
+        // Fire and forget: a release that fails expires with its lease.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let mut invocation = RELEASE.prepare_invoke();
+                for k in &keys {
+                    invocation.key(k);
+                }
+                invocation.arg(member);
+                let _ = shared.script::<i64>("limits_release", invocation).await;
+            });
+        }
+    }
+
+    /// Checks and takes the limits of every scope: requests per minute
+    /// (one), tokens per minute (one must be left) and a concurrency lease.
+    /// All or nothing.
+    pub async fn admit(
+        self: &Arc<Self>,
+        scopes: &[&ScopeKeys; 2],
+    ) -> Result<Result<Lease, Refused>, Unavailable> {
+        let id = self.next.fetch_add(1, Relaxed);
+        let mut invocation = ADMIT.prepare_invoke();
+        let mut args = Vec::with_capacity(6);
+        let mut conc = Vec::new();
+        for s in scopes {
+            for (i, scoped) in [&s.rpm, &s.tpm, &s.concurrent].into_iter().enumerate() {
+                invocation.key(&scoped.key);
+                args.push(scoped.limit);
+                if i == 2 && scoped.limit > 0 {
+                    conc.push(scoped.key.clone());
+                }
+            }
+        }
+        for a in args {
+            invocation.arg(a);
+        }
+        invocation
+            .arg(self.member(id))
+            .arg(LEASE_TTL.as_millis() as u64);
+        // Booked before the call: a call cancelled after Redis took the
+        // lease still releases it (or lets it expire).
+        self.book(id, conc);
+        let lease = Lease {
+            id,
+            book: Arc::downgrade(self),
+        };
+        let reply: (i64, i64) = self.shared.script("limits_admit", invocation).await?;
+        Ok(refused(reply).map_or(Ok(lease), Err))
+    }
+
+    /// A lease on one sorted set (open streams) under `limit`.
+    pub async fn lease(
+        self: &Arc<Self>,
+        key: &str,
+        limit: u64,
+    ) -> Result<Result<Lease, Refused>, Unavailable> {
+        let id = self.next.fetch_add(1, Relaxed);
+        let mut invocation = LEASE.prepare_invoke();
+        invocation
+            .key(key)
+            .arg(limit)
+            .arg(self.member(id))
+            .arg(LEASE_TTL.as_millis() as u64);
+        self.book(id, vec![key.to_owned()]);
+        let lease = Lease {
+            id,
+            book: Arc::downgrade(self),
+        };
+        let reply: (i64, i64) = self.shared.script("limits_lease", invocation).await?;
+        Ok(refused(reply).map_or(Ok(lease), Err))
+    }
+
+    fn book(&self, id: u64, keys: Vec<String>) {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, keys);
+    }
+
+    /// Renews every lease held (one script call).
+    async fn renew(&self) -> Result<(), Unavailable> {
+        let pairs: Vec<(String, String)> = {
+            let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            held.iter()
+                .flat_map(|(id, keys)| keys.iter().map(|k| (k.clone(), self.member(*id))))
+                .collect()
+        };
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = RENEW.prepare_invoke();
+        invocation.arg(LEASE_TTL.as_millis() as u64);
+        for (key, member) in pairs {
+            invocation.key(key).arg(member);
+        }
+        self.shared
+            .script::<i64>("limits_renew", invocation)
+            .await
+            .map(drop)
+    }
+}
+
+async fn keep_renewing(book: Weak<LeaseBook>) {
+    loop {
+        tokio::time::sleep(LEASE_TTL / 3).await;
+        let Some(b) = book.upgrade() else { return };
+        let _ = b.renew().await;
+    }
+}
+
+/// Takes `cost` tokens from each scope's tokens-per-minute limit, all or
+/// none.
+pub async fn charge(
+    shared: &Shared,
+    tpm: &[&Scoped; 2],
+    cost: u64,
+) -> Result<Result<(), Refused>, Unavailable> {
+    let mut invocation = CHARGE.prepare_invoke();
+    invocation
+        .key(&tpm[0].key)
+        .key(&tpm[1].key)
+        .arg(tpm[0].limit)
+        .arg(tpm[1].limit)
+        .arg(cost);
+    let reply: (i64, i64) = shared.script("limits_charge", invocation).await?;
+    Ok(refused(reply).map_or(Ok(()), Err))
+}
+
+/// Charges (`delta > 0`) or refunds tokens already decided.
+pub async fn adjust(shared: &Shared, tpm: &[Scoped; 2], delta: i64) -> Result<(), Unavailable> {
+    let mut invocation = ADJUST.prepare_invoke();
+    invocation
+        .key(&tpm[0].key)
+        .key(&tpm[1].key)
+        .arg(tpm[0].limit)
+        .arg(tpm[1].limit)
+        .arg(delta);
+    shared
+        .script::<i64>("limits_adjust", invocation)
+        .await
+        .map(drop)
+}
+
+/// One GCRA at `key` (`per_minute`, bursting a minute's worth): takes one
+/// unit, or only checks that one could be taken (`take` false).
+pub async fn gcra_one(
+    shared: &Shared,
+    key: &str,
+    per_minute: u64,
+    take: bool,
+) -> Result<Result<(), Duration>, Unavailable> {
+    let mut invocation = GCRA_ONE.prepare_invoke();
+    invocation.key(key).arg(per_minute).arg(u8::from(take));
+    let reply: (i64, i64) = shared.script("limits_auth", invocation).await?;
+    Ok(refused(reply).map_or(Ok(()), |r| Err(r.wait)))
+}
+
+fn refused((code, wait_us): (i64, i64)) -> Option<Refused> {
+    (code > 0).then(|| Refused {
+        index: usize::try_from(code - 1).unwrap_or(0),
+        wait: Duration::from_micros(u64::try_from(wait_us).unwrap_or(0))
+            .max(Duration::from_millis(1)),
+    })
+}
+
+/// Shared by every script: Redis's clock, and the GCRA of the local
+/// limits (`gcra.rs`): `per_minute` units a minute, a minute's worth as one
+/// burst; returns the new arrival time, or nil and the wait.
+const PRELUDE: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function gcra(key, limit, cost, now)
+  local interval = math.max(math.floor(60000000 / limit), 1)
+  local window = interval * limit
+  local tat = tonumber(redis.call('GET', key) or '0') or 0
+  local new_tat = math.max(tat, now) + interval * cost
+  local allowed_at = new_tat - window
+  if allowed_at > now then return nil, allowed_at - now end
+  return new_tat, 0
+end
+local function store(key, tat, now)
+  local ms = math.ceil((tat - now) / 1000) + 1000
+  if ms < 1000 then ms = 1000 end
+  redis.call('SET', key, string.format('%.0f', tat), 'PX', ms)
+end
+";
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}{body}"))
+}
+
+/// KEYS: key rpm, tpm, conc, tenant rpm, tpm, conc. ARGV 1–6: their limits
+/// (0: none); 7: the lease; 8: its TTL in ms. Returns {0, 0}, or {index of
+/// the refusing limit (1-based), wait in µs}.
+static ADMIT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local now = now_us()
+local ttl = tonumber(ARGV[8])
+local take = {}
+for i = 1, 6 do
+  local limit = tonumber(ARGV[i])
+  if limit > 0 then
+    local kind = (i - 1) % 3
+    if kind == 2 then
+      redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now / 1000)
+      if redis.call('ZCARD', KEYS[i]) >= limit then return {i, 1000000} end
+      take[i] = true
+    else
+      local tat, wait = gcra(KEYS[i], limit, 1, now)
+      if not tat then return {i, math.ceil(wait)} end
+      if kind == 0 then take[i] = tat end
+    end
+  end
+end
+for i = 1, 6 do
+  if take[i] == true then
+    redis.call('ZADD', KEYS[i], string.format('%.0f', now / 1000 + ttl), ARGV[7])
+    redis.call('PEXPIRE', KEYS[i], ttl * 2)
+  elseif take[i] then
+    store(KEYS[i], take[i], now)
+  end
+end
+return {0, 0}
+",
+    )
+});
+
+/// KEYS[1]: a sorted set of leases. ARGV: limit, lease, TTL in ms.
+static LEASE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local now = now_us()
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now / 1000)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return {1, 1000000} end
+redis.call('ZADD', KEYS[1], string.format('%.0f', now / 1000 + ttl), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return {0, 0}
+",
+    )
+});
+
+/// KEYS: the lease's sorted sets. ARGV[1]: the lease.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return 0
+",
+    )
+});
+
+/// KEYS: sorted sets; ARGV[1]: TTL in ms; ARGV[i + 1]: the lease in KEYS[i].
+/// Only leases still there are renewed (`XX`): an expired one stays gone.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local now = now_us()
+local ttl = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], 'XX', string.format('%.0f', now / 1000 + ttl), ARGV[i + 1])
+  redis.call('PEXPIRE', KEYS[i], ttl * 2)
+end
+return 0
+",
+    )
+});
+
+/// KEYS: key tpm, tenant tpm. ARGV: their limits, the cost. All or none.
+static CHARGE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local now = now_us()
+local cost = tonumber(ARGV[3])
+local take = {}
+for i = 1, 2 do
+  local limit = tonumber(ARGV[i])
+  if limit > 0 then
+    local tat, wait = gcra(KEYS[i], limit, cost, now)
+    if not tat then return {i, math.ceil(wait)} end
+    take[i] = tat
+  end
+end
+for i = 1, 2 do
+  if take[i] then store(KEYS[i], take[i], now) end
+end
+return {0, 0}
+",
+    )
+});
+
+/// KEYS: key tpm, tenant tpm. ARGV: their limits, the correction in tokens.
+static ADJUST: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local now = now_us()
+local delta = tonumber(ARGV[3])
+for i = 1, 2 do
+  local limit = tonumber(ARGV[i])
+  if limit > 0 then
+    local interval = math.max(math.floor(60000000 / limit), 1)
+    local tat = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
+    if delta > 0 then tat = math.max(tat, now) end
+    tat = tat + delta * interval
+    if tat > now then store(KEYS[i], tat, now) else redis.call('DEL', KEYS[i]) end
+  end
+end
+return 0
+",
+    )
+});
+
+/// KEYS[1]: a GCRA. ARGV: per minute, 1 to take one unit or 0 to check.
+static GCRA_ONE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local now = now_us()
+local tat, wait = gcra(KEYS[1], tonumber(ARGV[1]), 1, now)
+if not tat then return {1, math.ceil(wait)} end
+if ARGV[2] == '1' then store(KEYS[1], tat, now) end
+return {0, 0}
+",
+    )
+});
