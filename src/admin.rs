@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::config::HedgeAfter;
 use crate::health::{Override, PageState, TargetSnapshot};
 use crate::reload::{Outcome, Reloader, Trigger};
+use crate::rollout::Verdict;
 use crate::state::Gateway;
 
 /// The environment variable that holds the admin token.
@@ -255,6 +256,7 @@ async fn rollout(State(s): State<AdminState>) -> Json<serde_json::Value> {
 }
 
 async fn promote(State(s): State<AdminState>) -> Response {
+    decide_for_replicas(&s, Verdict::Promote).await;
     if s.gw.promote() {
         tracing::warn!("rollout promoted by admin");
         Json(json!({"state": "stable", "promoted": true})).into_response()
@@ -264,6 +266,7 @@ async fn promote(State(s): State<AdminState>) -> Response {
 }
 
 async fn rollback(State(s): State<AdminState>) -> Response {
+    decide_for_replicas(&s, Verdict::Rollback("rolled back by an operator".into())).await;
     if s.gw.rollback() {
         tracing::warn!("rollout rolled back by admin");
         Json(json!({"state": "stable", "rolled_back": true})).into_response()
@@ -272,7 +275,20 @@ async fn rollback(State(s): State<AdminState>) -> Response {
     }
 }
 
-/// `GET /metrics`: the Prometheus text exposition format.
+/// An operator's verdict holds on every replica baking the same rollout
+/// (best effort: without Redis, it holds here).
+async fn decide_for_replicas(s: &AdminState, verdict: Verdict) {
+    let (Some(shared), Some(id)) = (s.gw.shared(), s.gw.rollout().and_then(|r| r.id.clone()))
+    else {
+        return;
+    };
+    if let Err(e) = crate::rollout::shared::decide(shared, &id, &verdict, true).await {
+        tracing::warn!(
+            "the verdict could not be shared with the other replicas ({e}); it holds on this one"
+        );
+    }
+}
+
 async fn metrics(State(s): State<AdminState>) -> Response {
     // What the gateway counts itself is read now, on the scrape.
     crate::metrics::config_rejected(s.gw.rejected_configs());

@@ -225,7 +225,15 @@ async fn serve(
     // Record metrics from the first request on.
     let _ = detour::metrics::handle();
     let gw = Arc::new(Gateway::new(cfg)?);
-    gw.set_source(Some(text));
+    gw.set_source(Some(text.clone()));
+    // A replica that starts while the others bake this very file follows them.
+    detour::reload::join_replicas_rollout(
+        &gw,
+        &text,
+        &config_path.display().to_string(),
+        Duration::from_secs(2),
+    )
+    .await;
     gw.set_ops(Some(config_path), Some(state_dir));
     // The control plane: reloads and their judges run on this runtime.
     let reloader = detour::reload::Reloader::new(Arc::clone(&gw));

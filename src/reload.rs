@@ -47,12 +47,15 @@ pub enum Trigger {
     Admin,
     /// Code that embeds detour called [`apply_text`] (tests, tools).
     Direct,
+    /// At start: the replicas were baking a rollout to this replica's file.
+    Start,
 }
 
 impl Trigger {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::FileChange => "file_change",
+            Self::Start => "start",
             Self::Sighup => "sighup",
             Self::Admin => "admin",
             Self::Direct => "direct",
@@ -223,16 +226,26 @@ fn finish(gw: &Gateway, trigger: Trigger, outcome: Outcome, errors: Vec<String>)
     status
 }
 
-/// Watches a rollout until it is promoted, rolled back, or replaced.
+/// Watches a rollout until it is promoted, rolled back, or replaced. With
+/// shared state, the verdict is the replicas' ([`crate::rollout::shared`]);
+/// while Redis cannot be asked, this replica judges its own cohorts.
 async fn judge(gw: Arc<Gateway>, rollout: Arc<Rollout>) {
     let tick = (rollout.policy.bake / 8).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut sync = match gw.shared() {
+        Some(s) => crate::rollout::shared::Sync::start(Arc::clone(s), &rollout, gw.source()).await,
+        None => None,
+    };
     loop {
         tokio::time::sleep(tick).await;
         let current = gw.rollout();
         if !current.is_some_and(|c| Arc::ptr_eq(&c, &rollout)) {
             return; // promoted or rolled back by hand, or replaced
         }
-        match verdict(&rollout) {
+        let shared = match &mut sync {
+            Some(s) => s.tick(&rollout).await.ok(),
+            None => None,
+        };
+        match shared.unwrap_or_else(|| verdict(&rollout)) {
             Verdict::Wait => {}
             Verdict::Promote => {
                 gw.promote();
@@ -245,6 +258,46 @@ async fn judge(gw: Arc<Gateway>, rollout: Arc<Rollout>) {
                 return;
             }
         }
+    }
+}
+
+/// A replica starting with `text` while the replicas bake a rollout to it
+/// serves the stable config and joins the rollout; if they rolled it back,
+/// it serves the stable config. Waits up to `wait` for Redis; without an
+/// answer, `text` is served as it is.
+pub async fn join_replicas_rollout(gw: &Arc<Gateway>, text: &str, file: &str, wait: Duration) {
+    use crate::rollout::shared::{join, Joining};
+    let Some(shared) = gw.shared() else { return };
+    let deadline = tokio::time::Instant::now() + wait;
+    while !shared.is_up() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stable = match join(shared, text).await {
+        Ok(Joining::Nothing) => return,
+        Ok(Joining::Baking { stable }) => (stable, true),
+        Ok(Joining::RolledBack { stable }) => (stable, false),
+        Err(e) => {
+            tracing::warn!("shared state: cannot ask the replicas about a rollout ({e}); serving the config file as it is");
+            return;
+        }
+    };
+    let (stable_text, baking) = stable;
+    let stable_cfg = match config::load_str(&stable_text, "(the replicas' stable config)") {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("the replicas' stable config does not load here ({e}); serving the config file as it is");
+            return;
+        }
+    };
+    if let Err(e) = gw.swap_with_source(stable_cfg, Some(stable_text)) {
+        tracing::error!("the replicas' stable config cannot be built here ({e}); serving the config file as it is");
+        return;
+    }
+    if baking {
+        tracing::warn!("the replicas are baking this config: serving their stable config and joining the rollout");
+        apply_text(gw, text, file, Trigger::Start);
+    } else {
+        tracing::error!("the replicas rolled this config back: serving their stable config until the file changes");
     }
 }
 
@@ -388,6 +441,7 @@ mod tests {
             (Trigger::Sighup, "sighup"),
             (Trigger::Admin, "admin"),
             (Trigger::Direct, "direct"),
+            (Trigger::Start, "start"),
         ];
         for (t, word) in triggers {
             assert_eq!(

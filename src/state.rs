@@ -420,22 +420,35 @@ impl Cohort {
     }
 
     fn snapshot(&self) -> CohortView {
-        let requests = self.requests.load(Relaxed);
-        let errors = self.errors.load(Relaxed);
-        let latency = self.latency_us.load(Relaxed);
-        CohortView {
+        let [requests, errors, latency_us] = self.totals();
+        CohortView::from_totals(requests, errors, latency_us)
+    }
+
+    /// Requests, server errors, and summed latency in microseconds.
+    fn totals(&self) -> [u64; 3] {
+        [
+            self.requests.load(Relaxed),
+            self.errors.load(Relaxed),
+            self.latency_us.load(Relaxed),
+        ]
+    }
+}
+
+impl CohortView {
+    /// The view of `requests` with `errors` among them and `latency_us` in all.
+    pub fn from_totals(requests: u64, errors: u64, latency_us: u64) -> Self {
+        let per_request = |n: u64| {
+            if requests == 0 {
+                0.0
+            } else {
+                n as f64 / requests as f64
+            }
+        };
+        Self {
             requests,
             errors,
-            error_rate: if requests == 0 {
-                0.0
-            } else {
-                errors as f64 / requests as f64
-            },
-            mean_latency_ms: if requests == 0 {
-                0.0
-            } else {
-                latency as f64 / requests as f64 / 1e3
-            },
+            error_rate: per_request(errors),
+            mean_latency_ms: per_request(latency_us) / 1e3,
         }
     }
 }
@@ -458,6 +471,9 @@ pub struct Rollout {
     pub policy: RolloutPolicy,
     /// The candidate's config text, kept as last-known-good once it serves.
     pub source: Option<String>,
+    /// The same for every replica that bakes the same text: a digest of it
+    /// (`None` without a text, then the rollout is this process's alone).
+    pub id: Option<String>,
     started: Instant,
     stable: Cohort,
     canary: Cohort,
@@ -470,11 +486,13 @@ impl Rollout {
         policy: RolloutPolicy,
         source: Option<String>,
     ) -> Self {
+        let id = source.as_deref().map(rollout_id);
         Self {
             candidate,
             health,
             policy,
             source,
+            id,
             started: Instant::now(),
             stable: Cohort::default(),
             canary: Cohort::default(),
@@ -498,6 +516,14 @@ impl Rollout {
         self.started.elapsed()
     }
 
+    /// The raw counts of both cohorts (stable, then canary): requests,
+    /// server errors, summed latency in µs.
+    pub fn totals(&self) -> [u64; 6] {
+        let [a, b, c] = self.stable.totals();
+        let [d, e, f] = self.canary.totals();
+        [a, b, c, d, e, f]
+    }
+
     /// The stable and the canary cohorts' outcomes so far.
     pub fn cohorts(&self) -> (CohortView, CohortView) {
         (self.stable.snapshot(), self.canary.snapshot())
@@ -512,6 +538,12 @@ impl Rollout {
             canary: self.canary.snapshot(),
         }
     }
+}
+
+/// The id of a rollout to the config `text`: its SHA-256, shortened.
+pub fn rollout_id(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(text.as_bytes())[..12])
 }
 
 #[derive(Debug, Clone, Serialize)]

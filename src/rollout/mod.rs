@@ -10,6 +10,13 @@
 //! failing is rolled back before the bake time is over; one that has seen
 //! fewer than `min_requests` keeps baking, up to four bake times, and is then
 //! promoted (no evidence of harm).
+//!
+//! With `[state] backend = "redis"`, the replicas that reload the same file
+//! bake one rollout together ([`shared`]): their cohorts add up in Redis,
+//! the bake time runs from the first replica's start, and the first verdict
+//! reached (by a judge or by hand on any replica) is the verdict of all.
+
+pub mod shared;
 
 pub use crate::state::Rollout;
 // The rollout's data lives with the state the request path records into.
@@ -26,7 +33,16 @@ pub enum Verdict {
 /// Judges a rollout: roll back, promote, or wait.
 pub fn verdict(rollout: &Rollout) -> Verdict {
     let (stable, canary) = rollout.cohorts();
-    let p = &rollout.policy;
+    judge(&stable, &canary, &rollout.policy, rollout.elapsed())
+}
+
+/// Judges two cohorts after `elapsed` of baking under `p`.
+pub fn judge(
+    stable: &CohortView,
+    canary: &CohortView,
+    p: &crate::config::RolloutPolicy,
+    elapsed: std::time::Duration,
+) -> Verdict {
     let enough = canary.requests >= u64::from(p.min_requests);
     let error_bad = canary.error_rate > stable.error_rate + p.max_error_rate_increase;
     let latency_bad = stable.requests > 0
@@ -40,7 +56,6 @@ pub fn verdict(rollout: &Rollout) -> Verdict {
             p.max_error_rate_increase * 100.0
         ));
     }
-    let elapsed = rollout.elapsed();
     if elapsed < p.bake {
         return Verdict::Wait;
     }
