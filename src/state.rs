@@ -194,10 +194,10 @@ impl Gateway {
         let admission = Admission::new(s.max_concurrent_requests, s.queue_timeout);
         let shared = config.state.redis().cloned().map(Shared::start);
         let owners = Owners {
+            cache: KeptCache::new(shared.clone()),
             shared,
             limits: LimitStore::new(clock),
             admission: Arc::new(admission),
-            cache: KeptCache::default(),
         };
         let live = Live::build(config, &owners, &health, Role::Stable)?;
         let gw = Self {
