@@ -269,7 +269,10 @@ mod tests {
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert_eq!(decode(Bytes::from(longer)).err(), Some(DecodeError::Trailing));
+        assert_eq!(
+            decode(Bytes::from(longer)).err(),
+            Some(DecodeError::Trailing)
+        );
     }
 
     #[test]
@@ -280,10 +283,16 @@ mod tests {
         assert_eq!(decode(Bytes::from(magic)).err(), Some(DecodeError::Magic));
         let mut format = good.clone();
         format[4] = 7;
-        assert_eq!(decode(Bytes::from(format)).err(), Some(DecodeError::Format(7)));
+        assert_eq!(
+            decode(Bytes::from(format)).err(),
+            Some(DecodeError::Format(7))
+        );
         let mut flags = good.clone();
         flags[5] = 0x80;
-        assert_eq!(decode(Bytes::from(flags)).err(), Some(DecodeError::Flags(0x80)));
+        assert_eq!(
+            decode(Bytes::from(flags)).err(),
+            Some(DecodeError::Flags(0x80))
+        );
         let mut utf8 = good;
         // The tenant's first byte.
         utf8[FIXED + 2] = 0xff;
@@ -296,7 +305,10 @@ mod tests {
         let mut huge = encode(&entry(None, false)).unwrap();
         let body_len_at = huge.len() - 4 - entry(None, false).body.len();
         huge[body_len_at..body_len_at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert_eq!(decode(Bytes::from(huge)).err(), Some(DecodeError::Truncated));
+        assert_eq!(
+            decode(Bytes::from(huge)).err(),
+            Some(DecodeError::Truncated)
+        );
     }
 
     #[test]
