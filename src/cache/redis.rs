@@ -24,6 +24,9 @@
 //!   error reaches the client. While Redis is known down the cache is
 //!   bypassed: no call is made at all. Failures are counted by `Shared` as
 //!   `detour_redis_failures_total{op="cache_get"|"cache_put"|"cache_remove"}`.
+//!   What Redis adds to a request: a read before a cached route's request
+//!   goes upstream, and a write before a miss's body ends (the body ends once
+//!   stored, see `relay::capture`), each within the timeout.
 //! - **Cancellation**: a read or write dropped half-way (a client that
 //!   disconnects, a timeout) leaves nothing behind: the connection pairs each
 //!   reply with its own call (see `shared`), and this backend keeps no state
