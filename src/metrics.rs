@@ -4,7 +4,8 @@
 //! A leaf: the helpers take plain values (names, numbers, fixed words) and
 //! import nothing of detour's, so any layer may record. What is read from the
 //! gateway at scrape time is read by the admin `/metrics` handler and handed
-//! in ([`config_rejected`], [`rollout_baking`], [`dns_stale_uses`]).
+//! in ([`config_rejected`], [`rollout_baking`], [`dns_stale_uses`],
+//! [`cache_rejected`]).
 //!
 //! Recording goes through the `metrics` facade into a
 //! `metrics-exporter-prometheus` recorder that this module installs once per
@@ -82,6 +83,8 @@ metric_names! {
     Counter CACHE_LOOKUPS_TOTAL = "detour_cache_lookups_total";
     /// Cache entries dropped, never served, because their tenant or request hash did not match the request that read them.
     Counter CACHE_MISMATCHES_TOTAL = "detour_cache_mismatches_total";
+    /// Values read from the shared cache (Redis) that were refused, undecodable or too large, and served as misses.
+    Counter CACHE_REJECTED_TOTAL = "detour_cache_rejected_total";
     /// 1 while this replica reaches the `[state]` Redis (shared limits, cache, health), 0 while it runs on local state.
     Gauge REDIS_UP = "detour_redis_up";
     /// Time of each call to the `[state]` Redis, by operation.
@@ -290,6 +293,11 @@ pub fn rollout_baking(baking: bool) {
 /// Connections made with a stale DNS answer so far (the resolver's count).
 pub fn dns_stale_uses(total: u64) {
     counter!(DNS_STALE_USES_TOTAL).absolute(total);
+}
+
+/// Shared-cache values refused so far (the backend's count).
+pub fn cache_rejected(total: u64) {
+    counter!(CACHE_REJECTED_TOTAL).absolute(total);
 }
 
 /// Counts an open client connection for as long as it lives.

@@ -14,7 +14,7 @@
 //! | [`Registry`] (`health`) | breakers, cool-downs, latency per route and target; provider overrides and status-page state | finds the same target's health again | gets a [`Registry::fork`]: its own target health, the providers' shared; adopted on promotion |
 //! | [`LimitStore`] | rate-limit buckets, concurrency and stream counts per key and tenant | applies its values to them | shares them under the stable values |
 //! | [`Admission`] | the in-flight count and the tiered queues | applies its limit and timeout | shares it |
-//! | [`KeptCache`] | the response cache | the same cache while `[cache]` is unchanged | the same cache, or its own if `[cache]` differs |
+//! | [`KeptCache`] | the response cache (and, with a Redis in `[state]`, the process's one `RedisBackend` over [`Shared`]) | the same cache while `[cache]` is unchanged | the same cache, or its own if `[cache]` differs |
 //! | [`AuthFailures`] | failed authentications per client IP | (kept) | (shared) |
 //!
 //! Incidents are the process's log (`incidents::global`), not the config's.
@@ -199,10 +199,10 @@ impl Gateway {
         };
         let auth_failures = AuthFailures::with_shared(auth_per_minute, clock, shared.clone());
         let owners = Owners {
+            cache: KeptCache::new(shared.clone()),
             shared,
             limits,
             admission: Arc::new(admission),
-            cache: KeptCache::default(),
         };
         let live = Live::build(config, &owners, &health, Role::Stable)?;
         let gw = Self {

@@ -2,27 +2,40 @@
 
 use std::sync::{Arc, RwLock};
 
-use super::Cache;
+use super::{Cache, RedisBackend};
 use crate::config::CacheStore;
+use crate::shared::Shared;
 
 /// The response cache of the process: it outlives configs while their
 /// `[cache]` settings stay the same (a reload that changes them starts an
 /// empty one), and a cache installed by code (a shared backend, a test's)
 /// is kept whatever the settings.
+///
+/// With a Redis in `[state]`, it also owns the process's one
+/// [`RedisBackend`], which every `backend = "redis"` cache uses.
 #[derive(Debug, Default)]
 pub struct KeptCache {
     // Only touched when a config is built, never on the request path.
     slot: RwLock<Option<Arc<Cache>>>,
+    redis: Option<Arc<RedisBackend>>,
 }
 
 impl KeptCache {
+    /// The owner for a process whose `[state]` is `shared` (if Redis).
+    pub fn new(shared: Option<Arc<Shared>>) -> Self {
+        Self {
+            slot: RwLock::default(),
+            redis: shared.map(|s| Arc::new(RedisBackend::new(s))),
+        }
+    }
+
     /// The cache for the stable config's `[cache]` settings.
     pub fn for_stable(&self, settings: &CacheStore) -> Arc<Cache> {
         let mut slot = self.slot.write().unwrap_or_else(|e| e.into_inner());
         match &*slot {
             Some(c) if Self::fits(c, settings) => Arc::clone(c),
             _ => {
-                let c = Arc::new(Cache::from_config(settings));
+                let c = Arc::new(Cache::from_config(settings, self.redis.as_ref()));
                 *slot = Some(Arc::clone(&c));
                 c
             }
@@ -35,7 +48,7 @@ impl KeptCache {
         let slot = self.slot.read().unwrap_or_else(|e| e.into_inner());
         match &*slot {
             Some(c) if Self::fits(c, settings) => Arc::clone(c),
-            _ => Arc::new(Cache::from_config(settings)),
+            _ => Arc::new(Cache::from_config(settings, self.redis.as_ref())),
         }
     }
 

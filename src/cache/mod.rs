@@ -27,13 +27,18 @@
 //! or `bypass`; a request with `x-detour-cache: bypass` (or `no-cache`)
 //! neither reads nor writes the cache.
 //!
-//! Storage is behind [`Backend`] (get, put, remove; object-safe), so a shared
-//! backend can follow the in-process [`MemoryBackend`]: the checks above run
-//! in [`Cache`], whatever the backend returns.
+//! Storage is behind [`Backend`] (get, put, remove; object-safe): the
+//! in-process [`MemoryBackend`] (`[cache] backend = "memory"`, bounded by
+//! `[cache] max_bytes`), or [`RedisBackend`] (`backend = "redis"`: shared by
+//! every replica on `[state]`'s Redis, bounded by Redis's `maxmemory`; values
+//! in the self-describing layout of `encoding`). The checks above run in
+//! [`Cache`], whatever the backend returns.
 
+mod encoding;
 mod kept;
 mod key;
 mod memory;
+mod redis;
 
 use std::convert::Infallible;
 use std::fmt;
@@ -51,6 +56,7 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 pub use kept::KeptCache;
 pub use key::{normalise, Key, IGNORED_FIELDS};
 pub use memory::MemoryBackend;
+pub use redis::{RedisBackend, MAX_VALUE_BYTES};
 
 use crate::config::{CacheBackend, CacheStore, RouteCache};
 use crate::protocol::chat::{ClientFormat, Endpoint};
@@ -68,6 +74,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn get<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Option<Arc<Entry>>>;
     fn put(&self, key: Key, entry: Arc<Entry>) -> BoxFuture<'_, ()>;
     fn remove<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, ()>;
+
+    /// Values the backend found but refused (undecodable, too large) and
+    /// answered as misses, since it was made.
+    fn rejected(&self) -> u64 {
+        0
+    }
 }
 
 /// A stored answer and whom it belongs to.
@@ -232,12 +244,20 @@ impl Cache {
         }
     }
 
-    /// The cache the `[cache]` section describes.
-    pub fn from_config(settings: &CacheStore) -> Self {
-        let backend: Arc<dyn Backend> = match settings.backend {
-            CacheBackend::Memory => Arc::new(MemoryBackend::new(settings.max_bytes)),
-            // Until the shared backend lands: a cache local to this replica.
-            CacheBackend::Redis => Arc::new(MemoryBackend::new(settings.max_bytes)),
+    /// The cache the `[cache]` section describes; `redis` is the process's
+    /// shared backend, when `[state]` has a Redis. (Without one, which a
+    /// config that changed `[state]` after start can ask for, a `redis`
+    /// cache is kept in this process until the next start.)
+    pub fn from_config(settings: &CacheStore, redis: Option<&Arc<RedisBackend>>) -> Self {
+        let backend: Arc<dyn Backend> = match (settings.backend, redis) {
+            (CacheBackend::Redis, Some(r)) => Arc::clone(r) as Arc<dyn Backend>,
+            (CacheBackend::Redis, None) => {
+                tracing::warn!(
+                    "[cache] backend = \"redis\" without a Redis in this process's [state]: the cache stays local until the next start"
+                );
+                Arc::new(MemoryBackend::new(settings.max_bytes))
+            }
+            (CacheBackend::Memory, _) => Arc::new(MemoryBackend::new(settings.max_bytes)),
         };
         Self {
             settings: Some(*settings),
@@ -339,6 +359,11 @@ impl Cache {
     /// Entries the backend returned for another tenant or request: dropped.
     pub fn mismatches(&self) -> u64 {
         self.mismatches.load(Ordering::Relaxed)
+    }
+
+    /// Values the backend refused as unreadable (see [`Backend::rejected`]).
+    pub fn rejected(&self) -> u64 {
+        self.backend.rejected()
     }
 }
 

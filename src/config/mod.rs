@@ -195,7 +195,9 @@ pub const DEFAULT_CACHE_MAX_ENTRY_BYTES: u64 = 1024 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStore {
     pub backend: CacheBackend,
-    /// Total size of the entries held (bodies and bookkeeping).
+    /// Total size of the entries held (bodies and bookkeeping), by the
+    /// memory backend. The Redis backend ignores it: Redis's own
+    /// `maxmemory` bounds the shared cache.
     pub max_bytes: u64,
 }
 
