@@ -78,6 +78,9 @@ pub struct Shared {
     up: AtomicBool,
     timeouts_in_a_row: AtomicU32,
     live_replicas: AtomicUsize,
+    /// Wakes the heartbeat when a call finds Redis gone, so that it is
+    /// asked again within [`BEAT_EVERY_WHILE_DOWN`], not a whole beat later.
+    wake: tokio::sync::Notify,
     /// When the state last changed, and what went wrong last (for operators).
     last_error: std::sync::RwLock<Option<(String, std::time::SystemTime)>>,
 }
@@ -122,6 +125,7 @@ impl Shared {
             up: AtomicBool::new(false),
             timeouts_in_a_row: AtomicU32::new(0),
             live_replicas: AtomicUsize::new(1),
+            wake: tokio::sync::Notify::new(),
             last_error: std::sync::RwLock::new(None),
         });
         metrics::redis_up(false);
@@ -257,6 +261,7 @@ impl Shared {
                 self.settings.on_failure.as_str()
             );
             metrics::redis_up(false);
+            self.wake.notify_one();
         }
     }
 
@@ -401,8 +406,15 @@ async fn keep_connected(shared: std::sync::Weak<Shared>) {
                 BEAT_EVERY_WHILE_DOWN
             }
         };
+        let woken = async {
+            s.wake.notified().await;
+            tokio::time::sleep(BEAT_EVERY_WHILE_DOWN).await;
+        };
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = woken => {}
+        }
         drop(s);
-        tokio::time::sleep(every).await;
     }
 }
 
