@@ -80,11 +80,16 @@ struct Args {
     /// Copied into the JSON line.
     #[arg(long, default_value = "")]
     label: String,
+    /// Sent as `Authorization: Bearer <key>` (a gateway key with limits).
+    #[arg(long)]
+    api_key: Option<String>,
 }
 
 /// What every worker shares.
 struct Plan {
     addr: SocketAddr,
+    /// `Bearer <key>`, when one is given.
+    authorization: Option<http::HeaderValue>,
     authority: String,
     path: String,
     body: Bytes,
@@ -210,8 +215,13 @@ async fn run(args: Args) -> Result<serde_json::Value> {
     // A moment for every worker to be spawned before the first send.
     let start = Instant::now() + Duration::from_millis(20);
     let measure_from = start + Duration::from_secs_f64(args.warmup);
+    let authorization = match &args.api_key {
+        Some(k) => Some(http::HeaderValue::from_str(&format!("Bearer {k}"))?),
+        None => None,
+    };
     let plan = Arc::new(Plan {
         addr,
+        authorization,
         authority,
         path,
         body,
@@ -379,12 +389,15 @@ async fn one_request(
     let Some(sender) = conn.as_mut() else {
         bail!("no connection");
     };
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(Method::POST)
         .uri(plan.path.as_str())
         .header(HOST, plan.authority.as_str())
-        .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(plan.body.clone()))?;
+        .header(CONTENT_TYPE, "application/json");
+    if let Some(auth) = &plan.authorization {
+        req = req.header(http::header::AUTHORIZATION, auth);
+    }
+    let req = req.body(Full::new(plan.body.clone()))?;
     let resp = sender.send_request(req).await.context("send")?;
     let status = resp.status();
     let mut body = resp.into_body();

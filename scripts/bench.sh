@@ -38,6 +38,11 @@
 #                              this % of the machine is left out of the medians,
 #                              unless no cleaner round exists
 #   NO_BUILD=1                 skip `cargo build --release --examples --bins`
+#   REDIS_BENCH=1              then limits on Redis against limits in memory
+#                              (issue 11): two more detour processes whose key
+#                              has rpm/tpm/max_concurrent, one on its own
+#                              redis-server (REDIS_PORT=18795; DETOUR_MEM_PORT=18796,
+#                              DETOUR_REDIS_PORT=18797), at RATE req/s and 64 conns
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,6 +62,10 @@ MOCK_PORT=${MOCK_PORT:-18791}
 DETOUR_PORT=${DETOUR_PORT:-18792}
 NGINX_PORT=${NGINX_PORT:-18793}
 DEAD_PORT=${DEAD_PORT:-18794}
+REDIS_BENCH=${REDIS_BENCH:-1}
+REDIS_PORT=${REDIS_PORT:-18795}
+DETOUR_MEM_PORT=${DETOUR_MEM_PORT:-18796}
+DETOUR_REDIS_PORT=${DETOUR_REDIS_PORT:-18797}
 NGINX_WORKERS=${NGINX_WORKERS:-$(nproc)}
 NGINX_CPUS=${NGINX_CPUS-}
 DETOUR_LOG=${RUST_LOG:-info}
@@ -81,6 +90,14 @@ if [[ ! -x "$NGINX" ]]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx-light >/dev/null
     if [[ -n "$policy_added" ]]; then $sudo rm -f /usr/sbin/policy-rc.d; fi
     NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+fi
+
+if [[ "$REDIS_BENCH" == 1 ]] && ! command -v redis-server >/dev/null; then
+    echo "bench: installing redis-server (the shared-limits comparison)" >&2
+    sudo=""
+    [[ "$(id -u)" -eq 0 ]] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 fi
 
 DETOUR=target/release/detour
@@ -453,3 +470,100 @@ jq -r --arg rate "$RATE" '
     verdict($f.added_p50_us <= 1000)
       + " failover (first target refuses) adds <= 1 ms at p50: \($f.added_p50_us) us" + rounds($f.added_p50_us_rounds),
     verdict((.scenarios | map(.errors) | add) == 0) + " no errors: \(.scenarios | map(.errors) | add)"' "$SUMMARY"
+
+# Limits on Redis against limits in memory (issue 11): the same key, with
+# rpm/tpm/max_concurrent far above the load so every request is admitted, in
+# two detour processes that differ only in [state]. Each request then makes
+# one admission script call and one token charge on Redis (release and settle
+# are sent without waiting). Paired per round: memory, then Redis.
+if [[ "$REDIS_BENCH" == 1 ]]; then
+    for port in "$REDIS_PORT" "$DETOUR_MEM_PORT" "$DETOUR_REDIS_PORT"; do
+        port_free "$port" || { echo "bench: port $port is in use" >&2; exit 1; }
+    done
+    limited_config() {
+        cat <<EOF
+[server]
+listen = "127.0.0.1:$1"
+$2
+
+[[providers]]
+name = "mock"
+kind = "openai"
+base_url = "http://127.0.0.1:$MOCK_PORT/v1"
+
+[[routes]]
+model = "bench"
+targets = [{ provider = "mock", model = "gpt-4o-mini" }]
+
+[[keys]]
+key = "bench-key"
+tenant = "bench"
+rpm = 1000000000
+tpm = 100000000000
+max_concurrent = 100000
+EOF
+    }
+    limited_config "$DETOUR_MEM_PORT" "" >"$TMP/detour-mem.toml"
+    limited_config "$DETOUR_REDIS_PORT" "
+[state]
+backend = \"redis\"
+redis_url = \"redis://127.0.0.1:$REDIS_PORT\"" >"$TMP/detour-redis.toml"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+        >"$TMP/redis.log" 2>&1 &
+    REDIS_PID=$!
+    PIDS+=("$REDIS_PID")
+    wait_listening "$REDIS_PORT" "$REDIS_PID" redis
+    exec_pinned "$DETOUR_CPUS" env RUST_LOG="$DETOUR_LOG" "$DETOUR" serve --config "$TMP/detour-mem.toml" \
+        >"$TMP/detour-mem.log" 2>&1 &
+    MEM_PID=$!
+    PIDS+=("$MEM_PID")
+    exec_pinned "$DETOUR_CPUS" env RUST_LOG="$DETOUR_LOG" "$DETOUR" serve --config "$TMP/detour-redis.toml" \
+        >"$TMP/detour-redis.log" 2>&1 &
+    RED_PID=$!
+    PIDS+=("$RED_PID")
+    wait_listening "$DETOUR_MEM_PORT" "$MEM_PID" detour-mem
+    wait_listening "$DETOUR_REDIS_PORT" "$RED_PID" detour-redis
+    sleep 2 # the Redis replica connects and beats
+    OUT_REDIS=bench-results/$STAMP.redis.jsonl
+    : >"$OUT_REDIS"
+    for round in $(seq "$ROUNDS"); do
+        for spec in "limits-rate$RATE|$RATE_CONNS|$RATE" "limits-c64|64|"; do
+            IFS='|' read -r scenario conns rate <<<"$spec"
+            args=(--connections "$conns" --api-key bench-key)
+            [[ -n "$rate" ]] && args+=(--rate "$rate")
+            echo "round $round/$ROUNDS: $scenario" >&2
+            for target in memory redis; do
+                port=$DETOUR_MEM_PORT pid=$MEM_PID
+                [[ $target == redis ]] && port=$DETOUR_REDIS_PORT pid=$RED_PID
+                ROUND=$round OUT=$OUT_REDIS run_loadgen "$scenario" "$target" \
+                    "http://127.0.0.1:$port/v1/chat/completions" bench "$pid" "${args[@]}"
+            done
+        done
+    done
+    echo >&2
+    echo "Limits on Redis vs in memory (the same key and limits; medians over $ROUNDS round(s)):"
+    jq -s -r --arg rate "$RATE" '
+      def median: map(select(. != null)) | sort
+        | if length == 0 then null
+          elif length % 2 == 1 then .[length / 2 | floor]
+          else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+      def verdict($ok): if $ok then "met   " else "MISSED" end;
+      group_by(.scenario) | map(
+        (group_by(.round) | map({m: map(select(.target == "memory"))[0],
+                                 r: map(select(.target == "redis"))[0]})
+                          | map(select(.m != null and .r != null))) as $p
+        | { scenario: $p[0].m.scenario,
+            memory_rps: ($p | map(.m.rps) | median), redis_rps: ($p | map(.r.rps) | median),
+            ratio_pct: ($p | map(.r.rps / .m.rps * 100) | median | . * 10 | round / 10),
+            p50: "\($p | map(.m.p50_us) | median)/\($p | map(.r.p50_us) | median)",
+            p99: "\($p | map(.m.p99_us) | median)/\($p | map(.r.p99_us) | median)",
+            cpu: "\($p | map(.m.server_cpu_ms_per_1k) | median)/\($p | map(.r.server_cpu_ms_per_1k) | median)",
+            added_p50_us: ($p | map(.r.p50_us - .m.p50_us) | median),
+            errors: ($p | map(.m.errors + .r.errors) | add) })
+      | (map("  \(.scenario): req/s memory \(.memory_rps) redis \(.redis_rps) (\(.ratio_pct)%), p50 us m/r \(.p50), p99 us m/r \(.p99), detour CPU ms/1k m/r \(.cpu), errors \(.errors)") | .[]),
+        (map(select(.scenario == "limits-rate\($rate)"))[0] as $r
+         | verdict($r.added_p50_us <= 150) + " Redis limits add <= 150 us at p50 over memory at \($rate) req/s: \($r.added_p50_us) us"),
+        (map(select(.scenario == "limits-c64"))[0] as $c
+         | verdict($c.ratio_pct >= 80) + " Redis limits keep >= 80% of memory throughput at 64 conns: \($c.ratio_pct)%")' \
+        "$OUT_REDIS"
+fi
