@@ -103,6 +103,17 @@ impl Gcra {
         }
     }
 
+    /// Takes `cost` units whatever is left: units admitted elsewhere (by the
+    /// replicas' shared limits), counted here so that this replica's own
+    /// usage is known if it must decide alone.
+    pub fn force(&self, cost: u64) {
+        let now = self.now_us();
+        let increment = self.interval_us.load(Relaxed).saturating_mul(cost);
+        let _ = self.tat.fetch_update(Relaxed, Relaxed, |tat| {
+            Some(tat.max(now).saturating_add(increment))
+        });
+    }
+
     /// Charges (`delta > 0`) or refunds (`delta < 0`) units already decided.
     pub fn adjust(&self, delta: i64) {
         let us = self
@@ -156,6 +167,16 @@ mod tests {
         assert!(g.try_take(1).is_err());
         g.adjust(600); // and another used far more: a minute's worth
         tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(g.try_take(1).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn units_taken_elsewhere_count_from_now() {
+        let g = Gcra::per_minute(60, 2, Clock::new());
+        tokio::time::advance(Duration::from_secs(600)).await;
+        g.force(2);
+        assert!(g.check(1).is_err(), "an idle bucket forced twice is spent");
+        g.force(5);
         assert!(g.try_take(1).is_err());
     }
 

@@ -367,7 +367,7 @@ impl TokenGate {
                 Ok(Ok(())) => {
                     // Counted here too, for this replica's share if Redis goes.
                     for (_, b) in &self.buckets {
-                        b.adjust(cost);
+                        b.force(estimate);
                     }
                     return Ok(Some(TokenCharge {
                         buckets: self.buckets.iter().map(|(_, b)| Arc::clone(b)).collect(),
@@ -555,7 +555,7 @@ impl Limits {
                     for (scope, b) in [("key", key.map(|(_, b)| b)), ("tenant", tenant)] {
                         let Some(b) = b else { continue };
                         if let Some(rpm) = &b.rpm {
-                            rpm.adjust(1);
+                            rpm.force(1);
                         }
                         if let Some(tpm) = &b.tpm {
                             gate.buckets.push((scope, Arc::clone(tpm)));
@@ -716,7 +716,7 @@ impl AuthFailures {
         });
         match shared {
             Some(answer) => {
-                bucket.adjust(1);
+                bucket.force(1);
                 if let Some(wait) = answer {
                     let until = self.clock.now_ms().saturating_add(wait.as_millis() as u64);
                     self.blocked_until.insert(ip, until);
