@@ -12,7 +12,7 @@
 //! | a `retry-after` cool-down | pub/sub | `health:cool_down:<target>`, expiring with it | cooling down as long |
 //! | a misconfigured mark | pub/sub | `health:misconfigured:<target>`, expiring with it | marked as long |
 //! | an operator's override | pub/sub | field of the hash `health:overrides`, no expiry; `auto` deletes it | the same override, and its incident |
-//! | a status-page reading | pub/sub | (not kept: each replica polls the page at start) | the page's state, until this replica's own poll reads otherwise |
+//! | a status-page reading | pub/sub | `health:page:<provider>`, the latest reading, kept 10 minutes | the page's state, until this replica's own poll reads otherwise |
 //! | incidents | — | `incidents:<replica>`, each replica's own log, kept a day | merged into `/status` and `/status.json` ([`crate::incidents::merge`]) |
 //!
 //! A target is named by route alias, provider name and model, the same on
@@ -63,6 +63,8 @@ pub const SCAN_EVERY: Duration = Duration::from_millis(100);
 pub const INCIDENTS_EVERY: Duration = Duration::from_millis(500);
 /// A replica whose incidents were not written for this long is gone.
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
+/// While Redis is down, how often the task looks whether it is back.
+const WAIT_FOR_UP: Duration = Duration::from_millis(20);
 /// Wait before trying to subscribe again after a failure.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(250);
 
@@ -228,9 +230,26 @@ impl Event {
                     Override::Down => pipe.cmd("HSET").arg(key).arg(provider).arg("down").ignore(),
                 };
             }
-            Self::Page { .. } => {}
+            Self::Page { provider, page } => {
+                if let Ok(value) = serde_json::to_string(page) {
+                    pipe.cmd("SET")
+                        .arg(page_key(sync, provider))
+                        .arg(value)
+                        .arg("PX")
+                        .arg(millis(PAGE_KEPT))
+                        .ignore();
+                }
+            }
         }
     }
+}
+
+/// How long the latest status-page reading is kept for replicas that
+/// start later (each replica's own poller reads the page soon anyway).
+const PAGE_KEPT: Duration = Duration::from_secs(600);
+
+fn page_key(shared: &Shared, provider: &str) -> String {
+    shared.key(&format!("health:page:{provider}"))
 }
 
 /// The field every overrides hash holds (no provider has an empty name).
@@ -405,7 +424,9 @@ impl Task {
                     _ = tick.tick() => None,
                 },
                 None => {
-                    tick.tick().await;
+                    // Not subscribed: look again soon, to subscribe as soon
+                    // as Redis is up.
+                    tokio::time::sleep(WAIT_FOR_UP).await;
                     None
                 }
             };
@@ -712,9 +733,27 @@ impl Link {
         self.catch_up_targets().await;
     }
 
-    /// Reads the keys of this replica's targets.
+    /// Reads the keys of this replica's targets and the latest page
+    /// readings of its providers.
     async fn catch_up_targets(&self) {
         let shared = &self.shared;
+        let providers = self.health.providers();
+        if !providers.is_empty() {
+            let mut invocation = READ_KEYS.prepare_invoke();
+            for (name, _) in &providers {
+                invocation.key(page_key(shared, name));
+            }
+            if let Ok(values) = shared
+                .script::<Vec<(i64, String)>>("health_catch_up", invocation)
+                .await
+            {
+                for ((_, h), (_, value)) in providers.iter().zip(values) {
+                    if let Ok(page) = serde_json::from_str::<PageState>(&value) {
+                        h.apply(ProviderChange::Page(page));
+                    }
+                }
+            }
+        }
         let targets = self.health.targets();
         if targets.is_empty() {
             return;

@@ -432,3 +432,55 @@ async fn with_redis_paused_or_killed_replicas_serve_on_local_health_and_share_ag
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_status_page_outage_one_replica_reads_holds_on_another_until_it_reads_otherwise() {
+    use detour::mock::{ComponentStatus, Flavor, MockOptions, PageStatus};
+    let redis = RedisServer::start();
+    let (primary, backup) = (mock().await, mock().await);
+    let page = || async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        detour::mock::spawn(Flavor::Statuspage, listener, MockOptions::default())
+            .await
+            .unwrap()
+    };
+    // Each replica reads its own copy of the page: A's every 100 ms, B's
+    // once a minute (its first read is at start).
+    let (page_a, page_b) = (page().await, page().await);
+    let with_page = |page: SocketAddr, every: &str| {
+        config(primary.addr(), backup.addr(), &redis.url()).replace(
+            "name = \"primary\"\n",
+            &format!(
+                "name = \"primary\"\nstatus_page = \"http://{page}/api/v2/summary.json\"\nstatus_components = [\"API\"]\nstatus_poll = \"{every}\"\n"
+            ),
+        )
+    };
+    let a = replica(&with_page(page_a.addr(), "100ms")).await;
+    let b = replica(&with_page(page_b.addr(), "60s")).await;
+    let page_says =
+        |state: &'static str| move |h: &Value| h["providers"][0]["status_page"] == state;
+    b.until("B's first read", LEARNED_WITHIN, page_says("operational"))
+        .await;
+
+    page_a
+        .set_status(PageStatus::operational().with_component("API", ComponentStatus::MajorOutage));
+    a.until(
+        "A reads the outage",
+        Duration::from_secs(3),
+        page_says("down"),
+    )
+    .await;
+    b.until("B learns it from A", LEARNED_WITHIN, page_says("down"))
+        .await;
+    b.served_by("backup").await;
+    assert_eq!(primary.stats().requests, 0);
+
+    page_a.set_status(PageStatus::operational());
+    b.until(
+        "B learns it is over",
+        Duration::from_secs(3),
+        page_says("operational"),
+    )
+    .await;
+    b.served_by("primary").await;
+}
