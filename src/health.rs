@@ -991,6 +991,16 @@ struct TargetKey {
     model: String,
 }
 
+impl TargetKey {
+    fn id(&self) -> TargetId {
+        TargetId {
+            route: self.route.clone(),
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+        }
+    }
+}
+
 /// Health state that outlives config reloads, looked up when a config is
 /// built so that the request path holds direct references.
 ///
@@ -1044,20 +1054,25 @@ impl Registry {
         self.clock
     }
 
-    /// Every target's health with its name as replicas share it (cold
-    /// path: `health_sync` scans it for changes to tell).
-    pub fn targets(&self) -> Vec<(TargetId, Arc<TargetHealth>)> {
+    /// The targets whose own traffic changed something since the last
+    /// call, with what changed ([`TargetHealth::take_to_share`]): cold
+    /// path, `health_sync` calls it a few times a second; a target that
+    /// changed nothing costs one atomic swap.
+    pub fn take_to_share(&self) -> Vec<(TargetId, Arc<TargetHealth>, Vec<Change>)> {
         let map = self.targets.read().unwrap_or_else(|e| e.into_inner());
         map.iter()
-            .map(|(k, h)| {
-                let id = TargetId {
-                    route: k.route.clone(),
-                    provider: k.provider.clone(),
-                    model: k.model.clone(),
-                };
-                (id, Arc::clone(h))
+            .filter_map(|(k, h)| {
+                let changes = h.take_to_share();
+                (!changes.is_empty()).then(|| (k.id(), Arc::clone(h), changes))
             })
             .collect()
+    }
+
+    /// Every target's health with its name as replicas share it (cold
+    /// path: `health_sync` reads what other replicas keep for them).
+    pub fn targets(&self) -> Vec<(TargetId, Arc<TargetHealth>)> {
+        let map = self.targets.read().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(k, h)| (k.id(), Arc::clone(h))).collect()
     }
 
     /// The health of target `id` (whatever its `base_url`): where a change

@@ -182,6 +182,18 @@ impl Event {
         }
     }
 
+    /// Its `kind` label in metrics.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Opened { .. } => "opened",
+            Self::Closed { .. } => "closed",
+            Self::CoolDown { .. } => "cool_down",
+            Self::Misconfigured { .. } => "misconfigured",
+            Self::Override { .. } => "override",
+            Self::Page { .. } => "page",
+        }
+    }
+
     /// The key writes that keep this event for replicas that start later.
     fn store(&self, sync: &Shared, pipe: &mut redis::Pipeline) {
         match self {
@@ -546,17 +558,12 @@ impl Link {
     /// one transaction that writes the keys and publishes one message. On
     /// failure the changes are marked again, for the next scan.
     async fn publish_changes(&self) {
-        let targets = self.health.targets();
+        let taken = self.health.take_to_share();
         let providers = self.health.providers();
-        let mut taken: Vec<(&Arc<TargetHealth>, Vec<Change>)> = Vec::new();
         let mut taken_providers: Vec<(&Arc<ProviderHealth>, Vec<ProviderChange>)> = Vec::new();
         let mut events = Vec::new();
-        for (id, h) in &targets {
-            let changes = h.take_to_share();
-            if !changes.is_empty() {
-                events.extend(changes.iter().map(|c| Event::of_target(id, *c)));
-                taken.push((h, changes));
-            }
+        for (id, _, changes) in &taken {
+            events.extend(changes.iter().map(|c| Event::of_target(id, *c)));
         }
         for (name, h) in &providers {
             let changes = h.take_to_share();
@@ -574,6 +581,7 @@ impl Link {
         for e in &events {
             e.store(shared, &mut pipe);
         }
+        let kinds: Vec<&'static str> = events.iter().map(Event::kind).collect();
         let message = Message {
             from: shared.replica().to_owned(),
             events,
@@ -592,11 +600,15 @@ impl Link {
             .await;
         if let Err(e) = told {
             tracing::debug!("health sharing: could not tell the other replicas: {e}");
-            for (h, changes) in taken {
+            for (_, h, changes) in taken {
                 h.share_again(&changes);
             }
             for (h, changes) in taken_providers {
                 h.share_again(&changes);
+            }
+        } else {
+            for kind in kinds {
+                crate::metrics::health_shared("told", kind);
             }
         }
     }
@@ -619,6 +631,7 @@ impl Link {
     }
 
     fn apply(&self, event: Event) {
+        crate::metrics::health_shared("learned", event.kind());
         let (target, change) = match event {
             Event::Opened {
                 target,
