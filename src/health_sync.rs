@@ -38,7 +38,8 @@
 //! is back.
 //!
 //! Incidents are each replica's own log: every [`INCIDENTS_EVERY`] a
-//! replica writes its log to its own key and reads the others'. A replica
+//! replica reads the others' logs and writes its own to its own key when it
+//! changed (and every [`REWRITE_EVERY`] to show it is alive). A replica
 //! that stopped writing for [`STALE_AFTER`] (it died) has its ongoing
 //! incidents shown as ended when it last wrote.
 
@@ -63,6 +64,9 @@ pub const SCAN_EVERY: Duration = Duration::from_millis(100);
 pub const INCIDENTS_EVERY: Duration = Duration::from_millis(500);
 /// A replica whose incidents were not written for this long is gone.
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
+/// An unchanged incident log is written again this often, to show that
+/// its replica is alive (well within [`STALE_AFTER`]).
+const REWRITE_EVERY: Duration = Duration::from_secs(5);
 /// While Redis is down, how often the task looks whether it is back.
 const WAIT_FOR_UP: Duration = Duration::from_millis(20);
 /// Wait before trying to subscribe again after a failure.
@@ -77,7 +81,7 @@ pub fn start(shared: &Arc<Shared>, health: &Arc<Registry>, incidents: &Arc<Incid
         health: Arc::downgrade(health),
         incidents: Arc::downgrade(incidents),
         others: HashMap::new(),
-        wrote: false,
+        written: None,
     };
     tokio::spawn(task.run());
 }
@@ -390,9 +394,10 @@ struct Task {
     incidents: Weak<IncidentLog>,
     /// The other replicas' logs as last read, by replica.
     others: HashMap<String, Written>,
-    /// Whether this replica has written its log (so an emptied one is
-    /// written too).
-    wrote: bool,
+    /// When this replica last wrote its log, and what it held (so an
+    /// unchanged log is written only every [`REWRITE_EVERY`], and an
+    /// emptied one is written too).
+    written: Option<(Instant, String)>,
 }
 
 impl Task {
@@ -470,11 +475,17 @@ impl Task {
         let shared = &link.shared;
         let set = shared.key("incidents:replicas");
         let prefix = shared.key("incidents:");
-        if !own.is_empty() || self.wrote {
+        let mine: Vec<WrittenIncident> = own.iter().map(WrittenIncident::of).collect();
+        let fingerprint = serde_json::to_string(&mine).unwrap_or_default();
+        let due = self
+            .written
+            .as_ref()
+            .is_none_or(|(at, last)| *last != fingerprint || at.elapsed() >= REWRITE_EVERY);
+        if due && (!mine.is_empty() || self.written.is_some()) {
             let written = Written {
                 replica: shared.replica().to_owned(),
                 written_ms: unix_ms(now),
-                incidents: own.iter().map(WrittenIncident::of).collect(),
+                incidents: mine,
             };
             let Ok(json) = serde_json::to_string(&written) else {
                 return;
@@ -504,7 +515,9 @@ impl Task {
                         .await
                 })
                 .await;
-            self.wrote = self.wrote || wrote.is_ok();
+            if wrote.is_ok() {
+                self.written = Some((Instant::now(), fingerprint));
+            }
         }
         let mut invocation = READ_INCIDENTS.prepare_invoke();
         invocation.key(set).arg(prefix);

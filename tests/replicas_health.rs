@@ -219,6 +219,26 @@ async fn a_retry_after_cool_down_on_one_replica_holds_on_another() {
 }
 
 #[tokio::test]
+async fn a_target_one_replica_found_misconfigured_is_skipped_by_another() {
+    let redis = RedisServer::start();
+    let (primary, backup) = (mock().await, mock().await);
+    let cfg = config(primary.addr(), backup.addr(), &redis.url());
+    let (a, b) = (replica(&cfg).await, replica(&cfg).await);
+
+    // The provider refuses detour's key.
+    primary.set_faults(faults(json!({"error_rate": 1.0, "error_status": 401})));
+    assert_eq!(a.post().await.headers()["x-detour-provider"], "backup");
+    b.until("B learns the mark", LEARNED_WITHIN, |h| {
+        h["routes"][0]["targets"][0]["misconfigured"] == true
+    })
+    .await;
+    for _ in 0..5 {
+        b.served_by("backup").await;
+    }
+    assert_eq!(primary.stats().requests, 1);
+}
+
+#[tokio::test]
 async fn an_override_given_to_one_replica_holds_on_all_and_auto_on_any_clears_it() {
     let redis = RedisServer::start();
     let (primary, backup) = (mock().await, mock().await);
