@@ -213,7 +213,8 @@ async fn set_override(
     };
     live.overrides[i].set(over);
     let down = over == Override::Down;
-    crate::incidents::global().overridden(&name, down, std::time::SystemTime::now());
+    s.gw.incidents()
+        .overridden(&name, down, std::time::SystemTime::now());
     tracing::warn!(provider = %name, ?over, "provider override set by admin");
     Json(json!({"provider": name, "override": over})).into_response()
 }

@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 use crate::config::BreakerPolicy;
@@ -205,7 +205,18 @@ pub struct TargetHealth {
     lost_races: AtomicU64,
     buckets: [Bucket; BUCKETS],
     transitions: AtomicU64,
+    /// The `open_for` of the policy the breaker last opened under, so that
+    /// other replicas can be told how long it stays open.
+    open_for_ms: AtomicU64,
+    /// What this replica's own traffic changed and other replicas have not
+    /// been told yet ([`TargetHealth::take_to_share`]): `SHARE_*` bits.
+    to_share: AtomicU8,
 }
+
+/// Bits of [`TargetHealth::to_share`].
+const SHARE_BREAKER: u8 = 1;
+const SHARE_COOL_DOWN: u8 = 2;
+const SHARE_MISCONFIGURED: u8 = 4;
 
 #[derive(Debug, Default)]
 struct Bucket {
@@ -251,6 +262,8 @@ impl TargetHealth {
             concurrency_limit: AtomicU64::new(INITIAL_CONCURRENCY.to_bits()),
             buckets: Default::default(),
             transitions: AtomicU64::new(0),
+            open_for_ms: AtomicU64::new(0),
+            to_share: AtomicU8::new(0),
         }
     }
 
@@ -361,15 +374,17 @@ impl TargetHealth {
                     cool_down.min(policy.max_cool_down)
                 };
                 self.cool_down_until.store(now + ms(d), Relaxed);
+                self.to_share.fetch_or(SHARE_COOL_DOWN, Relaxed);
                 tracing::info!(provider = %self.provider, model = %self.model, cool_down_ms = ms(d), "target cooling down");
                 if probe && self.state.load(Relaxed) == HALF_OPEN {
-                    return self.open(now);
+                    return self.open(now, policy);
                 }
                 return None;
             }
             Failure::Credentials => {
                 self.misconfigured_until
                     .store(now + ms(MISCONFIGURED_FOR), Relaxed);
+                self.to_share.fetch_or(SHARE_MISCONFIGURED, Relaxed);
                 tracing::error!(
                     provider = %self.provider,
                     "provider rejected detour's credentials: check this provider's api_key"
@@ -378,6 +393,7 @@ impl TargetHealth {
             Failure::ModelNotFound => {
                 self.misconfigured_until
                     .store(now + ms(MISCONFIGURED_FOR), Relaxed);
+                self.to_share.fetch_or(SHARE_MISCONFIGURED, Relaxed);
                 tracing::error!(
                     provider = %self.provider,
                     model = %self.model,
@@ -389,14 +405,14 @@ impl TargetHealth {
         let consecutive = self.consecutive.fetch_add(1, Relaxed) + 1;
         self.bucket(policy, now).failed.fetch_add(1, Relaxed);
         match self.state.load(Relaxed) {
-            HALF_OPEN if probe => self.open(now),
+            HALF_OPEN if probe => self.open(now, policy),
             CLOSED => {
                 let (ok, failed) = self.window(policy, now);
                 let total = ok + failed;
                 let rate_trips = total >= policy.min_requests
                     && f64::from(failed) >= policy.failure_rate * f64::from(total);
                 if consecutive >= policy.consecutive_failures || rate_trips {
-                    self.open(now)
+                    self.open(now, policy)
                 } else {
                     None
                 }
@@ -532,9 +548,11 @@ impl TargetHealth {
         self.estimate(traffic).p95()
     }
 
-    fn open(&self, now: u64) -> Option<Transition> {
+    fn open(&self, now: u64, policy: &BreakerPolicy) -> Option<Transition> {
         self.opened_at.store(now, Relaxed);
+        self.open_for_ms.store(ms(policy.open_for), Relaxed);
         self.probe_in_flight.store(0, Relaxed);
+        self.to_share.fetch_or(SHARE_BREAKER, Relaxed);
         if self.state.swap(OPEN, Relaxed) == OPEN {
             return None;
         }
@@ -547,6 +565,7 @@ impl TargetHealth {
         if self.state.swap(CLOSED, Relaxed) == CLOSED {
             return None;
         }
+        self.to_share.fetch_or(SHARE_BREAKER, Relaxed);
         self.closed_at.store(now.max(1), Relaxed);
         self.transitions.fetch_add(1, Relaxed);
         self.clear_window();
@@ -590,6 +609,121 @@ impl TargetHealth {
         }
     }
 
+    /// What this replica's own traffic changed since the last call, for
+    /// the other replicas (`health_sync`): the breaker's state if it opened
+    /// or closed, the cool-down and the misconfigured mark if they were set,
+    /// each as it is now. Changes applied from other replicas
+    /// ([`Self::apply`]) are never returned, so nothing echoes back.
+    pub fn take_to_share(&self) -> Vec<Change> {
+        let bits = self.to_share.swap(0, Relaxed);
+        if bits == 0 {
+            return Vec::new();
+        }
+        let now = self.clock.now_ms();
+        let mut changes = Vec::with_capacity(3);
+        if bits & SHARE_BREAKER != 0 {
+            changes.push(match self.state.load(Relaxed) {
+                CLOSED => Change::Closed,
+                _ => Change::Opened {
+                    age: Duration::from_millis(now.saturating_sub(self.opened_at.load(Relaxed))),
+                    open_for: Duration::from_millis(self.open_for_ms.load(Relaxed)),
+                },
+            });
+        }
+        let remaining =
+            |until: &AtomicU64| Duration::from_millis(until.load(Relaxed).saturating_sub(now));
+        if bits & SHARE_COOL_DOWN != 0 {
+            let remaining = remaining(&self.cool_down_until);
+            if !remaining.is_zero() {
+                changes.push(Change::CoolDown { remaining });
+            }
+        }
+        if bits & SHARE_MISCONFIGURED != 0 {
+            let remaining = remaining(&self.misconfigured_until);
+            if !remaining.is_zero() {
+                changes.push(Change::Misconfigured { remaining });
+            }
+        }
+        changes
+    }
+
+    /// Puts `changes` (from [`Self::take_to_share`]) back, when telling the
+    /// other replicas failed: they go with the next try.
+    pub fn share_again(&self, changes: &[Change]) {
+        for c in changes {
+            let bit = match c {
+                Change::Opened { .. } | Change::Closed => SHARE_BREAKER,
+                Change::CoolDown { .. } => SHARE_COOL_DOWN,
+                Change::Misconfigured { .. } => SHARE_MISCONFIGURED,
+            };
+            self.to_share.fetch_or(bit, Relaxed);
+        }
+    }
+
+    /// Applies what another replica's traffic found, without counting it as
+    /// this replica's own failure or success and without sharing it again:
+    /// - `Opened`: a closed breaker opens as if it had opened `age` ago (it
+    ///   probes once this replica's `open_for` has passed since); an open
+    ///   one restarts its wait if the other opened later; a half-open one
+    ///   leaves the decision to its probe;
+    /// - `Closed`: another replica's probe succeeded: an open or half-open
+    ///   breaker closes (slow start follows);
+    /// - `CoolDown`, `Misconfigured`: held at least `remaining` from now.
+    ///
+    /// Returns the breaker's transition, for the caller to report.
+    #[must_use = "the caller reports the transition"]
+    pub fn apply(&self, change: Change) -> Option<Transition> {
+        let now = self.clock.now_ms();
+        match change {
+            Change::Opened { age, open_for } => {
+                let opened_at = now.saturating_sub(ms(age));
+                match self.state.load(Relaxed) {
+                    HALF_OPEN => None,
+                    OPEN => {
+                        self.opened_at.fetch_max(opened_at, Relaxed);
+                        None
+                    }
+                    _ => {
+                        self.opened_at.store(opened_at, Relaxed);
+                        self.open_for_ms.store(ms(open_for), Relaxed);
+                        self.probe_in_flight.store(0, Relaxed);
+                        let won = self
+                            .state
+                            .compare_exchange(CLOSED, OPEN, Relaxed, Relaxed)
+                            .is_ok();
+                        won.then(|| {
+                            self.transitions.fetch_add(1, Relaxed);
+                            Transition::Opened
+                        })
+                    }
+                }
+            }
+            Change::Closed => {
+                if self.state.load(Relaxed) == CLOSED {
+                    return None;
+                }
+                self.probe_in_flight.store(0, Relaxed);
+                if self.state.swap(CLOSED, Relaxed) == CLOSED {
+                    return None;
+                }
+                self.closed_at.store(now.max(1), Relaxed);
+                self.consecutive.store(0, Relaxed);
+                self.clear_window();
+                self.transitions.fetch_add(1, Relaxed);
+                Some(Transition::Closed)
+            }
+            Change::CoolDown { remaining } => {
+                self.cool_down_until.fetch_max(now + ms(remaining), Relaxed);
+                None
+            }
+            Change::Misconfigured { remaining } => {
+                self.misconfigured_until
+                    .fetch_max(now + ms(remaining), Relaxed);
+                None
+            }
+        }
+    }
+
     pub fn snapshot(&self, policy: &BreakerPolicy) -> TargetSnapshot {
         let now = self.clock.now_ms();
         let (ok, failed) = self.window(policy, now);
@@ -621,6 +755,23 @@ fn ms(d: Duration) -> u64 {
 
 fn bucket_width(policy: &BreakerPolicy) -> u64 {
     (ms(policy.window) / BUCKETS as u64).max(1)
+}
+
+/// A change of a target's health that other replicas apply: what
+/// [`TargetHealth::take_to_share`] returns and [`TargetHealth::apply`]
+/// takes. Times are durations from now, never clock readings: replicas'
+/// clocks do not agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The breaker opened `age` ago, under a policy that keeps it open for
+    /// `open_for` before a probe.
+    Opened { age: Duration, open_for: Duration },
+    /// A probe closed the breaker.
+    Closed,
+    /// Cooling down (`retry-after`) for `remaining`.
+    CoolDown { remaining: Duration },
+    /// Marked misconfigured for `remaining`.
+    Misconfigured { remaining: Duration },
 }
 
 /// An attempt waiting for its first byte (see [`TargetHealth::start_attempt`]).
@@ -668,7 +819,7 @@ pub struct EstimateSnapshot {
 }
 
 /// A manual override of a provider's health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Override {
     Auto,
@@ -677,7 +828,7 @@ pub enum Override {
 }
 
 /// What a provider's status page says, as routing uses it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PageState {
     /// No status page, or not read yet.
@@ -704,9 +855,29 @@ impl PageState {
 #[derive(Debug, Default)]
 pub struct ProviderHealth {
     over: AtomicU8,
+    /// The page's state as routing uses it: this replica's own last reading,
+    /// or another replica's newer one.
     page: AtomicU8,
+    /// This replica's own last reading of the page.
+    own_page: AtomicU8,
     /// The last status-page problem (cold path: written by the poller only).
     page_error: RwLock<Option<String>>,
+    /// What changed here and other replicas have not been told yet
+    /// ([`ProviderHealth::take_to_share`]): `SHARE_*` bits.
+    to_share: AtomicU8,
+}
+
+/// Bits of [`ProviderHealth::to_share`].
+const SHARE_OVERRIDE: u8 = 1;
+const SHARE_PAGE: u8 = 2;
+
+/// A change of a provider's health that other replicas apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderChange {
+    /// An operator set the override.
+    Override(Override),
+    /// This replica's reading of the status page changed.
+    Page(PageState),
 }
 
 impl ProviderHealth {
@@ -718,7 +889,13 @@ impl ProviderHealth {
         }
     }
 
+    /// An operator's override on this replica (shared with the others).
     pub fn set(&self, o: Override) {
+        self.store_override(o);
+        self.to_share.fetch_or(SHARE_OVERRIDE, Relaxed);
+    }
+
+    fn store_override(&self, o: Override) {
         self.over.store(
             match o {
                 Override::Auto => 0,
@@ -730,15 +907,16 @@ impl ProviderHealth {
     }
 
     pub fn page_state(&self) -> PageState {
-        match self.page.load(Relaxed) {
-            1 => PageState::Operational,
-            2 => PageState::Degraded,
-            3 => PageState::Down,
-            _ => PageState::Unknown,
-        }
+        page_of(self.page.load(Relaxed))
     }
 
+    /// This replica's own reading of the page. With `error`, the page could
+    /// not be read: the state passed in is kept as it was, and the reading
+    /// is not a new one.
     pub fn set_page(&self, state: PageState, error: Option<String>) {
+        if error.is_none() && self.own_page.swap(state.level(), Relaxed) != state.level() {
+            self.to_share.fetch_or(SHARE_PAGE, Relaxed);
+        }
         self.page.store(state.level(), Relaxed);
         *self.page_error.write().unwrap_or_else(|e| e.into_inner()) = error;
     }
@@ -749,6 +927,59 @@ impl ProviderHealth {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+
+    /// What an operator or this replica's poller changed since the last
+    /// call, for the other replicas; changes applied from them
+    /// ([`Self::apply`]) are never returned.
+    pub fn take_to_share(&self) -> Vec<ProviderChange> {
+        let bits = self.to_share.swap(0, Relaxed);
+        let mut changes = Vec::new();
+        if bits & SHARE_OVERRIDE != 0 {
+            changes.push(ProviderChange::Override(self.get()));
+        }
+        if bits & SHARE_PAGE != 0 {
+            changes.push(ProviderChange::Page(page_of(self.own_page.load(Relaxed))));
+        }
+        changes
+    }
+
+    /// Puts `changes` back when telling the other replicas failed.
+    pub fn share_again(&self, changes: &[ProviderChange]) {
+        for c in changes {
+            let bit = match c {
+                ProviderChange::Override(_) => SHARE_OVERRIDE,
+                ProviderChange::Page(_) => SHARE_PAGE,
+            };
+            self.to_share.fetch_or(bit, Relaxed);
+        }
+    }
+
+    /// Applies another replica's change without sharing it again. A page
+    /// state holds until this replica's own poller reads the page again and
+    /// finds something else.
+    pub fn apply(&self, change: ProviderChange) {
+        match change {
+            ProviderChange::Override(o) => self.store_override(o),
+            ProviderChange::Page(p) => self.page.store(p.level(), Relaxed),
+        }
+    }
+}
+
+fn page_of(level: u8) -> PageState {
+    match level {
+        1 => PageState::Operational,
+        2 => PageState::Degraded,
+        3 => PageState::Down,
+        _ => PageState::Unknown,
+    }
+}
+
+/// A target as every replica names it: route alias, provider name, model.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TargetId {
+    pub route: String,
+    pub provider: String,
+    pub model: String,
 }
 
 /// What a target's health is kept under (see [`Registry::target`]).
@@ -758,6 +989,16 @@ struct TargetKey {
     provider: String,
     base_url: String,
     model: String,
+}
+
+impl TargetKey {
+    fn id(&self) -> TargetId {
+        TargetId {
+            route: self.route.clone(),
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+        }
+    }
 }
 
 /// Health state that outlives config reloads, looked up when a config is
@@ -811,6 +1052,48 @@ impl Registry {
 
     pub fn clock(&self) -> Clock {
         self.clock
+    }
+
+    /// The targets whose own traffic changed something since the last
+    /// call, with what changed ([`TargetHealth::take_to_share`]): cold
+    /// path, `health_sync` calls it a few times a second; a target that
+    /// changed nothing costs one atomic swap.
+    pub fn take_to_share(&self) -> Vec<(TargetId, Arc<TargetHealth>, Vec<Change>)> {
+        let map = self.targets.read().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .filter_map(|(k, h)| {
+                let changes = h.take_to_share();
+                (!changes.is_empty()).then(|| (k.id(), Arc::clone(h), changes))
+            })
+            .collect()
+    }
+
+    /// Every target's health with its name as replicas share it (cold
+    /// path: `health_sync` reads what other replicas keep for them).
+    pub fn targets(&self) -> Vec<(TargetId, Arc<TargetHealth>)> {
+        let map = self.targets.read().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(k, h)| (k.id(), Arc::clone(h))).collect()
+    }
+
+    /// The health of target `id` (whatever its `base_url`): where a change
+    /// learned from another replica applies. Empty when no config here
+    /// has that target.
+    pub fn matching(&self, id: &TargetId) -> Vec<Arc<TargetHealth>> {
+        let map = self.targets.read().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .filter(|(k, _)| {
+                k.route == id.route && k.provider == id.provider && k.model == id.model
+            })
+            .map(|(_, h)| Arc::clone(h))
+            .collect()
+    }
+
+    /// Every provider's health, by name (cold path).
+    pub fn providers(&self) -> Vec<(String, Arc<ProviderHealth>)> {
+        let map = self.providers.read().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .map(|(n, h)| (n.clone(), Arc::clone(h)))
+            .collect()
     }
 
     /// The health a canary config runs on: its targets start afresh and
@@ -1102,6 +1385,104 @@ mod tests {
         let snap = h.snapshot(&long);
         assert_eq!((snap.window_ok, snap.window_failed), (0, 1), "{snap:?}");
         assert_eq!(h.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn own_changes_are_shared_once_and_applied_ones_never() {
+        let a = TargetHealth::new("p", "m", Clock::new());
+        let b = TargetHealth::new("p", "m", Clock::new());
+        assert_eq!(a.take_to_share(), []);
+        for _ in 0..3 {
+            let _ = a.on_failure(Failure::Fault, &policy(), false);
+        }
+        tokio::time::advance(Duration::from_millis(40)).await;
+        let told = a.take_to_share();
+        let opened = Change::Opened {
+            age: Duration::from_millis(40),
+            open_for: Duration::from_secs(5),
+        };
+        assert_eq!(told, [opened]);
+        assert_eq!(a.take_to_share(), [], "told once");
+        // B applies it: open as long as A's, counted as nothing of B's own.
+        assert_eq!(b.apply(opened), Some(Transition::Opened));
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.snapshot(&policy()).consecutive_failures, 0);
+        assert_eq!(b.take_to_share(), [], "no echo");
+        tokio::time::advance(Duration::from_millis(4_900)).await;
+        assert_eq!(b.status(&policy()), Status::Skip);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(b.status(&policy()), Status::Probe, "B probes on its own");
+        // A's probe closes A's breaker; B closes too.
+        assert_eq!(a.claim_probe(), Some(Transition::HalfOpened));
+        let _ = a.on_success(&policy(), true, Traffic::Whole, Duration::from_millis(5));
+        assert_eq!(a.take_to_share(), [Change::Closed]);
+        assert_eq!(b.apply(Change::Closed), Some(Transition::Closed));
+        assert_eq!(b.apply(Change::Closed), None);
+        assert!(
+            matches!(b.status(&policy()), Status::Available(s) if s < 0.2),
+            "slow start"
+        );
+        // Cool-downs and misconfigured marks, with what is left of them.
+        let throttled = Failure::Throttled {
+            cool_down: Duration::from_secs(2),
+        };
+        let _ = a.on_failure(throttled, &policy(), false);
+        let _ = a.on_failure(Failure::Credentials, &policy(), false);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let told = a.take_to_share();
+        assert_eq!(
+            told,
+            [
+                Change::CoolDown {
+                    remaining: Duration::from_millis(1_500)
+                },
+                Change::Misconfigured {
+                    remaining: MISCONFIGURED_FOR - Duration::from_millis(500)
+                },
+            ]
+        );
+        a.share_again(&told);
+        assert_eq!(a.take_to_share(), told, "put back after a failed send");
+        for c in told {
+            assert_eq!(b.apply(c), None);
+        }
+        assert!(b.is_misconfigured());
+        assert_eq!(b.snapshot(&policy()).cooling_down_ms, 1_500);
+        assert_eq!(b.take_to_share(), []);
+    }
+
+    #[test]
+    fn overrides_and_page_readings_are_shared_but_not_echoed() {
+        let a = ProviderHealth::default();
+        let b = ProviderHealth::default();
+        a.set(Override::Down);
+        a.set_page(PageState::Degraded, None);
+        let told = a.take_to_share();
+        assert_eq!(
+            told,
+            [
+                ProviderChange::Override(Override::Down),
+                ProviderChange::Page(PageState::Degraded)
+            ]
+        );
+        a.set_page(PageState::Degraded, None);
+        a.set_page(PageState::Degraded, Some("unreadable".into()));
+        assert_eq!(a.take_to_share(), [], "the same reading, or none");
+        for c in told {
+            b.apply(c);
+        }
+        assert_eq!(
+            (b.get(), b.page_state()),
+            (Override::Down, PageState::Degraded)
+        );
+        assert_eq!(b.take_to_share(), []);
+        // B's own poller reads the page: its reading wins there.
+        b.set_page(PageState::Operational, None);
+        assert_eq!(b.page_state(), PageState::Operational);
+        assert_eq!(
+            b.take_to_share(),
+            [ProviderChange::Page(PageState::Operational)]
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,19 +15,27 @@
 //! its place while it was open: requests answered by a target of a later
 //! priority group on a route where the provider has a target ahead of it.
 //!
-//! The log is one per process ([`global`]) and keyed by provider name. It is
+//! The log is one per gateway (`state::Gateway::incidents`) and keyed by
+//! provider name. It is
 //! a cold-path structure behind a `RwLock`, never held across an `.await`;
 //! the request path only touches it during an incident (an atomic count of
 //! open incidents keeps it lock-free otherwise). It holds at most
 //! [`MAX_ENTRIES`] incidents, and forgets those that ended more than
 //! [`KEEP`] ago.
+//!
+//! With replicas (`[state] backend = "redis"`), `health_sync` hands each log
+//! the incidents the other replicas recorded ([`IncidentLog::set_others`]);
+//! [`IncidentLog::since`] then shows them all, one incident per outage: the
+//! records of one provider and cause whose times overlap (each replica
+//! records what it saw) are merged ([`merge`]), and take an id made from
+//! what every replica knows of them, so that it is the same on all.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{OnceLock, RwLock};
+use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How long an ended incident is kept.
 pub const KEEP: Duration = Duration::from_secs(24 * 60 * 60);
@@ -35,7 +43,7 @@ pub const KEEP: Duration = Duration::from_secs(24 * 60 * 60);
 pub const MAX_ENTRIES: usize = 1000;
 
 /// Why a provider is unavailable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
     /// detour's own requests failed until every breaker opened.
@@ -57,7 +65,7 @@ impl Cause {
 }
 
 /// How bad an incident is (the worst it has been).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Impact {
     /// Still used, behind healthy peers.
@@ -125,6 +133,8 @@ pub struct IncidentLog {
     inner: RwLock<Inner>,
     /// How many incidents are ongoing: zero keeps [`Self::count_failed_over`] lock-free.
     ongoing: AtomicUsize,
+    /// The other replicas' incidents; `None` while not sharing (memory state).
+    others: RwLock<Option<Vec<Incident>>>,
 }
 
 impl std::fmt::Debug for IncidentLog {
@@ -240,8 +250,34 @@ impl IncidentLog {
         }
     }
 
-    /// Incidents ongoing or ended at or after `since`, oldest first.
+    /// Incidents ongoing or ended at or after `since`, oldest first: this
+    /// log's own and, while replicas share them, the others' ([`merge`]d).
     pub fn since(&self, since: SystemTime) -> Vec<Incident> {
+        let own = self.own_since(since);
+        let guard = self.others.read().unwrap_or_else(|e| e.into_inner());
+        let Some(others) = guard.as_ref() else {
+            return own;
+        };
+        let mut all = own;
+        all.extend(
+            others
+                .iter()
+                .filter(|e| e.ended.is_none_or(|ended| ended >= since))
+                .cloned(),
+        );
+        drop(guard);
+        merge(all)
+    }
+
+    /// The incidents the other replicas recorded (`health_sync` refreshes
+    /// them); from the first call on, [`Self::since`] merges them in.
+    pub fn set_others(&self, others: Vec<Incident>) {
+        *self.others.write().unwrap_or_else(|e| e.into_inner()) = Some(others);
+    }
+
+    /// This log's own incidents ongoing or ended at or after `since`, oldest
+    /// first (what this replica tells the others).
+    pub fn own_since(&self, since: SystemTime) -> Vec<Incident> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner
             .entries
@@ -252,11 +288,82 @@ impl IncidentLog {
     }
 }
 
-/// The process's incident log.
-pub fn global() -> &'static IncidentLog {
-    static LOG: OnceLock<IncidentLog> = OnceLock::new();
-    LOG.get_or_init(IncidentLog::new)
+/// Records of one provider and cause closer than this count as one incident.
+const MERGE_GAP: Duration = Duration::from_secs(5);
+
+/// One incident per outage from the records of several replicas, oldest
+/// first: the records of one provider and cause that overlap in time (or
+/// are less than [`MERGE_GAP`] apart) become one, from the first start to
+/// the last end (ongoing while any is), at the worst impact, with the
+/// requests each replica failed over added up. Its id is made from the
+/// provider, the cause and the start, the same on every replica that sees
+/// the same records.
+pub fn merge(mut all: Vec<Incident>) -> Vec<Incident> {
+    all.sort_by(|a, b| {
+        (a.provider.as_str(), a.cause.as_str(), a.started).cmp(&(
+            b.provider.as_str(),
+            b.cause.as_str(),
+            b.started,
+        ))
+    });
+    let mut out: Vec<Incident> = Vec::with_capacity(all.len());
+    for i in all {
+        if let Some(last) = out.last_mut() {
+            let overlaps = last.provider == i.provider
+                && last.cause == i.cause
+                && last.ended.is_none_or(|e| e + MERGE_GAP >= i.started);
+            if overlaps {
+                last.ended = match (last.ended, i.ended) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
+                if i.impact > last.impact {
+                    last.impact = i.impact;
+                    last.detail = i.detail;
+                }
+                last.failed_over += i.failed_over;
+                continue;
+            }
+        }
+        out.push(i);
+    }
+    for i in &mut out {
+        i.id = shared_id(&i.provider, i.cause, i.started);
+    }
+    out.sort_by_key(|i| (i.started, i.id));
+    out
 }
+
+/// An id for a merged incident: a hash of what every replica knows of it,
+/// below 10^9 (it is shown as `detour` and at least six digits).
+fn shared_id(provider: &str, cause: Cause, started: SystemTime) -> u64 {
+    use sha2::{Digest, Sha256};
+    let ms = started
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let digest = Sha256::digest(format!("{provider}\n{}\n{ms}", cause.as_str()).as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first) % 1_000_000_000
+}
+
+/// The `detail` of an incident another replica recorded: one of the words
+/// this module writes, or a neutral one for words it does not know (an
+/// older or newer replica).
+pub fn known_detail(detail: &str) -> &'static str {
+    const KNOWN: &[&str] = &[TRAFFIC_DOWN, PAGE_DOWN, PAGE_DEGRADED, OVERRIDDEN_DOWN];
+    KNOWN
+        .iter()
+        .find(|k| **k == detail)
+        .copied()
+        .unwrap_or("reported by another replica")
+}
+
+const TRAFFIC_DOWN: &str = "every target's circuit breaker opened";
+const PAGE_DOWN: &str = "its status page reports a major outage";
+const PAGE_DEGRADED: &str = "its status page reports degraded service";
+const OVERRIDDEN_DOWN: &str = "overridden down by an operator";
 
 // The events its callers hand it, one method each. The log reads no gateway
 // state: the data plane tells it what traffic showed, the status-page poller
@@ -266,13 +373,7 @@ impl IncidentLog {
     /// is not closed: opens its traffic incident, unless one is ongoing.
     pub fn traffic_down(&self, provider: &str, now: SystemTime) {
         if !self.is_ongoing(provider, Cause::Traffic) {
-            self.open(
-                provider,
-                Cause::Traffic,
-                Impact::Down,
-                "every target's circuit breaker opened",
-                now,
-            );
+            self.open(provider, Cause::Traffic, Impact::Down, TRAFFIC_DOWN, now);
         }
     }
 
@@ -288,8 +389,8 @@ impl IncidentLog {
             return self.close(provider, Cause::StatusPage, now);
         };
         let detail = match impact {
-            Impact::Down => "its status page reports a major outage",
-            Impact::Degraded => "its status page reports degraded service",
+            Impact::Down => PAGE_DOWN,
+            Impact::Degraded => PAGE_DEGRADED,
         };
         self.open(provider, Cause::StatusPage, impact, detail, now);
     }
@@ -302,7 +403,7 @@ impl IncidentLog {
                 provider,
                 Cause::Override,
                 Impact::Down,
-                "overridden down by an operator",
+                OVERRIDDEN_DOWN,
                 now,
             );
         } else {
@@ -380,6 +481,67 @@ mod tests {
         log.overridden("q", false, at(7));
         let ended: Vec<_> = log.since(at(0)).iter().map(|i| i.ended).collect();
         assert_eq!(ended, [Some(at(5)), Some(at(6)), Some(at(7))]);
+    }
+
+    #[test]
+    fn the_records_of_one_outage_on_several_replicas_merge_into_one() {
+        let rec = |provider: &str, cause, impact, started: u64, ended: Option<u64>, n| Incident {
+            id: 7,
+            provider: provider.to_owned(),
+            cause,
+            impact,
+            detail: "d",
+            started: at(started),
+            ended: ended.map(at),
+            failed_over: n,
+        };
+        let a = rec("p", Cause::Traffic, Impact::Degraded, 10, Some(20), 1);
+        let b = rec("p", Cause::Traffic, Impact::Down, 12, Some(25), 2);
+        let later = rec("p", Cause::Traffic, Impact::Down, 100, Some(110), 4);
+        let other_cause = rec("p", Cause::Override, Impact::Down, 11, Some(12), 0);
+        let merged = merge(vec![
+            later.clone(),
+            b.clone(),
+            other_cause.clone(),
+            a.clone(),
+        ]);
+        assert_eq!(merged.len(), 3, "{merged:?}");
+        let first = &merged[0];
+        assert_eq!(
+            (first.cause, first.started, first.ended),
+            (Cause::Traffic, at(10), Some(at(25)))
+        );
+        assert_eq!((first.impact, first.failed_over), (Impact::Down, 3));
+        assert_eq!(merged[1].cause, Cause::Override);
+        assert_eq!(merged[2].started, at(100));
+        // The same records in any order, on any replica: the same ids.
+        let again = merge(vec![a, other_cause, later, b]);
+        let ids = |m: &[Incident]| m.iter().map(|i| i.id).collect::<Vec<_>>();
+        assert_eq!(ids(&merged), ids(&again));
+        assert!(ids(&merged)
+            .iter()
+            .all(|id| *id < 1_000_000_000 && *id != 7));
+    }
+
+    #[test]
+    fn a_log_shows_the_others_incidents_only_once_it_shares() {
+        let log = IncidentLog::new();
+        log.open("p", Cause::Traffic, Impact::Down, "t", at(0));
+        let own = log.since(at(0));
+        assert_eq!(own[0].id, 1, "alone: its own ids");
+        let theirs = Incident {
+            started: at(1),
+            ..own[0].clone()
+        };
+        log.set_others(vec![theirs]);
+        let all = log.since(at(0));
+        assert_eq!(all.len(), 1, "one outage: {all:?}");
+        assert_eq!(log.own_since(at(0)).len(), 1);
+        assert_eq!(
+            known_detail("every target's circuit breaker opened"),
+            TRAFFIC_DOWN
+        );
+        assert_eq!(known_detail("<script>"), "reported by another replica");
     }
 
     #[test]

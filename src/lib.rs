@@ -20,6 +20,7 @@ pub mod demo;
 pub mod dns;
 pub mod error;
 pub mod health;
+pub mod health_sync;
 pub mod incidents;
 pub mod ingress;
 pub mod limits;

@@ -93,6 +93,8 @@ metric_names! {
     Counter REDIS_FAILURES_TOTAL = "detour_redis_failures_total";
     /// Live replicas this replica sees registered in Redis.
     Gauge REDIS_REPLICAS = "detour_redis_replicas";
+    /// Health changes shared between replicas, by direction (`told`: found here and sent; `learned`: another replica's, applied here) and kind (`opened`, `closed`, `cool_down`, `misconfigured`, `override`, `page`).
+    Counter HEALTH_SHARED_TOTAL = "detour_health_shared_total";
 }
 
 /// Bucket bounds of the Redis call histogram: 50 µs to 1 s.
@@ -365,6 +367,12 @@ pub fn redis_call(op: &'static str, took: Duration, failure: Option<&'static str
 /// A Redis call `op` failed (or was not tried) for `kind`.
 pub fn redis_failure(op: &'static str, kind: &'static str) {
     counter!(REDIS_FAILURES_TOTAL, "op" => op, "kind" => kind).increment(1);
+}
+
+/// A health change shared between replicas: `direction` is `told` or
+/// `learned`.
+pub fn health_shared(direction: &'static str, kind: &'static str) {
+    counter!(HEALTH_SHARED_TOTAL, "direction" => direction, "kind" => kind).increment(1);
 }
 
 /// Live replicas seen in Redis.

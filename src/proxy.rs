@@ -58,7 +58,7 @@ use crate::cache;
 use crate::config::{Route, Target};
 use crate::error::{ApiError, ClientFormat, GatewayError};
 use crate::health::{BreakerState, Failure, Traffic, Transition};
-use crate::incidents;
+use crate::incidents::IncidentLog;
 use crate::protocol::chat::{ChatRequest, Format};
 use crate::protocol::translate::{self, StreamDecoder, StreamEncoder, TranslateError};
 use crate::providers::{Adapter, Endpoint, Outgoing};
@@ -157,6 +157,7 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
     let mut attempts = Attempts::new(
         route,
         state,
+        &live.incidents,
         plan,
         traffic,
         &record.request_id,
@@ -186,7 +187,8 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
                 let target = &route.targets[index];
                 attempts.failed(index, probe, error);
                 if all_breakers_open(live, target.provider_index) {
-                    incidents::global().traffic_down(&target.provider.name, SystemTime::now());
+                    live.incidents
+                        .traffic_down(&target.provider.name, SystemTime::now());
                 }
             }
         }
@@ -260,7 +262,7 @@ fn commit(
 /// Reports a breaker's change of state, which health only returns: the
 /// metric, the incident log (a closed breaker ends a traffic incident), the
 /// log line.
-fn report(target: &Target, transition: Transition) {
+fn report(incidents: &IncidentLog, target: &Target, transition: Transition) {
     let (provider, model) = (&target.provider.name, &target.model);
     crate::metrics::breaker_transition(provider, transition.as_str());
     match transition {
@@ -269,7 +271,7 @@ fn report(target: &Target, transition: Transition) {
             tracing::info!(%provider, %model, "breaker half-open: probing");
         }
         Transition::Closed => {
-            incidents::global().traffic_recovered(provider, SystemTime::now());
+            incidents.traffic_recovered(provider, SystemTime::now());
             tracing::info!(%provider, %model, "breaker closed: target recovered");
         }
     }
@@ -303,7 +305,7 @@ fn count_failed_over(live: &Live, route: usize, target: usize) {
     let Some(serving) = route.targets.get(target) else {
         return;
     };
-    incidents::global().count_failed_over(|provider| {
+    live.incidents.count_failed_over(|provider| {
         provider != serving.provider.name
             && route
                 .targets

@@ -109,7 +109,7 @@ impl Summary {
         let started = now.checked_sub(uptime).unwrap_or(UNIX_EPOCH);
         let live = gw.live();
         let since = now.checked_sub(incidents::KEEP).unwrap_or(UNIX_EPOCH);
-        let mut incidents = incidents::global().since(since);
+        let mut incidents = gw.incidents().since(since);
         incidents.retain(|i| live.config.providers.iter().any(|p| p.name == i.provider));
         let providers = (0..live.config.providers.len())
             .filter_map(|i| {

@@ -298,6 +298,25 @@ impl Shared {
         .await
     }
 
+    /// A connection of its own for pub/sub (a subscribed connection can
+    /// carry nothing else), opened within a bounded wait. The URL stays
+    /// inside: errors say what failed, never where.
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, Unavailable> {
+        let client = redis::Client::open(self.settings.url.expose())
+            .map_err(|e| Unavailable::Server(format!("bad redis_url: {:?}", e.kind())))?;
+        let wait = self.settings.timeout.max(Duration::from_millis(500)) * 2;
+        let result = match tokio::time::timeout(wait, client.get_async_pubsub()).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(Unavailable::Timeout),
+        };
+        if let Err(e) = &result {
+            metrics::redis_failure("pubsub", e.kind());
+            self.note(e);
+        }
+        result
+    }
+
     /// Leaves the replica set (at shutdown), so the others' shares grow at
     /// once instead of after [`REPLICA_TTL`].
     pub async fn leave(&self) {

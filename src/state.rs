@@ -17,7 +17,11 @@
 //! | [`KeptCache`] | the response cache (and, with a Redis in `[state]`, the process's one `RedisBackend` over [`Shared`]) | the same cache while `[cache]` is unchanged | the same cache, or its own if `[cache]` differs |
 //! | [`AuthFailures`] | failed authentications per client IP | (kept) | (shared) |
 //!
-//! Incidents are the process's log (`incidents::global`), not the config's.
+//! | [`IncidentLog`] | the incidents of the last day | (kept) | (shared) |
+//!
+//! With `[state] backend = "redis"`, `health_sync` shares the stable
+//! [`Registry`] and the [`IncidentLog`] with the other replicas (a canary's
+//! fork stays this replica's own).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering::Relaxed};
@@ -33,6 +37,7 @@ use crate::budget::RetryBudget;
 use crate::cache::{Cache, KeptCache};
 use crate::config::{Config, RolloutPolicy};
 use crate::health::{ProviderHealth, Registry, TargetHealth};
+use crate::incidents::IncidentLog;
 use crate::limits::admission::Admission;
 use crate::limits::{AuthFailures, LimitStore, Limits};
 use crate::providers::{Adapter, AdapterError};
@@ -57,6 +62,8 @@ pub struct Live {
     pub keys: KeyTable,
     /// The response cache (the process's [`KeptCache`]).
     pub cache: Arc<Cache>,
+    /// The gateway's incident log.
+    pub incidents: Arc<IncidentLog>,
 }
 
 /// The one config snapshot a request runs on, taken once when its route
@@ -93,6 +100,7 @@ struct Owners {
     limits: LimitStore,
     admission: Arc<Admission>,
     cache: KeptCache,
+    incidents: Arc<IncidentLog>,
 }
 
 /// Whether a config is built to serve everyone or to bake on a canary share.
@@ -159,6 +167,7 @@ impl Live {
             routes,
             keys,
             cache,
+            incidents: Arc::clone(&gw.incidents),
         })
     }
 }
@@ -176,7 +185,7 @@ pub struct Gateway {
     /// Failed authentications per client IP (survives reloads).
     pub auth_failures: AuthFailures,
     /// The stable configs' health.
-    health: Registry,
+    health: Arc<Registry>,
     owners: Owners,
     /// Bumped whenever the stable config changes, for the control plane
     /// (status-page pollers) to follow it.
@@ -187,7 +196,7 @@ impl Gateway {
     /// Builds the gateway. Status pages are polled by the control plane
     /// (`status_poller::keep_polling`), which follows [`Gateway::changes`].
     pub fn new(config: Config) -> Result<Self, AdapterError> {
-        let health = Registry::default();
+        let health = Arc::new(Registry::default());
         let clock = health.clock();
         let s = &config.server;
         let auth_per_minute = u64::from(s.auth_failures_per_minute);
@@ -203,7 +212,11 @@ impl Gateway {
             shared,
             limits,
             admission: Arc::new(admission),
+            incidents: Arc::new(IncidentLog::new()),
         };
+        if let Some(shared) = &owners.shared {
+            crate::health_sync::start(shared, &health, &owners.incidents);
+        }
         let live = Live::build(config, &owners, &health, Role::Stable)?;
         let gw = Self {
             live: ArcSwap::from_pointee(live),
@@ -377,6 +390,11 @@ impl Gateway {
     /// The stable configs' health (its clock is the process's uptime).
     pub fn health(&self) -> &Registry {
         &self.health
+    }
+
+    /// The gateway's incident log.
+    pub fn incidents(&self) -> &Arc<IncidentLog> {
+        &self.owners.incidents
     }
 
     /// The process's response cache.

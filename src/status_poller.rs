@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use crate::config::Provider;
 use crate::health::{PageState, ProviderHealth};
-use crate::incidents::Impact;
+use crate::incidents::{Impact, IncidentLog};
 
 #[derive(Deserialize)]
 struct Summary {
@@ -81,7 +81,11 @@ pub fn state_of(body: &[u8], components: &[String]) -> Result<PageState, String>
 }
 
 /// Polls `provider`'s status page until the task is aborted.
-pub async fn poll(provider: Arc<Provider>, health: Arc<ProviderHealth>) {
+pub async fn poll(
+    provider: Arc<Provider>,
+    health: Arc<ProviderHealth>,
+    incidents: Arc<IncidentLog>,
+) {
     let Some(url) = provider.status_page.clone() else {
         return;
     };
@@ -118,7 +122,7 @@ pub async fn poll(provider: Arc<Provider>, health: Arc<ProviderHealth>) {
                     PageState::Degraded => Some(Impact::Degraded),
                     PageState::Operational | PageState::Unknown => None,
                 };
-                crate::incidents::global().status_page(&provider.name, reported, SystemTime::now());
+                incidents.status_page(&provider.name, reported, SystemTime::now());
                 if old != state {
                     tracing::warn!(provider = %provider.name, from = ?old, to = ?state, "status page changed");
                 }
@@ -141,13 +145,20 @@ pub async fn keep_polling(gw: Arc<crate::state::Gateway>) {
     // Not kept alive by its pollers: the gateway's end ends them.
     let gw = Arc::downgrade(&gw);
     loop {
-        let Some(live) = gw.upgrade().map(|gw| gw.live()) else {
+        let Some((live, incidents)) = gw
+            .upgrade()
+            .map(|gw| (gw.live(), Arc::clone(gw.incidents())))
+        else {
             return;
         };
         let mut pollers = tokio::task::JoinSet::new();
         for (provider, health) in live.config.providers.iter().zip(&live.overrides) {
             if provider.status_page.is_some() {
-                pollers.spawn(poll(Arc::clone(provider), Arc::clone(health)));
+                pollers.spawn(poll(
+                    Arc::clone(provider),
+                    Arc::clone(health),
+                    Arc::clone(&incidents),
+                ));
             }
         }
         drop(live);

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::config::{HedgeAfter, Route, Target};
 use crate::health::{TargetHealth, Traffic};
+use crate::incidents::IncidentLog;
 use crate::routing::Candidate;
 use crate::state::RouteState;
 use crate::upstream::UpstreamError;
@@ -70,6 +71,8 @@ pub enum Exhausted {
 pub struct Attempts<'a, T, F> {
     route: &'a Route,
     state: &'a RouteState,
+    /// Where a breaker that closes ends its provider's traffic incident.
+    incidents: &'a IncidentLog,
     traffic: Traffic,
     request_id: &'a str,
     plan: std::vec::IntoIter<Candidate>,
@@ -99,9 +102,13 @@ where
     Fut: Future<Output = Result<T, UpstreamError>> + Send + 'a,
 {
     /// `plan` is the order of targets to try (`routing::plan`).
+    // The request's parts it schedules over; grouping them would only
+    // move the list into a struct built here once.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         route: &'a Route,
         state: &'a RouteState,
+        incidents: &'a IncidentLog,
         plan: Vec<Candidate>,
         traffic: Traffic,
         request_id: &'a str,
@@ -111,6 +118,7 @@ where
         Self {
             route,
             state,
+            incidents,
             traffic,
             request_id,
             plan: plan.into_iter(),
@@ -145,7 +153,7 @@ where
             }
             if candidate.probe {
                 match health.claim_probe() {
-                    Some(transition) => super::report(target, transition),
+                    Some(transition) => super::report(self.incidents, target, transition),
                     None => continue,
                 }
             }
@@ -232,7 +240,7 @@ where
         }
         let health = &self.state.health[index];
         if let Some(t) = health.on_success(&route.breaker, probe, self.traffic, took) {
-            super::report(&route.targets[index], t);
+            super::report(self.incidents, &route.targets[index], t);
         }
         crate::metrics::hedge_decided(&route.alias, self.hedge, Some(index));
         (self.tried, self.launched)
@@ -266,7 +274,7 @@ where
         let health = &self.state.health[index];
         if !matches!(error, UpstreamError::Untranslatable { .. }) {
             if let Some(t) = health.on_failure(super::failure_of(&error), &route.breaker, probe) {
-                super::report(target, t);
+                super::report(self.incidents, target, t);
             }
         } else if probe {
             health.on_abandoned();
@@ -394,14 +402,23 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
         let (route, state) = (&live.config.routes[0], &live.routes[0]);
         state.budget.deposit();
         let rng = fastrand::Rng::with_seed(1);
-        let mut attempts = Attempts::new(route, state, plan(), Traffic::Whole, "id", rng, |t| {
-            let out = if t.model == "x" {
-                Err(broke(t))
-            } else {
-                Ok(t.model.clone())
-            };
-            async move { out }
-        });
+        let mut attempts = Attempts::new(
+            route,
+            state,
+            &live.incidents,
+            plan(),
+            Traffic::Whole,
+            "id",
+            rng,
+            |t| {
+                let out = if t.model == "x" {
+                    Err(broke(t))
+                } else {
+                    Ok(t.model.clone())
+                };
+                async move { out }
+            },
+        );
         assert!(attempts.launch());
         let first = attempts.next().await.unwrap();
         assert_eq!((first.index, first.result.is_err()), (0, true));
@@ -422,10 +439,19 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
         // A budget starts full; this route's neither refills nor has a floor.
         while state.budget.try_withdraw() {}
         let rng = fastrand::Rng::with_seed(1);
-        let mut attempts = Attempts::new(route, state, plan(), Traffic::Whole, "id", rng, |t| {
-            let out: Result<(), _> = Err(broke(t));
-            async move { out }
-        });
+        let mut attempts = Attempts::new(
+            route,
+            state,
+            &live.incidents,
+            plan(),
+            Traffic::Whole,
+            "id",
+            rng,
+            |t| {
+                let out: Result<(), _> = Err(broke(t));
+                async move { out }
+            },
+        );
         attempts.launch();
         let first = attempts.next().await.unwrap();
         attempts.failed(first.index, first.probe, first.result.unwrap_err());
@@ -445,16 +471,25 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
         let (route, state) = (&live.config.routes[0], &live.routes[0]);
         let rng = fastrand::Rng::with_seed(1);
         let started = Instant::now();
-        let mut attempts = Attempts::new(route, state, plan(), Traffic::Whole, "id", rng, |t| {
-            let slow = t.model == "x";
-            let model = t.model.clone();
-            async move {
-                if slow {
-                    tokio::time::sleep(Duration::from_secs(10)).await;
+        let mut attempts = Attempts::new(
+            route,
+            state,
+            &live.incidents,
+            plan(),
+            Traffic::Whole,
+            "id",
+            rng,
+            |t| {
+                let slow = t.model == "x";
+                let model = t.model.clone();
+                async move {
+                    if slow {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                    Ok(model)
                 }
-                Ok(model)
-            }
-        });
+            },
+        );
         attempts.launch();
         let ended = attempts.next().await.unwrap();
         assert_eq!(ended.result.unwrap(), "y", "the hedge answered first");
@@ -468,22 +503,31 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
         let live = live(r#"hedge_after = "50ms""#);
         let (route, state) = (&live.config.routes[0], &live.routes[0]);
         let rng = fastrand::Rng::with_seed(1);
-        let mut attempts = Attempts::new(route, state, plan(), Traffic::Whole, "id", rng, |t| {
-            let first = t.model == "x";
-            let refusal = UpstreamError::Untranslatable {
-                provider: t.provider.name.clone(),
-                message: "no".into(),
-            };
-            let failure = broke(t);
-            async move {
-                if first {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    Err::<(), _>(failure)
-                } else {
-                    Err(refusal)
+        let mut attempts = Attempts::new(
+            route,
+            state,
+            &live.incidents,
+            plan(),
+            Traffic::Whole,
+            "id",
+            rng,
+            |t| {
+                let first = t.model == "x";
+                let refusal = UpstreamError::Untranslatable {
+                    provider: t.provider.name.clone(),
+                    message: "no".into(),
+                };
+                let failure = broke(t);
+                async move {
+                    if first {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Err::<(), _>(failure)
+                    } else {
+                        Err(refusal)
+                    }
                 }
-            }
-        });
+            },
+        );
         attempts.launch();
         // The hedge (b) ends first; treated as the caller's own refusal.
         let hedge = attempts.next().await.unwrap();
