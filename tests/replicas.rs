@@ -94,3 +94,98 @@ async fn a_replica_starts_without_its_redis_serves_and_joins_when_it_comes() {
     drop(redis);
     wait_for(&admin, "notices Redis is gone", |v| v["up"] == false).await;
 }
+
+/// A CA, and a certificate for `localhost` / 127.0.0.1 signed by it, as PEM
+/// files in `dir`: (ca, cert, key).
+fn certificates(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let files = [
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    ];
+    std::fs::write(&files[0], ca.pem()).unwrap();
+    std::fs::write(&files[1], cert.pem()).unwrap();
+    std::fs::write(&files[2], key.serialize_pem()).unwrap();
+    files
+}
+
+#[tokio::test]
+async fn rediss_with_a_password_verifies_the_server_against_the_systems_trust_store() {
+    use common::serve::{free_port, Serve, TOKEN};
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, cert, key] = certificates(dir.path());
+    let redis = RedisServer::start_tls(&cert, &key, "tls-s3cret");
+    let upstream = mock().await;
+    let (listen, admin) = (free_port(), free_port());
+    let config = |redis_url: &str| {
+        let text = replica_config(upstream.addr(), redis_url, "")
+            .replace(
+                "admin_listen = \"127.0.0.1:0\"",
+                &format!("admin_listen = \"{admin}\""),
+            )
+            .replace(
+                "\nlisten = \"127.0.0.1:0\"",
+                &format!("\nlisten = \"{listen}\""),
+            );
+        let path = dir.path().join("detour.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let view = || async {
+        let h: serde_json::Value = client()
+            .get(format!("http://{admin}/admin/health"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        h["redis"].clone()
+    };
+    let url = format!("rediss://:tls-s3cret@localhost:{}", redis.port);
+
+    // The CA is trusted through the system's store (SSL_CERT_FILE here):
+    // detour reaches Redis over TLS with the password.
+    let path = config(&url);
+    let trusted = Serve::start_with_env(&path, &[], &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
+    trusted.wait_ready(listen).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = view().await;
+        if v["up"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reached Redis over TLS: {v}\n{}",
+            trusted.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!trusted.log().contains("tls-s3cret"), "{}", trusted.log());
+    drop(trusted);
+
+    // A server its trust store does not vouch for is never used.
+    let untrusted = Serve::start(&path, &[]);
+    untrusted.wait_ready(listen).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let v = view().await;
+    assert_eq!(v["up"], false, "{v}");
+    assert!(
+        !untrusted.log().contains("tls-s3cret"),
+        "{}",
+        untrusted.log()
+    );
+}

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     password: Option<String>,
+    /// TLS only, with this certificate and key (PEM files).
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     child: Option<Child>,
 }
 
@@ -28,6 +30,19 @@ impl RedisServer {
         let mut r = Self {
             port,
             password: password.map(str::to_owned),
+            tls: None,
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// A server that speaks TLS only (`rediss://`), with `cert` and `key`.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path, password: &str) -> Self {
+        let mut r = Self {
+            port: free_port(),
+            password: Some(password.to_owned()),
+            tls: Some((cert.to_owned(), key.to_owned())),
             child: None,
         };
         r.spawn();
@@ -46,10 +61,22 @@ impl RedisServer {
         if let Some(p) = &self.password {
             cmd.args(["--requirepass", p]);
         }
+        let port = self.port.to_string();
+        let plain_port = match &self.tls {
+            Some((cert, key)) => {
+                cmd.args(["--tls-port", &port, "--tls-auth-clients", "no"])
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key);
+                "0"
+            }
+            None => &port,
+        };
         let child = cmd
             .args([
                 "--port",
-                &self.port.to_string(),
+                plain_port,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -65,7 +92,11 @@ impl RedisServer {
             .expect("redis-server (Debian package redis-server; scripts/test.sh installs it)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.ping() {
+        let ready = |r: &Self| match r.tls {
+            Some(_) => TcpStream::connect(("127.0.0.1", r.port)).is_ok(),
+            None => r.ping(),
+        };
+        while !ready(self) {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -31,6 +31,11 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(config: &Path, extra_args: &[&str]) -> Self {
+        Self::start_with_env(config, extra_args, &[])
+    }
+
+    /// [`Serve::start`] with more environment variables.
+    pub fn start_with_env(config: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
             .args(["--log-format", "json", "serve", "--config"])
             .arg(config)
@@ -38,6 +43,7 @@ impl Serve {
             .env("DETOUR_ADMIN_TOKEN", TOKEN)
             .env("DETOUR_TEST_UPSTREAM_KEY", "sk-upstream-SECRET-1")
             .env("DETOUR_TEST_GATEWAY_KEY", "dk-gateway-SECRET-2")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
