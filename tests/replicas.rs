@@ -95,36 +95,11 @@ async fn a_replica_starts_without_its_redis_serves_and_joins_when_it_comes() {
     wait_for(&admin, "notices Redis is gone", |v| v["up"] == false).await;
 }
 
-/// A CA, and a certificate for `localhost` / 127.0.0.1 signed by it, as PEM
-/// files in `dir`: (ca, cert, key).
-fn certificates(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let files = [
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    ];
-    std::fs::write(&files[0], ca.pem()).unwrap();
-    std::fs::write(&files[1], cert.pem()).unwrap();
-    std::fs::write(&files[2], key.serialize_pem()).unwrap();
-    files
-}
-
 #[tokio::test]
 async fn rediss_with_a_password_verifies_the_server_against_the_systems_trust_store() {
     use common::serve::{free_port, Serve, TOKEN};
     let dir = tempfile::tempdir().unwrap();
-    let [ca, cert, key] = certificates(dir.path());
+    let [ca, cert, key] = common::tls::certificates(dir.path());
     let redis = RedisServer::start_tls(&cert, &key, "tls-s3cret");
     let upstream = mock().await;
     let (listen, admin) = (free_port(), free_port());

@@ -4,6 +4,7 @@
 
 pub mod redis;
 pub mod serve;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
