@@ -14,6 +14,7 @@ use std::time::Duration;
 use common::redis::RedisServer;
 use common::serve::{free_port, Serve};
 use common::*;
+use detour::limits::shared as shared_limits;
 use detour::mock::MockOptions;
 use tokio::time::Instant;
 
@@ -452,5 +453,107 @@ async fn a_paused_redis_costs_no_request_more_than_the_timeout() {
     assert!(
         gws[0].gateway.shared().unwrap().is_up(),
         "back after the pause"
+    );
+}
+
+/// The count of Redis calls `op` made by this test process's replicas.
+async fn redis_calls(gw: &detour::server::Running, op: &str) -> u64 {
+    let admin = admin(gw, "t").await;
+    let text = client()
+        .get(format!("{admin}/metrics"))
+        .bearer_auth("t")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("detour_redis_call_seconds_count{{op=\"{op}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_large_limit_is_admitted_from_allowances_without_a_call_each() {
+    // Record from the first request on.
+    let _ = detour::metrics::handle();
+    let redis = RedisServer::start();
+    let upstream = mock().await;
+    // 60,000 a minute over two replicas: each takes 150 ahead of need.
+    let gws = replicas(2, upstream.addr(), "rpm = 60000", &state(&redis.url(), "")).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gws[0].gateway.shared().unwrap().live_replicas() < 2 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for gw in &gws {
+        assert!(statuses(gw.addr, 250).await.iter().all(|s| *s == 200));
+    }
+    // 1 + 150 taken at the 1st and the 151st... request of each replica.
+    let calls = redis_calls(&gws[0], "limits_admit").await;
+    assert!(
+        (2..=6).contains(&calls),
+        "{calls} admission calls for 500 requests"
+    );
+    // Unused, the allowances go back to Redis.
+    let refunds = redis_calls(&gws[0], "limits_adjust").await;
+    tokio::time::sleep(shared_limits::POOL_IDLE * 2 + Duration::from_millis(500)).await;
+    let after = redis_calls(&gws[0], "limits_adjust").await;
+    assert!(
+        after >= refunds + 2,
+        "the idle allowances were not given back ({refunds} -> {after})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowances_never_let_the_replicas_admit_past_the_limit() {
+    let redis = RedisServer::start();
+    let upstream = mock().await;
+    // 1,000 a minute over two replicas: each takes 2 ahead of need.
+    let rpm = 1000.0;
+    let gws = replicas(2, upstream.addr(), "rpm = 1000", &state(&redis.url(), "")).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gws[0].gateway.shared().unwrap().live_replicas() < 2 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let window = Duration::from_secs(3);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let addr = gws[c % 2].addr;
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0u64, 0u64);
+            while start.elapsed() < window {
+                match ask(addr, KEY, &chat(false)).await.status().as_u16() {
+                    200 => ok += 1,
+                    429 => refused += 1,
+                    other => panic!("{other}"),
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let (mut admitted, mut refused) = (0, 0);
+    for t in tasks {
+        let (ok, no) = t.await.unwrap();
+        admitted += ok;
+        refused += no;
+    }
+    assert!(
+        refused > 50,
+        "the load never reached the limit ({refused} refused)"
+    );
+    let elapsed = start.elapsed().as_secs_f64();
+    let expected = rpm + (elapsed * rpm / 60.0).floor();
+    let admitted = admitted as f64;
+    assert!(
+        admitted <= expected + 1.0,
+        "admitted {admitted}, the limit allows {expected}"
+    );
+    assert!(
+        admitted >= expected * 0.98 - 2.0 * 3.0,
+        "admitted {admitted}, expected {expected}: allowances held too much back"
     );
 }

@@ -34,7 +34,7 @@ use crate::clock::Clock;
 use crate::config::{Config, OnRedisFailure};
 use crate::shared::Shared;
 use gcra::Gcra;
-use shared::{LeaseBook, Refused, ScopeKeys, Scoped};
+use shared::{LeaseBook, Pool, Refused, ScopeKeys, Scoped, MAX_EXTRA_REQUESTS, MAX_EXTRA_TOKENS};
 
 /// Answer tokens assumed when a request does not say.
 const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
@@ -318,6 +318,14 @@ impl From<Slot> for StreamPermit {
 struct SharedTokens {
     book: Arc<LeaseBook>,
     tpm: [Scoped; 2],
+    /// This replica's allowances of them, where the limits are large enough.
+    pools: [Option<Arc<Pool>>; 2],
+}
+
+impl SharedTokens {
+    fn limits(&self) -> [u64; 2] {
+        [self.tpm[0].limit, self.tpm[1].limit]
+    }
 }
 
 /// Tokens charged before a call, to correct when its usage is known.
@@ -338,13 +346,41 @@ impl TokenCharge {
         for b in &self.buckets {
             b.adjust(delta);
         }
-        if let (Some(s), Ok(rt), true) = (
-            self.shared.clone(),
-            tokio::runtime::Handle::try_current(),
-            delta != 0,
-        ) {
+        let Some(s) = &self.shared else { return };
+        // Settled from the allowances when there are some: a refund goes
+        // back to them, an extra charge comes out of them.
+        let units = delta.unsigned_abs();
+        let remote: [i64; 2] = if delta < 0 {
+            // What the pools cannot hold goes back to Redis.
+            let rest = s.book.give_back(&s.pools, units);
+            rest.map(|r| -i64::try_from(r).unwrap_or(i64::MAX))
+        } else if delta > 0 && s.book.take_local(s.limits(), &s.pools, units) {
+            [0, 0]
+        } else {
+            [delta, delta]
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // One call for both limits when they move alike, else one each.
+        let calls: Vec<([Scoped; 2], i64)> = if remote[0] == remote[1] {
+            vec![(s.tpm.clone(), remote[0])]
+        } else {
+            (0..2)
+                .map(|i| {
+                    let mut only = s.tpm.clone();
+                    only[1 - i].limit = 0;
+                    (only, remote[i])
+                })
+                .collect()
+        };
+        for (tpm, d) in calls {
+            if d == 0 || tpm.iter().all(|t| t.limit == 0) {
+                continue;
+            }
+            let book = Arc::clone(&s.book);
             rt.spawn(async move {
-                let _ = shared::adjust(s.book.shared(), &s.tpm, delta).await;
+                let _ = shared::adjust(book.shared(), &tpm, d).await;
             });
         }
     }
@@ -363,7 +399,14 @@ impl TokenGate {
     pub async fn charge(&self, estimate: u64) -> Result<Option<TokenCharge>, Limited> {
         let cost = i64::try_from(estimate).unwrap_or(i64::MAX);
         if let Some(s) = &self.shared {
-            match shared::charge(s.book.shared(), &[&s.tpm[0], &s.tpm[1]], estimate).await {
+            let charged = if s.book.take_local(s.limits(), &s.pools, estimate) {
+                Ok(Ok(()))
+            } else {
+                s.book
+                    .charge(&[&s.tpm[0], &s.tpm[1]], &s.pools, estimate)
+                    .await
+            };
+            match charged {
                 Ok(Ok(())) => {
                     // Counted here too, for this replica's share if Redis goes.
                     for (_, b) in &self.buckets {
@@ -544,10 +587,24 @@ impl Limits {
                 ),
                 scope(format!("t:{}", caller.tenant), tenant),
             ];
-            match book.admit(&[&scopes[0], &scopes[1]]).await {
+            let rpm_pools = [
+                book.pool(&scopes[0].rpm, MAX_EXTRA_REQUESTS),
+                book.pool(&scopes[1].rpm, MAX_EXTRA_REQUESTS),
+            ];
+            let rpm_limits = [scopes[0].rpm.limit, scopes[1].rpm.limit];
+            let concurrency = scopes.iter().any(|s| s.concurrent.limit > 0);
+            // From this replica's allowances when it has enough: no call.
+            let admitted = if !concurrency && book.take_local(rpm_limits, &rpm_pools, 1) {
+                Ok(Ok(None))
+            } else {
+                book.admit(&[&scopes[0], &scopes[1]], &rpm_pools)
+                    .await
+                    .map(|r| r.map(Some))
+            };
+            match admitted {
                 Ok(Ok(lease)) => {
                     let mut held = Held {
-                        _lease: Some(lease),
+                        _lease: lease,
                         ..Held::default()
                     };
                     let mut gate = TokenGate::default();
@@ -566,9 +623,14 @@ impl Limits {
                     }
                     let [k, t] = scopes;
                     if k.tpm.limit > 0 || t.tpm.limit > 0 {
+                        let pools = [
+                            book.pool(&k.tpm, MAX_EXTRA_TOKENS),
+                            book.pool(&t.tpm, MAX_EXTRA_TOKENS),
+                        ];
                         gate.shared = Some(SharedTokens {
                             book: Arc::clone(book),
                             tpm: [k.tpm, t.tpm],
+                            pools,
                         });
                     }
                     return Ok((held, gate));

@@ -14,6 +14,16 @@
 //!   all are checked before any is taken, so a refusal takes nothing.
 //! - Tokens are reserved (the estimate) before the call, all-or-none, and
 //!   settled from the real usage when it ends: a refund or an extra charge.
+//! - Allowances ([`Pool`]): when a limit is large next to what one request
+//!   takes, a call takes a little more than it needs (a 200th of the limit
+//!   per live replica, at most [`MAX_EXTRA_REQUESTS`] requests or
+//!   [`MAX_EXTRA_TOKENS`] tokens) into this replica's pool, and the next
+//!   requests are admitted from it without a call. The units in pools were
+//!   taken from the shared limit, so the replicas together never admit more
+//!   than the limit; the cost is the other way: units held in one replica's
+//!   pool (at most a 200th of the limit per replica) wait there, and go back
+//!   to Redis after [`POOL_IDLE`] unused. Limits under 200 per replica have
+//!   no pool: every request calls. Concurrency has no pool.
 //!
 //! Keys: `<prefix>rl:k:<key digest>:<kind>` and `<prefix>rl:t:<tenant>:<kind>`
 //! (the kind is last, so a tenant name cannot make two keys meet), and
@@ -32,6 +42,54 @@ use crate::shared::{Shared, Unavailable};
 
 /// How long a concurrency lease lives without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(6);
+/// An allowance unused this long goes back to Redis.
+pub const POOL_IDLE: Duration = Duration::from_secs(1);
+/// The most units one call takes ahead of need.
+pub const MAX_EXTRA_REQUESTS: u64 = 256;
+pub const MAX_EXTRA_TOKENS: u64 = 200_000;
+
+/// Units of one limit taken from Redis ahead of need, for this replica.
+#[derive(Debug, Default)]
+pub struct Pool {
+    units: AtomicU64,
+    /// The most it holds: what one call takes ahead of need.
+    cap: AtomicU64,
+    /// The limit the units were taken under (to give them back).
+    limit: AtomicU64,
+    /// When it was last drawn from (ms since the book started).
+    used_ms: AtomicU64,
+}
+
+impl Pool {
+    fn take(&self, n: u64) -> bool {
+        self.units
+            .fetch_update(Relaxed, Relaxed, |u| u.checked_sub(n))
+            .is_ok()
+    }
+
+    fn add(&self, n: u64) {
+        self.units.fetch_add(n, Relaxed);
+    }
+
+    /// Keeps what fits under the cap of `n` units given back; returns the
+    /// rest, for Redis.
+    fn keep(&self, n: u64) -> u64 {
+        let cap = self.cap.load(Relaxed);
+        let mut rest = n;
+        let _ = self.units.fetch_update(Relaxed, Relaxed, |u| {
+            let room = cap.saturating_sub(u).min(n);
+            rest = n - room;
+            Some(u + room)
+        });
+        rest
+    }
+}
+
+/// Units to take ahead of need for a limit of `limit` shared by `replicas`,
+/// at most `cap`.
+fn extra(limit: u64, replicas: usize, cap: u64) -> u64 {
+    (limit / (200 * replicas.max(1) as u64)).min(cap)
+}
 
 /// A limit of one key or tenant, as a script sees it.
 #[derive(Debug, Clone)]
@@ -98,6 +156,9 @@ impl Drop for Lease {
 pub struct LeaseBook {
     shared: Arc<Shared>,
     next: AtomicU64,
+    /// Allowances by Redis key.
+    pools: moka::sync::Cache<String, Arc<Pool>>,
+    started: tokio::time::Instant,
     // Held for one insert or removal per limited request (next to a Redis
     // round trip a thousand times longer) and one copy per renewal; never
     // across an await.
@@ -111,6 +172,10 @@ impl LeaseBook {
         let book = Arc::new(Self {
             shared,
             next: AtomicU64::new(1),
+            pools: moka::sync::Cache::builder()
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+            started: tokio::time::Instant::now(),
             #[allow(clippy::disallowed_types)]
             held: Mutex::default(),
         });
@@ -150,12 +215,115 @@ impl LeaseBook {
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The allowance of the limit at `scoped`, if the limit is large enough
+    /// to have one.
+    pub fn pool(&self, scoped: &Scoped, cap: u64) -> Option<Arc<Pool>> {
+        let size = extra(scoped.limit, self.shared.live_replicas(), cap);
+        if size == 0 {
+            return None;
+        }
+        let pool = self
+            .pools
+            .get_with_by_ref(scoped.key.as_str(), Arc::default);
+        pool.limit.store(scoped.limit, Relaxed);
+        pool.cap.store(size, Relaxed);
+        Some(pool)
+    }
+
+    /// Takes `n` units from the pool of every limit that `limits` sets
+    /// (0: none), or from none: false when a limit has no pool or too few.
+    pub fn take_local(&self, limits: [u64; 2], pools: &[Option<Arc<Pool>>; 2], n: u64) -> bool {
+        let mut needed: [Option<&Arc<Pool>>; 2] = [None, None];
+        for i in 0..2 {
+            if limits[i] == 0 {
+                continue;
+            }
+            match &pools[i] {
+                Some(p) => needed[i] = Some(p),
+                None => return false,
+            }
+        }
+        let now = self.now_ms();
+        for (i, p) in needed.iter().enumerate() {
+            if let Some(p) = p {
+                if !p.take(n) {
+                    for q in needed[..i].iter().flatten() {
+                        q.add(n);
+                    }
+                    return false;
+                }
+            }
+        }
+        for p in needed.iter().flatten() {
+            p.used_ms.store(now, Relaxed);
+        }
+        true
+    }
+
+    /// Gives `n` units back to each pool, up to its cap (a refund settled
+    /// locally); returns, per limit, what did not fit (for Redis).
+    pub fn give_back(&self, pools: &[Option<Arc<Pool>>; 2], n: u64) -> [u64; 2] {
+        let rest = |p: &Option<Arc<Pool>>| p.as_ref().map_or(n, |p| p.keep(n));
+        [rest(&pools[0]), rest(&pools[1])]
+    }
+
+    /// Adds `granted[i]` units to `pools[i]`.
+    fn fill(&self, pools: &[Option<Arc<Pool>>; 2], granted: [u64; 2]) {
+        let now = self.now_ms();
+        for (p, g) in pools.iter().zip(granted) {
+            if let (Some(p), true) = (p, g > 0) {
+                p.add(g);
+                p.used_ms.store(now, Relaxed);
+            }
+        }
+    }
+
+    /// Gives the units of pools unused for [`POOL_IDLE`] back to Redis.
+    async fn refund_idle(&self) {
+        let now = self.now_ms();
+        let idle = POOL_IDLE.as_millis() as u64;
+        let stale: Vec<(Arc<String>, Arc<Pool>)> = self
+            .pools
+            .iter()
+            .filter(|(_, p)| {
+                now.saturating_sub(p.used_ms.load(Relaxed)) >= idle && p.units.load(Relaxed) > 0
+            })
+            .collect();
+        for (key, pool) in stale {
+            let units = pool.units.swap(0, Relaxed);
+            if units == 0 {
+                continue;
+            }
+            let scoped = [
+                Scoped {
+                    key: (*key).clone(),
+                    limit: pool.limit.load(Relaxed),
+                },
+                Scoped {
+                    key: self.shared.key("rl:none"),
+                    limit: 0,
+                },
+            ];
+            let delta = -i64::try_from(units).unwrap_or(i64::MAX);
+            if adjust(&self.shared, &scoped, delta).await.is_err() {
+                // Kept for the next try.
+                pool.add(units);
+            }
+        }
+    }
+
     /// Checks and takes the limits of every scope: requests per minute
-    /// (one), tokens per minute (one must be left) and a concurrency lease.
-    /// All or nothing.
+    /// (one, and for each pool in `rpm_pools` some more ahead of need),
+    /// tokens per minute (one must be left) and a concurrency lease. All or
+    /// nothing; the units taken ahead go to the pools.
     pub async fn admit(
         self: &Arc<Self>,
         scopes: &[&ScopeKeys; 2],
+        rpm_pools: &[Option<Arc<Pool>>; 2],
     ) -> Result<Result<Lease, Refused>, Unavailable> {
         let id = self.next.fetch_add(1, Relaxed);
         let mut invocation = ADMIT.prepare_invoke();
@@ -173,9 +341,16 @@ impl LeaseBook {
         for a in args {
             invocation.arg(a);
         }
+        let replicas = self.shared.live_replicas();
+        let wanted = |i: usize| match &rpm_pools[i] {
+            Some(_) => extra(scopes[i].rpm.limit, replicas, MAX_EXTRA_REQUESTS),
+            None => 0,
+        };
         invocation
             .arg(self.member(id))
-            .arg(LEASE_TTL.as_millis() as u64);
+            .arg(LEASE_TTL.as_millis() as u64)
+            .arg(wanted(0))
+            .arg(wanted(1));
         // Booked before the call: a call cancelled after Redis took the
         // lease still releases it (or lets it expire).
         self.book(id, conc);
@@ -183,8 +358,44 @@ impl LeaseBook {
             id,
             book: Arc::downgrade(self),
         };
-        let reply: (i64, i64) = self.shared.script("limits_admit", invocation).await?;
-        Ok(refused(reply).map_or(Ok(lease), Err))
+        let (code, wait, g0, g1): (i64, i64, u64, u64) =
+            self.shared.script("limits_admit", invocation).await?;
+        if let Some(r) = refused((code, wait)) {
+            return Ok(Err(r));
+        }
+        self.fill(rpm_pools, [g0, g1]);
+        Ok(Ok(lease))
+    }
+
+    /// Takes `cost` tokens from each scope's tokens-per-minute limit, all
+    /// or none, and for each pool some more ahead of need.
+    pub async fn charge(
+        &self,
+        tpm: &[&Scoped; 2],
+        pools: &[Option<Arc<Pool>>; 2],
+        cost: u64,
+    ) -> Result<Result<(), Refused>, Unavailable> {
+        let replicas = self.shared.live_replicas();
+        let wanted = |i: usize| match &pools[i] {
+            Some(_) => extra(tpm[i].limit, replicas, MAX_EXTRA_TOKENS),
+            None => 0,
+        };
+        let mut invocation = CHARGE.prepare_invoke();
+        invocation
+            .key(&tpm[0].key)
+            .key(&tpm[1].key)
+            .arg(tpm[0].limit)
+            .arg(tpm[1].limit)
+            .arg(cost)
+            .arg(wanted(0))
+            .arg(wanted(1));
+        let (code, wait, g0, g1): (i64, i64, u64, u64) =
+            self.shared.script("limits_charge", invocation).await?;
+        if let Some(r) = refused((code, wait)) {
+            return Ok(Err(r));
+        }
+        self.fill(pools, [g0, g1]);
+        Ok(Ok(()))
     }
 
     /// A lease on one sorted set (open streams) under `limit`.
@@ -239,30 +450,21 @@ impl LeaseBook {
     }
 }
 
+/// Renews the leases every [`LEASE_TTL`] / 3 and gives idle allowances
+/// back every [`POOL_IDLE`] / 2, until the book is gone.
 async fn keep_renewing(book: Weak<LeaseBook>) {
+    let tick = POOL_IDLE / 2;
+    let renew_every = (LEASE_TTL / 3).as_millis() / tick.as_millis().max(1);
+    let mut n: u128 = 0;
     loop {
-        tokio::time::sleep(LEASE_TTL / 3).await;
+        tokio::time::sleep(tick).await;
         let Some(b) = book.upgrade() else { return };
-        let _ = b.renew().await;
+        n += 1;
+        if n % renew_every.max(1) == 0 {
+            let _ = b.renew().await;
+        }
+        b.refund_idle().await;
     }
-}
-
-/// Takes `cost` tokens from each scope's tokens-per-minute limit, all or
-/// none.
-pub async fn charge(
-    shared: &Shared,
-    tpm: &[&Scoped; 2],
-    cost: u64,
-) -> Result<Result<(), Refused>, Unavailable> {
-    let mut invocation = CHARGE.prepare_invoke();
-    invocation
-        .key(&tpm[0].key)
-        .key(&tpm[1].key)
-        .arg(tpm[0].limit)
-        .arg(tpm[1].limit)
-        .arg(cost);
-    let reply: (i64, i64) = shared.script("limits_charge", invocation).await?;
-    Ok(refused(reply).map_or(Ok(()), Err))
 }
 
 /// Charges (`delta > 0`) or refunds tokens already decided.
@@ -332,26 +534,41 @@ fn script(body: &str) -> Script {
 }
 
 /// KEYS: key rpm, tpm, conc, tenant rpm, tpm, conc. ARGV 1–6: their limits
-/// (0: none); 7: the lease; 8: its TTL in ms. Returns {0, 0}, or {index of
-/// the refusing limit (1-based), wait in µs}.
+/// (0: none); 7: the lease; 8: its TTL in ms; 9, 10: requests wanted ahead
+/// of need for the key's and the tenant's rpm. Returns {0, 0, granted ahead
+/// for the key, for the tenant}, or {index of the refusing limit (1-based),
+/// wait in µs, 0, 0}.
 static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
 local now = now_us()
 local ttl = tonumber(ARGV[8])
 local take = {}
+local granted = {0, 0}
 for i = 1, 6 do
   local limit = tonumber(ARGV[i])
   if limit > 0 then
     local kind = (i - 1) % 3
     if kind == 2 then
       redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now / 1000)
-      if redis.call('ZCARD', KEYS[i]) >= limit then return {i, 1000000} end
+      if redis.call('ZCARD', KEYS[i]) >= limit then return {i, 1000000, 0, 0} end
       take[i] = true
+    elseif kind == 0 then
+      local scope = (i == 1) and 1 or 2
+      local more = tonumber(ARGV[8 + scope])
+      local tat = nil
+      if more > 0 then tat = gcra(KEYS[i], limit, 1 + more, now) end
+      if tat then
+        granted[scope] = more
+      else
+        local wait
+        tat, wait = gcra(KEYS[i], limit, 1, now)
+        if not tat then return {i, math.ceil(wait), 0, 0} end
+      end
+      take[i] = tat
     else
       local tat, wait = gcra(KEYS[i], limit, 1, now)
-      if not tat then return {i, math.ceil(wait)} end
-      if kind == 0 then take[i] = tat end
+      if not tat then return {i, math.ceil(wait), 0, 0} end
     end
   end
 end
@@ -363,7 +580,7 @@ for i = 1, 6 do
     store(KEYS[i], take[i], now)
   end
 end
-return {0, 0}
+return {0, 0, granted[1], granted[2]}
 ",
     )
 });
@@ -409,25 +626,36 @@ return 0
     )
 });
 
-/// KEYS: key tpm, tenant tpm. ARGV: their limits, the cost. All or none.
+/// KEYS: key tpm, tenant tpm. ARGV: their limits, the cost, tokens wanted
+/// ahead of need for each. All or none. Returns {0, 0, granted ahead for
+/// each}, or {index of the refusing limit, wait in µs, 0, 0}.
 static CHARGE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
 local now = now_us()
 local cost = tonumber(ARGV[3])
 local take = {}
+local granted = {0, 0}
 for i = 1, 2 do
   local limit = tonumber(ARGV[i])
   if limit > 0 then
-    local tat, wait = gcra(KEYS[i], limit, cost, now)
-    if not tat then return {i, math.ceil(wait)} end
+    local more = tonumber(ARGV[3 + i])
+    local tat = nil
+    if more > 0 then tat = gcra(KEYS[i], limit, cost + more, now) end
+    if tat then
+      granted[i] = more
+    else
+      local wait
+      tat, wait = gcra(KEYS[i], limit, cost, now)
+      if not tat then return {i, math.ceil(wait), 0, 0} end
+    end
     take[i] = tat
   end
 end
 for i = 1, 2 do
   if take[i] then store(KEYS[i], take[i], now) end
 end
-return {0, 0}
+return {0, 0, granted[1], granted[2]}
 ",
     )
 });
