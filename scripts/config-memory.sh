@@ -43,17 +43,20 @@ bench = ('[[providers]]\nname = "mock"\nkind = "openai"\n'
          '[[keys]]\nkey = "bench-key"\ntenant = "bench"\nrpm = 1000000000\n\n')
 with open(f"{tmp}/small.toml", "w") as f:
     f.write(head + bench)
-with open(f"{tmp}/large.toml", "w") as f:
-    f.write(head + bench)
-    for i in range(providers):
-        f.write(f'[[providers]]\nname = "p{i}"\nkind = "openai"\n'
-                f'base_url = "http://127.0.0.1:{mock}/v1"\n\n')
-    for i in range(routes - 1):
-        a, b = i % providers, (i + 1) % providers
-        f.write(f'[[routes]]\nmodel = "r{i}"\ntargets = [{{ provider = "p{a}", model = "m" }}, '
-                f'{{ provider = "p{b}", model = "m" }}]\n\n')
-    for i in range(keys):
-        f.write(f'[[keys]]\nkey = "dk-generated-key-{i:08}"\ntenant = "t{i % 500}"\nrpm = 600\n\n')
+def write(name, with_keys):
+    with open(f"{tmp}/{name}.toml", "w") as f:
+        f.write(head + bench)
+        for i in range(providers):
+            f.write(f'[[providers]]\nname = "p{i}"\nkind = "openai"\n'
+                    f'base_url = "http://127.0.0.1:{mock}/v1"\n\n')
+        for i in range(routes - 1):
+            a, b = i % providers, (i + 1) % providers
+            f.write(f'[[routes]]\nmodel = "r{i}"\ntargets = [{{ provider = "p{a}", model = "m" }}, '
+                    f'{{ provider = "p{b}", model = "m" }}]\n\n')
+        for i in range(keys if with_keys else 0):
+            f.write(f'[[keys]]\nkey = "dk-generated-key-{i:08}"\ntenant = "t{i % 500}"\nrpm = 600\n\n')
+write("large", True)
+write("nokeys", False)
 PY
 
 "$DETOUR" mock --flavor openai --listen "127.0.0.1:$MOCK_PORT" --seed 1 >"$TMP/mock.log" 2>&1 &
@@ -88,8 +91,10 @@ measure() {
 }
 
 read -r _ small_idle small_rps small_peak < <(measure small)
+read -r _ nokeys_idle _ _ < <(measure nokeys)
 read -r _ large_idle large_rps large_peak < <(measure large)
 echo "config: $PROVIDERS providers, $ROUTES routes, $KEYS keys with an rpm each ($(wc -c <"$TMP/large.toml") bytes)"
-echo "idle RSS: small $((small_idle / 1024)) MiB, large $((large_idle / 1024)) MiB"
+echo "idle RSS: small $((small_idle / 1024)) MiB, providers and routes only $((nokeys_idle / 1024)) MiB, large $((large_idle / 1024)) MiB"
+echo "per key (large - providers and routes only): $(((large_idle - nokeys_idle) * 1024 / KEYS)) bytes"
 echo "per key (all of the difference counted against the keys): $(((large_idle - small_idle) * 1024 / KEYS)) bytes"
 echo "64 conns, key with an rpm: small $small_rps req/s, large $large_rps req/s (RSS after: $((small_peak / 1024)) / $((large_peak / 1024)) MiB)"

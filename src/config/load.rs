@@ -49,29 +49,34 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn load(mut self) -> Result<Config, ConfigError> {
-        let doc = match DeTable::parse(self.text) {
-            Ok(doc) => doc,
-            Err(e) => {
-                let offset = e.span().map_or(0, |s| s.start);
-                self.report_at(offset, "(syntax)", e.message().trim());
-                return Err(ConfigError::Invalid(self.diags));
-            }
-        };
+        // One parse when the file is good; the spanned document that
+        // diagnostics need is parsed only when there is something to report
+        // (a large config's parse is most of what loading it costs).
         let mut unknown = Vec::new();
         let raw: Result<RawConfig, _> = toml::de::Deserializer::parse(self.text)
             .and_then(|de| serde_ignored::deserialize(de, |path| unknown.push(segments(&path))));
-        for path in unknown {
-            let (offset, key) = locate(doc.get_ref(), &path);
-            self.report_at(offset, &key, "unknown key");
-        }
-        let raw = match raw {
-            Ok(raw) => raw,
-            Err(e) => {
+        if raw.is_err() || !unknown.is_empty() {
+            let doc = match DeTable::parse(self.text) {
+                Ok(doc) => doc,
+                Err(e) => {
+                    let offset = e.span().map_or(0, |s| s.start);
+                    self.report_at(offset, "(syntax)", e.message().trim());
+                    return Err(ConfigError::Invalid(self.diags));
+                }
+            };
+            for path in unknown {
+                let (offset, key) = locate(doc.get_ref(), &path);
+                self.report_at(offset, &key, "unknown key");
+            }
+            if let Err(e) = &raw {
                 let offset = e.span().map_or(0, |s| s.start);
                 let key = key_at(doc.get_ref(), offset);
                 self.report_at(offset, &key, e.message().trim());
                 return Err(ConfigError::Invalid(self.diags));
             }
+        }
+        let Ok(raw) = raw else {
+            return Err(ConfigError::Invalid(self.diags));
         };
         let config = self.validate(raw);
         if self.diags.is_empty() {

@@ -157,7 +157,9 @@ pub struct LeaseBook {
     shared: Arc<Shared>,
     next: AtomicU64,
     /// Allowances by Redis key.
-    pools: moka::sync::Cache<String, Arc<Pool>>,
+    /// Read-locked on the request path (one lookup per limit), written only
+    /// when a limit gets its first pool and by the refund task's clean-up.
+    pools: std::sync::RwLock<HashMap<String, Arc<Pool>>>,
     started: tokio::time::Instant,
     // Held for one insert or removal per limited request (next to a Redis
     // round trip a thousand times longer) and one copy per renewal; never
@@ -172,9 +174,7 @@ impl LeaseBook {
         let book = Arc::new(Self {
             shared,
             next: AtomicU64::new(1),
-            pools: moka::sync::Cache::builder()
-                .time_to_idle(Duration::from_secs(600))
-                .build(),
+            pools: std::sync::RwLock::default(),
             started: tokio::time::Instant::now(),
             #[allow(clippy::disallowed_types)]
             held: Mutex::default(),
@@ -226,9 +226,22 @@ impl LeaseBook {
         if size == 0 {
             return None;
         }
-        let pool = self
+        let found = self
             .pools
-            .get_with_by_ref(scoped.key.as_str(), Arc::default);
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(scoped.key.as_str())
+            .cloned();
+        let pool = match found {
+            Some(p) => p,
+            None => Arc::clone(
+                self.pools
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(scoped.key.clone())
+                    .or_default(),
+            ),
+        };
         pool.limit.store(scoped.limit, Relaxed);
         pool.cap.store(size, Relaxed);
         Some(pool)
@@ -286,13 +299,22 @@ impl LeaseBook {
     async fn refund_idle(&self) {
         let now = self.now_ms();
         let idle = POOL_IDLE.as_millis() as u64;
-        let stale: Vec<(Arc<String>, Arc<Pool>)> = self
-            .pools
-            .iter()
-            .filter(|(_, p)| {
-                now.saturating_sub(p.used_ms.load(Relaxed)) >= idle && p.units.load(Relaxed) > 0
-            })
-            .collect();
+        let stale: Vec<(String, Arc<Pool>)> = {
+            let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
+            // Pools of limits unused for ten minutes, and empty, are forgotten.
+            pools.retain(|_, p| {
+                now.saturating_sub(p.used_ms.load(Relaxed)) < 600_000
+                    || p.units.load(Relaxed) > 0
+            });
+            pools
+                .iter()
+                .filter(|(_, p)| {
+                    now.saturating_sub(p.used_ms.load(Relaxed)) >= idle
+                        && p.units.load(Relaxed) > 0
+                })
+                .map(|(k, p)| (k.clone(), Arc::clone(p)))
+                .collect()
+        };
         for (key, pool) in stale {
             let units = pool.units.swap(0, Relaxed);
             if units == 0 {
@@ -300,7 +322,7 @@ impl LeaseBook {
             }
             let scoped = [
                 Scoped {
-                    key: (*key).clone(),
+                    key,
                     limit: pool.limit.load(Relaxed),
                 },
                 Scoped {
