@@ -303,14 +303,12 @@ impl LeaseBook {
             let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
             // Pools of limits unused for ten minutes, and empty, are forgotten.
             pools.retain(|_, p| {
-                now.saturating_sub(p.used_ms.load(Relaxed)) < 600_000
-                    || p.units.load(Relaxed) > 0
+                now.saturating_sub(p.used_ms.load(Relaxed)) < 600_000 || p.units.load(Relaxed) > 0
             });
             pools
                 .iter()
                 .filter(|(_, p)| {
-                    now.saturating_sub(p.used_ms.load(Relaxed)) >= idle
-                        && p.units.load(Relaxed) > 0
+                    now.saturating_sub(p.used_ms.load(Relaxed)) >= idle && p.units.load(Relaxed) > 0
                 })
                 .map(|(k, p)| (k.clone(), Arc::clone(p)))
                 .collect()
