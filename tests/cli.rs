@@ -185,6 +185,8 @@ fn serve_warns_loudly_when_running_open() {
         }
     }
     assert!(seen.contains("NO API KEYS CONFIGURED"), "{seen}");
+    // The log goes to a pipe, not a terminal: plain text, no colour codes.
+    assert!(!seen.contains('\x1b'), "{seen:?}");
 }
 
 #[test]
