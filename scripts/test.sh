@@ -15,8 +15,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]} (Debian packages the tests need)" >&2
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  # redis-server's package would start the system service: a policy-rc.d that
+  # refuses keeps it stopped (the tests start their own, on free ports).
+  policy_added=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+    $sudo chmod 755 /usr/sbin/policy-rc.d
+    policy_added=1
+  fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+  if [ -n "$policy_added" ]; then $sudo rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, anthropic' 2>/dev/null; then
