@@ -295,6 +295,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     crate::metrics::config_rejected(s.gw.rejected_configs());
     crate::metrics::rollout_baking(s.gw.rollout().is_some());
     crate::metrics::dns_stale_uses(crate::dns::shared().stale_uses());
+    crate::metrics::log_lines_dropped(crate::telemetry::log_lines_dropped());
     crate::metrics::cache_rejected(s.gw.live().cache.rejected());
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     (

@@ -80,7 +80,8 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    telemetry::init(cli.log_format, level);
+    // Held to the end of `main`: dropping it writes out the queued lines.
+    let _log = telemetry::init(cli.log_format, level);
     // One crypto provider for every TLS connection; installing can only fail
     // if one is already installed, which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();

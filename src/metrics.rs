@@ -93,6 +93,8 @@ metric_names! {
     Counter REDIS_FAILURES_TOTAL = "detour_redis_failures_total";
     /// Live replicas this replica sees registered in Redis.
     Gauge REDIS_REPLICAS = "detour_redis_replicas";
+    /// Log lines dropped because the log writer could not keep up (its queue was full); requests never wait for the log.
+    Counter LOG_LINES_DROPPED_TOTAL = "detour_log_lines_dropped_total";
     /// Health changes shared between replicas, by direction (`told`: found here and sent; `learned`: another replica's, applied here) and kind (`opened`, `closed`, `cool_down`, `misconfigured`, `override`, `page`).
     Counter HEALTH_SHARED_TOTAL = "detour_health_shared_total";
 }
@@ -349,6 +351,11 @@ pub fn cache_lookup(route: &str, result: &'static str) {
 /// The cache dropped an entry that belonged to another tenant or request.
 pub fn cache_mismatch() {
     counter!(CACHE_MISMATCHES_TOTAL).increment(1);
+}
+
+/// Log lines dropped so far (read at scrape time).
+pub fn log_lines_dropped(total: u64) {
+    counter!(LOG_LINES_DROPPED_TOTAL).absolute(total);
 }
 
 /// Whether this replica reaches its Redis.

@@ -19,24 +19,65 @@ pub enum LogFormat {
     Json,
 }
 
+/// Lines the log queue holds before new ones are dropped (and counted).
+pub const LOG_QUEUE_LINES: usize = 64 * 1024;
+
+/// Counts the lines dropped because the log writer could not keep up.
+static DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// Keeps the log writer's thread: dropping it writes out what is queued.
+/// Hold it until the process ends.
+#[must_use]
+pub struct LogGuard {
+    _writer: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides `default_level`.
-pub fn init(format: LogFormat, default_level: &str) {
+///
+/// Lines are formatted on the thread that logs and written to stderr by a
+/// thread of their own through a bounded queue ([`LOG_QUEUE_LINES`]): a
+/// slow stderr (a full pipe, a stalled collector) never blocks a request.
+/// When the queue is full, lines are dropped, never waited for, and
+/// counted ([`log_lines_dropped`], `detour_log_lines_dropped_total`).
+pub fn init(format: LogFormat, default_level: &str) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // Colours only for a person at a terminal: a log file or a collector
     // gets plain text (and writing the escape codes cost every request).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("detour-log")
+        .finish(std::io::stderr());
+    let counter = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let result = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    // Already initialised (tests, demo): keep the first subscriber.
-    drop(result);
+    match result {
+        Ok(()) => {
+            let _ = DROPPED.set(counter);
+            LogGuard {
+                _writer: Some(guard),
+            }
+        }
+        // Already initialised (tests, demo): keep the first subscriber.
+        Err(_) => LogGuard { _writer: None },
+    }
+}
+
+/// Log lines dropped so far because the writer could not keep up.
+pub fn log_lines_dropped() -> u64 {
+    DROPPED
+        .get()
+        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
 }
 
 /// How a request ended: the `outcome` of its log line.
