@@ -48,6 +48,20 @@ struct Buckets {
     concurrent: Option<Arc<Slots>>,
     /// The values in force, for this replica's share of them.
     values: Values,
+    /// Their Redis keys, named once per config (`[state]` on Redis only).
+    redis: Option<Arc<ScopeKeys>>,
+}
+
+/// The Redis keys of a key's or tenant's `values`, when limits are shared.
+fn redis_keys(book: Option<&Arc<LeaseBook>>, scope: &str, v: Values) -> Option<Arc<ScopeKeys>> {
+    let shared = book?.shared();
+    Some(Arc::new(ScopeKeys::new(
+        shared,
+        scope,
+        v.rpm.map_or(0, u64::from),
+        v.tpm.unwrap_or(0),
+        v.concurrent.map_or(0, u64::from),
+    )))
 }
 
 /// A count of things in flight (requests, open streams) under a limit that a
@@ -196,7 +210,9 @@ impl LimitStore {
                 continue;
             }
             let cells = keys.entry(k.sha256).or_default();
-            let (buckets, streams) = cells.set(values, apply, clock);
+            let (mut buckets, streams) = cells.set(values, apply, clock);
+            let scope = format!("k:{}", hex::encode(k.sha256));
+            buckets.redis = redis_keys(self.book.as_ref(), &scope, values);
             limits.keys.insert(k.sha256, buckets);
             if let (Some(s), Some(cap)) = (streams, k.max_streams) {
                 limits.streams.insert(k.sha256, (s, cap));
@@ -215,7 +231,8 @@ impl LimitStore {
                 continue;
             }
             let cells = tenants.entry(t.name.clone()).or_default();
-            let (buckets, _) = cells.set(values, apply, clock);
+            let (mut buckets, _) = cells.set(values, apply, clock);
+            buckets.redis = redis_keys(self.book.as_ref(), &format!("t:{}", t.name), values);
             limits.tenants.insert(t.name.clone(), buckets);
         }
         limits
@@ -255,6 +272,7 @@ impl Cells {
             tpm: per_minute(&mut self.tpm, v.tpm),
             concurrent: slots(&mut self.concurrent, v.concurrent),
             values: v,
+            redis: None,
         };
         (buckets, slots(&mut self.streams, v.streams))
     }
@@ -565,28 +583,10 @@ impl Limits {
             return Ok((Held::default(), TokenGate::default()));
         }
         if let Some(book) = &self.book {
-            let shared = book.shared();
-            let scope = |name: String, b: Option<&Buckets>| match b {
-                Some(b) => {
-                    let v = b.values;
-                    ScopeKeys::new(
-                        shared,
-                        &name,
-                        v.rpm.map_or(0, u64::from),
-                        v.tpm.unwrap_or(0),
-                        v.concurrent.map_or(0, u64::from),
-                    )
-                }
-                None => ScopeKeys::none(shared),
+            let scope = |b: Option<&Buckets>| {
+                Arc::clone(b.and_then(|b| b.redis.as_ref()).unwrap_or(book.no_limits()))
             };
-            let scopes = [
-                scope(
-                    key.map(|(d, _)| format!("k:{}", hex::encode(d)))
-                        .unwrap_or_default(),
-                    key.map(|(_, b)| b),
-                ),
-                scope(format!("t:{}", caller.tenant), tenant),
-            ];
+            let scopes = [scope(key.map(|(_, b)| b)), scope(tenant)];
             let rpm_pools = [
                 book.pool(&scopes[0].rpm, MAX_EXTRA_REQUESTS),
                 book.pool(&scopes[1].rpm, MAX_EXTRA_REQUESTS),
@@ -621,7 +621,7 @@ impl Limits {
                             held._concurrency.push(slots.take_unchecked());
                         }
                     }
-                    let [k, t] = scopes;
+                    let [k, t] = &scopes;
                     if k.tpm.limit > 0 || t.tpm.limit > 0 {
                         let pools = [
                             book.pool(&k.tpm, MAX_EXTRA_TOKENS),
@@ -629,7 +629,7 @@ impl Limits {
                         ];
                         gate.shared = Some(SharedTokens {
                             book: Arc::clone(book),
-                            tpm: [k.tpm, t.tpm],
+                            tpm: [k.tpm.clone(), t.tpm.clone()],
                             pools,
                         });
                     }

@@ -160,6 +160,8 @@ pub struct LeaseBook {
     /// Read-locked on the request path (one lookup per limit), written only
     /// when a limit gets its first pool and by the refund task's clean-up.
     pools: std::sync::RwLock<HashMap<String, Arc<Pool>>>,
+    /// The keys of a scope without limits (every limit 0).
+    no_limits: Arc<ScopeKeys>,
     started: tokio::time::Instant,
     // Held for one insert or removal per limited request (next to a Redis
     // round trip a thousand times longer) and one copy per renewal; never
@@ -172,6 +174,7 @@ impl LeaseBook {
     /// The book, and its renewal task (which ends with the book).
     pub fn start(shared: Arc<Shared>) -> Arc<Self> {
         let book = Arc::new(Self {
+            no_limits: Arc::new(ScopeKeys::none(&shared)),
             shared,
             next: AtomicU64::new(1),
             pools: std::sync::RwLock::default(),
@@ -185,6 +188,11 @@ impl LeaseBook {
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The keys of a key or tenant without limits.
+    pub fn no_limits(&self) -> &Arc<ScopeKeys> {
+        &self.no_limits
     }
 
     fn member(&self, id: u64) -> String {
