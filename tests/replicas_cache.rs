@@ -24,7 +24,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use common::redis::RedisServer;
+use common::redis::{wait_until_up, RedisServer};
 use common::*;
 use detour::cache::Key;
 use detour::error::ClientFormat;
@@ -66,15 +66,6 @@ async fn replicas(n: usize, config: &str) -> Vec<Arc<Running>> {
         wait_until_up(gw).await;
     }
     out
-}
-
-async fn wait_until_up(gw: &Running) {
-    let shared = gw.gateway.shared().expect("[state] is redis");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !shared.is_up() {
-        assert!(Instant::now() < deadline, "the replica never reached Redis");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn prompt(text: &str, stream: bool) -> Value {

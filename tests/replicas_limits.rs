@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::redis::RedisServer;
+use common::redis::{wait_until_up, RedisServer};
 use common::serve::{free_port, Serve};
 use common::*;
 use detour::limits::shared as shared_limits;
@@ -88,18 +88,10 @@ async fn replicas(
             "",
         );
         let gw = gateway(&text).await;
-        wait_shared(&gw).await;
+        wait_until_up(&gw).await;
         out.push(gw);
     }
     out
-}
-
-async fn wait_shared(gw: &detour::server::Running) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gw.gateway.shared().is_some_and(|s| s.is_up()) {
-        assert!(Instant::now() < deadline, "the replica never reached Redis");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,7 +309,7 @@ async fn failed_authentications_are_counted_by_every_replica_together() {
             "auth_failures_per_minute = 3",
         );
         let gw = gateway(&text).await;
-        wait_shared(&gw).await;
+        wait_until_up(&gw).await;
         gws.push(gw);
     }
     let statuses = [
@@ -367,7 +359,7 @@ async fn with_redis_gone_each_replica_enforces_its_share_and_shared_limits_come_
     // Back: shared again within a few seconds (fresh Redis: a fresh minute).
     redis.restart();
     for gw in &gws {
-        wait_shared(gw).await;
+        wait_until_up(gw).await;
     }
     let a = statuses(gws[0].addr, 15).await;
     let b = statuses(gws[1].addr, 10).await;

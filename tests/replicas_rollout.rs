@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::redis::RedisServer;
+use common::redis::{wait_until_up, RedisServer};
 use common::*;
 use detour::reload::{apply_text, Outcome, Trigger};
 use detour::server::Running;
@@ -42,11 +42,7 @@ targets = [{{ provider = "p", model = "m" }}]
 async fn replica(stable: &str) -> Running {
     let gw = gateway(stable).await;
     gw.gateway.set_source(Some(stable.to_owned()));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gw.gateway.shared().unwrap().is_up() {
-        assert!(Instant::now() < deadline, "never reached Redis");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_up(&gw).await;
     gw
 }
 

@@ -171,3 +171,16 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// Waits (up to 10 s) until the replica `gw` reaches its `[state]` Redis.
+pub async fn wait_until_up(gw: &detour::server::Running) {
+    let shared = gw.gateway.shared().expect("[state] is redis");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !shared.is_up() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replica never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
