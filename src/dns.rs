@@ -368,6 +368,37 @@ impl reqwest::dns::Resolve for CachingResolver {
     }
 }
 
+/// [`CachingResolver`] as hyper-util's connector asks for it (a
+/// `tower::Service` from a host name to socket addresses): the provider
+/// clients on the data path connect through it.
+#[derive(Debug, Clone)]
+pub struct ForConnector(pub Arc<CachingResolver>);
+
+impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for ForConnector {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = DnsError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, DnsError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), DnsError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        let this = Arc::clone(&self.0);
+        Box::pin(async move {
+            let addrs = this.lookup(name.as_str()).await?;
+            // Port 0: the connector puts in the URI's port.
+            let addrs: Vec<SocketAddr> = addrs.iter().map(|ip| SocketAddr::new(*ip, 0)).collect();
+            Ok(addrs.into_iter())
+        })
+    }
+}
+
 impl State {
     fn fresh(&self, now: Instant) -> Option<&Good> {
         self.good.as_ref().filter(|g| now < g.fresh_until)

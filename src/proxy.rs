@@ -400,7 +400,7 @@ async fn attempt(
     let (shape, inner) = match (upstream_format == client_format, event_stream) {
         (true, true) if client_format == Format::OpenAi => {
             let strip_usage = !req.include_usage;
-            (Shape::OpenAiEvents { strip_usage }, upstream_body)
+            (Shape::OpenAiEvents { strip_usage }, Some(upstream_body))
         }
         // Other formats are decoded to know where the stream ends.
         (true, true) => {
@@ -409,9 +409,9 @@ async fn attempt(
                 decoder,
                 encoder: None,
             };
-            (shape, upstream_body)
+            (shape, Some(upstream_body))
         }
-        (true, false) => (Shape::Plain, upstream_body),
+        (true, false) => (Shape::Plain, Some(upstream_body)),
         (false, true) => {
             let shape = Shape::Decoded {
                 decoder: Box::new(StreamDecoder::new(upstream_format)),
@@ -419,7 +419,7 @@ async fn attempt(
             };
             let sse = HeaderValue::from_static("text/event-stream");
             headers.insert(header::CONTENT_TYPE, sse);
-            (shape, upstream_body)
+            (shape, Some(upstream_body))
         }
         (false, false) => {
             let body = read_whole(adapter, upstream_body, &route.timeouts, started).await?;
@@ -448,7 +448,7 @@ async fn attempt(
             };
             let json = HeaderValue::from_static("application/json");
             headers.insert(header::CONTENT_TYPE, json);
-            (Shape::Ready(translated), reqwest::Body::from(Bytes::new()))
+            (Shape::Ready(translated), None)
         }
     };
     let mut body = RelayBody::new(
@@ -545,7 +545,7 @@ fn unix_now() -> u64 {
 /// at most `MAX_TRANSLATED_BODY` bytes.
 async fn read_whole(
     adapter: &Adapter,
-    mut body: reqwest::Body,
+    mut body: crate::upstream::ResponseBody,
     timeouts: &crate::config::Timeouts,
     started: Instant,
 ) -> Result<Bytes, UpstreamError> {

@@ -12,10 +12,15 @@
 //! is checked by the caller (`proxy::attempt`). A `retry-after` is parsed here,
 //! with checked arithmetic: any text a provider sends is a hint, never a panic.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use crate::config::{Provider, ProviderKind, Timeouts};
@@ -24,7 +29,7 @@ use crate::protocol::chat::Format;
 /// A request ready to go to a provider.
 #[derive(Debug)]
 pub struct UpstreamRequest {
-    pub url: url::Url,
+    pub uri: http::Uri,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -448,13 +453,33 @@ pub fn model_missing(format: Format, status: StatusCode, body: &[u8]) -> bool {
 /// Largest error body read from a provider.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
-/// A pooled client for one provider.
-#[derive(Debug, Clone)]
+/// How long an idle pooled connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector<crate::dns::ForConnector>>;
+
+/// A provider's answer body, read as it arrives.
+pub type ResponseBody = hyper::body::Incoming;
+
+/// A pooled client for one provider: hyper-util's client over rustls, HTTP/2
+/// where the provider offers it by ALPN, names resolved by detour's caching
+/// resolver. Requests go out as prepared (URI and header block built once
+/// per target by the adapter), without a layer that re-parses them.
+#[derive(Clone)]
 pub struct Upstream {
     provider: String,
     format: Format,
     connect_timeout: Duration,
-    client: reqwest::Client,
+    client: Client<Connector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("provider", &self.provider)
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A provider's answer with a 2xx status, body not yet read.
@@ -462,18 +487,24 @@ pub struct Upstream {
 pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
-    pub body: reqwest::Body,
+    pub body: ResponseBody,
+}
+
+/// Why a provider's client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("no TLS configuration: {0}")]
+    Tls(String),
 }
 
 /// The TLS client config every provider's client shares: the bundled roots
 /// and the operating system's store (`SSL_CERT_FILE` / `SSL_CERT_DIR` when
-/// set: an internal CA), parsed once, not once per provider (a client built
-/// with reqwest's own roots keeps a parsed copy of about 400 KiB: 200
-/// providers held 80 MiB); certificates always verified; HTTP/2 offered by
-/// ALPN. `None` only if the crypto provider refused the default protocol
-/// versions, then each client builds its own.
-fn shared_tls() -> Option<rustls::ClientConfig> {
-    static TLS: std::sync::OnceLock<Option<rustls::ClientConfig>> = std::sync::OnceLock::new();
+/// set: an internal CA), parsed once, not once per provider (a parsed root
+/// store is about 400 KiB: 200 providers held 80 MiB); certificates always
+/// verified; HTTP/2 offered by ALPN.
+fn shared_tls() -> Result<Arc<rustls::ClientConfig>, BuildError> {
+    static TLS: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
+        std::sync::OnceLock::new();
     TLS.get_or_init(|| {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -483,39 +514,37 @@ fn shared_tls() -> Option<rustls::ClientConfig> {
             added,
             "upstream TLS: the operating system's trusted certificates"
         );
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .ok()?
+            .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Some(config)
+        // ALPN (h2, then http/1.1) is set by the connector, which refuses a
+        // config that has it already.
+        Ok(Arc::new(config))
     })
     .clone()
+    .map_err(BuildError::Tls)
 }
 
 impl Upstream {
-    pub fn new(provider: &Provider) -> Result<Self, reqwest::Error> {
-        let mut builder = reqwest::Client::builder();
-        if let Some(tls) = shared_tls() {
-            builder = builder.use_preconfigured_tls(tls);
-        }
-        let client = builder
-            .connect_timeout(provider.connect_timeout)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            // Upstream names go through detour's caching, stale-serving resolver.
-            .dns_resolver(crate::dns::shared())
-            // Bodies are relayed and read as they are: ask for no encoding.
-            .default_headers(HeaderMap::from_iter([(
-                http::header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            )]))
-            .user_agent(concat!("detour/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+    pub fn new(provider: &Provider) -> Result<Self, BuildError> {
+        let mut http =
+            HttpConnector::new_with_resolver(crate::dns::ForConnector(crate::dns::shared()));
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(provider.connect_timeout));
+        let tls = rustls::ClientConfig::clone(&*shared_tls()?);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector);
         Ok(Self {
             provider: provider.name.clone(),
             format: match provider.kind {
@@ -547,33 +576,31 @@ impl Upstream {
         started: Instant,
     ) -> Result<Answer, UpstreamError> {
         let (limit, kind) = first_deadline(started, timeouts);
-        let pending = self
-            .client
-            .post(req.url)
-            .headers(req.headers)
-            .body(req.body)
-            .send();
-        let resp = match tokio::time::timeout_at(limit, pending).await {
+        let uri = req.uri.clone();
+        let mut request = http::Request::new(Full::new(req.body));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = req.uri;
+        *request.headers_mut() = req.headers;
+        let resp = match tokio::time::timeout_at(limit, self.client.request(request)).await {
             Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => return Err(self.classify(&e)),
+            Ok(Err(e)) => return Err(self.classify(&e, &uri)),
             Err(_) => return Err(self.timeout(kind, timeouts)),
         };
-        let status = resp.status();
+        let (parts, body) = resp.into_parts();
+        let status = parts.status;
         if status.is_success() {
-            let resp: http::Response<reqwest::Body> = resp.into();
-            let (parts, body) = resp.into_parts();
             return Ok(Answer {
                 status,
                 headers: parts.headers,
                 body,
             });
         }
-        let header = resp
-            .headers()
+        let header = parts
+            .headers
             .get(http::header::RETRY_AFTER)
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
-        let body = self.read_error_body(resp, timeouts, started).await;
+        let content_type = parts.headers.get(http::header::CONTENT_TYPE).cloned();
+        let body = read_error_body(body, timeouts, started).await;
         // Gemini says how long to wait only in its body (`RetryInfo`).
         let retry_after = header
             .or_else(|| crate::protocol::translate::parse_error(self.format, &body)?.retry_after);
@@ -585,31 +612,6 @@ impl Upstream {
             content_type,
             body,
         })
-    }
-
-    async fn read_error_body(
-        &self,
-        mut resp: reqwest::Response,
-        timeouts: &Timeouts,
-        started: Instant,
-    ) -> Bytes {
-        let total = started + timeouts.total;
-        let mut body = Vec::new();
-        loop {
-            let next = Instant::now() + timeouts.idle;
-            match tokio::time::timeout_at(next.min(total), resp.chunk()).await {
-                Ok(Ok(Some(chunk))) => {
-                    let room = MAX_ERROR_BODY.saturating_sub(body.len());
-                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                    if room <= chunk.len() {
-                        break;
-                    }
-                }
-                // An error body that breaks off is still worth what it has.
-                _ => break,
-            }
-        }
-        Bytes::from(body)
     }
 
     pub fn timeout(&self, kind: TimeoutKind, timeouts: &Timeouts) -> UpstreamError {
@@ -627,15 +629,17 @@ impl Upstream {
     }
 
     /// The typed error for a failed send. Its detail (for the log only; see
-    /// `error::GatewayError::Upstream`) has the URL's secrets masked.
-    pub fn classify(&self, e: &reqwest::Error) -> UpstreamError {
+    /// `error::GatewayError::Upstream`) names where the request went, with
+    /// the URL's secrets (credentials, query values) masked.
+    pub fn classify(
+        &self,
+        e: &hyper_util::client::legacy::Error,
+        uri: &http::Uri,
+    ) -> UpstreamError {
         let provider = self.provider.clone();
-        let mut detail = error_chain(e);
-        if let Some(url) = e.url() {
-            detail = detail.replace(url.as_str(), &crate::config::masked_url(url));
-        }
+        let detail = format!("{}: {}", masked_uri(uri), error_chain(e));
         if e.is_connect() {
-            if e.is_timeout() {
+            if timed_out(e) {
                 return UpstreamError::Timeout {
                     provider,
                     kind: TimeoutKind::Connect,
@@ -655,6 +659,53 @@ impl Upstream {
     }
 }
 
+/// Reads a provider's error body: at most [`MAX_ERROR_BODY`] bytes, each
+/// chunk within the idle limit, the whole within the total limit. A body that
+/// breaks off is still worth what it has.
+async fn read_error_body(mut body: ResponseBody, timeouts: &Timeouts, started: Instant) -> Bytes {
+    use http_body_util::BodyExt;
+    let total = started + timeouts.total;
+    let mut out = Vec::new();
+    loop {
+        let next = Instant::now() + timeouts.idle;
+        let frame = match tokio::time::timeout_at(next.min(total), body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            _ => break,
+        };
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        let room = MAX_ERROR_BODY.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if room <= chunk.len() {
+            break;
+        }
+    }
+    Bytes::from(out)
+}
+
+/// Whether a connect error is the connect timeout firing.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// A request's URI for a log line: no credentials, query values masked.
+fn masked_uri(uri: &http::Uri) -> String {
+    match url::Url::parse(&uri.to_string()) {
+        Ok(url) => crate::config::masked_url(&url),
+        Err(_) => "(a URI that is not a URL)".to_owned(),
+    }
+}
+
 /// The earlier of the first-byte and total deadlines, and which one it is.
 pub fn first_deadline(started: Instant, t: &Timeouts) -> (Instant, TimeoutKind) {
     if t.first_byte <= t.total {
@@ -664,7 +715,7 @@ pub fn first_deadline(started: Instant, t: &Timeouts) -> (Instant, TimeoutKind) 
     }
 }
 
-/// An error and its sources on one line: reqwest's own message is vague.
+/// An error and its sources on one line: a client's own message is vague.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();

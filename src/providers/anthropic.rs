@@ -2,7 +2,6 @@
 //! `anthropic-version`). Anthropic-format clients pass through.
 
 use http::{HeaderMap, HeaderValue};
-use url::Url;
 
 use super::{join, json_headers, secret_header, AdapterError, Endpoint, Outgoing};
 use crate::config::Provider;
@@ -16,7 +15,7 @@ pub const VERSION: &str = "2023-06-01";
 #[derive(Debug)]
 pub struct AnthropicAdapter {
     pub(super) upstream: Upstream,
-    url: Url,
+    uri: http::Uri,
     headers: HeaderMap,
     default_max_tokens: u64,
 }
@@ -29,7 +28,7 @@ impl AnthropicAdapter {
             headers.insert("x-api-key", secret_header(provider, key.expose())?);
         }
         Ok(Self {
-            url: join(provider, "messages")?,
+            uri: join(provider, "messages")?,
             upstream,
             headers,
             default_max_tokens: provider.default_max_tokens,
@@ -52,7 +51,7 @@ impl AnthropicAdapter {
             _ => anthropic::encode_request((out.ir)()?, model, self.default_max_tokens)?,
         };
         Ok(UpstreamRequest {
-            url: self.url.clone(),
+            uri: self.uri.clone(),
             headers: self.headers.clone(),
             body,
         })

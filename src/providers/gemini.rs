@@ -6,7 +6,7 @@
 use http::HeaderMap;
 use url::Url;
 
-use super::{join_path, json_headers, secret_header, AdapterError, Endpoint, Outgoing};
+use super::{join_path, json_headers, secret_header, to_uri, AdapterError, Endpoint, Outgoing};
 use crate::config::Provider;
 use crate::protocol::chat::Format;
 use crate::protocol::translate::{gemini, TranslateError};
@@ -62,8 +62,12 @@ impl GeminiAdapter {
         if out.stream {
             url.query_pairs_mut().append_pair("alt", "sse");
         }
+        let uri = to_uri(&url).ok_or_else(|| TranslateError::Untranslatable {
+            feature: format!("model name `{model}` in a URL"),
+            target: Format::Gemini,
+        })?;
         Ok(UpstreamRequest {
-            url,
+            uri,
             headers: self.headers.clone(),
             body,
         })

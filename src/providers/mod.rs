@@ -132,10 +132,17 @@ fn secret_header(provider: &Provider, value: &str) -> Result<HeaderValue, Adapte
     Ok(v)
 }
 
-/// `base_url` with `path` appended.
-fn join(provider: &Provider, path: &str) -> Result<url::Url, AdapterError> {
+/// `base_url` with `path` appended, as the URI requests are sent to (made
+/// once per provider: cloning it per request costs reference counts).
+fn join(provider: &Provider, path: &str) -> Result<http::Uri, AdapterError> {
     join_path(&provider.base_url, path.split('/'))
+        .and_then(|url| to_uri(&url))
         .ok_or_else(|| build_error(provider, "base_url cannot take a path".into()))
+}
+
+/// A URL as an `http::Uri`; `None` if `http` reads it otherwise.
+pub(crate) fn to_uri(url: &url::Url) -> Option<http::Uri> {
+    http::Uri::try_from(url.as_str()).ok()
 }
 
 /// `base` with `segments` appended to its path (each percent-encoded as one
@@ -158,11 +165,22 @@ pub(crate) fn join_path<'a>(
     Some(url)
 }
 
+/// The headers of every request to a provider: a JSON body, detour's name,
+/// and no content encoding asked for (bodies are relayed and read as they
+/// are; what a provider sends anyway is checked by `proxy::attempt`).
 fn json_headers() -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        http::header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    headers.insert(
+        http::header::USER_AGENT,
+        HeaderValue::from_static(concat!("detour/", env!("CARGO_PKG_VERSION"))),
     );
     headers
 }

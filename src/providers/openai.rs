@@ -2,8 +2,8 @@
 //! upstream. For OpenAI-format clients this is the passthrough fast path: the
 //! body is forwarded with only `model` rewritten.
 
+use http::Uri;
 use http::{header, HeaderMap};
-use url::Url;
 
 use super::{join, json_headers, secret_header, AdapterError, Endpoint, Outgoing};
 use crate::config::{Provider, ProviderKind};
@@ -14,8 +14,8 @@ use crate::upstream::{Upstream, UpstreamRequest};
 #[derive(Debug)]
 pub struct OpenAiAdapter {
     pub(super) upstream: Upstream,
-    chat_url: Url,
-    embeddings_url: Url,
+    chat_uri: Uri,
+    embeddings_uri: Uri,
     headers: HeaderMap,
     options: openai::RequestOptions,
 }
@@ -28,8 +28,8 @@ impl OpenAiAdapter {
             headers.insert(header::AUTHORIZATION, v);
         }
         Ok(Self {
-            chat_url: join(provider, "chat/completions")?,
-            embeddings_url: join(provider, "embeddings")?,
+            chat_uri: join(provider, "chat/completions")?,
+            embeddings_uri: join(provider, "embeddings")?,
             upstream,
             headers,
             options: openai::RequestOptions {
@@ -45,23 +45,23 @@ impl OpenAiAdapter {
         out: &Outgoing<'_>,
         model: &str,
     ) -> Result<UpstreamRequest, TranslateError> {
-        let (url, body) = match (out.endpoint, out.format) {
-            (Endpoint::Embeddings, _) => (self.embeddings_url.clone(), out.spliced(model)),
+        let (uri, body) = match (out.endpoint, out.format) {
+            (Endpoint::Embeddings, _) => (self.embeddings_uri.clone(), out.spliced(model)),
             // Usage is asked for even when the client did not (the relay
             // strips it): rate limits are settled from real counts.
-            (_, Format::OpenAi) => (self.chat_url.clone(), out.spliced_asking_usage(model)),
+            (_, Format::OpenAi) => (self.chat_uri.clone(), out.spliced_asking_usage(model)),
             _ => {
                 let mut ir = (out.ir)()?.clone();
                 // The client is told about usage in its own format; ask for it.
                 ir.include_usage = ir.stream;
                 (
-                    self.chat_url.clone(),
+                    self.chat_uri.clone(),
                     openai::encode_request(&ir, model, &self.options)?,
                 )
             }
         };
         Ok(UpstreamRequest {
-            url,
+            uri,
             headers: self.headers.clone(),
             body,
         })

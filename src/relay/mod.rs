@@ -42,7 +42,7 @@ use crate::protocol::sse::EventTooLarge;
 use crate::protocol::translate::{StreamDecoder, StreamEncoder};
 use crate::request::Tracked;
 use crate::telemetry::Outcome;
-use crate::upstream::{TimeoutKind, UpstreamError};
+use crate::upstream::{ResponseBody, TimeoutKind, UpstreamError};
 
 use capture::CacheCopy;
 use deadline::Deadline;
@@ -51,7 +51,8 @@ use plain::UsageScan;
 use translate::{Broken, Translated};
 
 pub struct RelayBody {
-    inner: reqwest::Body,
+    /// The provider's body; none for a body the gateway made whole.
+    inner: Option<ResponseBody>,
     mode: Mode,
     provider: String,
     format: ClientFormat,
@@ -119,7 +120,7 @@ impl RelayBody {
     /// come before its first-byte deadline. An event stream holds at most
     /// `max_event_bytes` of an unfinished event.
     pub fn new(
-        inner: reqwest::Body,
+        inner: Option<ResponseBody>,
         shape: Shape,
         provider: String,
         timeouts: Timeouts,
@@ -185,7 +186,7 @@ impl RelayBody {
 
     fn poll_prime(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
         loop {
-            match Pin::new(&mut self.inner).poll_frame(cx) {
+            match poll_upstream(&mut self.inner, cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     let Ok(data) = frame.into_data() else {
                         continue;
@@ -427,7 +428,7 @@ impl RelayBody {
             };
         }
         loop {
-            match Pin::new(&mut self.inner).poll_frame(cx) {
+            match poll_upstream(&mut self.inner, cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     // Trailers are not relayed; providers do not send them.
                     let Ok(data) = frame.into_data() else {
@@ -437,7 +438,9 @@ impl RelayBody {
                         Ok(Some(out)) => {
                             // The last chunk of a body of known length: finish
                             // now, as hyper will not poll for the end.
-                            if matches!(self.mode, Mode::Plain(_)) && self.inner.is_end_stream() {
+                            if matches!(self.mode, Mode::Plain(_))
+                                && self.inner.as_ref().is_none_or(Body::is_end_stream)
+                            {
                                 let _ = self.on_end();
                             }
                             return Poll::Ready(Some(Ok(Frame::data(out))));
@@ -463,6 +466,17 @@ impl RelayBody {
                 }
             }
         }
+    }
+}
+
+/// The provider's next frame; the end at once when there is no provider body.
+fn poll_upstream(
+    inner: &mut Option<ResponseBody>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    match inner {
+        Some(body) => Pin::new(body).poll_frame(cx),
+        None => Poll::Ready(None),
     }
 }
 
@@ -494,7 +508,7 @@ impl Body for RelayBody {
             return SizeHint::default();
         }
         match &self.mode {
-            Mode::Plain(_) => self.inner.size_hint(),
+            Mode::Plain(_) => self.inner.as_ref().map(Body::size_hint).unwrap_or_default(),
             Mode::Ready(Some(b)) => SizeHint::with_exact(b.len() as u64),
             _ => SizeHint::default(),
         }
