@@ -93,7 +93,7 @@ pub fn first_error_event(events: &[u8]) -> Option<String> {
 
 /// Whether whole SSE events include an error event (a cheap scan first).
 pub fn has_error_event(events: &[u8]) -> bool {
-    events.windows(7).any(|w| w == b"\"error\"") && first_error_event(events).is_some()
+    memchr::memmem::find(events, b"\"error\"").is_some() && first_error_event(events).is_some()
 }
 
 #[cfg(test)]

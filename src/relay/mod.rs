@@ -66,6 +66,59 @@ pub struct RelayBody {
     copy: CacheCopy,
     /// The body ended normally and whole (a stream with its end marker).
     whole: bool,
+    /// What the upstream did after the events last batched: handled on the
+    /// next poll, once the batch is sent.
+    after_batch: Option<AfterBatch>,
+}
+
+/// The most bytes of ready events joined into one frame.
+const MAX_BATCH: usize = 64 * 1024;
+
+/// How the upstream ended while a batch of events waited to be sent.
+enum AfterBatch {
+    End,
+    Fail(UpstreamError),
+}
+
+/// Events ready at once, joined so that the client gets them in one write
+/// (one frame: hyper writes and flushes each frame it is given).
+#[derive(Default)]
+struct Batch {
+    first: Option<Bytes>,
+    joined: Option<bytes::BytesMut>,
+}
+
+impl Batch {
+    fn push(&mut self, events: Bytes) {
+        if let Some(joined) = &mut self.joined {
+            joined.extend_from_slice(&events);
+            return;
+        }
+        match self.first.take() {
+            None => self.first = Some(events),
+            Some(first) => {
+                let mut joined = bytes::BytesMut::with_capacity(2 * (first.len() + events.len()));
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&events);
+                self.joined = Some(joined);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match (&self.joined, &self.first) {
+            (Some(j), _) => j.len(),
+            (None, Some(f)) => f.len(),
+            (None, None) => 0,
+        }
+    }
+
+    fn take(self) -> Option<Bytes> {
+        match self.joined {
+            Some(joined) => Some(joined.freeze()),
+            None => self.first,
+        }
+    }
 }
 
 enum Mode {
@@ -150,6 +203,7 @@ impl RelayBody {
             primed: None,
             record: None,
             whole: false,
+            after_batch: None,
         }
     }
 
@@ -427,44 +481,68 @@ impl RelayBody {
                 None => self.on_end(),
             };
         }
+        match self.after_batch.take() {
+            Some(AfterBatch::End) => return self.on_end(),
+            Some(AfterBatch::Fail(error)) => return self.fail(error),
+            None => {}
+        }
+        // Events that are ready together go out together; a plain body is
+        // relayed chunk by chunk as it comes.
+        let batching = self.mode.is_event_stream();
+        let mut batch = Batch::default();
         loop {
-            match poll_upstream(&mut self.inner, cx) {
+            let after = match poll_upstream(&mut self.inner, cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     // Trailers are not relayed; providers do not send them.
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
                     match self.on_chunk(data) {
+                        Ok(Some(out)) if batching => {
+                            batch.push(out);
+                            if batch.len() < MAX_BATCH {
+                                continue;
+                            }
+                            break;
+                        }
                         Ok(Some(out)) => {
                             // The last chunk of a body of known length: finish
                             // now, as hyper will not poll for the end.
-                            if matches!(self.mode, Mode::Plain(_))
-                                && self.inner.as_ref().is_none_or(Body::is_end_stream)
-                            {
+                            if self.inner.as_ref().is_none_or(Body::is_end_stream) {
                                 let _ = self.on_end();
                             }
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
-                        Ok(None) => {}
-                        Err(error) => return self.fail(error),
+                        Ok(None) => continue,
+                        Err(error) => AfterBatch::Fail(error),
                     }
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    let detail = format!("{e}");
-                    return self.fail(UpstreamError::Transport {
-                        provider: self.provider.clone(),
-                        detail,
-                    });
-                }
-                Poll::Ready(None) => return self.on_end(),
+                Poll::Ready(Some(Err(e))) => AfterBatch::Fail(UpstreamError::Transport {
+                    provider: self.provider.clone(),
+                    detail: format!("{e}"),
+                }),
+                Poll::Ready(None) => AfterBatch::End,
+                Poll::Pending if batch.len() > 0 => break,
                 Poll::Pending => {
                     let Poll::Ready((kind, after)) = self.deadline.poll_expired(cx) else {
                         return Poll::Pending;
                     };
-                    let error = self.timeout(kind, after);
-                    return self.fail(error);
+                    AfterBatch::Fail(self.timeout(kind, after))
                 }
+            };
+            // The upstream ended or failed: the events before it go first.
+            if batch.len() > 0 {
+                self.after_batch = Some(after);
+                break;
             }
+            return match after {
+                AfterBatch::End => self.on_end(),
+                AfterBatch::Fail(error) => self.fail(error),
+            };
+        }
+        match batch.take() {
+            Some(events) => Poll::Ready(Some(Ok(Frame::data(events)))),
+            None => Poll::Pending,
         }
     }
 }

@@ -412,7 +412,7 @@ pub fn rewrite_model_asking_usage(
 fn has_usage_object(data: &[u8]) -> bool {
     const KEY: &[u8] = b"\"usage\"";
     let mut rest = data;
-    while let Some(i) = rest.windows(KEY.len()).position(|w| w == KEY) {
+    while let Some(i) = memchr::memmem::find(rest, KEY) {
         rest = &rest[i + KEY.len()..];
         let value = rest
             .iter()

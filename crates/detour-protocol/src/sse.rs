@@ -13,6 +13,8 @@
 //! scanned for a boundary once (plus three bytes of overlap), so framing stays
 //! linear in the stream's length however the chunks are cut.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
 
 /// An event grew past the framer's limit without ending.
@@ -110,24 +112,27 @@ fn last_event_end(buf: &[u8]) -> Option<usize> {
 
 /// Iterates over the `data:` payloads of complete events (joined per event
 /// with `\n`, as the SSE spec says), skipping comments and other fields.
-pub fn data_payloads(events: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
+pub fn data_payloads(events: &[u8]) -> impl Iterator<Item = Cow<'_, [u8]>> + '_ {
     event_spans(events).filter_map(|span| data_payload(&events[span]))
 }
 
 /// The `data:` payload of one event (its lines joined with `\n`), or `None`
 /// when it has no data line (a comment, a bare `event:`, blank lines).
-pub fn data_payload(event: &[u8]) -> Option<Vec<u8>> {
-    let mut data: Option<Vec<u8>> = None;
+/// Borrowed from `event` when the event has one data line (the usual case):
+/// only multi-line data is copied.
+pub fn data_payload(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
     for line in event.split(|b| *b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if let Some(rest) = line.strip_prefix(b"data:") {
             let rest = rest.strip_prefix(b" ").unwrap_or(rest);
             match data.as_mut() {
                 Some(d) => {
+                    let d = d.to_mut();
                     d.push(b'\n');
                     d.extend_from_slice(rest);
                 }
-                None => data = Some(rest.to_vec()),
+                None => data = Some(Cow::Borrowed(rest)),
             }
         }
     }
@@ -155,15 +160,15 @@ pub fn event_spans(buf: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> +
 
 /// Position of the first blank line and the length of its separator.
 fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
-    while i + 1 < buf.len() {
-        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
-            return Some((i, 2));
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(b'\n', &buf[from..]).map(|i| from + i) {
+        match buf.get(i + 1) {
+            Some(b'\n') => return Some((i, 2)),
+            Some(b'\r') if buf.get(i + 2) == Some(&b'\n') && i > 0 && buf[i - 1] == b'\r' => {
+                return Some((i - 1, 4))
+            }
+            _ => from = i + 1,
         }
-        if buf[i] == b'\r' && buf.get(i..i + 4) == Some(b"\r\n\r\n") {
-            return Some((i, 4));
-        }
-        i += 1;
     }
     None
 }
@@ -236,7 +241,9 @@ mod tests {
     #[test]
     fn payloads_join_multiline_data_and_skip_comments() {
         let got: Vec<Vec<u8>> =
-            data_payloads(b": ping\n\ndata: a\ndata:b\n\nevent: x\ndata: [DONE]\n\n").collect();
+            data_payloads(b": ping\n\ndata: a\ndata:b\n\nevent: x\ndata: [DONE]\n\n")
+                .map(Cow::into_owned)
+                .collect();
         assert_eq!(got, vec![b"a\nb".to_vec(), b"[DONE]".to_vec()]);
     }
 
