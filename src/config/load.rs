@@ -1185,6 +1185,76 @@ tier = "critical"
     }
 
     #[test]
+    fn status_page_formats_and_webhook_secrets_are_checked() {
+        let with = |extra: &str| {
+            GOOD.replace(
+                "api_key = \"${OPENAI_API_KEY}\"\n",
+                &format!("api_key = \"${{OPENAI_API_KEY}}\"\n{extra}\n"),
+            )
+        };
+        let env = [
+            ("OPENAI_API_KEY", "sk-1"),
+            ("TEAM_KEY", "dk-1"),
+            ("HOOK", "a-long-enough-secret"),
+        ];
+        let c = load(
+            &with("status_page_format = \"incident_io\"\nstatus_webhook_secret = \"${HOOK}\""),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.providers[0].status_page_format, StatusFormat::IncidentIo);
+        assert_eq!(
+            c.providers[0]
+                .status_webhook_secret
+                .as_ref()
+                .map(Secret::expose),
+            Some("a-long-enough-secret")
+        );
+        assert_eq!(
+            load(GOOD, &env).unwrap().providers[0].status_page_format,
+            StatusFormat::Auto
+        );
+        for (extra, key, words) in [
+            (
+                "status_page_format = \"html\"",
+                "status_page_format",
+                "unknown status page format `html`",
+            ),
+            (
+                "status_page_format = \"google_cloud\"",
+                "status_page_format",
+                "needs `status_components`",
+            ),
+            (
+                "status_webhook_secret = \"short\"",
+                "status_webhook_secret",
+                "at least 16 characters",
+            ),
+            (
+                "status_webhook_secret = \"${NOPE}\"",
+                "status_webhook_secret",
+                "NOPE",
+            ),
+        ] {
+            let errors = load(&with(extra), &env).unwrap_err();
+            assert_eq!(errors.len(), 1, "{extra}: {errors:?}");
+            assert_eq!(errors[0].key, format!("providers[0].{key}"));
+            assert!(
+                errors[0].message.contains(words),
+                "{extra}: {}",
+                errors[0].message
+            );
+            assert_eq!(errors[0].line, 10, "{extra}");
+        }
+        let c = load(
+            &with("status_page_format = \"google_cloud\"\nstatus_components = [\"Vertex Gemini API\"]"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.providers[0].status_page_format, StatusFormat::GoogleCloud);
+    }
+
+    #[test]
     fn every_error_is_reported_with_line_and_key() {
         let text = r#"[server]
 listen = "127.0.0.1:0"
