@@ -242,7 +242,7 @@ LAYERS = [
     ("policy", {"auth", "health", "budget", "limits", "routing", "cache", "incidents"}),
     ("data plane", {"dns", "upstream", "providers", "state", "health_sync", "request", "telemetry",
                     "relay", "proxy", "ingress", "error", "listener", "server"}),
-    ("control plane", {"reload", "rollout", "status_poller", "admin", "public_status"}),
+    ("control plane", {"reload", "rollout", "status_pages", "admin", "public_status"}),
     ("entry points", {"demo"}),
 ]
 

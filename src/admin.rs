@@ -6,11 +6,14 @@
 //! - `POST /admin/providers/{name}/down|up|auto` — manual override, effective on
 //!   the next request;
 //! - `GET  /admin/config` — the live config with secrets masked;
-//! - `GET  /metrics` — Prometheus metrics (see [`crate::metrics`]).
+//! - `GET  /metrics` — Prometheus metrics (see [`crate::metrics`]);
+//! - `POST /admin/status-webhook/{provider}` — a status page's push
+//!   ([`crate::status_pages::webhook`]), authenticated by the provider's
+//!   `status_webhook_secret`, never by the admin token.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -59,6 +62,9 @@ pub fn router(reloader: Arc<Reloader>, token: Option<String>) -> Router {
         .route("/admin/rollout/rollback", post(rollback))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        // Added after `authorize`, so outside it: a status page holds the
+        // provider's webhook secret, never the admin token.
+        .route("/admin/status-webhook/{provider}", post(status_webhook))
         .layer(middleware::from_fn_with_state(state.clone(), limit))
         .with_state(state)
 }
@@ -134,6 +140,58 @@ async fn authorize(State(s): State<AdminState>, req: Request, next: Next) -> Res
         return error(StatusCode::UNAUTHORIZED, "missing or wrong admin token");
     }
     next.run(req).await
+}
+
+/// A status page's push for `provider`: 404 for an unknown provider (or
+/// one without `status_webhook_secret`), 401 for a bad secret or
+/// signature, 400 for a body that is not a known push; else the state it
+/// left, also when it spoke of no watched component (`"changed": false`).
+async fn status_webhook(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use crate::status_pages::{poller, webhook};
+    let live = s.gw.live();
+    let Some((provider, health)) = live
+        .config
+        .providers
+        .iter()
+        .zip(&live.overrides)
+        .find(|(p, _)| p.name == name)
+    else {
+        return error(StatusCode::NOT_FOUND, "no such provider");
+    };
+    let Some(secret) = &provider.status_webhook_secret else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "this provider takes no status-page pushes (no status_webhook_secret)",
+        );
+    };
+    let now = std::time::SystemTime::now();
+    if let Err(e) = webhook::authenticate(secret, &headers, query.as_deref(), &body, now) {
+        tracing::warn!(provider = %provider.name, error = %e, "status-page push refused");
+        return error(StatusCode::UNAUTHORIZED, &e.to_string());
+    }
+    let reading = match webhook::read(&body, &provider.status_components) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let changed = reading.is_some();
+    let state = match reading {
+        Some(reading) => poller::apply(
+            provider,
+            health,
+            s.gw.incidents(),
+            &reading,
+            poller::Source::Push,
+        ),
+        None => health.page_state(),
+    };
+    Json(json!({"provider": provider.name, "status_page": state, "changed": changed}))
+        .into_response()
 }
 
 #[derive(Serialize)]
@@ -336,6 +394,10 @@ async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
             // It may carry a password or a key in its query.
             "base_url": crate::config::masked_url(&p.base_url),
             "api_key": p.api_key.as_ref().map(|_| "***"),
+            "status_page": p.status_page.as_ref().map(crate::config::masked_url),
+            "status_page_format": p.status_page_format.as_str(),
+            "status_components": p.status_components,
+            "status_webhook_secret": p.status_webhook_secret.as_ref().map(|_| "***"),
             "connect_timeout_ms": p.connect_timeout.as_millis() as u64,
         })).collect::<Vec<_>>(),
         "routes": c.routes.iter().map(|r| json!({

@@ -72,7 +72,7 @@ pub async fn start(listen: SocketAddr) -> anyhow::Result<Demo> {
     let text = config_text(addr, primary.addr(), backup.addr());
     let cfg = config::load_str(&text, "demo.toml")?;
     let gw = Arc::new(Gateway::new(cfg)?);
-    tokio::spawn(crate::status_poller::keep_polling(Arc::clone(&gw)));
+    tokio::spawn(crate::status_pages::keep_polling(Arc::clone(&gw)));
     let gateway =
         crate::server::Running::start(gw, listener, crate::public_status::routes()).await?;
     Ok(Demo {

@@ -37,7 +37,7 @@
 //! concurrent updates can lose an increment; the breaker only needs to be
 //! approximately right, and never blocks a request to be exact.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -862,6 +862,10 @@ pub struct ProviderHealth {
     own_page: AtomicU8,
     /// The last status-page problem (cold path: written by the poller only).
     page_error: RwLock<Option<String>>,
+    /// The last known state of each watched part of the page (a component,
+    /// or `""` for the whole page), so that a push about one part is
+    /// combined with what the last poll said of the others (cold path).
+    page_parts: RwLock<BTreeMap<String, PageState>>,
     /// What changed here and other replicas have not been told yet
     /// ([`ProviderHealth::take_to_share`]): `SHARE_*` bits.
     to_share: AtomicU8,
@@ -919,6 +923,22 @@ impl ProviderHealth {
         }
         self.page.store(state.level(), Relaxed);
         *self.page_error.write().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// Takes a reading of the page's watched parts and returns the state
+    /// they add up to (the worst of them). A `whole` reading (a poll) says
+    /// everything and replaces what was known; a partial one (a push)
+    /// updates only the parts it names. The caller then sets the state
+    /// ([`Self::set_page`]).
+    pub fn read_page_parts(&self, parts: &[(String, PageState)], whole: bool) -> PageState {
+        let mut known = self.page_parts.write().unwrap_or_else(|e| e.into_inner());
+        if whole {
+            known.clear();
+        }
+        for (name, state) in parts {
+            known.insert(name.clone(), *state);
+        }
+        known.values().copied().max().unwrap_or(PageState::Unknown)
     }
 
     pub fn page_error(&self) -> Option<String> {

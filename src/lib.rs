@@ -37,6 +37,6 @@ pub mod routing;
 pub mod server;
 pub mod shared;
 pub mod state;
-pub mod status_poller;
+pub mod status_pages;
 pub mod telemetry;
 pub mod upstream;

@@ -255,7 +255,7 @@ async fn serve(
         tracing::info!("admin listening on http://{}", admin.local_addr()?);
         detour::admin::spawn_thread(admin, Arc::clone(&reloader), token)?;
     }
-    tokio::spawn(detour::status_poller::keep_polling(Arc::clone(&gw)));
+    tokio::spawn(detour::status_pages::keep_polling(Arc::clone(&gw)));
     tokio::spawn(detour::reload::watch(reloader));
     tokio::spawn(detour::reload::keep_last_known_good(Arc::clone(&gw)));
     detour::server::serve(

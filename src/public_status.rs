@@ -8,7 +8,7 @@
 //! is escaped. `/status.json` is the same in the shape of an Atlassian
 //! Statuspage v2 `summary.json` (one component per provider, the unresolved
 //! incidents), so tools that read status pages (detour's own
-//! [`crate::status_poller`] poller among them) can read detour's; a `detour` key
+//! [`crate::status_pages`] poller among them) can read detour's; a `detour` key
 //! adds the uptime and the day's incidents with their effect.
 //!
 //! A provider's state, worst first:
@@ -653,7 +653,7 @@ mod tests {
         let body = v.to_string();
         let read = |c: &[&str]| {
             let names: Vec<String> = c.iter().map(|s| (*s).to_owned()).collect();
-            crate::status_poller::state_of(body.as_bytes(), &names)
+            crate::status_pages::state_of(body.as_bytes(), &names)
         };
         assert_eq!(read(&["a"]), Ok(PageState::Down));
         assert_eq!(read(&["b"]), Ok(PageState::Operational));

@@ -181,6 +181,8 @@ mod tests {
             status_page: None,
             status_components: Vec::new(),
             status_poll: Duration::from_secs(30),
+            status_page_format: crate::config::StatusFormat::Auto,
+            status_webhook_secret: None,
             default_max_tokens: 4096,
             connect_timeout: Duration::from_secs(1),
         });

@@ -194,7 +194,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds the gateway. Status pages are polled by the control plane
-    /// (`status_poller::keep_polling`), which follows [`Gateway::changes`].
+    /// (`status_pages::keep_polling`), which follows [`Gateway::changes`].
     pub fn new(config: Config) -> Result<Self, AdapterError> {
         let health = Arc::new(Registry::default());
         let clock = health.clock();

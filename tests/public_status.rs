@@ -155,7 +155,7 @@ fn assert_v2_shape(v: &Value) {
 
 /// detour's own status-page reader, pointed at detour's page.
 fn read_as_status_page(v: &Value, component: &str) -> PageState {
-    detour::status_poller::state_of(v.to_string().as_bytes(), &[component.to_owned()]).unwrap()
+    detour::status_pages::state_of(v.to_string().as_bytes(), &[component.to_owned()]).unwrap()
 }
 
 #[tokio::test]

@@ -17,6 +17,8 @@ use super::*;
 
 /// The smallest `server.max_event_bytes` accepted: real events are larger.
 const MIN_EVENT_BYTES: u64 = 1024;
+/// The shortest `status_webhook_secret` accepted.
+const MIN_WEBHOOK_SECRET: usize = 16;
 
 /// Reads and validates a config file.
 pub fn load_file(path: &std::path::Path) -> Result<Config, ConfigError> {
@@ -341,14 +343,25 @@ impl Loader<'_> {
             Some(s) => self.duration(s, &at("connect_timeout"))?,
             None => DEFAULT_CONNECT_TIMEOUT,
         };
+        let status_components = p.status_components.clone().unwrap_or_default();
+        let status_page_format = match &p.status_page_format {
+            Some(s) => self.status_format(s, &at("status_page_format"), &status_components)?,
+            None => StatusFormat::Auto,
+        };
+        let status_webhook_secret = match &p.status_webhook_secret {
+            Some(s) => Some(self.webhook_secret(s, &at("status_webhook_secret"))?),
+            None => None,
+        };
         Some(Provider {
             name,
             kind: kind?,
             base_url: base_url?,
             api_key,
             status_page,
-            status_components: p.status_components.clone().unwrap_or_default(),
+            status_components,
             status_poll,
+            status_page_format,
+            status_webhook_secret,
             connect_timeout,
             default_max_tokens: p
                 .default_max_tokens
@@ -872,6 +885,54 @@ impl Loader<'_> {
         Some(Secret::new(text))
     }
 
+    /// `status_page_format`: one of [`StatusFormat::NAMES`]. Google Cloud's
+    /// feed covers every Google Cloud product, so it needs the products that
+    /// matter named: any incident anywhere would otherwise take the provider
+    /// out.
+    fn status_format(
+        &mut self,
+        value: &Str,
+        key: &str,
+        components: &[String],
+    ) -> Option<StatusFormat> {
+        let Some(format) = StatusFormat::parse(value.get_ref()) else {
+            self.report(
+                value,
+                key,
+                &format!(
+                    "unknown status page format `{}` (expected one of: {})",
+                    value.get_ref(),
+                    StatusFormat::NAMES.join(", ")
+                ),
+            );
+            return None;
+        };
+        if format == StatusFormat::GoogleCloud && components.is_empty() {
+            self.report(
+                value,
+                key,
+                "`google_cloud` needs `status_components`: the products to watch \
+                 (for example [\"Vertex Gemini API\"]); the feed lists every Google Cloud product",
+            );
+            return None;
+        }
+        Some(format)
+    }
+
+    /// `status_webhook_secret`: expanded, and long enough not to be guessed.
+    fn webhook_secret(&mut self, value: &Str, key: &str) -> Option<Secret> {
+        let text = self.expand(value, key)?;
+        if text.len() < MIN_WEBHOOK_SECRET {
+            self.report(
+                value,
+                key,
+                &format!("must be at least {MIN_WEBHOOK_SECRET} characters (it is the only thing that authenticates a push)"),
+            );
+            return None;
+        }
+        Some(Secret::new(text))
+    }
+
     fn socket_addr(&mut self, value: &Str, key: &str) -> Option<SocketAddr> {
         let text = self.expand(value, key)?;
         match text.parse() {
@@ -1121,6 +1182,76 @@ tier = "critical"
         assert_eq!(c.providers[0].api_key.as_ref().unwrap().expose(), "sk-1");
         assert_eq!(c.keys[0].tier, Tier::Critical);
         assert!(!c.server.open_access);
+    }
+
+    #[test]
+    fn status_page_formats_and_webhook_secrets_are_checked() {
+        let with = |extra: &str| {
+            GOOD.replace(
+                "api_key = \"${OPENAI_API_KEY}\"\n",
+                &format!("api_key = \"${{OPENAI_API_KEY}}\"\n{extra}\n"),
+            )
+        };
+        let env = [
+            ("OPENAI_API_KEY", "sk-1"),
+            ("TEAM_KEY", "dk-1"),
+            ("HOOK", "a-long-enough-secret"),
+        ];
+        let c = load(
+            &with("status_page_format = \"incident_io\"\nstatus_webhook_secret = \"${HOOK}\""),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.providers[0].status_page_format, StatusFormat::IncidentIo);
+        assert_eq!(
+            c.providers[0]
+                .status_webhook_secret
+                .as_ref()
+                .map(Secret::expose),
+            Some("a-long-enough-secret")
+        );
+        assert_eq!(
+            load(GOOD, &env).unwrap().providers[0].status_page_format,
+            StatusFormat::Auto
+        );
+        for (extra, key, words) in [
+            (
+                "status_page_format = \"html\"",
+                "status_page_format",
+                "unknown status page format `html`",
+            ),
+            (
+                "status_page_format = \"google_cloud\"",
+                "status_page_format",
+                "needs `status_components`",
+            ),
+            (
+                "status_webhook_secret = \"short\"",
+                "status_webhook_secret",
+                "at least 16 characters",
+            ),
+            (
+                "status_webhook_secret = \"${NOPE}\"",
+                "status_webhook_secret",
+                "NOPE",
+            ),
+        ] {
+            let errors = load(&with(extra), &env).unwrap_err();
+            assert_eq!(errors.len(), 1, "{extra}: {errors:?}");
+            assert_eq!(errors[0].key, format!("providers[0].{key}"));
+            assert!(
+                errors[0].message.contains(words),
+                "{extra}: {}",
+                errors[0].message
+            );
+            assert_eq!(errors[0].line, 10, "{extra}");
+        }
+        let c = load(
+            &with("status_page_format = \"google_cloud\"\nstatus_components = [\"Vertex Gemini API\"]"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.providers[0].status_page_format, StatusFormat::GoogleCloud);
     }
 
     #[test]

@@ -150,16 +150,76 @@ pub struct Provider {
     /// fragment. It may hold secrets: show it with [`masked_url`].
     pub base_url: Url,
     pub api_key: Option<Secret>,
-    /// A Statuspage v2 `summary.json` URL.
+    /// The status page (or feed) polled every `status_poll`. It may hold a
+    /// token in its query: show it with [`masked_url`].
     pub status_page: Option<Url>,
+    /// The components (Statuspage, incident.io) or products (Google Cloud)
+    /// that matter, by name or id; empty: the whole page.
     pub status_components: Vec<String>,
     pub status_poll: Duration,
+    /// How `status_page` is read.
+    pub status_page_format: StatusFormat,
+    /// Authenticates pushes to `POST /admin/status-webhook/<provider>`;
+    /// without it that URL answers 404.
+    pub status_webhook_secret: Option<Secret>,
     pub connect_timeout: Duration,
     /// `max_tokens` for Anthropic when the client sends none (it is required there).
     pub default_max_tokens: u64,
 }
 
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+/// The format of a provider's status page (`status_page_format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum StatusFormat {
+    /// Detected from the body: its JSON shape or its XML root element.
+    #[default]
+    Auto,
+    /// Atlassian Statuspage v2 `summary.json`.
+    Statuspage,
+    /// An incident.io-hosted page: `/proxy/<host>` or the widget API.
+    IncidentIo,
+    /// Google Cloud's `incidents.json`.
+    GoogleCloud,
+    /// An RSS 2.0 feed of incidents.
+    Rss,
+    /// An Atom feed of incidents.
+    Atom,
+}
+
+impl StatusFormat {
+    pub const NAMES: &'static [&'static str] = &[
+        "auto",
+        "statuspage",
+        "incident_io",
+        "google_cloud",
+        "rss",
+        "atom",
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Statuspage => "statuspage",
+            Self::IncidentIo => "incident_io",
+            Self::GoogleCloud => "google_cloud",
+            Self::Rss => "rss",
+            Self::Atom => "atom",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "auto" => Self::Auto,
+            "statuspage" => Self::Statuspage,
+            "incident_io" => Self::IncidentIo,
+            "google_cloud" => Self::GoogleCloud,
+            "rss" => Self::Rss,
+            "atom" => Self::Atom,
+            _ => return None,
+        })
+    }
+}
 
 pub const DEFAULT_STATUS_POLL: Duration = Duration::from_secs(30);
 

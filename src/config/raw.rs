@@ -99,6 +99,12 @@ pub struct RawProvider {
     /// overall indicator).
     pub status_components: Option<Vec<String>>,
     pub status_poll: Option<Str>,
+    /// How to read `status_page`: `statuspage`, `incident_io`,
+    /// `google_cloud`, `rss`, `atom` or `auto` (the default).
+    pub status_page_format: Option<Str>,
+    /// The secret that authenticates pushes to
+    /// `POST /admin/status-webhook/<provider>` (usually `${ENV}`).
+    pub status_webhook_secret: Option<Str>,
     pub connect_timeout: Option<Str>,
     /// `max_tokens` sent to Anthropic when the client gave none.
     pub default_max_tokens: Option<Spanned<u64>>,

@@ -26,7 +26,7 @@ pub async fn mock() -> MockServer {
 pub async fn gateway(config: &str) -> Running {
     let cfg = detour::config::load_str(config, "test.toml").unwrap_or_else(|e| panic!("{e}"));
     let gw = Arc::new(Gateway::new(cfg).unwrap());
-    tokio::spawn(detour::status_poller::keep_polling(Arc::clone(&gw)));
+    tokio::spawn(detour::status_pages::keep_polling(Arc::clone(&gw)));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     Running::start(gw, listener, detour::public_status::routes())
         .await

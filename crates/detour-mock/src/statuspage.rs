@@ -1,12 +1,21 @@
-//! The status-page flavor: an Atlassian Statuspage public API v2 (PROVIDERS.md §5.2)
-//! whose state is set through [`PageStatus`] (`PUT /_mock/status` or
-//! [`MockServer::set_status`](super::MockServer::set_status)).
+//! The status-page flavor: one page, whose state is set through [`PageStatus`]
+//! (`PUT /_mock/status` or [`MockServer::set_status`](super::MockServer::set_status)),
+//! served in each format vendors publish (the path selects it):
 //!
-//! Served, all `GET`, unauthenticated: `/api/v2/summary.json`, `/api/v2/status.json`,
-//! `/api/v2/components.json`, `/api/v2/incidents/unresolved.json`,
-//! `/api/v2/incidents.json`, `/api/v2/scheduled-maintenances.json`,
-//! `/api/v2/scheduled-maintenances/upcoming.json` and `…/active.json` (always empty).
-//! Anything else is a 404 HTML page, as Statuspage sends.
+//! | path (all `GET`, unauthenticated) | format |
+//! |---|---|
+//! | `/api/v2/summary.json`, `/api/v2/status.json`, `/api/v2/components.json`, `/api/v2/incidents/unresolved.json`, `/api/v2/incidents.json`, `/api/v2/scheduled-maintenances.json`, `…/upcoming.json`, `…/active.json` (always empty) | Atlassian Statuspage public API v2 (PROVIDERS.md §5.2) |
+//! | `/proxy/<host>` | incident.io: the summary the page itself loads (`status.openai.com/proxy/status.openai.com`) |
+//! | `/api/v1/summary` | incident.io: the widget API |
+//! | `/incidents.json` | Google Cloud's incidents feed (`status.cloud.google.com/incidents.json`) |
+//! | `/feed.rss`, `/history.rss` | RSS 2.0 incident feed |
+//! | `/feed.atom`, `/history.atom` | Atom incident feed |
+//!
+//! Anything else is a 404 HTML page, as Statuspage sends. Formats that only
+//! list incidents (Google Cloud, the feeds, incident.io's incidents) show
+//! components that are not operational under the page's incident, or under
+//! an incident named "Service disruption" when the status has none. The
+//! feeds also carry one old resolved incident.
 //!
 //! The page has the components [`DEFAULT_COMPONENTS`] (flat, no groups) plus any
 //! other name a status mentions, and at most one incident.
@@ -21,6 +30,8 @@ use serde_json::{json, Value};
 
 use super::body::Reply;
 use super::gen::{self, Fnv};
+
+mod formats;
 
 /// Components every mock page has, in this order; other names follow, sorted.
 pub const DEFAULT_COMPONENTS: [&str; 3] = ["API", "Chat Completions", "Embeddings"];
@@ -266,6 +277,11 @@ pub(crate) enum Route {
     Unresolved,
     Incidents,
     Maintenances,
+    IncidentIoProxy,
+    IncidentIoWidget,
+    GoogleCloud,
+    Rss,
+    Atom,
     NotFound,
 }
 
@@ -283,6 +299,11 @@ impl Route {
             "/api/v2/scheduled-maintenances.json"
             | "/api/v2/scheduled-maintenances/upcoming.json"
             | "/api/v2/scheduled-maintenances/active.json" => Self::Maintenances,
+            "/api/v1/summary" => Self::IncidentIoWidget,
+            "/incidents.json" => Self::GoogleCloud,
+            "/feed.rss" | "/history.rss" => Self::Rss,
+            "/feed.atom" | "/history.atom" => Self::Atom,
+            p if p.len() > "/proxy/".len() && p.starts_with("/proxy/") => Self::IncidentIoProxy,
             _ => Self::NotFound,
         }
     }
@@ -307,6 +328,25 @@ pub(crate) fn serve(route: Route, page: &Page) -> Reply {
         Route::Unresolved => json!({"page": doc.page, "incidents": doc.incidents(true)}),
         Route::Incidents => json!({"page": doc.page, "incidents": doc.incidents(false)}),
         Route::Maintenances => json!({"page": doc.page, "scheduled_maintenances": []}),
+        Route::IncidentIoProxy => formats::incident_io_proxy(&doc),
+        Route::IncidentIoWidget => formats::incident_io_widget(&doc),
+        Route::GoogleCloud => formats::google_cloud(&doc),
+        Route::Rss => {
+            let body = formats::rss(&doc);
+            return Reply::other(
+                StatusCode::OK,
+                "application/rss+xml; charset=utf-8",
+                body.into(),
+            );
+        }
+        Route::Atom => {
+            let body = formats::atom(&doc);
+            return Reply::other(
+                StatusCode::OK,
+                "application/atom+xml; charset=utf-8",
+                body.into(),
+            );
+        }
         Route::NotFound => {
             return html(
                 StatusCode::NOT_FOUND,
