@@ -239,7 +239,7 @@ def sccs(edges):
 LAYERS = [
     ("leaves", {"config", "clock", "metrics", "mock"}),
     ("shared state", {"shared"}),
-    ("policy", {"auth", "health", "budget", "limits", "routing", "cache", "incidents"}),
+    ("policy", {"access", "auth", "health", "budget", "limits", "routing", "cache", "incidents"}),
     ("data plane", {"dns", "upstream", "providers", "state", "health_sync", "request", "telemetry",
                     "relay", "proxy", "ingress", "error", "listener", "server"}),
     ("control plane", {"reload", "rollout", "status_pages", "admin", "public_status"}),

@@ -363,6 +363,11 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         .into_response()
 }
 
+/// A `models` list as written (`null`: none, every route).
+fn models(list: Option<&[crate::config::ModelPattern]>) -> Option<Vec<&str>> {
+    list.map(|l| l.iter().map(crate::config::ModelPattern::as_str).collect())
+}
+
 async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let live = s.gw.live();
     let c = &live.config;
@@ -372,6 +377,8 @@ async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
             "admin_listen": c.server.admin_listen.map(|a| a.to_string()),
             "open_access": c.server.open_access,
             "max_body_bytes": c.server.max_body_bytes,
+            "trusted_proxies": c.server.trusted_proxies.nets().iter()
+                .map(ToString::to_string).collect::<Vec<_>>(),
         },
         "state": match c.state.redis() {
             None => json!({"backend": "memory"}),
@@ -419,6 +426,10 @@ async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
         })).collect::<Vec<_>>(),
         "keys": c.keys.iter().map(|k| json!({
             "name": k.name, "tenant": k.tenant, "tier": k.tier.as_str(),
+            "models": models(k.models.as_deref()),
+        })).collect::<Vec<_>>(),
+        "tenants": c.tenants.iter().map(|t| json!({
+            "name": t.name, "models": models(t.models.as_deref()),
         })).collect::<Vec<_>>(),
     }))
 }

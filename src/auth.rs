@@ -1,64 +1,75 @@
-//! Gateway API keys: who is calling.
+//! Gateway API keys: who is calling, and from where.
 //!
 //! Keys are held only as SHA-256 digests; a presented key is hashed and looked
 //! up. The key comes from `Authorization: Bearer <key>` or, when no Bearer
-//! authorization is sent, `x-api-key`.
+//! authorization is sent, `x-api-key`. The client's address, for per-IP
+//! limits, is the TCP peer's, or the one a trusted proxy forwarded
+//! ([`client_ip`]).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-use crate::config::{ApiKey, Tier};
+use crate::access::{Access, Compiler};
+use crate::config::{Config, Tier, TrustedProxies};
 
-/// The caller a request was authenticated as.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The caller a request was authenticated as. Cheap to clone: the tenant
+/// name and the access table are shared.
+#[derive(Debug, Clone)]
 pub struct Caller {
     /// The key's digest (`None` when running open).
     pub key_digest: Option<[u8; 32]>,
-    pub tenant: String,
+    pub tenant: Arc<str>,
     pub tier: Tier,
-}
-
-impl Caller {
-    fn anonymous() -> Self {
-        Self {
-            key_digest: None,
-            tenant: "anonymous".to_owned(),
-            tier: Tier::Standard,
-        }
-    }
+    /// The models this key may call (`models` of the key or its tenant).
+    pub access: Access,
 }
 
 #[derive(Debug)]
 pub struct KeyTable {
     by_hash: HashMap<[u8; 32], Caller>,
-    open_access: bool,
+    /// The caller of every request when running open.
+    open: Option<Caller>,
 }
 
 impl KeyTable {
-    pub fn new(keys: &[ApiKey], open_access: bool) -> Self {
-        let by_hash = keys
+    /// The keys of `config`, each with its model access compiled against
+    /// the config's routes.
+    pub fn new(config: &Config) -> Self {
+        let mut access = Compiler::new(config);
+        let mut tenants: HashMap<&str, Arc<str>> = HashMap::new();
+        let by_hash = config
+            .keys
             .iter()
             .map(|k| {
+                let tenant = tenants
+                    .entry(k.tenant.as_str())
+                    .or_insert_with(|| Arc::from(k.tenant.as_str()));
                 let caller = Caller {
                     key_digest: Some(k.sha256),
-                    tenant: k.tenant.clone(),
+                    tenant: Arc::clone(tenant),
                     tier: k.tier,
+                    access: access.for_key(k),
                 };
                 (k.sha256, caller)
             })
             .collect();
-        Self {
-            by_hash,
-            open_access,
-        }
+        let open = config.server.open_access.then(|| Caller {
+            key_digest: None,
+            tenant: Arc::from("anonymous"),
+            tier: Tier::Standard,
+            access: Access::all(),
+        });
+        Self { by_hash, open }
     }
 
     /// The caller for these request headers, or `None` if they are not allowed in.
     pub fn authenticate(&self, headers: &HeaderMap) -> Option<Caller> {
-        if self.open_access {
-            return Some(Caller::anonymous());
+        if let Some(open) = &self.open {
+            return Some(open.clone());
         }
         let key = presented_key(headers)?;
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
@@ -79,22 +90,53 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
     bearer.or_else(|| headers.get("x-api-key")?.to_str().ok().map(str::trim))
 }
 
+/// The client's address for per-IP limits. From a peer in `trusted`, the
+/// right-most `x-forwarded-for` address that is not itself trusted (each
+/// proxy appends the address it received from, so everything left of the
+/// first untrusted one was written by the client and proves nothing); if
+/// every address is trusted, the left-most. From any other peer, or when the
+/// header is missing or an entry on that walk does not parse, the peer.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
+    if trusted.is_empty() || !trusted.contains(peer) {
+        return peer;
+    }
+    let mut last = None;
+    // Several header lines are one list, in order.
+    for line in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(line) = line.to_str() else {
+            return peer;
+        };
+        for entry in line.rsplit(',') {
+            let Some(ip) = forwarded_ip(entry) else {
+                return peer;
+            };
+            if !trusted.contains(ip) {
+                return ip;
+            }
+            last = Some(ip);
+        }
+    }
+    last.unwrap_or(peer)
+}
+
+/// One `x-forwarded-for` entry: an address, or an address with a port
+/// (`1.2.3.4:5678`, `[::1]:5678`), which some proxies write.
+fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    let ip = entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))?;
+    Some(ip.to_canonical())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn table() -> KeyTable {
-        let key = ApiKey {
-            name: "k".into(),
-            sha256: Sha256::digest(b"dk-good").into(),
-            tenant: "acme".into(),
-            tier: Tier::Critical,
-            rpm: None,
-            tpm: None,
-            max_concurrent: None,
-            max_streams: None,
-        };
-        KeyTable::new(&[key], false)
+        let text = "[[keys]]\nkey = \"dk-good\"\ntenant = \"acme\"\ntier = \"critical\"\n";
+        KeyTable::new(&crate::config::load_str(text, "t.toml").unwrap())
     }
 
     fn headers(name: &'static str, value: &'static str) -> HeaderMap {
@@ -107,7 +149,7 @@ mod tests {
     fn bearer_and_x_api_key() {
         let t = table();
         assert_eq!(
-            t.authenticate(&headers("authorization", "Bearer dk-good"))
+            &*t.authenticate(&headers("authorization", "Bearer dk-good"))
                 .unwrap()
                 .tenant,
             "acme"
@@ -141,7 +183,65 @@ mod tests {
 
     #[test]
     fn open_access_lets_everyone_in() {
-        let t = KeyTable::new(&[], true);
+        let t = KeyTable::new(&crate::config::load_str("", "t.toml").unwrap());
         assert!(t.authenticate(&HeaderMap::new()).is_some());
+    }
+
+    #[test]
+    fn the_forwarded_client_is_believed_from_trusted_peers_only() {
+        let trusted = TrustedProxies::new(
+            ["10.0.0.0/8", "127.0.0.1"]
+                .iter()
+                .map(|t| TrustedProxies::parse_entry(t).unwrap())
+                .collect(),
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let xff = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("x-forwarded-for", http::HeaderValue::from_str(v).unwrap());
+            }
+            h
+        };
+        let proxy = ip("10.0.0.2");
+        #[rustfmt::skip]
+        let table: &[(&str, &[&str], &str)] = &[
+            // From an untrusted peer the header is ignored.
+            ("203.0.113.9", &["198.51.100.1"], "203.0.113.9"),
+            ("10.0.0.2", &[], "10.0.0.2"),
+            ("10.0.0.2", &["198.51.100.1"], "198.51.100.1"),
+            // The client's own claims are left of what proxies appended.
+            ("10.0.0.2", &["6.6.6.6, 198.51.100.1, 10.1.1.1"], "198.51.100.1"),
+            ("10.0.0.2", &["6.6.6.6", "198.51.100.1, 10.1.1.1"], "198.51.100.1"),
+            // Every hop trusted: the left-most.
+            ("10.0.0.2", &["10.3.3.3, 127.0.0.1"], "10.3.3.3"),
+            // Malformed on the walk: the peer.
+            ("10.0.0.2", &["198.51.100.1, unknown"], "10.0.0.2"),
+            ("10.0.0.2", &[""], "10.0.0.2"),
+            // ...but not left of the client's address.
+            ("10.0.0.2", &["garbage, 198.51.100.1"], "198.51.100.1"),
+            ("10.0.0.2", &["198.51.100.1:4711"], "198.51.100.1"),
+            ("10.0.0.2", &["[2001:db8::1]:4711"], "2001:db8::1"),
+            ("10.0.0.2", &["::ffff:198.51.100.1"], "198.51.100.1"),
+            ("127.0.0.1", &["198.51.100.1"], "198.51.100.1"),
+        ];
+        for (peer, values, want) in table {
+            assert_eq!(
+                client_ip(ip(peer), &xff(values), &trusted),
+                ip(want),
+                "{peer} {values:?}"
+            );
+        }
+        let mut bad = HeaderMap::new();
+        bad.insert(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"198.51.100.1\xff").unwrap(),
+        );
+        assert_eq!(client_ip(proxy, &bad, &trusted), proxy);
+        assert_eq!(
+            client_ip(proxy, &xff(&["198.51.100.1"]), &TrustedProxies::default()),
+            proxy,
+            "nothing trusted: the peer"
+        );
     }
 }

@@ -42,6 +42,10 @@ pub enum GatewayError {
         alias: String,
         available: Vec<String>,
     },
+    /// The caller's key (or its tenant) lists `models`, and this is not one
+    /// of them. Names the model, never the key.
+    #[error("this API key is not allowed to use the model `{alias}`")]
+    ModelNotAllowed { alias: String },
     /// The request cannot be expressed for the chosen provider.
     #[error("{0}")]
     Untranslatable(String),
@@ -149,6 +153,14 @@ impl GatewayError {
                     StatusCode::NOT_FOUND,
                     "invalid_request_error",
                     Some("model_not_found"),
+                )
+            },
+            Self::ModelNotAllowed { .. } => Shape {
+                param: Some("model"),
+                ..shape(
+                    StatusCode::FORBIDDEN,
+                    "invalid_request_error",
+                    Some("model_not_allowed"),
                 )
             },
             Self::NotFound { .. } => shape(

@@ -10,6 +10,7 @@
 pub use detour_mock as mock;
 pub use detour_protocol as protocol;
 
+pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod budget;

@@ -111,6 +111,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Check { config } => Ok(match config::load_file(&config) {
             Ok(c) => {
+                // Not errors: the config is served as it is.
+                for w in &c.warnings {
+                    println!("warning: {w}");
+                }
                 println!(
                     "{}: ok ({} providers, {} routes, {} keys)",
                     config.display(),
@@ -217,6 +221,9 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let listen = cfg.server.listen;
     let admin_listen = cfg.server.admin_listen;
+    for w in &cfg.warnings {
+        tracing::warn!("config: {w}");
+    }
     if cfg.server.open_access {
         tracing::warn!(
             "NO API KEYS CONFIGURED: detour is serving without authentication on {listen}; \

@@ -13,8 +13,9 @@
 //! `GET /metrics`. Until something asks for the handle, no recorder is
 //! installed and every helper is a cheap no-op.
 //!
-//! Labels stay low-cardinality: route aliases and provider names come from
-//! the config, statuses are HTTP codes, reasons and outcomes are fixed words.
+//! Labels stay low-cardinality: route aliases, provider and tenant names
+//! come from the config, statuses are HTTP codes, reasons and outcomes are
+//! fixed words.
 //! Nothing a client sends becomes a label value: a request for an unknown
 //! model alias is counted under `route="unknown"`.
 //!
@@ -47,13 +48,13 @@ macro_rules! metric_names {
 }
 
 metric_names! {
-    /// Requests, by route alias, provider that answered (`none` if none did), HTTP status and client format.
+    /// Requests, by route alias, provider that answered (`none` if none did), HTTP status, client format and tenant (`""` before authentication).
     Counter REQUESTS_TOTAL = "detour_requests_total";
     /// Time from a request's arrival to the end of its response body (streams included), by route and client format.
     Histogram REQUEST_DURATION_SECONDS = "detour_request_duration_seconds";
     /// Time from sending an attempt upstream to its first byte (for streams, its first event), by provider.
     Histogram TTFB_SECONDS = "detour_ttfb_seconds";
-    /// Tokens reported by providers, by provider and kind (`prompt` or `completion`).
+    /// Tokens reported by providers, by provider, kind (`prompt` or `completion`) and tenant.
     Counter TOKENS_TOTAL = "detour_tokens_total";
     /// Attempts that failed with a retryable error, after which the request moves on to another target if one is left, by route and reason.
     Counter FAILOVERS_TOTAL = "detour_failovers_total";
@@ -177,6 +178,8 @@ fn install() -> Option<PrometheusHandle> {
 /// A request that ended, as its metrics need it.
 #[derive(Debug, Clone, Copy)]
 pub struct Finished<'a> {
+    /// The caller's tenant (a config name), once authenticated.
+    pub tenant: Option<&'a std::sync::Arc<str>>,
     /// The model alias the client asked for, once known.
     pub route: Option<&'a str>,
     /// The provider that answered, if one did.
@@ -203,6 +206,15 @@ fn route_label(r: &Finished<'_>) -> SharedString {
     }
 }
 
+/// The tenant label: the tenant's name (from the config, so bounded), or
+/// `""` before a request is authenticated. Shared, not copied.
+fn tenant_label(r: &Finished<'_>) -> SharedString {
+    match r.tenant {
+        Some(t) => SharedString::from(std::sync::Arc::clone(t)),
+        None => SharedString::const_str(""),
+    }
+}
+
 /// The status as a label, without an allocation for the common ones.
 fn status_label(status: u16) -> SharedString {
     let known = match status {
@@ -210,6 +222,7 @@ fn status_label(status: u16) -> SharedString {
         200 => "200",
         400 => "400",
         401 => "401",
+        403 => "403",
         404 => "404",
         408 => "408",
         413 => "413",
@@ -231,8 +244,9 @@ pub fn request_finished(r: &Finished<'_>) {
     let provider = r.provider.map_or(SharedString::const_str("none"), |p| {
         SharedString::from(p.to_owned())
     });
+    let tenant = tenant_label(r);
     counter!(REQUESTS_TOTAL, "route" => route.clone(), "provider" => provider.clone(),
-        "status" => status_label(r.status), "format" => format)
+        "status" => status_label(r.status), "format" => format, "tenant" => tenant.clone())
     .increment(1);
     histogram!(REQUEST_DURATION_SECONDS, "route" => route, "format" => format)
         .record(r.duration.as_secs_f64());
@@ -243,10 +257,12 @@ pub fn request_finished(r: &Finished<'_>) {
         histogram!(TTFB_SECONDS, "provider" => provider.clone()).record(ttfb.as_secs_f64());
     }
     if let Some((prompt, completion)) = r.tokens {
-        counter!(TOKENS_TOTAL, "provider" => provider.clone(), "kind" => "prompt")
-            .increment(prompt);
-        counter!(TOKENS_TOTAL, "provider" => provider, "kind" => "completion")
-            .increment(completion);
+        counter!(TOKENS_TOTAL, "provider" => provider.clone(), "kind" => "prompt",
+            "tenant" => tenant.clone())
+        .increment(prompt);
+        counter!(TOKENS_TOTAL, "provider" => provider, "kind" => "completion",
+            "tenant" => tenant)
+        .increment(completion);
     }
 }
 
@@ -411,6 +427,7 @@ mod tests {
     #[test]
     fn an_unknown_alias_never_becomes_a_label() {
         let mut r = Finished {
+            tenant: None,
             route: None,
             provider: None,
             status: 0,

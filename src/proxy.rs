@@ -87,7 +87,7 @@ pub struct Forward {
     /// (ingress may fill it when it parsed the IR anyway).
     pub ir: OnceLock<Result<ChatRequest, TranslateError>>,
     /// The authenticated caller's tenant: the response cache's partition.
-    pub tenant: String,
+    pub tenant: std::sync::Arc<str>,
     /// The client sent `x-detour-cache: bypass` (or `no-cache`).
     pub cache_bypass: bool,
 }

@@ -187,6 +187,9 @@ fn apply(
         }
         Err(e) => return finish(gw, trigger, Outcome::Rejected, vec![e.to_string()]),
     };
+    for w in &cfg.warnings {
+        tracing::warn!(trigger = trigger.as_str(), "config: {w}");
+    }
     match cfg.rollout.filter(|p| p.canary_percent > 0.0) {
         Some(policy) => match gw.start_rollout(cfg, policy, Some(text.to_owned())) {
             Ok(rollout) => {

@@ -88,11 +88,15 @@ fn live_of(gw: &Gateway, req: &Request) -> Arc<crate::state::Live> {
     }
 }
 
+/// Authenticates the caller. The per-IP failure limit is keyed by the
+/// client's address: the TCP peer's, or from a `server.trusted_proxies`
+/// peer the one its `x-forwarded-for` names ([`crate::auth::client_ip`]).
 async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
-    let ip = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+    let live = live_of(&gw, &req);
+    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| {
+        let trusted = &live.config.server.trusted_proxies;
+        crate::auth::client_ip(c.0.ip(), req.headers(), trusted)
+    });
     // An address that keeps failing to authenticate waits, even with a good key.
     if let Some(wait) = ip.and_then(|ip| gw.auth_failures.blocked(ip)) {
         return refuse(
@@ -104,7 +108,7 @@ async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Ne
             },
         );
     }
-    let caller = live_of(&gw, &req).keys.authenticate(req.headers());
+    let caller = live.keys.authenticate(req.headers());
     match caller {
         Some(caller) => {
             req.extensions_mut().insert(caller);
@@ -135,6 +139,10 @@ fn refuse(req: &Request, stage: &'static str, error: GatewayError) -> Response {
         .map_or_else(String::new, |id| id.0.clone());
     let format = format_of(req);
     let mut record = RequestRecord::new(id, format, stage);
+    record.tenant = req
+        .extensions()
+        .get::<Caller>()
+        .map(|c| Arc::clone(&c.tenant));
     let resp = ApiError { error, format }.into_response();
     record.status = resp.status().as_u16();
     record.finish(crate::telemetry::Outcome::Refused);

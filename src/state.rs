@@ -144,7 +144,7 @@ impl Live {
                 budget: RetryBudget::new(&r.retries, health.clock()),
             })
             .collect();
-        let keys = KeyTable::new(&config.keys, config.server.open_access);
+        let keys = KeyTable::new(&config);
         let (limits, cache) = match role {
             Role::Stable => {
                 let s = &config.server;

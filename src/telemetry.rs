@@ -5,6 +5,7 @@
 //! Architecture invariant: no prompt text, response text or secret is ever
 //! passed to a log macro. The request line carries ids, names, numbers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -123,6 +124,9 @@ pub struct RequestRecord {
     pub request_id: String,
     pub format: ClientFormat,
     pub endpoint: &'static str,
+    /// The caller's tenant, once authenticated (never the key: the log and
+    /// the metrics say whose traffic it was, not which credential).
+    pub tenant: Option<Arc<str>>,
     pub route: Option<String>,
     pub provider: Option<String>,
     pub model: Option<String>,
@@ -142,6 +146,7 @@ impl RequestRecord {
             request_id,
             format,
             endpoint,
+            tenant: None,
             route: None,
             provider: None,
             model: None,
@@ -171,6 +176,7 @@ impl RequestRecord {
         }
         self.written = true;
         crate::metrics::request_finished(&crate::metrics::Finished {
+            tenant: self.tenant.as_ref(),
             route: self.route.as_deref(),
             provider: self.provider.as_deref(),
             status: self.status,
@@ -186,6 +192,7 @@ impl RequestRecord {
             request_id = %self.request_id,
             format = self.format.as_str(),
             endpoint = self.endpoint,
+            tenant = self.tenant.as_deref(),
             route = self.route.as_deref(),
             provider = self.provider.as_deref(),
             model = self.model.as_deref(),

@@ -149,7 +149,7 @@ async fn a_failover_shows_as_requests_failovers_retries_breaker_and_latency() {
         &admin,
         &[
             (
-                r#"detour_requests_total{route="m-fo",provider="m-fo-backup",status="200",format="openai"}"#,
+                r#"detour_requests_total{route="m-fo",provider="m-fo-backup",status="200",format="openai",tenant="anonymous"}"#,
                 4.0,
             ),
             (
@@ -170,8 +170,7 @@ async fn a_failover_shows_as_requests_failovers_retries_breaker_and_latency() {
     )
     .await;
     assert!(!text.contains("m-fo-typed-by-a-client"), "{text}");
-    let unknown =
-        r#"detour_requests_total{route="unknown",provider="none",status="404",format="openai"}"#;
+    let unknown = r#"detour_requests_total{route="unknown",provider="none",status="404",format="openai",tenant="anonymous"}"#;
     assert!(value(&text, unknown).unwrap() >= 1.0, "{text}");
     // Histograms have buckets, the last one counting every sample.
     assert_eq!(
@@ -186,7 +185,9 @@ async fn a_failover_shows_as_requests_failovers_retries_breaker_and_latency() {
     // The stream's usage (a non-streamed answer's is not read yet: see the
     // relay's `Mode::Plain`).
     for kind in ["prompt", "completion"] {
-        let series = format!(r#"detour_tokens_total{{provider="m-fo-backup",kind="{kind}"}}"#);
+        let series = format!(
+            r#"detour_tokens_total{{provider="m-fo-backup",kind="{kind}",tenant="anonymous"}}"#
+        );
         assert!(
             value(&text, &series).unwrap_or(0.0) >= 1.0,
             "{series}\n{text}"
@@ -267,7 +268,7 @@ breaker = { consecutive_failures = 1000, min_requests = 1000 }"#;
                 1.0,
             ),
             (
-                r#"detour_requests_total{route="m-budget",provider="m-budget-primary",status="502",format="openai"}"#,
+                r#"detour_requests_total{route="m-budget",provider="m-budget-primary",status="502",format="openai",tenant="anonymous"}"#,
                 1.0,
             ),
         ],

@@ -70,6 +70,12 @@ targets = [{{ provider = "p", model = "{model}" }}]
 [[keys]]
 key = "dk-sdk"
 tenant = "sdk"
+
+# May call no route this gateway has: a 403 (the SDKs' PermissionDeniedError).
+[[keys]]
+key = "dk-sdk-limited"
+tenant = "sdk"
+models = ["other-*"]
 "#
     ))
     .await

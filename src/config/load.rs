@@ -38,6 +38,7 @@ pub fn load_str(text: &str, file: &str) -> Result<Config, ConfigError> {
         file,
         lookup: &lookup,
         diags: Vec::new(),
+        warnings: Vec::new(),
     }
     .load()
 }
@@ -47,6 +48,8 @@ struct Loader<'a> {
     file: &'a str,
     lookup: &'a dyn Fn(&str) -> Option<String>,
     diags: Vec<Diagnostic>,
+    /// Problems that do not refuse the config ([`Config::warnings`]).
+    warnings: Vec<Diagnostic>,
 }
 
 impl Loader<'_> {
@@ -82,7 +85,8 @@ impl Loader<'_> {
         };
         let config = self.validate(raw);
         if self.diags.is_empty() {
-            if let Some(config) = config {
+            if let Some(mut config) = config {
+                config.warnings = self.warnings;
                 return Ok(config);
             }
         }
@@ -138,7 +142,7 @@ impl Loader<'_> {
             .keys
             .iter()
             .enumerate()
-            .filter_map(|(i, k)| self.key(i, k))
+            .filter_map(|(i, k)| self.key(i, k, &routes))
             .collect();
         let mut hashes = HashSet::new();
         for (i, k) in keys.iter().enumerate() {
@@ -151,16 +155,20 @@ impl Loader<'_> {
             None => None,
         };
         let server = self.server(&raw.server, keys.is_empty())?;
-        let tenants = raw
-            .tenants
-            .iter()
-            .map(|t| TenantLimits {
+        let mut tenants = Vec::with_capacity(raw.tenants.len());
+        for (i, t) in raw.tenants.iter().enumerate() {
+            let models = match &t.models {
+                Some(list) => Some(self.models(list, &format!("tenants[{i}].models"), &routes)?),
+                None => None,
+            };
+            tenants.push(TenantLimits {
                 name: t.name.get_ref().clone(),
                 rpm: t.rpm.as_ref().map(|v| *v.get_ref()),
                 tpm: t.tpm.as_ref().map(|v| *v.get_ref()),
                 max_concurrent: t.max_concurrent.as_ref().map(|v| *v.get_ref()),
-            })
-            .collect();
+                models,
+            });
+        }
         let cache = self.cache_store(&raw.cache)?;
         let state = self.state_store(&raw.state)?;
         if cache.backend == CacheBackend::Redis && state.redis().is_none() {
@@ -181,8 +189,71 @@ impl Loader<'_> {
             keys,
             cache,
             state,
+            warnings: Vec::new(),
             route_index,
         })
+    }
+
+    /// A `models` list: each entry an alias or a glob. An entry that matches
+    /// no route is a warning (routes may come in a later config), and so is
+    /// an empty list, which allows nothing.
+    fn models(
+        &mut self,
+        list: &Spanned<Vec<Str>>,
+        key: &str,
+        routes: &[Arc<Route>],
+    ) -> Option<Vec<ModelPattern>> {
+        if list.get_ref().is_empty() {
+            self.warn(
+                list,
+                key,
+                "an empty list allows no model: every request it applies to is refused (403)",
+            );
+        }
+        let mut out = Vec::with_capacity(list.get_ref().len());
+        let mut ok = true;
+        for (j, entry) in list.get_ref().iter().enumerate() {
+            let text = entry.get_ref().trim();
+            if text.is_empty() {
+                self.report(entry, &format!("{key}[{j}]"), "must not be empty");
+                ok = false;
+                continue;
+            }
+            let pattern = ModelPattern::new(text.to_owned());
+            if !routes.iter().any(|r| pattern.matches(&r.alias)) {
+                self.warn(
+                    entry,
+                    &format!("{key}[{j}]"),
+                    &format!("`{text}` matches no route (yet): it allows nothing today"),
+                );
+            }
+            out.push(pattern);
+        }
+        ok.then_some(out)
+    }
+
+    /// `server.trusted_proxies`: each entry a CIDR or an address.
+    fn trusted_proxies(&mut self, list: Option<&Vec<Str>>) -> Option<TrustedProxies> {
+        let mut nets = Vec::new();
+        let mut ok = true;
+        for (i, entry) in list.into_iter().flatten().enumerate() {
+            match TrustedProxies::parse_entry(entry.get_ref()) {
+                Some(net) => nets.push(net),
+                None => {
+                    self.report(
+                        entry,
+                        &format!("server.trusted_proxies[{i}]"),
+                        &format!(
+                            "`{}` is not an IP address or a CIDR network \
+                             (for example 10.0.0.0/8, 127.0.0.1 or ::1)",
+                            entry.get_ref()
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then(|| TrustedProxies::new(nets))
     }
 
     fn server(&mut self, raw: &RawServer, no_keys: bool) -> Option<Server> {
@@ -277,9 +348,12 @@ impl Loader<'_> {
             DEFAULT_SHUTDOWN_TIMEOUT,
         );
         let (max_connections, admin_max_connections) = (max_connections?, admin_max_connections?);
+        let trusted_proxies = self.trusted_proxies(raw.trusted_proxies.as_ref());
         let (idle_timeout, http2_keep_alive, shutdown_timeout) =
             (idle_timeout?, http2_keep_alive?, shutdown_timeout?);
+        let trusted_proxies = trusted_proxies?;
         Some(Server {
+            trusted_proxies,
             header_read_timeout,
             body_read_timeout,
             max_connections,
@@ -744,7 +818,7 @@ impl Loader<'_> {
         })
     }
 
-    fn key(&mut self, i: usize, k: &RawKey) -> Option<ApiKey> {
+    fn key(&mut self, i: usize, k: &RawKey, routes: &[Arc<Route>]) -> Option<ApiKey> {
         let at = |field: &str| format!("keys[{i}].{field}");
         let sha256 = match (&k.key, &k.key_sha256) {
             (Some(plain), None) => {
@@ -812,7 +886,12 @@ impl Loader<'_> {
             .name
             .as_ref()
             .map_or_else(|| format!("key-{i}"), |n| n.get_ref().clone());
+        let models = match &k.models {
+            Some(list) => Some(self.models(list, &at("models"), routes)?),
+            None => None,
+        };
         Some(ApiKey {
+            models,
             name,
             sha256,
             tenant,
@@ -994,6 +1073,17 @@ impl Loader<'_> {
         self.report_at(at.span().start, key, message);
     }
 
+    fn warn<T>(&mut self, at: &Spanned<T>, key: &str, message: &str) {
+        let (line, column) = line_col(self.text, at.span().start);
+        self.warnings.push(Diagnostic {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: key.to_owned(),
+            message: message.to_owned(),
+        });
+    }
+
     fn report_at(&mut self, offset: usize, key: &str, message: &str) {
         let (line, column) = line_col(self.text, offset);
         self.diags.push(Diagnostic {
@@ -1143,6 +1233,7 @@ mod tests {
             file: "t.toml",
             lookup: &lookup,
             diags: Vec::new(),
+            warnings: Vec::new(),
         }
         .load()
         .map_err(|e| match e {
@@ -1482,6 +1573,95 @@ targets = [{ provider = "p", model = "m" }]
         assert_eq!(c.routes[0].retries.backoff, Duration::ZERO);
         let diags = load(&route("retries = { backoff = \"soon\" }\n"), &[]).unwrap_err();
         assert_eq!(diags[0].key, "routes[0].retries.backoff", "{diags:?}");
+    }
+
+    #[test]
+    fn models_lists_warn_about_what_matches_no_route() {
+        let text = r#"
+[[providers]]
+name = "p"
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+
+[[routes]]
+model = "fast"
+targets = [{ provider = "p", model = "m" }]
+
+[[tenants]]
+name = "acme"
+models = ["fast", "claude-*"]
+
+[[keys]]
+key = "k1"
+tenant = "acme"
+models = []
+
+[[keys]]
+key = "k2"
+tenant = "acme"
+models = ["f?st", "later"]
+"#;
+        let c = load(text, &[]).unwrap();
+        let models = |m: &Option<Vec<ModelPattern>>| -> Option<Vec<String>> {
+            m.as_ref()
+                .map(|l| l.iter().map(|p| p.as_str().to_owned()).collect())
+        };
+        assert_eq!(
+            models(&c.tenants[0].models),
+            Some(vec!["fast".to_owned(), "claude-*".to_owned()])
+        );
+        assert_eq!(models(&c.keys[0].models), Some(vec![]));
+        let warned: Vec<(usize, &str)> = c
+            .warnings
+            .iter()
+            .map(|w| (w.line, w.key.as_str()))
+            .collect();
+        assert_eq!(
+            warned,
+            [
+                (18, "keys[0].models"),
+                (23, "keys[1].models[1]"),
+                (13, "tenants[0].models[1]"),
+            ],
+            "{:#?}",
+            c.warnings
+        );
+        assert!(c.warnings[0].message.contains("allows no model"));
+        assert!(c.warnings[1].message.contains("`later` matches no route"));
+
+        let diags = load(&text.replace("\"later\"", "\" \""), &[]).unwrap_err();
+        assert_eq!(diags[0].key, "keys[1].models[1]", "{diags:?}");
+        assert!(load(&text.replace("[\"fast\", ", "[1, "), &[]).is_err());
+    }
+
+    #[test]
+    fn trusted_proxies_are_networks_or_addresses() {
+        let c = load("", &[]).unwrap();
+        assert!(c.server.trusted_proxies.is_empty());
+        let c = load(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\", \"::1\"]\n",
+            &[],
+        )
+        .unwrap();
+        let t = &c.server.trusted_proxies;
+        assert!(t.contains("10.2.3.4".parse().unwrap()));
+        assert!(t.contains("::1".parse().unwrap()));
+        assert!(!t.contains("127.0.0.2".parse().unwrap()));
+        let diags = load(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"proxy.internal\", \"10.0.0.0/40\"]\n",
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<(&str, usize)> = diags.iter().map(|d| (d.key.as_str(), d.line)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("server.trusted_proxies[1]", 2),
+                ("server.trusted_proxies[2]", 2)
+            ],
+            "{diags:?}"
+        );
+        assert!(diags[0].message.contains("`proxy.internal`"), "{diags:?}");
     }
 
     #[test]

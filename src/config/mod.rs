@@ -8,6 +8,7 @@
 //! Every problem becomes a [`Diagnostic`] naming file, line, column and key;
 //! loading collects all of them instead of stopping at the first.
 
+mod access;
 mod env;
 mod load;
 pub mod raw;
@@ -18,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use access::{glob_matches, ModelPattern, TrustedProxies};
 pub use load::{load_file, load_str};
 use url::Url;
 
@@ -36,6 +38,9 @@ pub struct Config {
     /// `[state]`: where the state shared by replicas lives. Read at start:
     /// a reload that changes it is reported and applies at the next start.
     pub state: StateStore,
+    /// What `detour check` warns about without refusing the config (for
+    /// example a `models` entry that names no route yet).
+    pub warnings: Vec<Diagnostic>,
     route_index: HashMap<String, usize>,
 }
 
@@ -89,6 +94,9 @@ pub struct Server {
     /// At shutdown, requests in flight get this long to finish; then the
     /// connections left are closed.
     pub shutdown_timeout: Duration,
+    /// Peers whose `x-forwarded-for` is believed for the client address of
+    /// per-IP limits; empty: the TCP peer is the client.
+    pub trusted_proxies: TrustedProxies,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -103,13 +111,16 @@ pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_AUTH_FAILURES_PER_MINUTE: u32 = 10;
 
-/// Limits shared by all keys of a tenant.
+/// Limits shared by all keys of a tenant, and the models its keys may call.
 #[derive(Debug, Clone)]
 pub struct TenantLimits {
     pub name: String,
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,
     pub max_concurrent: Option<u32>,
+    /// The aliases the tenant's keys may call, unless a key has its own
+    /// list; `None`: every route.
+    pub models: Option<Vec<ModelPattern>>,
 }
 
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 4096;
@@ -500,6 +511,9 @@ pub struct ApiKey {
     pub max_concurrent: Option<u32>,
     /// Open streams at once.
     pub max_streams: Option<u32>,
+    /// The aliases this key may call; `None`: its tenant's list, or every
+    /// route if the tenant has none.
+    pub models: Option<Vec<ModelPattern>>,
 }
 
 /// Priority under overload, highest first.

@@ -50,6 +50,8 @@ pub struct RawTenant {
     pub rpm: Option<Spanned<u32>>,
     pub tpm: Option<Spanned<u64>>,
     pub max_concurrent: Option<Spanned<u32>>,
+    /// Route aliases or globs the tenant's keys may call (default: all).
+    pub models: Option<Spanned<Vec<Str>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +88,8 @@ pub struct RawServer {
     pub http2_keep_alive: Option<Str>,
     /// Longest wait for requests in flight at shutdown.
     pub shutdown_timeout: Option<Str>,
+    /// Peers (CIDRs or addresses) whose `x-forwarded-for` names the client.
+    pub trusted_proxies: Option<Vec<Str>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,4 +184,6 @@ pub struct RawKey {
     pub tpm: Option<Spanned<u64>>,
     pub max_concurrent: Option<Spanned<u32>>,
     pub max_streams: Option<Spanned<u32>>,
+    /// Route aliases or globs this key may call (default: its tenant's).
+    pub models: Option<Spanned<Vec<Str>>>,
 }

@@ -8,7 +8,7 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use axum::Extension;
 
-use super::{charge_tokens, rate_limited, start, RequestId, Started};
+use super::{accept, rate_limited, start, RequestId, Started};
 use crate::auth::Caller;
 use crate::cache;
 use crate::error::{ClientFormat, GatewayError};
@@ -48,8 +48,9 @@ pub async fn messages(
         Ok((_, span)) => span,
         Err(e) => return reject(record, FORMAT, e.into()),
     };
-    if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), ir.max_tokens).await {
-        return reject(record, FORMAT, rate_limited(e));
+    let (len, max) = (body.len(), ir.max_tokens);
+    if let Err(e) = accept(&mut record, &live, &caller, &tokens, &ir.model, len, max).await {
+        return reject(record, FORMAT, e);
     }
     if ir.stream {
         match live.limits.stream_permit(&caller).await {

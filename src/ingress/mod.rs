@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body_util::{BodyExt, Limited};
 
+use crate::auth::Caller;
 use crate::error::GatewayError;
 use crate::limits::{estimate_tokens, TokenGate};
 use crate::request::Tracked;
@@ -78,11 +79,80 @@ pub struct Started {
     pub tokens: TokenGate,
 }
 
+/// The gate every parsed request passes before [`crate::proxy::forward`]:
+/// first the caller may call `alias` ([`allow_model`]), then its tokens are
+/// charged ([`charge_tokens`]). One function, so that no handler charges a
+/// request it then refuses, or forwards one it never checked.
+pub async fn accept(
+    record: &mut Tracked,
+    live: &crate::state::Live,
+    caller: &Caller,
+    tokens: &TokenGate,
+    alias: &str,
+    body_len: usize,
+    max_tokens: Option<u64>,
+) -> Result<(), GatewayError> {
+    allow_model(record, &live.config, caller, alias)?;
+    charge_tokens(record, tokens, body_len, max_tokens)
+        .await
+        .map_err(rate_limited)
+}
+
+/// Per-key model access: may `caller` call `alias` ([`crate::access`])?
+///
+/// Checked here, as soon as the body is parsed, because the model is in
+/// the body, and the body is read only after authentication and admission
+/// (reading bodies before admission would let a flood past the concurrency
+/// caps). So a refused request has counted against its key's requests per
+/// minute, like any other bad request, and holds its concurrency slot only
+/// until this answer; but it is refused before its tokens are charged,
+/// before the cache is asked, and before anything reaches a provider.
+///
+/// A key with a list is answered 403 for an alias outside it, whether or not
+/// a route of that name exists; an alias it may call that names no route is
+/// a 404 listing only the aliases it may call. A key without a list is
+/// unchanged (`proxy::forward` answers an unknown alias).
+fn allow_model(
+    record: &mut Tracked,
+    config: &crate::config::Config,
+    caller: &Caller,
+    alias: &str,
+) -> Result<(), GatewayError> {
+    if !caller.access.is_restricted() {
+        return Ok(());
+    }
+    let position = config.route_position(alias);
+    if !caller.access.allows(position, alias) {
+        // The alias is logged (and labels metrics) only if it names a route:
+        // anything else is the client's text.
+        if position.is_some() {
+            record.route = Some(alias.to_owned());
+        }
+        return Err(GatewayError::ModelNotAllowed {
+            alias: alias.to_owned(),
+        });
+    }
+    if position.is_none() {
+        record.route = Some(alias.to_owned());
+        let available = config
+            .aliases()
+            .enumerate()
+            .filter(|(i, _)| caller.access.allows_route(*i))
+            .map(|(_, a)| a.to_owned())
+            .collect();
+        return Err(GatewayError::ModelNotFound {
+            alias: alias.to_owned(),
+            available,
+        });
+    }
+    Ok(())
+}
+
 /// Charges the caller's tokens-per-minute limits with the estimate for a
 /// body of `body_len` bytes (as read: chunked and HTTP/2 bodies count too)
 /// asking for at most `max_tokens` of answer; the tracked request settles
 /// the charge from the real usage when it ends.
-pub async fn charge_tokens(
+async fn charge_tokens(
     record: &mut Tracked,
     tokens: &TokenGate,
     body_len: usize,
@@ -121,6 +191,11 @@ pub async fn start(
         .unwrap_or_else(|| gw.snapshot());
     let mut record = Tracked::new(RequestRecord::new(id.0, format, endpoint.as_str()));
     record.cohort = cohort;
+    // Left by the auth layer.
+    record.tenant = parts
+        .extensions
+        .get::<Caller>()
+        .map(|c| std::sync::Arc::clone(&c.tenant));
     // Left by the limits layer; absent only on routers built without it.
     let tokens = parts.extensions.remove::<TokenGate>().unwrap_or_default();
     match read_body(&parts.headers, body, &live.config.server).await {

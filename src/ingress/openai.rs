@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use http::{header, HeaderValue};
 
-use super::{charge_tokens, rate_limited, start, RequestId, Started};
+use super::{accept, rate_limited, start, RequestId, Started};
 use crate::auth::Caller;
 use crate::cache;
 use crate::error::ClientFormat;
@@ -38,8 +38,19 @@ pub async fn chat_completions(
         Ok(p) => p,
         Err(e) => return reject(record, FORMAT, e.into()),
     };
-    if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), parsed.max_tokens).await {
-        return reject(record, FORMAT, rate_limited(e));
+    let (len, max) = (body.len(), parsed.max_tokens);
+    if let Err(e) = accept(
+        &mut record,
+        &live,
+        &caller,
+        &tokens,
+        &parsed.model,
+        len,
+        max,
+    )
+    .await
+    {
+        return reject(record, FORMAT, e);
     }
     if parsed.stream {
         match live.limits.stream_permit(&caller).await {
@@ -84,8 +95,19 @@ pub async fn embeddings(
         Err(e) => return reject(record, FORMAT, e.into()),
     };
     // An embedding has no answer tokens.
-    if let Err(e) = charge_tokens(&mut record, &tokens, body.len(), Some(0)).await {
-        return reject(record, FORMAT, rate_limited(e));
+    let len = body.len();
+    if let Err(e) = accept(
+        &mut record,
+        &live,
+        &caller,
+        &tokens,
+        &parsed.model,
+        len,
+        Some(0),
+    )
+    .await
+    {
+        return reject(record, FORMAT, e);
     }
     let fwd = Forward {
         endpoint: Endpoint::Embeddings,
@@ -103,12 +125,20 @@ pub async fn embeddings(
     forward(&live, fwd, record).await
 }
 
+/// The aliases the caller may call (its key's or tenant's `models`).
 pub async fn models(
     State(gw): State<Arc<Gateway>>,
     snapshot: Option<Extension<crate::state::Snapshot>>,
+    Extension(caller): Extension<Caller>,
 ) -> Response {
     let live = snapshot.map_or_else(|| gw.snapshot().live, |s| s.0.live);
-    let mut resp = model_list(live.config.aliases()).into_response();
+    let allowed = live
+        .config
+        .aliases()
+        .enumerate()
+        .filter(|(i, _)| caller.access.allows_route(*i))
+        .map(|(_, alias)| alias);
+    let mut resp = model_list(allowed).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -578,7 +578,7 @@ impl Limits {
         let key = caller
             .key_digest
             .and_then(|d| self.keys.get(&d).map(|b| (d, b)));
-        let tenant = self.tenants.get(&caller.tenant);
+        let tenant = self.tenants.get(&*caller.tenant);
         if key.is_none() && tenant.is_none() {
             return Ok((Held::default(), TokenGate::default()));
         }
@@ -865,6 +865,7 @@ mod tests {
             key_digest: Some(key.sha256),
             tenant: "a".into(),
             tier: crate::config::Tier::Standard,
+            access: crate::access::Access::all(),
         }
     }
 

@@ -80,6 +80,13 @@ def main(base_url: str, key: str, provider: str, model: str) -> None:
         raise AssertionError("a wrong key must fail")
     except anthropic.AuthenticationError as e:
         assert e.status_code == 401, e
+    # A key whose `models` list leaves `fast` out (tests/sdk.rs: `<key>-limited`).
+    limited = Anthropic(base_url=base_url, api_key=key + "-limited", max_retries=0)
+    try:
+        limited.messages.create(model="fast", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+        raise AssertionError("a model outside the key's list must fail")
+    except anthropic.PermissionDeniedError as e:
+        assert e.status_code == 403 and "fast" in str(e) and key not in str(e), e
 
     print("anthropic sdk: all checks passed")
 

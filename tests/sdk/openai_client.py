@@ -100,6 +100,15 @@ def main(base_url: str, key: str, provider: str, model: str) -> None:
         raise AssertionError("a wrong key must fail")
     except openai.AuthenticationError as e:
         assert e.status_code == 401, e
+    # A key whose `models` list leaves `fast` out (tests/sdk.rs: `<key>-limited`).
+    limited = OpenAI(base_url=base_url, api_key=key + "-limited", max_retries=0)
+    try:
+        limited.chat.completions.create(model="fast", messages=[{"role": "user", "content": "x"}])
+        raise AssertionError("a model outside the key's list must fail")
+    except openai.PermissionDeniedError as e:
+        assert e.status_code == 403 and e.code == "model_not_allowed", e
+        assert "fast" in str(e) and key not in str(e), e
+    assert [m.id for m in limited.models.list()] == []
 
     print("openai sdk: all checks passed")
 
