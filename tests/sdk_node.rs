@@ -1,0 +1,170 @@
+//! The official Node SDKs (`openai` and `@anthropic-ai/sdk` from npm) as real
+//! clients of a real gateway, each against every provider kind behind it: the
+//! same scenarios as the Python SDK tests (tests/sdk.rs), run by the scripts in
+//! tests/node/.
+//!
+//! Needs `node` (`$DETOUR_NODE`, or `node` on the PATH) and the SDKs installed
+//! in tests/node/node_modules, as `scripts/test.sh` (the README's test command)
+//! does with `npm ci`. A missing SDK is a failure, not a skip: a test that
+//! cannot fail is a defect.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use detour::mock::{self, Flavor, MockOptions, MockServer};
+
+fn node_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/node")
+}
+
+fn node() -> PathBuf {
+    let node = std::env::var_os("DETOUR_NODE").map_or_else(|| PathBuf::from("node"), PathBuf::from);
+    let modules = node_dir().join("node_modules");
+    for package in ["openai", "@anthropic-ai/sdk"] {
+        assert!(
+            modules.join(package).join("package.json").exists(),
+            "the Node SDK `{package}` is not installed in tests/node/node_modules: run \
+             scripts/test.sh, or `npm ci --prefix tests/node`"
+        );
+    }
+    node
+}
+
+async fn run_script(script: &str, args: &[String]) {
+    let node = node();
+    let out = tokio::process::Command::new(&node)
+        .arg(node_dir().join(script))
+        .args(args)
+        .current_dir(node_dir())
+        // The SDKs would otherwise send loopback requests through a proxy set
+        // in the environment.
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `{}` ({e}): install Node.js 18 or newer (scripts/test.sh does), \
+                 or point $DETOUR_NODE at it",
+                node.display()
+            )
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    // Shown with --no-capture: which scenarios ran.
+    print!("{stdout}");
+}
+
+async fn upstream(flavor: Flavor) -> MockServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    mock::spawn(flavor, listener, MockOptions::default())
+        .await
+        .unwrap()
+}
+
+/// A gateway with route `fast` → provider `p` of `kind` at `up`, model `model`.
+async fn gateway_to(kind: &str, up: &MockServer, model: &str) -> detour::server::Running {
+    let base = match kind {
+        "gemini" => format!("http://{}/v1beta", up.addr()),
+        _ => format!("http://{}/v1", up.addr()),
+    };
+    gateway(&format!(
+        r#"
+[[providers]]
+name = "p"
+kind = "{kind}"
+base_url = "{base}"
+api_key = "upstream-key"
+
+[[routes]]
+model = "fast"
+targets = [{{ provider = "p", model = "{model}" }}]
+
+[[keys]]
+key = "dk-sdk"
+tenant = "sdk"
+
+# May call no route this gateway has: a 403 (the SDKs' PermissionDeniedError).
+[[keys]]
+key = "dk-sdk-limited"
+tenant = "sdk"
+models = ["other-*"]
+
+# One request a minute: the second is a 429 (the SDKs' RateLimitError).
+[[keys]]
+key = "dk-sdk-rpm"
+tenant = "sdk-rpm"
+rpm = 1
+"#
+    ))
+    .await
+}
+
+async fn openai_sdk(kind: &str, flavor: Flavor, model: &str) {
+    let up = upstream(flavor).await;
+    let gw = gateway_to(kind, &up, model).await;
+    let args = [
+        format!("{}/v1", gw.url()),
+        "dk-sdk".into(),
+        "p".into(),
+        model.into(),
+    ];
+    run_script("openai_client.mjs", &args).await;
+}
+
+async fn anthropic_sdk(kind: &str, flavor: Flavor, model: &str) {
+    let up = upstream(flavor).await;
+    let gw = gateway_to(kind, &up, model).await;
+    let args = [gw.url(), "dk-sdk".into(), "p".into(), model.into()];
+    run_script("anthropic_client.mjs", &args).await;
+}
+
+#[tokio::test]
+async fn node_openai_sdk_against_an_openai_provider() {
+    openai_sdk("openai", Flavor::Openai, "gpt-up").await;
+}
+
+#[tokio::test]
+async fn node_openai_sdk_against_an_openai_compatible_provider() {
+    openai_sdk("openai-compatible", Flavor::Openai, "llama-local").await;
+}
+
+#[tokio::test]
+async fn node_openai_sdk_against_an_anthropic_provider() {
+    openai_sdk("anthropic", Flavor::Anthropic, "claude-up").await;
+}
+
+#[tokio::test]
+async fn node_openai_sdk_against_a_gemini_provider() {
+    openai_sdk("gemini", Flavor::Gemini, "gemini-up").await;
+}
+
+#[tokio::test]
+async fn node_anthropic_sdk_against_an_anthropic_provider() {
+    anthropic_sdk("anthropic", Flavor::Anthropic, "claude-up").await;
+}
+
+#[tokio::test]
+async fn node_anthropic_sdk_against_an_openai_provider() {
+    anthropic_sdk("openai", Flavor::Openai, "gpt-up").await;
+}
+
+#[tokio::test]
+async fn node_anthropic_sdk_against_an_openai_compatible_provider() {
+    anthropic_sdk("openai-compatible", Flavor::Openai, "llama-local").await;
+}
+
+#[tokio::test]
+async fn node_anthropic_sdk_against_a_gemini_provider() {
+    anthropic_sdk("gemini", Flavor::Gemini, "gemini-up").await;
+}
