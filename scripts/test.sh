@@ -2,7 +2,9 @@
 # The test command, on a fresh machine or an old one: installs what the tests
 # need (Debian's chromium for the status-page test, redis-server for the
 # replica tests, which start their own on free ports, python3-venv and a venv with
-# the official SDKs), then runs every test. Safe to run again; fast when set up.
+# the official Python SDKs, Node.js with the official Node SDKs in
+# tests/node/node_modules), then runs every test. Safe to run again; fast when
+# set up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +13,12 @@ missing=()
 python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# Node.js 18 or newer for the Node SDK tests; Debian's is fine.
+if ! command -v node >/dev/null 2>&1; then
+  missing+=(nodejs npm)
+elif ! command -v npm >/dev/null 2>&1; then
+  missing+=(npm)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]} (Debian packages the tests need)" >&2
   sudo=""
@@ -31,6 +39,17 @@ fi
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, anthropic' 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+fi
+
+# The Node SDKs, exactly as tests/node/package-lock.json pins them; installed
+# again only when that lock file changed since the last install.
+lock_sum=$(sha256sum tests/node/package-lock.json | cut -d' ' -f1)
+stamp=tests/node/node_modules/.detour-lock-sha256
+if [ "$(cat "$stamp" 2>/dev/null)" != "$lock_sum" ] \
+  || [ ! -f tests/node/node_modules/openai/package.json ] \
+  || [ ! -f tests/node/node_modules/@anthropic-ai/sdk/package.json ]; then
+  npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+  echo "$lock_sum" >"$stamp"
 fi
 
 # Every phase runs even when an earlier one failed, so one failure never hides
