@@ -33,20 +33,28 @@ fn node() -> PathBuf {
     node
 }
 
+/// How long one script may take: its SDK calls time out after 20 s each, but a
+/// gateway that hangs must not hang the suite.
+const SCRIPT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
 async fn run_script(script: &str, args: &[String]) {
     let node = node();
-    let out = tokio::process::Command::new(&node)
+    let mut command = tokio::process::Command::new(&node);
+    command
         .arg(node_dir().join(script))
         .args(args)
         .current_dir(node_dir())
-        // The SDKs would otherwise send loopback requests through a proxy set
-        // in the environment.
+        // Loopback requests never go through a proxy set in the environment
+        // (which Node honours with NODE_USE_ENV_PROXY).
+        .env_remove("NODE_USE_ENV_PROXY")
         .env_remove("HTTP_PROXY")
         .env_remove("HTTPS_PROXY")
         .env_remove("http_proxy")
         .env_remove("https_proxy")
-        .output()
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(SCRIPT_DEADLINE, command.output())
         .await
+        .unwrap_or_else(|_| panic!("{script} still ran after {SCRIPT_DEADLINE:?}"))
         .unwrap_or_else(|e| {
             panic!(
                 "cannot run `{}` ({e}): install Node.js 18 or newer (scripts/test.sh does), \
