@@ -17,6 +17,8 @@
 #
 # Usage: scripts/callgrind.sh        (about 2 minutes)
 # Knobs: DURATION=5 WARMUP_REQUESTS=50 TOP=12 NO_BUILD=1 RUST_LOG=info
+#        ONLY=plain (one scenario)  KEEP_DUMPS=dir (keep the dumps, for
+#        `callgrind_annotate --inclusive=yes --tree=caller`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -101,6 +103,7 @@ SCENARIOS=(
 )
 for spec in "${SCENARIOS[@]}"; do
     IFS='|' read -r scenario model flags <<<"$spec"
+    [[ -n "${ONLY:-}" && "$ONLY" != "$scenario" ]] && continue
     out="$TMP/cg.$scenario"
     env RUST_LOG="$DETOUR_LOG" valgrind --tool=callgrind --instr-atstart=no \
         --callgrind-out-file="$out" "$DETOUR" serve --config "$TMP/detour.toml" \
@@ -128,6 +131,9 @@ for spec in "${SCENARIOS[@]}"; do
     dump=$(ls -1 "$out".* 2>/dev/null | sort -t. -k3 -n | tail -1)
     total=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
     per=$((total / (requests > 0 ? requests : 1)))
+    if [[ -n "${KEEP_DUMPS:-}" ]]; then
+        mkdir -p "$KEEP_DUMPS" && cp "$dump" "$KEEP_DUMPS/callgrind.$scenario"
+    fi
     printf '%-10s %8s requests (%s errors)  %12s instructions  %9s per request\n' \
         "$scenario" "$requests" "$errors" "$total" "$per"
     callgrind_annotate --inclusive=no "$dump" 2>/dev/null |
