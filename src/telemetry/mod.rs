@@ -5,6 +5,8 @@
 //! Architecture invariant: no prompt text, response text or secret is ever
 //! passed to a log macro. The request line carries ids, names, numbers.
 
+pub mod human;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,7 +61,7 @@ pub fn init(format: LogFormat, default_level: &str) -> LogGuard {
         .with_ansi(ansi)
         .with_writer(writer);
     let result = match format {
-        LogFormat::Human => builder.try_init(),
+        LogFormat::Human => builder.event_format(human::Human::new(ansi)).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     match result {
@@ -188,7 +190,7 @@ impl RequestRecord {
         let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
         let ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1e3);
         tracing::info!(
-            target: "detour::request",
+            target: human::REQUEST_TARGET,
             request_id = %self.request_id,
             format = self.format.as_str(),
             endpoint = self.endpoint,
