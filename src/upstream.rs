@@ -478,15 +478,21 @@ pub struct Upstream {
 
 /// The provider's client: direct (most providers, exactly as without any
 /// proxy support), or through the proxy its base URL is routed to.
+// The direct client stays inline (most providers' every request); the
+// proxied one is boxed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 enum Pool {
     Direct(Client<Connector, Full<Bytes>>),
-    Proxied {
-        client: Client<ProxiedConnector, Full<Bytes>>,
-        /// `proxy-authorization` for plain-http requests sent to the proxy
-        /// in absolute form (a tunnel carries it in its `CONNECT`).
-        auth: Option<HeaderValue>,
-    },
+    Proxied(Box<ProxiedPool>),
+}
+
+#[derive(Clone)]
+struct ProxiedPool {
+    client: Client<ProxiedConnector, Full<Bytes>>,
+    /// `proxy-authorization` for plain-http requests sent to the proxy in
+    /// absolute form (a tunnel carries it in its `CONNECT`).
+    auth: Option<HeaderValue>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -564,10 +570,10 @@ impl Upstream {
                     .https_or_http()
                     .enable_all_versions()
                     .wrap_connector(egress::Egress::new(http, &route));
-                Pool::Proxied {
+                Pool::Proxied(Box::new(ProxiedPool {
                     client: builder().build(connector),
                     auth,
-                }
+                }))
             }
         };
         Ok(Self {
@@ -608,13 +614,13 @@ impl Upstream {
         *request.headers_mut() = req.headers;
         let sent = match &self.pool {
             Pool::Direct(client) => client.request(request),
-            Pool::Proxied { client, auth } => {
-                if let Some(auth) = auth {
+            Pool::Proxied(proxied) => {
+                if let Some(auth) = &proxied.auth {
                     request
                         .headers_mut()
                         .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
                 }
-                client.request(request)
+                proxied.client.request(request)
             }
         };
         let resp = match tokio::time::timeout_at(limit, sent).await {

@@ -499,7 +499,11 @@ impl Loader<'_> {
                     (Some(c), Some(k)) => match tls::client_identity(c, k) {
                         Ok(id) => Some(id),
                         Err(e) => {
-                            self.report(cert, &at("client_cert"), &format!("provider `{name}`: {e}"));
+                            self.report(
+                                cert,
+                                &at("client_cert"),
+                                &format!("provider `{name}`: {e}"),
+                            );
                             ok = false;
                             None
                         }
@@ -518,7 +522,9 @@ impl Loader<'_> {
                 self.report(
                     one,
                     &at(key),
-                    &format!("provider `{name}`: `{key}` needs `{other}` (mTLS takes both or neither)"),
+                    &format!(
+                        "provider `{name}`: `{key}` needs `{other}` (mTLS takes both or neither)"
+                    ),
                 );
                 ok = false;
                 None
@@ -536,7 +542,11 @@ impl Loader<'_> {
                 ),
             );
             if let Some(s) = &p.ca_file {
-                self.warn(s, &at("ca_file"), &format!("provider `{name}`: has no effect with `tls_verify = false`"));
+                self.warn(
+                    s,
+                    &at("ca_file"),
+                    &format!("provider `{name}`: has no effect with `tls_verify = false`"),
+                );
             }
         }
         ok.then_some(ProviderTls {

@@ -5,7 +5,10 @@
 //! The proxy comes from the provider's `proxy` (a URL, or `""` for none),
 //! else from the environment as curl reads it (`HTTPS_PROXY`, `HTTP_PROXY`,
 //! `ALL_PROXY`, `NO_PROXY`, and their lowercase forms), through hyper-util's
-//! [`Matcher`]. A provider whose base URL the rules leave direct gets the
+//! [`Matcher`]; as in Go's HTTP client, the environment's proxy is never
+//! used for a loopback destination (`localhost`, `127.0.0.0/8`, `::1`: a
+//! model server beside detour is not behind the egress proxy), while a
+//! provider's own `proxy` applies whatever the host. A provider whose base URL the rules leave direct gets the
 //! plain client, unchanged: a proxy costs nothing to those that do not use
 //! it.
 //!
@@ -57,6 +60,7 @@ pub fn route(setting: &ProxySetting, dst: &Uri) -> Result<Option<Route>, BuildEr
     let own;
     let matcher = match setting {
         ProxySetting::Direct => return Ok(None),
+        ProxySetting::Environment if dst.host().is_some_and(loopback) => return Ok(None),
         ProxySetting::Environment => environment(),
         ProxySetting::Url(url) => {
             own = Matcher::builder().all(url.expose().as_str()).build();
@@ -78,6 +82,16 @@ pub fn route(setting: &ProxySetting, dst: &Uri) -> Result<Option<Route>, BuildEr
         proxy,
         auth: intercept.basic_auth().cloned(),
     }))
+}
+
+/// `localhost` (and its subdomains) or a loopback address.
+fn loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "localhost" || host.ends_with(".localhost")
 }
 
 /// Connects through the proxy of a [`Route`]: a tunnel for `https`
@@ -204,7 +218,30 @@ mod tests {
             // base64("user:p@ss")
             assert_eq!(route.auth.unwrap(), "Basic dXNlcjpwQHNz");
         }
+        // Also to a loopback destination: the provider asked for it.
+        assert!(route(&setting, &uri("http://127.0.0.1:8000/v1"))
+            .unwrap()
+            .is_some());
         let direct = ProxySetting::parse("").unwrap();
-        assert!(route(&direct, &uri("https://api.example/v1")).unwrap().is_none());
+        assert!(route(&direct, &uri("https://api.example/v1"))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "localhost",
+            "LOCALHOST.",
+            "vllm.localhost",
+            "127.0.0.1",
+            "127.8.9.1",
+            "[::1]",
+        ] {
+            assert!(loopback(host), "{host}");
+        }
+        for host in ["localhost.example", "10.0.0.1", "[::2]", "api.openai.com"] {
+            assert!(!loopback(host), "{host}");
+        }
     }
 }

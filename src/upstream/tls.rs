@@ -80,10 +80,12 @@ pub fn client_config(tls: &ProviderTls) -> Result<ClientConfig, BuildError> {
                     .add(cert.clone())
                     .map_err(|e| BuildError::Tls(format!("{}: {e}", ca.path.display())))?;
             }
-            let extra =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&shared.crypto))
-                    .build()
-                    .map_err(|e| BuildError::Tls(format!("{}: {e}", ca.path.display())))?;
+            let extra = WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                Arc::clone(&shared.crypto),
+            )
+            .build()
+            .map_err(|e| BuildError::Tls(format!("{}: {e}", ca.path.display())))?;
             Arc::new(EitherRoots {
                 default: Arc::clone(&shared.verifier),
                 extra,
