@@ -2,6 +2,13 @@
 //! where the provider offers it over TLS ALPN), rustls, and the time limits of
 //! one attempt.
 //!
+//! Each provider's client is built once per config: its TLS config
+//! (`upstream::tls`: the shared default, or the provider's own with
+//! `ca_file`, `client_cert` / `client_key` or `tls_verify = false`) and its
+//! egress (`upstream::egress`: direct, or through the HTTP proxy its
+//! `proxy` or the environment names for its base URL). Nothing about TLS or
+//! proxies is decided per request.
+//!
 //! Timeouts are layered so that nothing can hang and long streams still live:
 //! connect (per provider, in the client), first byte (request sent → response
 //! headers, and for streams → first body chunk), idle (gap between chunks) and
@@ -466,7 +473,8 @@ pub type ResponseBody = hyper::body::Incoming;
 
 /// A pooled client for one provider: hyper-util's client over rustls, HTTP/2
 /// where the provider offers it by ALPN, names resolved by detour's caching
-/// resolver. Requests go out as prepared (URI and header block built once
+/// resolver (the proxy's name, when there is one: a tunnelled host is the
+/// proxy's to resolve). Requests go out as prepared (URI and header block built once
 /// per target by the adapter), without a layer that re-parses them.
 #[derive(Clone)]
 pub struct Upstream {

@@ -177,6 +177,19 @@ async fn anthropic_callers_get_anthropics_model_list_filtered_by_their_key() {
         .unwrap();
     assert_eq!(v["has_more"], false, "{v}");
 
+    // `anthropic-version` with a bearer key (the SDK's `auth_token`).
+    let v: Value = client()
+        .get(format!("http://{addr}/v1/models"))
+        .bearer_auth("dk-all")
+        .header("anthropic-version", "2023-06-01")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["has_more"], false, "{v}");
+
     // OpenAI's clients keep OpenAI's list.
     let v: Value = client()
         .get(format!("http://{addr}/v1/models"))
