@@ -433,28 +433,29 @@ async fn tls_files_are_checked_at_load_naming_the_file_and_the_provider() {
             assert!(err.contains(w), "{extra}: `{w}` not in {err}");
         }
     }
-    // Relative paths are the config file's.
-    std::fs::copy(&ca.pem, dir.path().join("relative-ca.pem")).unwrap();
+    // A relative path is refused: the same text is also loaded elsewhere
+    // (last-known-good, other replicas), where it would name another file.
     let text = config(
         "127.0.0.1:0",
         &provider(
             "internal",
             "https://internal.example/v1",
-            "ca_file = \"relative-ca.pem\"",
+            "ca_file = \"ok-ca.pem\"",
         ),
         "internal",
     );
     std::fs::write(&file, text).unwrap();
     let check = std::process::Command::new(BIN)
-        .current_dir("/")
+        .current_dir(dir.path())
         .args(["check", "--config"])
         .arg(&file)
         .output()
         .unwrap();
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{err}");
     assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
+        err.contains("absolute path") && err.contains("`internal`"),
+        "{err}"
     );
 }
 

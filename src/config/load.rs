@@ -472,7 +472,13 @@ impl Loader<'_> {
                 this.report(value, key, &format!("provider `{name}`: must name a file"));
                 return None;
             }
-            Some(tls::resolve(this.file, &text))
+            match tls::absolute(text.trim()) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    this.report(value, key, &format!("provider `{name}`: {e}"));
+                    None
+                }
+            }
         };
         let ca = match &p.ca_file {
             Some(s) => match path(self, s, &at("ca_file")).map(tls::ca_file) {

@@ -141,17 +141,21 @@ fn proxy_setting(text: &str) -> Result<ProxySetting, String> {
     Ok(ProxySetting::Url(ProxyUrl(url)))
 }
 
-/// A path from the config: relative paths are relative to the config
-/// file's directory (so `detour check` run from anywhere reads the same).
-pub fn resolve(config_file: &str, path: &str) -> PathBuf {
+/// A file named in the config: an absolute path. A relative one is refused
+/// rather than resolved: the same text is also loaded from the
+/// last-known-good copy (in the state directory) and by other replicas
+/// (a rollout's stable text), where it would name another file.
+pub fn absolute(path: &str) -> Result<PathBuf, String> {
     let path = Path::new(path);
-    if path.is_absolute() {
-        return path.to_owned();
+    if !path.is_absolute() {
+        return Err(format!(
+            "`{}` must be an absolute path (the config is also loaded from its \
+             last-known-good copy and by other replicas, where a relative path \
+             would name another file)",
+            path.display()
+        ));
     }
-    match Path::new(config_file).parent() {
-        Some(dir) => dir.join(path),
-        None => path.to_owned(),
-    }
+    Ok(path.to_owned())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {
@@ -241,15 +245,12 @@ mod tests {
     }
 
     #[test]
-    fn relative_paths_are_the_config_files() {
+    fn paths_are_absolute() {
         assert_eq!(
-            resolve("/etc/detour/detour.toml", "ca.pem"),
+            absolute("/etc/detour/ca.pem").unwrap(),
             PathBuf::from("/etc/detour/ca.pem")
         );
-        assert_eq!(
-            resolve("/etc/detour/detour.toml", "/x/ca.pem"),
-            PathBuf::from("/x/ca.pem")
-        );
-        assert_eq!(resolve("detour.toml", "ca.pem"), PathBuf::from("ca.pem"));
+        assert!(absolute("ca.pem").unwrap_err().contains("absolute"));
+        assert!(absolute("./certs/ca.pem").is_err());
     }
 }
