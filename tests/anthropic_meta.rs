@@ -239,6 +239,8 @@ async fn count_tokens_goes_to_the_routes_anthropic_target_with_its_model() {
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("x-detour-estimated").is_none());
     assert_eq!(r.headers()["x-detour-provider"], "ant");
+    assert_eq!(r.headers()["x-detour-model"], "claude-sonnet-4-20250514");
+    assert_eq!(r.headers()["x-detour-attempts"], "1");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v, json!({"input_tokens": 100}), "the provider's count");
     let sent = s.anthropic.requests();
@@ -267,6 +269,9 @@ async fn count_tokens_is_estimated_and_marked_without_an_anthropic_target() {
         let r = count(s.gw.addr, "dk-all", &ask(model)).await;
         assert_eq!(r.status(), 200, "{model}");
         assert_eq!(r.headers()["x-detour-estimated"], "true", "{model}");
+        // `down`'s Anthropic target was tried, and failed: then the estimate.
+        let tried = if model == "down" { "1" } else { "0" };
+        assert_eq!(r.headers()["x-detour-attempts"], tried, "{model}");
         let v: Value = r.json().await.unwrap();
         assert_eq!(v, json!({"input_tokens": 101}), "{model}: the estimate");
     }

@@ -273,6 +273,8 @@ pub async fn count_tokens(
             resp.headers_mut().insert("x-detour-provider", provider);
             resp.headers_mut().insert("x-detour-model", model);
         }
+        resp.headers_mut()
+            .insert("x-detour-attempts", HeaderValue::from(record.attempts));
         record.status = resp.status().as_u16();
         record.finish(Outcome::Ok);
         return resp;
@@ -292,6 +294,8 @@ pub async fn count_tokens(
     let mut resp = json_response(StatusCode::OK, Bytes::from(body));
     resp.headers_mut()
         .insert("x-detour-estimated", HeaderValue::from_static("true"));
+    resp.headers_mut()
+        .insert("x-detour-attempts", HeaderValue::from(record.attempts));
     record.status = 200;
     record.finish(Outcome::Ok);
     resp
