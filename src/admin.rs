@@ -406,6 +406,15 @@ async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
             "status_components": p.status_components,
             "status_webhook_secret": p.status_webhook_secret.as_ref().map(|_| "***"),
             "connect_timeout_ms": p.connect_timeout.as_millis() as u64,
+            "tls_verify": p.tls.verify,
+            "ca_file": p.tls.ca.as_ref().map(|c| c.path.display().to_string()),
+            "client_cert": p.tls.identity.as_ref().map(|i| i.cert_file.display().to_string()),
+            "client_key": p.tls.identity.as_ref().map(|i| i.key_file.display().to_string()),
+            // Its credentials masked; `null`: the environment's.
+            "proxy": match &p.proxy {
+                crate::config::ProxySetting::Environment => None,
+                other => Some(other.masked()),
+            },
         })).collect::<Vec<_>>(),
         "routes": c.routes.iter().map(|r| json!({
             "model": r.alias,

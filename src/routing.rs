@@ -184,6 +184,8 @@ mod tests {
             status_page_format: crate::config::StatusFormat::Auto,
             status_webhook_secret: None,
             default_max_tokens: 4096,
+            tls: Default::default(),
+            proxy: Default::default(),
             connect_timeout: Duration::from_secs(1),
         });
         Route {

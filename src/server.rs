@@ -45,8 +45,12 @@ pub fn router(gw: Arc<Gateway>, public: Router<Arc<Gateway>>) -> Router {
             post(ingress::openai::chat_completions),
         )
         .route("/v1/embeddings", post(ingress::openai::embeddings))
-        .route("/v1/models", get(ingress::openai::models))
+        .route("/v1/models", get(ingress::models))
         .route("/v1/messages", post(ingress::anthropic::messages))
+        .route(
+            "/v1/messages/count_tokens",
+            post(ingress::anthropic_meta::count_tokens),
+        )
         .route_layer(middleware::from_fn_with_state(Arc::clone(&gw), admit))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&gw),
@@ -231,7 +235,10 @@ impl http_body::Body for Holding {
 
 /// The API format of the endpoint a request called.
 fn format_of(req: &Request) -> ClientFormat {
-    if req.uri().path() == "/v1/messages" {
+    let path = req.uri().path();
+    if path.starts_with("/v1/messages")
+        || (path == "/v1/models" && ingress::anthropic_meta::speaks_anthropic(req.headers()))
+    {
         ClientFormat::Anthropic
     } else {
         ClientFormat::OpenAi

@@ -2,6 +2,13 @@
 //! where the provider offers it over TLS ALPN), rustls, and the time limits of
 //! one attempt.
 //!
+//! Each provider's client is built once per config: its TLS config
+//! (`upstream::tls`: the shared default, or the provider's own with
+//! `ca_file`, `client_cert` / `client_key` or `tls_verify = false`) and its
+//! egress (`upstream::egress`: direct, or through the HTTP proxy its
+//! `proxy` or the environment names for its base URL). Nothing about TLS or
+//! proxies is decided per request.
+//!
 //! Timeouts are layered so that nothing can hang and long streams still live:
 //! connect (per provider, in the client), first byte (request sent → response
 //! headers, and for streams → first body chunk), idle (gap between chunks) and
@@ -12,7 +19,6 @@
 //! is checked by the caller (`proxy::attempt`). A `retry-after` is parsed here,
 //! with checked arithmetic: any text a provider sends is a hint, never a panic.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -25,6 +31,9 @@ use tokio::time::Instant;
 
 use crate::config::{Provider, ProviderKind, Timeouts};
 use crate::protocol::chat::Format;
+
+mod egress;
+mod tls;
 
 /// A request ready to go to a provider.
 #[derive(Debug)]
@@ -457,20 +466,41 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector<crate::dns::ForConnector>>;
+type ProxiedConnector = hyper_rustls::HttpsConnector<egress::Egress>;
 
 /// A provider's answer body, read as it arrives.
 pub type ResponseBody = hyper::body::Incoming;
 
 /// A pooled client for one provider: hyper-util's client over rustls, HTTP/2
 /// where the provider offers it by ALPN, names resolved by detour's caching
-/// resolver. Requests go out as prepared (URI and header block built once
+/// resolver (the proxy's name, when there is one: a tunnelled host is the
+/// proxy's to resolve). Requests go out as prepared (URI and header block built once
 /// per target by the adapter), without a layer that re-parses them.
 #[derive(Clone)]
 pub struct Upstream {
     provider: String,
     format: Format,
     connect_timeout: Duration,
-    client: Client<Connector, Full<Bytes>>,
+    pool: Pool,
+}
+
+/// The provider's client: direct (most providers, exactly as without any
+/// proxy support), or through the proxy its base URL is routed to.
+// The direct client stays inline (most providers' every request); the
+// proxied one is boxed.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+enum Pool {
+    Direct(Client<Connector, Full<Bytes>>),
+    Proxied(Box<ProxiedPool>),
+}
+
+#[derive(Clone)]
+struct ProxiedPool {
+    client: Client<ProxiedConnector, Full<Bytes>>,
+    /// `proxy-authorization` for plain-http requests sent to the proxy in
+    /// absolute form (a tunnel carries it in its `CONNECT`).
+    auth: Option<HeaderValue>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -495,56 +525,65 @@ pub struct Answer {
 pub enum BuildError {
     #[error("no TLS configuration: {0}")]
     Tls(String),
-}
-
-/// The TLS client config every provider's client shares: the bundled roots
-/// and the operating system's store (`SSL_CERT_FILE` / `SSL_CERT_DIR` when
-/// set: an internal CA), parsed once, not once per provider (a parsed root
-/// store is about 400 KiB: 200 providers held 80 MiB); certificates always
-/// verified; HTTP/2 offered by ALPN.
-fn shared_tls() -> Result<Arc<rustls::ClientConfig>, BuildError> {
-    static TLS: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
-        std::sync::OnceLock::new();
-    TLS.get_or_init(|| {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let native = rustls_native_certs::load_native_certs();
-        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-        tracing::debug!(
-            added,
-            "upstream TLS: the operating system's trusted certificates"
-        );
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        // ALPN (h2, then http/1.1) is set by the connector, which refuses a
-        // config that has it already.
-        Ok(Arc::new(config))
-    })
-    .clone()
-    .map_err(BuildError::Tls)
+    #[error("proxy: {0}")]
+    Proxy(String),
+    #[error("base_url is not a URI: {0}")]
+    BaseUrl(String),
 }
 
 impl Upstream {
+    /// The provider's client: its TLS config ([`tls::client_config`]: the
+    /// shared one unless it sets `ca_file`, `client_cert` or `tls_verify`)
+    /// and its proxy ([`egress::route`], decided here once for its base
+    /// URL).
     pub fn new(provider: &Provider) -> Result<Self, BuildError> {
         let mut http =
             HttpConnector::new_with_resolver(crate::dns::ForConnector(crate::dns::shared()));
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(provider.connect_timeout));
-        let tls = rustls::ClientConfig::clone(&*shared_tls()?);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .build(connector);
+        let tls = tls::client_config(&provider.tls)?;
+        let base: http::Uri = provider
+            .base_url
+            .as_str()
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| BuildError::BaseUrl(e.to_string()))?;
+        let builder = || {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_timer(TokioTimer::new()).pool_idle_timeout(POOL_IDLE);
+            b
+        };
+        let pool = match egress::route(&provider.proxy, &base)? {
+            None => Pool::Direct(
+                builder().build(
+                    hyper_rustls::HttpsConnectorBuilder::new()
+                        .with_tls_config(tls)
+                        .https_or_http()
+                        .enable_all_versions()
+                        .wrap_connector(http),
+                ),
+            ),
+            Some(route) => {
+                tracing::info!(
+                    provider = %provider.name,
+                    proxy = %route.proxy,
+                    "upstream: the provider is reached through a proxy"
+                );
+                let auth = match base.scheme() == Some(&http::uri::Scheme::HTTP) {
+                    true => route.auth.clone(),
+                    false => None,
+                };
+                let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls)
+                    .https_or_http()
+                    .enable_all_versions()
+                    .wrap_connector(egress::Egress::new(http, &route));
+                Pool::Proxied(Box::new(ProxiedPool {
+                    client: builder().build(connector),
+                    auth,
+                }))
+            }
+        };
         Ok(Self {
             provider: provider.name.clone(),
             format: match provider.kind {
@@ -553,7 +592,7 @@ impl Upstream {
                 ProviderKind::Gemini => Format::Gemini,
             },
             connect_timeout: provider.connect_timeout,
-            client,
+            pool,
         })
     }
 
@@ -581,7 +620,18 @@ impl Upstream {
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = req.uri;
         *request.headers_mut() = req.headers;
-        let resp = match tokio::time::timeout_at(limit, self.client.request(request)).await {
+        let sent = match &self.pool {
+            Pool::Direct(client) => client.request(request),
+            Pool::Proxied(proxied) => {
+                if let Some(auth) = &proxied.auth {
+                    request
+                        .headers_mut()
+                        .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
+                }
+                proxied.client.request(request)
+            }
+        };
+        let resp = match tokio::time::timeout_at(limit, sent).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => return Err(self.classify(&e, &uri)),
             Err(_) => return Err(self.timeout(kind, timeouts)),

@@ -426,7 +426,23 @@ impl Loader<'_> {
             Some(s) => Some(self.webhook_secret(s, &at("status_webhook_secret"))?),
             None => None,
         };
+        let tls = self.provider_tls(i, p, &name);
+        let proxy = match &p.proxy {
+            Some(s) => {
+                let text = self.expand(s, &at("proxy"))?;
+                match ProxySetting::parse(&text) {
+                    Ok(proxy) => proxy,
+                    Err(e) => {
+                        self.report(s, &at("proxy"), &format!("provider `{name}`: {e}"));
+                        return None;
+                    }
+                }
+            }
+            None => ProxySetting::Environment,
+        };
         Some(Provider {
+            tls: tls?,
+            proxy,
             name,
             kind: kind?,
             base_url: base_url?,
@@ -441,6 +457,108 @@ impl Loader<'_> {
                 .default_max_tokens
                 .as_ref()
                 .map_or(DEFAULT_MAX_TOKENS, |m| (*m.get_ref()).max(1)),
+        })
+    }
+
+    /// `ca_file`, `client_cert` / `client_key` (both or neither) and
+    /// `tls_verify`: the files are read here, each error naming the file
+    /// and the provider; `tls_verify = false` is a warning at every load.
+    fn provider_tls(&mut self, i: usize, p: &RawProvider, name: &str) -> Option<ProviderTls> {
+        let at = |field: &str| format!("providers[{i}].{field}");
+        let mut ok = true;
+        let path = |this: &mut Self, value: &Str, key: &str| -> Option<std::path::PathBuf> {
+            let text = this.expand(value, key)?;
+            if text.trim().is_empty() {
+                this.report(value, key, &format!("provider `{name}`: must name a file"));
+                return None;
+            }
+            match tls::absolute(text.trim()) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    this.report(value, key, &format!("provider `{name}`: {e}"));
+                    None
+                }
+            }
+        };
+        let ca = match &p.ca_file {
+            Some(s) => match path(self, s, &at("ca_file")).map(tls::ca_file) {
+                Some(Ok(ca)) => Some(ca),
+                Some(Err(e)) => {
+                    self.report(s, &at("ca_file"), &format!("provider `{name}`: {e}"));
+                    ok = false;
+                    None
+                }
+                None => {
+                    ok = false;
+                    None
+                }
+            },
+            None => None,
+        };
+        let identity = match (&p.client_cert, &p.client_key) {
+            (Some(cert), Some(key)) => {
+                let files = (
+                    path(self, cert, &at("client_cert")),
+                    path(self, key, &at("client_key")),
+                );
+                match files {
+                    (Some(c), Some(k)) => match tls::client_identity(c, k) {
+                        Ok(id) => Some(id),
+                        Err(e) => {
+                            self.report(
+                                cert,
+                                &at("client_cert"),
+                                &format!("provider `{name}`: {e}"),
+                            );
+                            ok = false;
+                            None
+                        }
+                    },
+                    _ => {
+                        ok = false;
+                        None
+                    }
+                }
+            }
+            (Some(one), None) | (None, Some(one)) => {
+                let (key, other) = match p.client_cert {
+                    Some(_) => ("client_cert", "client_key"),
+                    None => ("client_key", "client_cert"),
+                };
+                self.report(
+                    one,
+                    &at(key),
+                    &format!(
+                        "provider `{name}`: `{key}` needs `{other}` (mTLS takes both or neither)"
+                    ),
+                );
+                ok = false;
+                None
+            }
+            (None, None) => None,
+        };
+        let verify = p.tls_verify.as_ref().is_none_or(|v| *v.get_ref());
+        if let Some(v) = p.tls_verify.as_ref().filter(|_| !verify) {
+            self.warn(
+                v,
+                &at("tls_verify"),
+                &format!(
+                    "provider `{name}`: TLS certificate verification is OFF (`tls_verify = false`): \
+                     anyone on the path to it can read and change its traffic, detour's API key included"
+                ),
+            );
+            if let Some(s) = &p.ca_file {
+                self.warn(
+                    s,
+                    &at("ca_file"),
+                    &format!("provider `{name}`: has no effect with `tls_verify = false`"),
+                );
+            }
+        }
+        ok.then_some(ProviderTls {
+            ca,
+            identity,
+            verify,
         })
     }
 

@@ -12,6 +12,7 @@ mod access;
 mod env;
 mod load;
 pub mod raw;
+mod tls;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 pub use access::{glob_matches, ModelPattern, TrustedProxies};
 pub use load::{load_file, load_str};
+pub use tls::{CaFile, ClientIdentity, ProviderTls, ProxySetting, ProxyUrl};
 use url::Url;
 
 /// A validated configuration. Immutable once built; a reload builds a new one.
@@ -176,6 +178,10 @@ pub struct Provider {
     pub connect_timeout: Duration,
     /// `max_tokens` for Anthropic when the client sends none (it is required there).
     pub default_max_tokens: u64,
+    /// `ca_file`, `client_cert` / `client_key`, `tls_verify`.
+    pub tls: ProviderTls,
+    /// `proxy`, or the environment's.
+    pub proxy: ProxySetting,
 }
 
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;

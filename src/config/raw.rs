@@ -112,6 +112,17 @@ pub struct RawProvider {
     pub connect_timeout: Option<Str>,
     /// `max_tokens` sent to Anthropic when the client gave none.
     pub default_max_tokens: Option<Spanned<u64>>,
+    /// Extra trusted roots for this provider (PEM), on top of the bundled
+    /// and system roots.
+    pub ca_file: Option<Str>,
+    /// A client certificate chain and its key (PEM): mTLS. Both or neither.
+    pub client_cert: Option<Str>,
+    pub client_key: Option<Str>,
+    /// `false` turns certificate verification off (loudly); default true.
+    pub tls_verify: Option<Spanned<bool>>,
+    /// `http://[user:pass@]host:port`, or `""` for none; absent: the
+    /// environment's `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY`.
+    pub proxy: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,6 +2,7 @@
 //! one format, checks them, and hands them to [`crate::proxy`].
 
 pub mod anthropic;
+pub mod anthropic_meta;
 pub mod openai;
 
 use axum::body::Body;
@@ -33,7 +34,23 @@ impl RequestId {
     }
 }
 
-/// Reads a request body of at most `limit` bytes.
+/// `GET /v1/models`: the aliases the caller may call, in Anthropic's shape
+/// for an Anthropic caller ([`anthropic_meta::speaks_anthropic`]), else in
+/// OpenAI's.
+pub async fn models(
+    axum::extract::State(gw): axum::extract::State<std::sync::Arc<crate::state::Gateway>>,
+    snapshot: Option<axum::Extension<crate::state::Snapshot>>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> axum::response::Response {
+    if anthropic_meta::speaks_anthropic(&headers) {
+        let live = snapshot.map_or_else(|| gw.snapshot().live, |s| s.0.live);
+        return anthropic_meta::models(&live, &caller, query.as_deref());
+    }
+    openai::models(axum::extract::State(gw), snapshot, axum::Extension(caller)).await
+}
+
 /// Reads a request body of at most `server.max_body_bytes`, arriving within
 /// `server.body_read_timeout`.
 pub async fn read_body(
@@ -183,13 +200,25 @@ pub async fn start(
     endpoint: crate::providers::Endpoint,
     req: axum::extract::Request,
 ) -> Result<Started, axum::response::Response> {
+    start_as(gw, id, format, endpoint.as_str(), req).await
+}
+
+/// [`start`] for a call that is not one of the proxied endpoints, named
+/// `endpoint` in the log line and metrics.
+pub async fn start_as(
+    gw: &crate::state::Gateway,
+    id: RequestId,
+    format: crate::error::ClientFormat,
+    endpoint: &'static str,
+    req: axum::extract::Request,
+) -> Result<Started, axum::response::Response> {
     let (mut parts, body) = req.into_parts();
     // Taken by the server's snapshot layer; fresh only on routers without it.
     let crate::state::Snapshot { live, cohort } = parts
         .extensions
         .remove::<crate::state::Snapshot>()
         .unwrap_or_else(|| gw.snapshot());
-    let mut record = Tracked::new(RequestRecord::new(id.0, format, endpoint.as_str()));
+    let mut record = Tracked::new(RequestRecord::new(id.0, format, endpoint));
     record.cohort = cohort;
     // Left by the auth layer.
     record.tenant = parts

@@ -16,6 +16,8 @@ pub const VERSION: &str = "2023-06-01";
 pub struct AnthropicAdapter {
     pub(super) upstream: Upstream,
     uri: http::Uri,
+    /// `POST /v1/messages/count_tokens`.
+    count_tokens_uri: http::Uri,
     headers: HeaderMap,
     default_max_tokens: u64,
 }
@@ -29,10 +31,21 @@ impl AnthropicAdapter {
         }
         Ok(Self {
             uri: join(provider, "messages")?,
+            count_tokens_uri: join(provider, "messages/count_tokens")?,
             upstream,
             headers,
             default_max_tokens: provider.default_max_tokens,
         })
+    }
+
+    /// A `count_tokens` request: the client's body, `model` already the
+    /// target's.
+    pub fn count_tokens(&self, body: bytes::Bytes) -> UpstreamRequest {
+        UpstreamRequest {
+            uri: self.count_tokens_uri.clone(),
+            headers: self.headers.clone(),
+            body,
+        }
     }
 
     pub fn request(

@@ -197,6 +197,8 @@ mod tests {
             status_page_format: format,
             status_webhook_secret: None,
             default_max_tokens: 4096,
+            tls: Default::default(),
+            proxy: Default::default(),
             connect_timeout: Duration::from_secs(1),
         }
     }
