@@ -45,7 +45,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::config::{BreakerPolicy, HedgeAfter, Route, Target};
-use crate::health::{TargetHealth, Transition, Traffic};
+use crate::health::{TargetHealth, Traffic, Transition};
 use crate::incidents::IncidentLog;
 use crate::relay::BodyEnd;
 use crate::routing::Candidate;
