@@ -15,6 +15,14 @@
 //! - **slow start** after recovery: the share of traffic offered to a target that
 //!   just closed its breaker ramps linearly over a window, as Envoy's slow start
 //!   does, instead of jumping back to full load;
+//! - **when an answer counts**: its latency when it is answered
+//!   ([`TargetHealth::on_answered`]), its success for the breaker when it ended
+//!   whole ([`TargetHealth::on_whole`]; at once for a whole answer, at the end
+//!   for a stream), so that a stream which breaks off after its first event
+//!   counts once, as a failure;
+//! - **background attempts**: a probe (or other attempt on a target of unknown
+//!   health) whose client was answered by another target may go on to tell the
+//!   breaker how it ends; [`TargetHealth::try_background`] bounds them per target;
 //! - a **misconfigured** mark when the provider rejects detour's own credentials;
 //! - an **adaptive concurrency limit** (AIMD, as TCP congestion control and
 //!   Netflix's concurrency-limits do): attempts waiting for a first byte are

@@ -23,6 +23,9 @@
 //!    A target at its adaptive concurrency cap (see `health`) goes behind its peers.
 //! 5. A provider whose status page says `down` is skipped; `degraded` demotes it.
 //! 6. An override `up` keeps a target in place whatever its health.
+//! 7. A candidate whose health is unknown or recovering (a probe, slow start, a
+//!    latency probe, exploration) is marked `tentative`: its attempt is hedged
+//!    to the next target soon (`proxy::attempts`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -19,7 +19,9 @@
 //! failure can still fail over unseen), ends a failed stream with a
 //! well-formed error event in the client's format (never a hang, never
 //! truncated JSON), and holds the request (`request::Tracked`: its log
-//! record and what is settled with it), ending it when the body ends.
+//! record and what is settled with it), ending it when the body ends. It
+//! tells the target's health how a committed body ended ([`BodyEnd`], once:
+//! whole, broken off, or dropped) through the hook the proxy gives it.
 
 pub mod capture;
 pub mod deadline;
