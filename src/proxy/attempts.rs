@@ -976,4 +976,67 @@ breaker = { consecutive_failures = 1, open_for = "1s" }"#,
         );
         assert_eq!(a.snapshot(&route.breaker).background, 0);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_beside_a_hanging_probe_is_answered_without_waiting_for_it() {
+        let live = live(
+            r#"probe_hedge_after = "40ms"
+breaker = { consecutive_failures = 1, open_for = "1s" }"#,
+        );
+        let (route, state) = (&live.config.routes[0], &live.routes[0]);
+        let a = &state.health[0];
+        let _ = a.on_failure(crate::health::Failure::Fault, &route.breaker, false);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let plan = vec![
+            Candidate {
+                index: 0,
+                probe: true,
+                tentative: true,
+            },
+            Candidate {
+                index: 1,
+                probe: false,
+                tentative: false,
+            },
+        ];
+        let started = Instant::now();
+        let mut attempts = Attempts::new(
+            route,
+            state,
+            &live.incidents,
+            plan,
+            Traffic::Whole,
+            "id",
+            fastrand::Rng::with_seed(1),
+            |i| {
+                let t = &route.targets[i];
+                let (model, failure) = (t.model.clone(), broke(t));
+                async move {
+                    if model == "x" {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        Err(failure)
+                    } else {
+                        Err::<String, _>(failure)
+                    }
+                }
+            },
+        );
+        assert!(attempts.launch());
+        let hedge = attempts.next().await.unwrap();
+        assert_eq!(hedge.index, 1);
+        attempts.failed(hedge.index, hedge.probe, hedge.result.unwrap_err());
+        assert!(
+            attempts.next().await.is_none(),
+            "the probe is not waited for"
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(40));
+        let (end, _, launched) = attempts.finish();
+        assert!(matches!(end, Exhausted::Failed(Some((1, _)))));
+        assert_eq!(launched, 2);
+        assert_eq!(a.state(), crate::health::BreakerState::HalfOpen);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let snap = a.snapshot(&route.breaker);
+        assert_eq!(a.state(), crate::health::BreakerState::Open, "{snap:?}");
+        assert_eq!((snap.consecutive_failures, snap.background), (2, 0));
+    }
 }
