@@ -142,11 +142,12 @@ probe_hedge_after = "150ms"
     let bound = healthy + Duration::from_millis(150) + MARGIN;
     let probes_before = primary.stats().requests;
     let until_end = Instant::now() + Duration::from_millis(3_500);
-    let mut asked = 0;
+    let (mut asked, mut slowest) = (0, Duration::ZERO);
     while Instant::now() < until_end {
         for stream in [false, true] {
             let (provider, took, body) = ask(&gw, stream).await;
             asked += 1;
+            slowest = slowest.max(took);
             assert_eq!(provider, "backup");
             assert!(
                 took < bound,
@@ -159,6 +160,9 @@ probe_hedge_after = "150ms"
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let probes = primary.stats().requests - probes_before;
+    println!(
+        "probes: healthy target {healthy:?}; while the primary hangs: {asked} requests, slowest {slowest:?}, {probes} probes"
+    );
     assert!(
         (1..=3).contains(&probes),
         "one probe at a time, each waiting its 1.5 s: {probes} in 3.5 s"
