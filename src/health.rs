@@ -15,6 +15,14 @@
 //! - **slow start** after recovery: the share of traffic offered to a target that
 //!   just closed its breaker ramps linearly over a window, as Envoy's slow start
 //!   does, instead of jumping back to full load;
+//! - **when an answer counts**: its latency when it is answered
+//!   ([`TargetHealth::on_answered`]), its success for the breaker when it ended
+//!   whole ([`TargetHealth::on_whole`]; at once for a whole answer, at the end
+//!   for a stream), so that a stream which breaks off after its first event
+//!   counts once, as a failure;
+//! - **background attempts**: a probe (or other attempt on a target of unknown
+//!   health) whose client was answered by another target may go on to tell the
+//!   breaker how it ends; [`TargetHealth::try_background`] bounds them per target;
 //! - a **misconfigured** mark when the provider rejects detour's own credentials;
 //! - an **adaptive concurrency limit** (AIMD, as TCP congestion control and
 //!   Netflix's concurrency-limits do): attempts waiting for a first byte are
@@ -198,6 +206,9 @@ pub struct TargetHealth {
     /// Attempts waiting for their first byte, and the adaptive cap on them
     /// (as f64 bits).
     in_flight: AtomicU32,
+    /// Attempts going on in the background after their client was answered
+    /// by another target (see [`TargetHealth::try_background`]).
+    background: AtomicU32,
     concurrency_limit: AtomicU64,
     /// When a request was last sent here to explore (see `routing`).
     explored_ms: AtomicU64,
@@ -259,6 +270,7 @@ impl TargetHealth {
             lost_races: AtomicU64::new(0f64.to_bits()),
             explored_ms: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
+            background: AtomicU32::new(0),
             concurrency_limit: AtomicU64::new(INITIAL_CONCURRENCY.to_bits()),
             buckets: Default::default(),
             transitions: AtomicU64::new(0),
@@ -326,6 +338,9 @@ impl TargetHealth {
     /// [`Traffic::Streamed`], to its answer for [`Traffic::Whole`]). `probe`:
     /// it held the half-open breaker's probe slot. Returns
     /// [`Transition::Closed`] when the probe's success closed the breaker.
+    ///
+    /// The same as [`Self::on_answered`] followed by [`Self::on_whole`]: for
+    /// an answer that is whole once it is answered.
     #[must_use = "the caller reports the transition"]
     pub fn on_success(
         &self,
@@ -334,7 +349,16 @@ impl TargetHealth {
         traffic: Traffic,
         took: Duration,
     ) -> Option<Transition> {
-        let now = self.clock.now_ms();
+        self.on_answered(traffic, took);
+        self.on_whole(policy, probe)
+    }
+
+    /// An attempt got its answer after `took` (its first event, for
+    /// [`Traffic::Streamed`]): the latency estimate and the adaptive cap
+    /// learn from it. The breaker does not: an event stream counts as a
+    /// success only once it ended whole ([`Self::on_whole`]), or as a
+    /// failure if it broke off ([`Self::on_failure`]).
+    pub fn on_answered(&self, traffic: Traffic, took: Duration) {
         // Much slower than usual is the first sign of an overloaded provider.
         match self.ttfb_ewma(traffic) {
             Some(usual) if took > 2 * usual && took > Duration::from_millis(20) => {
@@ -343,15 +367,47 @@ impl TargetHealth {
             _ => self.increase_limit(),
         }
         self.update_lost_races(0.0);
+        self.observe_ttfb(traffic, took);
+    }
+
+    /// An answer ended whole: a success for the breaker. `probe`: it held
+    /// the half-open breaker's probe slot. Returns [`Transition::Closed`]
+    /// when the probe's success closed the breaker.
+    #[must_use = "the caller reports the transition"]
+    pub fn on_whole(&self, policy: &BreakerPolicy, probe: bool) -> Option<Transition> {
+        let now = self.clock.now_ms();
         self.consecutive.store(0, Relaxed);
         self.bucket(policy, now).ok.fetch_add(1, Relaxed);
-        self.observe_ttfb(traffic, took);
         // Only the probe closes the breaker: a success from a request sent
         // before the breaker opened says nothing about now.
         if probe && self.state.load(Relaxed) == HALF_OPEN {
             return self.close(now);
         }
         None
+    }
+
+    /// An attempt that no client waits for any more (it lost a hedge race to
+    /// a healthy target) asks to go on in the background, to tell this
+    /// target's health how it ends. A half-open breaker's probe always may
+    /// (there is one per target at a time); any other attempt only while no
+    /// other one goes on here in the background, so that a target which
+    /// hangs holds at most two. True: call [`Self::end_background`] when it
+    /// ends.
+    pub fn try_background(&self, probe: bool) -> bool {
+        if probe {
+            self.background.fetch_add(1, Relaxed);
+            return true;
+        }
+        self.background
+            .fetch_update(Relaxed, Relaxed, |n| (n == 0).then_some(1))
+            .is_ok()
+    }
+
+    /// An attempt let go on by [`Self::try_background`] ended.
+    pub fn end_background(&self) {
+        let _ = self
+            .background
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
     }
 
     /// An attempt failed. `probe`: it held the half-open breaker's probe
@@ -743,6 +799,7 @@ impl TargetHealth {
             slow_start_share: self.slow_start_share(policy, now),
             lost_race_share: self.lost_race_share(),
             in_flight: self.in_flight.load(Relaxed),
+            background: self.background.load(Relaxed),
             concurrency_limit: self.concurrency_limit(),
             breaker_transitions: self.transitions(),
         }
@@ -799,6 +856,8 @@ pub struct TargetSnapshot {
     pub lost_race_share: f64,
     pub breaker_transitions: u64,
     pub in_flight: u32,
+    /// Attempts going on in the background (probes no client waits for).
+    pub background: u32,
     pub concurrency_limit: f64,
 }
 

@@ -18,7 +18,7 @@
 //! | a stall mid-body of an answer read whole (idle limit) | yes | failure |
 //! | an answer detour cannot translate, or one past the 32 MiB it reads whole | no: 502 | none (detour's limit, not the provider's fault) |
 //! | the caller's own 4xx (400, 404, 409, 413, 415, 422) | no: relayed | none |
-//! | a failure after the first event reached the client | no: error event | — |
+//! | a failure after the first event reached the client (cut, stall past `idle`, error event, no end marker) | no: error event | failure (a stream counts as a success only once it ended whole) |
 //!
 //! The attempts themselves (which target next, hedging, budget and backoff,
 //! what each end tells health) are scheduled by [`attempts::Attempts`];
@@ -35,24 +35,29 @@
 //! answer only if the other fails too.
 //!
 //! Only the attempt that holds a half-open breaker's probe slot reports
-//! itself as the probe (`probe` in `health::TargetHealth::on_success` /
+//! itself as the probe (`probe` in `health::TargetHealth::on_whole` /
 //! `on_failure`); a probe that ends telling nothing (cancelled, or the
-//! caller's own 4xx) frees the slot.
+//! caller's own 4xx) frees the slot. An attempt on a target whose health is
+//! unknown or recovering (a probe, slow start) is raced by the next target
+//! soon (`probe_hedge_after`, or the target's learned p95) and, when it
+//! loses, goes on in the background to tell its target's health how it
+//! ended (see [`attempts`]): a probe never holds a client up.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
-use std::time::SystemTime;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
 mod attempts;
 
-use attempts::{Attempts, Ended, Exhausted, Tried};
+use attempts::{Answer, Attempts, Ended, Exhausted, Settle, Tried};
 
 use crate::cache;
 use crate::config::{Route, Target};
@@ -62,7 +67,7 @@ use crate::incidents::IncidentLog;
 use crate::protocol::chat::{ChatRequest, Format};
 use crate::protocol::translate::{self, StreamDecoder, StreamEncoder, TranslateError};
 use crate::providers::{Adapter, Endpoint, Outgoing};
-use crate::relay::{RelayBody, Shape};
+use crate::relay::{BodyEnd, RelayBody, Shape};
 use crate::request::Tracked;
 use crate::routing;
 use crate::state::Live;
@@ -111,9 +116,43 @@ struct Committed {
     status: StatusCode,
     headers: HeaderMap,
     body: RelayBody,
+    /// The config it was made on and the target's provider: a stream that
+    /// breaks off may start a traffic incident.
+    live: Arc<Live>,
+    provider_index: usize,
 }
 
-pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response {
+impl Answer for Committed {
+    fn took(&self) -> Duration {
+        self.body.first_byte().unwrap_or_default()
+    }
+
+    fn settle_with(&mut self, settle: Settle) {
+        if !self.body.is_event_stream() {
+            // Whole once answered; a plain body cut later is only aborted.
+            settle.ended(BodyEnd::Whole);
+            return;
+        }
+        let (live, provider) = (Arc::clone(&self.live), self.provider_index);
+        self.body.on_body_end(Box::new(move |end| {
+            let broke = matches!(end, BodyEnd::Broke(_));
+            settle.ended(end);
+            if broke && all_breakers_open(&live, provider) {
+                let name = &live.config.providers[provider].name;
+                live.incidents.traffic_down(name, SystemTime::now());
+            }
+        }));
+    }
+
+    fn drain(self) -> BoxFuture<'static, ()> {
+        use http_body_util::BodyExt;
+        let mut body = self.body;
+        // The body's own limits (idle, total) bound the read.
+        Box::pin(async move { while let Some(Ok(_)) = body.frame().await {} })
+    }
+}
+
+pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Response {
     record.route = Some(req.alias.clone());
     record.stream = req.stream;
     let Some(position) = live.config.route_position(&req.alias) else {
@@ -154,6 +193,9 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
     // Streamed and whole answers have their own latency estimates.
     let traffic = Traffic::of(req.stream);
     let plan = routing::plan(route, &state.health, &live.overrides, traffic, &mut rng);
+    // Each attempt owns what it needs: a tentative one may outlive the
+    // request (see `attempts`).
+    let req = Arc::new(req);
     let mut attempts = Attempts::new(
         route,
         state,
@@ -162,7 +204,13 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
         traffic,
         &record.request_id,
         rng,
-        |target| attempt(live, route, target, &req),
+        |index| {
+            let (live, req) = (Arc::clone(live), Arc::clone(&req));
+            async move {
+                let route = &live.config.routes[position];
+                attempt(&live, route, &route.targets[index], &req).await
+            }
+        },
     );
     attempts.launch();
     while let Some(Ended {
@@ -172,9 +220,8 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
     }) = attempts.next().await
     {
         match result {
-            Ok(committed) => {
-                let took = committed.body.first_byte().unwrap_or_default();
-                let (tried, launched) = attempts.won(index, probe, took);
+            Ok(mut committed) => {
+                let (tried, launched) = attempts.won(index, probe, &mut committed);
                 record.attempts = launched;
                 count_failed_over(live, position, index);
                 if committed.status.is_success() && !live.served_ok.load(Ordering::Relaxed) {
@@ -262,8 +309,7 @@ fn commit(
 /// Reports a breaker's change of state, which health only returns: the
 /// metric, the incident log (a closed breaker ends a traffic incident), the
 /// log line.
-fn report(incidents: &IncidentLog, target: &Target, transition: Transition) {
-    let (provider, model) = (&target.provider.name, &target.model);
+fn report(incidents: &IncidentLog, provider: &str, model: &str, transition: Transition) {
     crate::metrics::breaker_transition(provider, transition.as_str());
     match transition {
         Transition::Opened => tracing::warn!(%provider, %model, "breaker opened"),
@@ -353,7 +399,7 @@ fn with_cache_status(mut resp: Response, visit: Option<&cache::Visit>) -> Respon
 /// One attempt on one target, up to the point where the client can be given
 /// a response: headers for plain bodies, the first whole event for streams.
 async fn attempt(
-    live: &Live,
+    live: &Arc<Live>,
     route: &Route,
     target: &Target,
     req: &Forward,
@@ -470,6 +516,8 @@ async fn attempt(
         status,
         headers,
         body,
+        live: Arc::clone(live),
+        provider_index: target.provider_index,
     })
 }
 

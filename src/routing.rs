@@ -23,6 +23,9 @@
 //!    A target at its adaptive concurrency cap (see `health`) goes behind its peers.
 //! 5. A provider whose status page says `down` is skipped; `degraded` demotes it.
 //! 6. An override `up` keeps a target in place whatever its health.
+//! 7. A candidate whose health is unknown or recovering (a probe, slow start, a
+//!    latency probe, exploration) is marked `tentative`: its attempt is hedged
+//!    to the next target soon (`proxy::attempts`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +47,10 @@ pub struct Candidate {
     pub index: usize,
     /// The attempt must first claim the breaker's probe slot.
     pub probe: bool,
+    /// The target's health is unknown or recovering: a probe, slow start,
+    /// a latency probe of a demoted target, or exploration. Such an attempt
+    /// is hedged to the next target soon (`proxy::attempts`).
+    pub tentative: bool,
 }
 
 /// The order of targets to try for a request of kind `traffic`. `health` is
@@ -61,6 +68,7 @@ pub fn plan(
         weight: f64,
         probe: bool,
         demoted: bool,
+        tentative: bool,
         ttfb: Option<Duration>,
     }
     let mut entries: Vec<Entry> = Vec::with_capacity(route.targets.len());
@@ -90,6 +98,7 @@ pub fn plan(
             weight: f64::from(target.weight.max(1)),
             probe,
             demoted,
+            tentative: probe || share < 1.0,
             ttfb: if over == Override::Up {
                 None
             } else {
@@ -119,8 +128,12 @@ pub fn plan(
         }
         // One request per `open_for` still goes to a demoted target first,
         // so that its recovery is noticed.
-        if (slow || losing) && !h.claim_latency_probe(&route.breaker) {
-            e.demoted = true;
+        if slow || losing {
+            if h.claim_latency_probe(&route.breaker) {
+                e.tentative = true;
+            } else {
+                e.demoted = true;
+            }
         }
     }
     // Exploration: when the preferred target is slow, send a small share of
@@ -143,6 +156,7 @@ pub fn plan(
         if let Some(e) = unmeasured {
             e.priority = 0;
             e.demoted = false;
+            e.tentative = true;
             e.weight = f64::MAX;
         }
     }
@@ -161,6 +175,7 @@ pub fn plan(
         .map(|(_, _, _, e)| Candidate {
             index: e.index,
             probe: e.probe,
+            tentative: e.tentative,
         })
         .collect()
 }
@@ -205,6 +220,7 @@ mod tests {
             retries: RetryPolicy::default(),
             breaker: BreakerPolicy::default(),
             hedge_after: None,
+            probe_hedge_after: crate::config::DEFAULT_PROBE_HEDGE_AFTER,
             cache: None,
         }
     }

@@ -641,6 +641,10 @@ impl Loader<'_> {
             )),
             None => None,
         };
+        let probe_hedge_after = match &r.probe_hedge_after {
+            Some(s) => self.duration(s, &format!("routes[{i}].probe_hedge_after"))?,
+            None => super::DEFAULT_PROBE_HEDGE_AFTER,
+        };
         let cache = match &r.cache {
             Some(c) => Some(self.route_cache(i, c)?),
             None => None,
@@ -652,6 +656,7 @@ impl Loader<'_> {
             retries,
             breaker,
             hedge_after,
+            probe_hedge_after,
             cache,
         })
     }

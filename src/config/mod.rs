@@ -242,6 +242,11 @@ pub const DEFAULT_STATUS_POLL: Duration = Duration::from_secs(30);
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// `routes[].probe_hedge_after` when not set: short enough that a client
+/// whose request probes a hanging target hardly notices, long enough that a
+/// healthy target's first event usually beats it.
+pub const DEFAULT_PROBE_HEDGE_AFTER: Duration = Duration::from_millis(250);
+
 #[derive(Debug)]
 pub struct Route {
     /// The `model` name clients send.
@@ -252,6 +257,11 @@ pub struct Route {
     pub retries: RetryPolicy,
     pub breaker: BreakerPolicy,
     pub hedge_after: Option<HedgeAfter>,
+    /// How long an attempt on a target whose health is unknown or recovering
+    /// (a half-open breaker's probe, slow start, exploration) waits before
+    /// the next target races it, when the target has no latency estimate
+    /// for the request's kind of traffic (else that p95 is the delay).
+    pub probe_hedge_after: Duration,
     /// The response cache, when the route opts in.
     pub cache: Option<RouteCache>,
 }

@@ -140,6 +140,9 @@ pub struct RawRoute {
     /// first byte (opt-in): a duration, or "p95" for the first target's
     /// estimated p95 time to first byte.
     pub hedge_after: Option<Str>,
+    /// Hedge an attempt on a target of unknown or recovering health (a
+    /// probe, slow start) after this long when its latency is not known.
+    pub probe_hedge_after: Option<Str>,
     /// Response cache for this route (opt-in): `cache = { ttl = "5m" }`.
     pub cache: Option<RawRouteCache>,
 }

@@ -8,18 +8,46 @@
 //! how its attempt ended (success, failure, a lost race, an abandoned probe)
 //! and keeps the list `x-detour-tried` shows. What the client is answered is
 //! `proxy::forward`'s.
+//!
+//! An attempt on a target whose health is unknown or recovering (a
+//! half-open breaker's probe, slow start, a latency probe, exploration:
+//! `routing::Candidate::tentative`) never holds a client up for long: it runs
+//! as a task of its own, and the next target races it after the target's
+//! learned p95 for the request's kind of traffic, or `probe_hedge_after`
+//! when none is known (a breaker probe's hedge needs no budget token). The
+//! client gets whichever answers first. When the other target wins, or the
+//! client leaves, the tentative attempt goes on in the background up to its
+//! own timeouts and tells its target's health how it ended (a probe that
+//! answers late closes the breaker, one that times out re-opens it; an
+//! answer is read to its end for that); at most one such attempt per target
+//! besides the breaker's single probe, the others are cancelled. While only
+//! tentative attempts are left, a failure launches the next target at once,
+//! and once nothing else can start after a failure or a refusal the client
+//! is answered with it instead of waiting on them.
+//!
+//! An answer counts for the breaker when it ends ([`Settle`]): an event
+//! stream is a success only once it ended whole, and a failure if it broke
+//! off after its first event (cut, stall, error event, no end marker), like a
+//! failure before it; its latency counts when it is answered.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::HeaderValue;
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::config::{HedgeAfter, Route, Target};
-use crate::health::{TargetHealth, Traffic};
+use crate::config::{BreakerPolicy, HedgeAfter, Route, Target};
+use crate::health::{TargetHealth, Traffic, Transition};
 use crate::incidents::IncidentLog;
+use crate::relay::BodyEnd;
 use crate::routing::Candidate;
 use crate::state::RouteState;
 use crate::upstream::UpstreamError;
@@ -66,25 +94,155 @@ pub enum Exhausted {
     Failed(Option<(usize, UpstreamError)>),
 }
 
+/// What a successful attempt gives: an answer whose end health hears of.
+pub trait Answer: Send + Sized + 'static {
+    /// Time to the answer (to the first event of a stream).
+    fn took(&self) -> Duration;
+    /// `settle` is told how the answer ends: at once for an answer that is
+    /// whole when it is answered, when its body ends for a stream.
+    fn settle_with(&mut self, settle: Settle);
+    /// Reads the answer to its end, for an attempt no client waits for.
+    fn drain(self) -> BoxFuture<'static, ()>;
+}
+
+/// What the end of one attempt's answer tells its target's health; owned,
+/// so that it can outlive the request (a stream's end, a background probe).
+#[derive(Clone)]
+pub struct Settle {
+    health: Arc<TargetHealth>,
+    policy: BreakerPolicy,
+    incidents: Arc<IncidentLog>,
+    probe: bool,
+    traffic: Traffic,
+}
+
+impl Settle {
+    /// The answer ended: whole (a success; the probe's closes the breaker),
+    /// broken off (a failure, as before its first event: it may open the
+    /// breaker, and re-opens it for the probe), or dropped by the client
+    /// (nothing, and the probe's slot is freed).
+    ///
+    /// Success is counted at the end rather than when the answer is
+    /// committed, so a stream that breaks off counts once, as a failure:
+    /// counting a success first would reset the consecutive failures each
+    /// time and leave the window at half its failures, so a provider that
+    /// breaks every stream would never trip its breaker.
+    pub fn ended(self, end: BodyEnd<'_>) {
+        let transition = match end {
+            BodyEnd::Whole => self.health.on_whole(&self.policy, self.probe),
+            BodyEnd::Broke(error) => failure(&self.health, &self.policy, self.probe, error),
+            BodyEnd::Dropped => {
+                if self.probe {
+                    self.health.on_abandoned();
+                }
+                None
+            }
+        };
+        if let Some(t) = transition {
+            report(&self.incidents, &self.health, t);
+        }
+    }
+
+    /// An attempt no client waits for ended with `result`: health hears of
+    /// it as it would have from the client's request; an answer is read to
+    /// its end first.
+    async fn in_background<T: Answer>(self, result: Result<T, UpstreamError>) {
+        let (provider, model, probe) = (&self.health.provider, &self.health.model, self.probe);
+        match result {
+            Ok(mut answer) => {
+                tracing::info!(%provider, %model, probe, "an attempt no client waits for answered: reading it to its end for the target's health");
+                self.health.on_answered(self.traffic, answer.took());
+                answer.settle_with(self.clone());
+                answer.drain().await;
+            }
+            Err(error) => {
+                tracing::info!(%provider, %model, probe, reason = error.kind().reason(), error = %error, "an attempt no client waits for failed");
+                let t = match error.retryable() {
+                    true => failure(&self.health, &self.policy, probe, &error),
+                    false => {
+                        if probe {
+                            self.health.on_abandoned();
+                        }
+                        None
+                    }
+                };
+                if let Some(t) = t {
+                    report(&self.incidents, &self.health, t);
+                }
+            }
+        }
+    }
+}
+
+/// A retryable failure, as health hears it: a failure unless the request
+/// could not be translated for the target (which says nothing of it).
+fn failure(
+    health: &TargetHealth,
+    policy: &BreakerPolicy,
+    probe: bool,
+    error: &UpstreamError,
+) -> Option<Transition> {
+    if matches!(error, UpstreamError::Untranslatable { .. }) {
+        if probe {
+            health.on_abandoned();
+        }
+        return None;
+    }
+    health.on_failure(super::failure_of(error), policy, probe)
+}
+
+fn report(incidents: &IncidentLog, health: &TargetHealth, transition: Transition) {
+    super::report(incidents, &health.provider, &health.model, transition);
+}
+
+/// An attempt in flight.
+struct Pending {
+    index: usize,
+    started: Instant,
+    probe: bool,
+    /// Of a tentative attempt (a task of its own): what became of it once
+    /// no client waited for it (`FATE_*`).
+    fate: Option<Arc<AtomicU8>>,
+}
+
+impl Pending {
+    fn tentative(&self) -> bool {
+        self.fate.is_some()
+    }
+}
+
+/// A tentative attempt's fate: still awaited by the request...
+const FATE_AWAITED: u8 = 0;
+/// ...going on in the background...
+const FATE_BACKGROUND: u8 = 1;
+/// ...cancelled (a lost race)...
+const FATE_CANCELLED: u8 = 2;
+/// ...or ended before anyone looked, and told to health from there.
+const FATE_SETTLED: u8 = 3;
+
 /// The attempts of one request on one route. `start` makes the attempt on a
-/// target (in `proxy`: adapter, upstream, relay primed to its first event).
+/// target by its index (in `proxy`: adapter, upstream, relay primed to its
+/// first event); it owns what it needs, so that a tentative attempt can
+/// outlive the request.
 pub struct Attempts<'a, T, F> {
     route: &'a Route,
     state: &'a RouteState,
     /// Where a breaker that closes ends its provider's traffic incident.
-    incidents: &'a IncidentLog,
+    incidents: &'a Arc<IncidentLog>,
     traffic: Traffic,
     request_id: &'a str,
     plan: std::vec::IntoIter<Candidate>,
     start: F,
     rng: fastrand::Rng,
     in_flight: FuturesUnordered<BoxFuture<'a, Ended<T>>>,
-    /// Attempts in flight: target index and start, so that an attempt which
-    /// loses a hedge race still tells health how slow it was.
-    pending: Vec<(usize, Instant)>,
+    /// Attempts in flight, so that an attempt which loses a hedge race
+    /// still tells health how slow it was.
+    pending: Vec<Pending>,
     launched: u32,
     /// The route's hedge delay, until a hedge was started.
     hedging: Option<HedgeAfter>,
+    /// A tentative attempt was hedged already.
+    probe_hedged: bool,
     /// The target index of the hedge, if one started (for the metric).
     hedge: Option<usize>,
     /// A non-retryable error (the caller's own 4xx) while another attempt was
@@ -92,14 +250,17 @@ pub struct Attempts<'a, T, F> {
     /// is launched after it: other targets would refuse the request too.
     refused: Option<(usize, UpstreamError)>,
     last: Option<(usize, UpstreamError)>,
+    /// Nothing else can start and the client has its answer (a failure or a
+    /// refusal): tentative attempts still in flight are not waited for.
+    answer_now: bool,
     tried: Tried,
 }
 
 impl<'a, T, F, Fut> Attempts<'a, T, F>
 where
-    T: Send + 'a,
-    F: FnMut(&'a Target) -> Fut,
-    Fut: Future<Output = Result<T, UpstreamError>> + Send + 'a,
+    T: Answer,
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Result<T, UpstreamError>> + Send + 'static,
 {
     /// `plan` is the order of targets to try (`routing::plan`).
     // The request's parts it schedules over; grouping them would only
@@ -108,7 +269,7 @@ where
     pub fn new(
         route: &'a Route,
         state: &'a RouteState,
-        incidents: &'a IncidentLog,
+        incidents: &'a Arc<IncidentLog>,
         plan: Vec<Candidate>,
         traffic: Traffic,
         request_id: &'a str,
@@ -128,9 +289,11 @@ where
             pending: Vec::new(),
             launched: 0,
             hedging: route.hedge_after,
+            probe_hedged: false,
             hedge: None,
             refused: None,
             last: None,
+            answer_now: false,
             tried: Tried::default(),
         }
     }
@@ -138,14 +301,20 @@ where
     /// Launches the next candidate that can take a request; false when none
     /// can (the plan or `max_attempts` is used up, or the budget is empty).
     pub fn launch(&mut self) -> bool {
+        self.launch_next(false)
+    }
+
+    /// `free`: a hedge for a half-open breaker's probe, which needs no
+    /// budget token (there is one probe per target per `open_for`).
+    fn launch_next(&mut self, free: bool) -> bool {
         let (route, state) = (self.route, self.state);
         while self.launched < route.retries.max_attempts {
             let Some(candidate) = self.plan.next() else {
                 return false;
             };
             let target = &route.targets[candidate.index];
-            let health: &'a TargetHealth = &state.health[candidate.index];
-            if self.launched > 0 && !state.budget.try_withdraw() {
+            let health = &state.health[candidate.index];
+            if self.launched > 0 && !free && !state.budget.try_withdraw() {
                 tracing::warn!(request_id = %self.request_id, route = %route.alias, "retry budget exhausted: not trying another target");
                 crate::metrics::retry_budget_exhausted(&route.alias);
                 self.tried.push(target, "skipped_budget_exhausted");
@@ -153,7 +322,7 @@ where
             }
             if candidate.probe {
                 match health.claim_probe() {
-                    Some(transition) => super::report(self.incidents, target, transition),
+                    Some(transition) => report(self.incidents, health, transition),
                     None => continue,
                 }
             }
@@ -165,26 +334,54 @@ where
             self.launched += 1;
             let hedge = !self.in_flight.is_empty();
             crate::metrics::attempt_launched(&route.alias, self.launched, hedge);
-            self.pending.push((candidate.index, Instant::now()));
             let (index, probe) = (candidate.index, candidate.probe);
-            let attempt = guarded(probe, health, delay, (self.start)(target));
-            self.in_flight.push(Box::pin(async move {
-                Ended {
-                    index,
+            let attempt = guarded(probe, Arc::clone(health), delay, (self.start)(index));
+            let fate = if candidate.tentative {
+                let settle = Settle {
+                    health: Arc::clone(health),
+                    policy: route.breaker,
+                    incidents: Arc::clone(self.incidents),
                     probe,
-                    result: attempt.await,
-                }
-            }));
+                    traffic: self.traffic,
+                };
+                let (handoff, fate) = Handoff::spawn(index, attempt, settle);
+                self.in_flight.push(Box::pin(handoff));
+                Some(fate)
+            } else {
+                self.in_flight.push(Box::pin(async move {
+                    Ended {
+                        index,
+                        probe,
+                        result: attempt.await,
+                    }
+                }));
+                None
+            };
+            self.pending.push(Pending {
+                index,
+                started: Instant::now(),
+                probe,
+                fate,
+            });
             return true;
         }
         false
     }
 
+    /// Only tentative attempts are in flight (or none).
+    fn only_tentative(&self) -> bool {
+        self.pending.iter().all(Pending::tentative)
+    }
+
     /// Waits for the next attempt to end; meanwhile, when the one in flight
     /// is slower than the hedge delay, races a second target against it.
-    /// `None` when nothing is in flight.
+    /// `None` when nothing is in flight, or only tentative attempts are
+    /// while the client has its answer.
     pub async fn next(&mut self) -> Option<Ended<T>> {
         while !self.in_flight.is_empty() {
+            if self.answer_now && self.only_tentative() {
+                return None;
+            }
             let hedge_after = self.hedge_delay();
             let hedge_timer = async move {
                 match hedge_after {
@@ -194,15 +391,21 @@ where
             };
             tokio::select! {
                 Some(ended) = self.in_flight.next() => {
-                    self.pending.retain(|(i, _)| *i != ended.index);
+                    self.pending.retain(|p| p.index != ended.index);
                     return Some(ended);
                 }
                 () = hedge_timer => {
-                    if self.launch() {
-                        tracing::info!(request_id = %self.request_id, route = %self.route.alias, "hedging: started a second attempt");
-                        self.hedge = self.pending.last().map(|(i, _)| *i);
+                    let (tentative, probe) = self
+                        .pending
+                        .first()
+                        .map_or((false, false), |p| (p.tentative(), p.probe));
+                    if self.launch_next(probe) {
+                        let why = if tentative { "its target's health is unknown or recovering" } else { "it is slow" };
+                        tracing::info!(request_id = %self.request_id, route = %self.route.alias, "hedging: started a second attempt, as the first is slow and {why}");
+                        self.hedge = self.pending.last().map(|p| p.index);
                     }
                     self.hedging = None;
+                    self.probe_hedged = true;
                 }
             }
         }
@@ -211,37 +414,65 @@ where
 
     /// How long to wait before hedging the one attempt in flight, if at all.
     fn hedge_delay(&self) -> Option<Duration> {
-        match self.hedging {
-            _ if self.in_flight.len() != 1 => None,
+        if self.in_flight.len() != 1 {
+            return None;
+        }
+        let first = self.pending.first()?;
+        let health = &self.state.health[first.index];
+        let route_delay = match self.hedging {
             Some(HedgeAfter::Fixed(d)) => Some(d),
             // No samples of this kind of traffic yet: no estimate, no hedge
             // (a guess would double the cost of every slow first answer).
-            Some(HedgeAfter::P95) => self
-                .pending
-                .first()
-                .and_then(|(i, _)| self.state.health[*i].ttfb_p95(self.traffic))
+            Some(HedgeAfter::P95) => health
+                .ttfb_p95(self.traffic)
                 .map(|p95| p95.max(Duration::from_millis(1))),
             None => None,
+        };
+        if !first.tentative() || self.probe_hedged {
+            return route_delay;
         }
+        // A target of unknown or recovering health: what it took when it
+        // was last measured, else the route's short default.
+        let learned = health
+            .ttfb_p95(self.traffic)
+            .unwrap_or(self.route.probe_hedge_after)
+            .max(Duration::from_millis(1));
+        Some(route_delay.map_or(learned, |d| d.min(learned)))
     }
 
-    /// Target `index` answered in `took`: the others are cancelled (their
-    /// connections close; each lost a race, so it was at least this slow).
+    /// Target `index` gave `answer`: the others are cancelled (their
+    /// connections close; each lost a race, so it was at least this slow),
+    /// but a tentative one may go on in the background. Health learns the
+    /// answer's latency now and how it ends when it ends (see [`Settle`]).
     /// Returns the tried list and the number of attempts launched.
-    pub fn won(mut self, index: usize, probe: bool, took: Duration) -> (Tried, u32) {
+    pub fn won(mut self, index: usize, probe: bool, answer: &mut T) -> (Tried, u32) {
         drop(std::mem::take(&mut self.in_flight));
         let route = self.route;
-        for (i, started) in &self.pending {
-            self.state.health[*i].on_race_lost(self.traffic, started.elapsed());
-            tracing::info!(request_id = %self.request_id, provider = %route.targets[*i].provider.name, "hedge lost the race: cancelled");
+        for p in &self.pending {
+            let provider = &route.targets[p.index].provider.name;
+            match p.fate.as_ref().map(|f| f.load(SeqCst)) {
+                Some(FATE_BACKGROUND) => {
+                    tracing::info!(request_id = %self.request_id, %provider, probe = p.probe, "hedge lost the race: goes on in the background to learn whether its target recovered");
+                }
+                Some(FATE_SETTLED) => {}
+                _ => {
+                    self.state.health[p.index].on_race_lost(self.traffic, p.started.elapsed());
+                    tracing::info!(request_id = %self.request_id, %provider, "hedge lost the race: cancelled");
+                }
+            }
         }
         if let Some((i, error)) = &self.refused {
             self.tried.push(&route.targets[*i], error.kind().reason());
         }
         let health = &self.state.health[index];
-        if let Some(t) = health.on_success(&route.breaker, probe, self.traffic, took) {
-            super::report(self.incidents, &route.targets[index], t);
-        }
+        health.on_answered(self.traffic, answer.took());
+        answer.settle_with(Settle {
+            health: Arc::clone(health),
+            policy: route.breaker,
+            incidents: Arc::clone(self.incidents),
+            probe,
+            traffic: self.traffic,
+        });
         crate::metrics::hedge_decided(&route.alias, self.hedge, Some(index));
         (self.tried, self.launched)
     }
@@ -262,22 +493,20 @@ where
         if self.refused.is_none() {
             self.refused = Some((index, error));
         }
+        self.answer_now = true;
     }
 
     /// Target `index` failed with a retryable error: health hears of it
     /// (unless the request could not be translated for it, which says
     /// nothing of the target), the failure is logged, counted and listed, and
-    /// the next target is launched if nothing else is in flight.
+    /// the next target is launched if nothing else is in flight but
+    /// tentative attempts.
     pub fn failed(&mut self, index: usize, probe: bool, error: UpstreamError) {
         let route = self.route;
         let target = &route.targets[index];
         let health = &self.state.health[index];
-        if !matches!(error, UpstreamError::Untranslatable { .. }) {
-            if let Some(t) = health.on_failure(super::failure_of(&error), &route.breaker, probe) {
-                super::report(self.incidents, target, t);
-            }
-        } else if probe {
-            health.on_abandoned();
+        if let Some(t) = failure(health, &route.breaker, probe, &error) {
+            report(self.incidents, health, t);
         }
         let reason = error.kind().reason();
         tracing::warn!(
@@ -292,8 +521,8 @@ where
         crate::metrics::failover(&route.alias, reason);
         self.tried.push(target, reason);
         self.last = Some((index, error));
-        if self.in_flight.is_empty() && self.refused.is_none() {
-            self.launch();
+        if self.only_tentative() && self.refused.is_none() && !self.launch() {
+            self.answer_now = true;
         }
     }
 
@@ -314,24 +543,139 @@ where
     }
 }
 
+/// A tentative attempt, run as a task of its own, as the request awaits it.
+/// Dropped before it ended (another target answered, or the client left),
+/// it lets the attempt go on in the background if the target allows one
+/// more (`TargetHealth::try_background`), else cancels it; either way its
+/// end reaches the target's health exactly once, from the task or from here.
+struct Handoff<T: Answer> {
+    index: usize,
+    probe: bool,
+    /// `None` once the request took the result.
+    rx: Option<oneshot::Receiver<Result<T, UpstreamError>>>,
+    task: AbortHandle,
+    settle: Settle,
+    fate: Arc<AtomicU8>,
+}
+
+impl<T: Answer> Handoff<T> {
+    fn spawn(
+        index: usize,
+        attempt: impl Future<Output = Result<T, UpstreamError>> + Send + 'static,
+        settle: Settle,
+    ) -> (Self, Arc<AtomicU8>) {
+        let (tx, rx) = oneshot::channel();
+        let fate = Arc::new(AtomicU8::new(FATE_AWAITED));
+        let task = tokio::spawn({
+            let (settle, fate) = (settle.clone(), Arc::clone(&fate));
+            async move {
+                let result = attempt.await;
+                // Sent: the request has it, or its drop tells health.
+                let Err(result) = tx.send(result) else {
+                    return;
+                };
+                // Nobody waits for it: it tells health itself. The fate was
+                // set before the receiver closed.
+                let health = Arc::clone(&settle.health);
+                settle.in_background(result).await;
+                if fate.load(SeqCst) == FATE_BACKGROUND {
+                    health.end_background();
+                }
+            }
+        });
+        let handoff = Self {
+            index,
+            probe: settle.probe,
+            rx: Some(rx),
+            task: task.abort_handle(),
+            settle,
+            fate: Arc::clone(&fate),
+        };
+        (handoff, fate)
+    }
+}
+
+impl<T: Answer> Future for Handoff<T> {
+    type Output = Ended<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended<T>> {
+        let this = self.get_mut();
+        let Some(rx) = this.rx.as_mut() else {
+            return Poll::Pending;
+        };
+        let result = match ready!(Pin::new(rx).poll(cx)) {
+            Ok(result) => result,
+            // The task ended without a result: the runtime is shutting down.
+            Err(_) => Err(UpstreamError::Transport {
+                provider: this.settle.health.provider.clone(),
+                detail: "the attempt's task ended without an answer".to_owned(),
+            }),
+        };
+        this.rx = None;
+        Poll::Ready(Ended {
+            index: this.index,
+            probe: this.probe,
+            result,
+        })
+    }
+}
+
+impl<T: Answer> Drop for Handoff<T> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        let health = Arc::clone(&self.settle.health);
+        let kept = health.try_background(self.settle.probe);
+        let fate = if kept {
+            FATE_BACKGROUND
+        } else {
+            FATE_CANCELLED
+        };
+        // Before the receiver closes: the task reads it once its send fails.
+        self.fate.store(fate, SeqCst);
+        rx.close();
+        match rx.try_recv() {
+            // It ended, but the request never looked: its end is told here.
+            Ok(result) => {
+                self.fate.store(FATE_SETTLED, SeqCst);
+                let settle = self.settle.clone();
+                let tell = async move {
+                    settle.in_background(result).await;
+                    if kept {
+                        health.end_background();
+                    }
+                };
+                // No runtime (shutting down): nothing to tell it to.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    drop(runtime.spawn(tell));
+                }
+            }
+            // It goes on; the task tells health how it ends.
+            Err(_) if kept => {}
+            Err(_) => self.task.abort(),
+        }
+    }
+}
+
 /// Runs an attempt after `delay`. If it claimed a breaker's probe slot and is
 /// dropped before it ends (the client left, or a hedge won), the slot is
 /// released so the target can be probed again.
 async fn guarded<T>(
     probe: bool,
-    health: &TargetHealth,
+    health: Arc<TargetHealth>,
     delay: Duration,
     attempt: impl Future<Output = T>,
 ) -> T {
-    struct ProbeGuard<'a>(Option<&'a TargetHealth>);
-    impl Drop for ProbeGuard<'_> {
+    struct ProbeGuard(Option<Arc<TargetHealth>>);
+    impl Drop for ProbeGuard {
         fn drop(&mut self) {
-            if let Some(h) = self.0 {
+            if let Some(h) = &self.0 {
                 h.on_abandoned();
             }
         }
     }
-    let mut guard = ProbeGuard(probe.then_some(health));
+    let mut guard = ProbeGuard(probe.then(|| Arc::clone(&health)));
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -350,8 +694,6 @@ fn backoff(route: &Route, attempts: u32, rng: &mut fastrand::Rng) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::state::Live;
 
@@ -385,8 +727,34 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
             .map(|index| Candidate {
                 index,
                 probe: false,
+                tentative: false,
             })
             .collect()
+    }
+
+    /// A test's answer is whole once answered.
+    impl Answer for String {
+        fn took(&self) -> Duration {
+            Duration::ZERO
+        }
+        fn settle_with(&mut self, settle: Settle) {
+            settle.ended(BodyEnd::Whole);
+        }
+        fn drain(self) -> BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    impl Answer for () {
+        fn took(&self) -> Duration {
+            Duration::ZERO
+        }
+        fn settle_with(&mut self, settle: Settle) {
+            settle.ended(BodyEnd::Whole);
+        }
+        fn drain(self) -> BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
     }
 
     fn broke(target: &Target) -> UpstreamError {
@@ -410,7 +778,8 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
             Traffic::Whole,
             "id",
             rng,
-            |t| {
+            |i| {
+                let t = &route.targets[i];
                 let out = if t.model == "x" {
                     Err(broke(t))
                 } else {
@@ -424,8 +793,9 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
         assert_eq!((first.index, first.result.is_err()), (0, true));
         attempts.failed(first.index, first.probe, first.result.unwrap_err());
         let second = attempts.next().await.unwrap();
-        assert_eq!(second.result.unwrap(), "y");
-        let (tried, launched) = attempts.won(second.index, second.probe, Duration::ZERO);
+        let mut answer = second.result.unwrap();
+        assert_eq!(answer, "y");
+        let (tried, launched) = attempts.won(second.index, second.probe, &mut answer);
         assert_eq!(
             (tried.list().as_str(), launched),
             ("a/x=transport_error", 2)
@@ -447,8 +817,8 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
             Traffic::Whole,
             "id",
             rng,
-            |t| {
-                let out: Result<(), _> = Err(broke(t));
+            |i| {
+                let out: Result<(), _> = Err(broke(&route.targets[i]));
                 async move { out }
             },
         );
@@ -479,7 +849,8 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
             Traffic::Whole,
             "id",
             rng,
-            |t| {
+            |i| {
+                let t = &route.targets[i];
                 let slow = t.model == "x";
                 let model = t.model.clone();
                 async move {
@@ -492,9 +863,10 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
         );
         attempts.launch();
         let ended = attempts.next().await.unwrap();
-        assert_eq!(ended.result.unwrap(), "y", "the hedge answered first");
+        let mut answer = ended.result.unwrap();
+        assert_eq!(answer, "y", "the hedge answered first");
         assert_eq!(started.elapsed(), Duration::from_millis(50));
-        let (tried, launched) = attempts.won(ended.index, ended.probe, Duration::ZERO);
+        let (tried, launched) = attempts.won(ended.index, ended.probe, &mut answer);
         assert_eq!((tried.list().as_str(), launched), ("", 2));
     }
 
@@ -511,7 +883,8 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
             Traffic::Whole,
             "id",
             rng,
-            |t| {
+            |i| {
+                let t = &route.targets[i];
                 let first = t.model == "x";
                 let refusal = UpstreamError::Untranslatable {
                     provider: t.provider.name.clone(),
@@ -542,5 +915,128 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
         let (end, _, launched) = attempts.finish();
         assert!(matches!(end, Exhausted::Refused(1, _)));
         assert_eq!(launched, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_is_hedged_soon_and_closes_the_breaker_from_the_background() {
+        let live = live(
+            r#"probe_hedge_after = "40ms"
+breaker = { consecutive_failures = 1, open_for = "1s" }"#,
+        );
+        let (route, state) = (&live.config.routes[0], &live.routes[0]);
+        let a = &state.health[0];
+        let _ = a.on_failure(crate::health::Failure::Fault, &route.breaker, false);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let plan = vec![
+            Candidate {
+                index: 0,
+                probe: true,
+                tentative: true,
+            },
+            Candidate {
+                index: 1,
+                probe: false,
+                tentative: false,
+            },
+        ];
+        let started = Instant::now();
+        let mut attempts = Attempts::new(
+            route,
+            state,
+            &live.incidents,
+            plan,
+            Traffic::Whole,
+            "id",
+            fastrand::Rng::with_seed(1),
+            |i| {
+                let model = route.targets[i].model.clone();
+                async move {
+                    if model == "x" {
+                        // The probed target answers, but late.
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                    Ok(model)
+                }
+            },
+        );
+        assert!(attempts.launch());
+        let ended = attempts.next().await.unwrap();
+        let mut answer = ended.result.unwrap();
+        assert_eq!(answer, "y", "the next target answered first");
+        assert_eq!(started.elapsed(), Duration::from_millis(40));
+        let (tried, launched) = attempts.won(ended.index, ended.probe, &mut answer);
+        assert_eq!((tried.list().as_str(), launched), ("", 2));
+        assert_eq!(a.state(), crate::health::BreakerState::HalfOpen);
+        assert_eq!(a.snapshot(&route.breaker).background, 1);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(
+            a.state(),
+            crate::health::BreakerState::Closed,
+            "the probe answered in the background"
+        );
+        assert_eq!(a.snapshot(&route.breaker).background, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_beside_a_hanging_probe_is_answered_without_waiting_for_it() {
+        let live = live(
+            r#"probe_hedge_after = "40ms"
+breaker = { consecutive_failures = 1, open_for = "1s" }"#,
+        );
+        let (route, state) = (&live.config.routes[0], &live.routes[0]);
+        let a = &state.health[0];
+        let _ = a.on_failure(crate::health::Failure::Fault, &route.breaker, false);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let plan = vec![
+            Candidate {
+                index: 0,
+                probe: true,
+                tentative: true,
+            },
+            Candidate {
+                index: 1,
+                probe: false,
+                tentative: false,
+            },
+        ];
+        let started = Instant::now();
+        let mut attempts = Attempts::new(
+            route,
+            state,
+            &live.incidents,
+            plan,
+            Traffic::Whole,
+            "id",
+            fastrand::Rng::with_seed(1),
+            |i| {
+                let t = &route.targets[i];
+                let (model, failure) = (t.model.clone(), broke(t));
+                async move {
+                    if model == "x" {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        Err(failure)
+                    } else {
+                        Err::<String, _>(failure)
+                    }
+                }
+            },
+        );
+        assert!(attempts.launch());
+        let hedge = attempts.next().await.unwrap();
+        assert_eq!(hedge.index, 1);
+        attempts.failed(hedge.index, hedge.probe, hedge.result.unwrap_err());
+        assert!(
+            attempts.next().await.is_none(),
+            "the probe is not waited for"
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(40));
+        let (end, _, launched) = attempts.finish();
+        assert!(matches!(end, Exhausted::Failed(Some((1, _)))));
+        assert_eq!(launched, 2);
+        assert_eq!(a.state(), crate::health::BreakerState::HalfOpen);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let snap = a.snapshot(&route.breaker);
+        assert_eq!(a.state(), crate::health::BreakerState::Open, "{snap:?}");
+        assert_eq!((snap.consecutive_failures, snap.background), (2, 0));
     }
 }

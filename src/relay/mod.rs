@@ -19,7 +19,9 @@
 //! failure can still fail over unseen), ends a failed stream with a
 //! well-formed error event in the client's format (never a hang, never
 //! truncated JSON), and holds the request (`request::Tracked`: its log
-//! record and what is settled with it), ending it when the body ends.
+//! record and what is settled with it), ending it when the body ends. It
+//! tells the target's health how a committed body ended ([`BodyEnd`], once:
+//! whole, broken off, or dropped) through the hook the proxy gives it.
 
 pub mod capture;
 pub mod deadline;
@@ -69,7 +71,23 @@ pub struct RelayBody {
     /// What the upstream did after the events last batched: handled on the
     /// next poll, once the batch is sent.
     after_batch: Option<AfterBatch>,
+    /// Told once how the body ended, for the target's health.
+    end_hook: Option<EndHook>,
 }
+
+/// How a committed body ended, as the target's health hears it.
+pub enum BodyEnd<'e> {
+    /// Whole: an event stream with its end marker and no error event.
+    Whole,
+    /// The upstream failed after the client got its headers (cut, stall,
+    /// error event, no end marker).
+    Broke(&'e UpstreamError),
+    /// Dropped before its end (the client left): says nothing of the target.
+    Dropped,
+}
+
+/// Called once with how the body ended (see [`RelayBody::on_body_end`]).
+pub type EndHook = Box<dyn FnOnce(BodyEnd<'_>) + Send>;
 
 /// The most bytes of ready events joined into one frame.
 const MAX_BATCH: usize = 64 * 1024;
@@ -204,6 +222,24 @@ impl RelayBody {
             record: None,
             whole: false,
             after_batch: None,
+            end_hook: None,
+        }
+    }
+
+    /// Whether the body is an event stream (whose end is still to come once
+    /// it is committed), rather than an answer that is whole once started.
+    pub fn is_event_stream(&self) -> bool {
+        self.mode.is_event_stream()
+    }
+
+    /// `hook` is told once how the body ends: whole, broken off, or dropped.
+    pub fn on_body_end(&mut self, hook: EndHook) {
+        self.end_hook = Some(hook);
+    }
+
+    fn tell_end(&mut self, end: BodyEnd<'_>) {
+        if let Some(hook) = self.end_hook.take() {
+            hook(end);
         }
     }
 
@@ -387,6 +423,27 @@ impl RelayBody {
             Mode::Decoded(translated) => translated.whole(),
             _ => true,
         };
+        if self.whole {
+            self.tell_end(BodyEnd::Whole);
+        } else if self.end_hook.is_some() {
+            // Relayed as it came, but a failure of the target all the same.
+            let provider = self.provider.clone();
+            let error = match &self.mode {
+                Mode::Decoded(translated) => translated.error(),
+                _ => None,
+            };
+            let error = match error {
+                Some(message) => UpstreamError::ErrorEvent {
+                    provider,
+                    message: message.to_owned(),
+                },
+                None => UpstreamError::Transport {
+                    provider,
+                    detail: "stream ended before its end marker".to_owned(),
+                },
+            };
+            self.tell_end(BodyEnd::Broke(&error));
+        }
         if let Some(r) = self.record.take() {
             r.finish(Outcome::Ok);
         }
@@ -404,6 +461,7 @@ impl RelayBody {
 
     /// The upstream failed after the client got its headers.
     fn fail(&mut self, error: UpstreamError) -> Polled {
+        self.tell_end(BodyEnd::Broke(&error));
         if let Some(r) = self.record.take() {
             tracing::warn!(
                 request_id = %r.request_id,
@@ -544,6 +602,12 @@ impl RelayBody {
             Some(events) => Poll::Ready(Some(Ok(Frame::data(events)))),
             None => Poll::Pending,
         }
+    }
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        self.tell_end(BodyEnd::Dropped);
     }
 }
 
