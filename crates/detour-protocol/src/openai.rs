@@ -425,12 +425,13 @@ fn has_usage_object(data: &[u8]) -> bool {
     false
 }
 
-/// Token counts as OpenAI reports them.
+/// Token counts as OpenAI reports them (Chat Completions' names; a
+/// Responses API body's `input_tokens` and `output_tokens` read the same).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Usage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     pub completion_tokens: u64,
     #[serde(default)]
     pub total_tokens: u64,
