@@ -90,6 +90,10 @@ pub struct Forward {
     pub tenant: std::sync::Arc<str>,
     /// The client sent `x-detour-cache: bypass` (or `no-cache`).
     pub cache_bypass: bool,
+    /// Responses API clients: the feature that needs state only OpenAI keeps
+    /// (`previous_response_id`, `store: true`, …). Such a request goes only
+    /// to the route's targets that keep it (kind `openai`).
+    pub stateful: Option<&'static str>,
 }
 
 impl Forward {
@@ -98,6 +102,7 @@ impl Forward {
         let parsed = self.ir.get_or_init(|| match self.format {
             ClientFormat::OpenAi => translate::openai::parse_request(&self.body),
             ClientFormat::Anthropic => translate::anthropic::parse_request(&self.body),
+            ClientFormat::Responses => translate::responses::parse_request(&self.body),
         });
         parsed.as_ref().map_err(Clone::clone)
     }
@@ -148,12 +153,27 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
         }
         None => None,
     };
+    if let Some(feature) = req.stateful {
+        // Another provider would answer without the state the request builds
+        // on (or asks to keep): only targets that keep it are tried (below),
+        // and a route without one refuses it.
+        if !(0..route.targets.len()).any(|i| keeps_state(live, route, i)) {
+            let error = GatewayError::Untranslatable(format!(
+                "{feature} needs state kept by OpenAI's Responses API, and no target of route `{}` is a provider of kind `openai`",
+                route.alias
+            ));
+            return with_cache_status(reject(record, req.format, error), visit.as_ref());
+        }
+    }
     let state = &live.routes[position];
     state.budget.deposit();
     let mut rng = fastrand::Rng::new();
     // Streamed and whole answers have their own latency estimates.
     let traffic = Traffic::of(req.stream);
-    let plan = routing::plan(route, &state.health, &live.overrides, traffic, &mut rng);
+    let mut plan = routing::plan(route, &state.health, &live.overrides, traffic, &mut rng);
+    if req.stateful.is_some() {
+        plan.retain(|c| keeps_state(live, route, c.index));
+    }
     let mut attempts = Attempts::new(
         route,
         state,
@@ -225,6 +245,15 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
     let resp = reject(record, req.format, error);
     let resp = with_attempt_headers(resp, target, launched, &tried);
     with_cache_status(resp, visit.as_ref())
+}
+
+/// Whether target `index` of `route` keeps the Responses API's state.
+fn keeps_state(live: &Live, route: &Route, index: usize) -> bool {
+    route.targets.get(index).is_some_and(|t| {
+        live.adapters
+            .get(t.provider_index)
+            .is_some_and(crate::providers::Adapter::keeps_responses_state)
+    })
 }
 
 /// Hands the winning attempt's response to the client: the record (and, on
@@ -391,13 +420,26 @@ async fn attempt(
     } = answer;
     let upstream_format = adapter.format();
     let client_format = req.format.wire();
-    let relayed_as_is = upstream_format == client_format && !event_stream;
+    // The provider answers in the client's own format (a passthrough).
+    let native = adapter.passes_through(req.format, req.endpoint);
+    let relayed_as_is = native && !event_stream;
     if let (Some(encoding), false) = (&encoding, relayed_as_is) {
         // A stream or an answer to translate must be read, and detour asked
         // for no encoding: another target will do.
         return Err(unexpected(Unexpected::Encoding(encoding.clone())));
     }
-    let (shape, inner) = match (upstream_format == client_format, event_stream) {
+    let (shape, inner) = match (native, event_stream) {
+        (true, true) if req.format == ClientFormat::Responses => {
+            // Decoded only to know where it ends, its usage and errors.
+            let decoder = Box::new(StreamDecoder::Responses(
+                translate::responses::StreamDecoder::new(),
+            ));
+            let shape = Shape::Decoded {
+                decoder,
+                encoder: None,
+            };
+            (shape, Some(upstream_body))
+        }
         (true, true) if client_format == Format::OpenAi => {
             let strip_usage = !req.include_usage;
             (Shape::OpenAiEvents { strip_usage }, Some(upstream_body))
@@ -423,7 +465,7 @@ async fn attempt(
         }
         (false, false) => {
             let body = read_whole(adapter, upstream_body, &route.timeouts, started).await?;
-            let translated = match translate_response(upstream_format, req.format, &body) {
+            let translated = match translate_response(upstream_format, req, &body) {
                 Ok(translated) => translated,
                 // Not even JSON: the provider's fault, another target may do.
                 Err(_) if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() => {
@@ -515,12 +557,18 @@ fn encoder_for(req: &Forward) -> StreamEncoder {
         ClientFormat::Anthropic => {
             StreamEncoder::Anthropic(translate::anthropic::StreamEncoder::new())
         }
+        ClientFormat::Responses => {
+            StreamEncoder::Responses(Box::new(translate::responses::StreamEncoder::new(
+                translate::responses::Echo::of_request(&req.body),
+                unix_now(),
+            )))
+        }
     }
 }
 
 fn translate_response(
     upstream: Format,
-    client: ClientFormat,
+    req: &Forward,
     body: &[u8],
 ) -> Result<Bytes, TranslateError> {
     let resp = match upstream {
@@ -528,9 +576,14 @@ fn translate_response(
         Format::Anthropic => translate::anthropic::parse_response(body)?,
         Format::Gemini => translate::gemini::parse_response(body)?,
     };
-    match client {
+    match req.format {
         ClientFormat::OpenAi => Ok(translate::openai::encode_response(&resp, unix_now())),
         ClientFormat::Anthropic => translate::anthropic::encode_response(&resp),
+        ClientFormat::Responses => Ok(translate::responses::encode_response(
+            &resp,
+            &translate::responses::Echo::of_request(&req.body),
+            unix_now(),
+        )),
     }
 }
 

@@ -1,4 +1,5 @@
-//! The OpenAI API: `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`.
+//! The OpenAI API: `/v1/chat/completions`, `/v1/responses`, `/v1/embeddings`,
+//! `/v1/models`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -11,7 +12,9 @@ use super::{accept, rate_limited, start, RequestId, Started};
 use crate::auth::Caller;
 use crate::cache;
 use crate::error::ClientFormat;
-use crate::protocol::openai::{model_list, AskUsage, ChatRequest, EmbeddingsRequest};
+use crate::protocol::openai::{
+    model_list, AskUsage, ChatRequest, EmbeddingsRequest, ResponsesRequest,
+};
 use crate::providers::Endpoint;
 use crate::proxy::{forward, reject, Forward};
 use crate::state::Gateway;
@@ -70,6 +73,70 @@ pub async fn chat_completions(
         ir: OnceLock::new(),
         tenant: caller.tenant,
         cache_bypass: cache::bypass_requested(&headers),
+        stateful: None,
+    };
+    forward(&live, fwd, record).await
+}
+
+/// `POST /v1/responses`: OpenAI's Responses API, passed through to `openai`
+/// providers and translated for the others (`protocol::translate::responses`).
+/// Its errors are in OpenAI's shape; a stream that fails after it started
+/// ends with Responses events (`response.failed`, `error`).
+pub async fn responses(
+    State(gw): State<Arc<Gateway>>,
+    Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
+    req: Request,
+) -> Response {
+    const FORMAT: ClientFormat = ClientFormat::Responses;
+    let Started {
+        live,
+        mut record,
+        headers,
+        body,
+        tokens,
+    } = match start(&gw, id, FORMAT, Endpoint::Responses, req).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    let parsed = match ResponsesRequest::parse(&body) {
+        Ok(p) => p,
+        Err(e) => return reject(record, FORMAT, e.into()),
+    };
+    let (len, max) = (body.len(), parsed.max_tokens);
+    if let Err(e) = accept(
+        &mut record,
+        &live,
+        &caller,
+        &tokens,
+        &parsed.model,
+        len,
+        max,
+    )
+    .await
+    {
+        return reject(record, FORMAT, e);
+    }
+    if parsed.stream {
+        match live.limits.stream_permit(&caller).await {
+            Ok(permit) => record.hold = permit,
+            Err(e) => return reject(record, FORMAT, rate_limited(e)),
+        }
+    }
+    let fwd = Forward {
+        endpoint: Endpoint::Responses,
+        format: FORMAT,
+        alias: parsed.model,
+        body,
+        model_span: parsed.model_span,
+        stream: parsed.stream,
+        // Usage comes with every Responses answer; nothing is stripped.
+        include_usage: true,
+        ask_usage: AskUsage::No,
+        ir: OnceLock::new(),
+        tenant: caller.tenant,
+        cache_bypass: cache::bypass_requested(&headers),
+        stateful: parsed.stateful,
     };
     forward(&live, fwd, record).await
 }
@@ -121,6 +188,7 @@ pub async fn embeddings(
         ir: OnceLock::new(),
         tenant: caller.tenant,
         cache_bypass: cache::bypass_requested(&headers),
+        stateful: None,
     };
     forward(&live, fwd, record).await
 }

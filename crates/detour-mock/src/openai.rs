@@ -20,6 +20,7 @@ use super::gen::{self, unix_now, Fnv};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Route {
     ChatCompletions,
+    Responses,
     Embeddings,
     Models,
     Model,
@@ -30,6 +31,7 @@ impl Route {
     pub(crate) fn of(method: &Method, path: &str) -> Self {
         match (method, path) {
             (&Method::POST, "/v1/chat/completions") => Self::ChatCompletions,
+            (&Method::POST, "/v1/responses") => Self::Responses,
             (&Method::POST, "/v1/embeddings") => Self::Embeddings,
             (&Method::GET, "/v1/models") => Self::Models,
             (&Method::GET, p) if p.len() > MODEL_PREFIX.len() && p.starts_with(MODEL_PREFIX) => {
@@ -52,6 +54,7 @@ pub(crate) fn serve(
 ) -> Reply {
     let result = match route {
         Route::ChatCompletions => chat_completions(body, ctx),
+        Route::Responses => super::responses::create(body, ctx),
         Route::Embeddings => embeddings(body, ctx),
         Route::Models => Ok(models()),
         Route::Model => Ok(model(path.get(MODEL_PREFIX.len()..).unwrap_or_default())),

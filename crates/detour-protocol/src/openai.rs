@@ -63,6 +63,21 @@ pub enum AskUsage {
     Replace { span: Range<usize>, with: String },
 }
 
+/// What the gateway needs to know about a Responses API request
+/// (`POST /v1/responses`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponsesRequest {
+    pub model: String,
+    pub model_span: Range<usize>,
+    pub stream: bool,
+    /// The answer's token cap (`max_output_tokens`).
+    pub max_tokens: Option<u64>,
+    /// The first feature that needs state OpenAI keeps, named for the
+    /// client (`previous_response_id`, `store: true`, …): such a request can
+    /// go only to providers of kind `openai`.
+    pub stateful: Option<&'static str>,
+}
+
 /// What the gateway needs to know about an embeddings request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EmbeddingsRequest {
@@ -171,6 +186,24 @@ fn span_of(body: &[u8], raw: &RawValue) -> Option<Range<usize>> {
 }
 
 #[derive(Deserialize)]
+struct ResponsesCheck<'a> {
+    #[serde(borrow)]
+    model: &'a RawValue,
+    #[serde(borrow, rename = "input")]
+    _input: &'a RawValue,
+    #[serde(rename = "instructions")]
+    _instructions: Option<Cow<'a, str>>,
+    stream: Option<bool>,
+    #[serde(rename = "temperature")]
+    _temperature: Option<f64>,
+    #[serde(rename = "top_p")]
+    _top_p: Option<f64>,
+    max_output_tokens: Option<u64>,
+    #[serde(borrow, rename = "tools")]
+    _tools: Option<Vec<ToolCheck<'a>>>,
+}
+
+#[derive(Deserialize)]
 struct EmbeddingsCheck<'a> {
     #[serde(borrow)]
     model: &'a RawValue,
@@ -198,6 +231,21 @@ impl ChatRequest {
             include_usage,
             max_tokens: check.max_completion_tokens.or(check.max_tokens),
             ask_usage,
+        })
+    }
+}
+
+impl ResponsesRequest {
+    pub fn parse(body: &[u8]) -> Result<Self, InvalidRequest> {
+        let check: ResponsesCheck = deserialize_checked(body)?;
+        validate_json(body)?;
+        let (model, model_span) = model_of(body, check.model)?;
+        Ok(Self {
+            model,
+            model_span,
+            stream: check.stream.unwrap_or(false),
+            max_tokens: check.max_output_tokens,
+            stateful: crate::translate::responses::stateful_feature(body),
         })
     }
 }
