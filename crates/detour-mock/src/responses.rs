@@ -31,8 +31,13 @@ fn invalid(message: &str, param: Option<&str>) -> Rejected {
 
 /// What the answer will be.
 enum Plan {
-    Text { tool_result: Option<String> },
-    Call { name: String, parameters: Option<Value> },
+    Text {
+        tool_result: Option<String>,
+    },
+    Call {
+        name: String,
+        parameters: Option<Value>,
+    },
 }
 
 fn text_of(v: &Value) -> String {
@@ -66,10 +71,12 @@ fn plan(req: &Map<String, Value>) -> Result<Plan, Rejected> {
         .filter(|t| t.get("type").and_then(Value::as_str) == Some("function"))
         .collect();
     let call = |f: &Value| {
-        f.get("name").and_then(Value::as_str).map(|name| Plan::Call {
-            name: name.to_owned(),
-            parameters: f.get("parameters").cloned(),
-        })
+        f.get("name")
+            .and_then(Value::as_str)
+            .map(|name| Plan::Call {
+                name: name.to_owned(),
+                parameters: f.get("parameters").cloned(),
+            })
     };
     let text = Plan::Text { tool_result: None };
     match req.get("tool_choice") {
@@ -95,15 +102,30 @@ fn plan(req: &Map<String, Value>) -> Result<Plan, Rejected> {
 pub(crate) fn create(body: &[u8], ctx: &Ctx<'_>) -> Result<Reply, Rejected> {
     let req = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => map,
-        _ => return Err(invalid("We could not parse the JSON body of your request.", None)),
+        _ => {
+            return Err(invalid(
+                "We could not parse the JSON body of your request.",
+                None,
+            ))
+        }
     };
     let model = match req.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
-        _ => return Err(invalid("Missing required parameter: 'model'.", Some("model"))),
+        _ => {
+            return Err(invalid(
+                "Missing required parameter: 'model'.",
+                Some("model"),
+            ))
+        }
     };
     let input = match req.get("input") {
         Some(v @ (Value::String(_) | Value::Array(_))) => v,
-        _ => return Err(invalid("Missing required parameter: 'input'.", Some("input"))),
+        _ => {
+            return Err(invalid(
+                "Missing required parameter: 'input'.",
+                Some("input"),
+            ))
+        }
     };
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let max_tokens = req.get("max_output_tokens").and_then(Value::as_u64);
@@ -300,7 +322,10 @@ fn events(head: &Head, item: &Item, chunks: usize) -> Stream {
         out: Vec::new(),
     };
     for kind in ["response.created", "response.in_progress"] {
-        e.push(kind, json!({"response": head.object("in_progress", Vec::new(), false)}));
+        e.push(
+            kind,
+            json!({"response": head.object("in_progress", Vec::new(), false)}),
+        );
     }
     let id = item.id().to_owned();
     e.push(
