@@ -189,8 +189,10 @@ fn span_of(body: &[u8], raw: &RawValue) -> Option<Range<usize>> {
 struct ResponsesCheck<'a> {
     #[serde(borrow)]
     model: &'a RawValue,
+    /// Optional: OpenAI takes a request without it (a stored `prompt`, or
+    /// `previous_response_id` alone); the translator requires it.
     #[serde(borrow, rename = "input")]
-    _input: &'a RawValue,
+    _input: Option<&'a RawValue>,
     #[serde(rename = "instructions")]
     _instructions: Option<Cow<'a, str>>,
     stream: Option<bool>,
