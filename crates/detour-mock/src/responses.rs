@@ -15,17 +15,19 @@ use serde_json::{json, Map, Value};
 
 use super::body::{Ctx, Reply, Stream};
 use super::gen::{self, unix_now, Fnv};
-use super::openai::{error, SSE};
 
 type Rejected = Box<Reply>;
 
+const SSE: &str = "text/event-stream; charset=utf-8";
+
+/// A 400 in OpenAI's error shape (as `openai::error_body` writes it).
 fn invalid(message: &str, param: Option<&str>) -> Rejected {
-    Box::new(error(
+    let body = json!({"error": {
+        "message": message, "type": "invalid_request_error", "param": param, "code": null,
+    }});
+    Box::new(Reply::json(
         StatusCode::BAD_REQUEST,
-        message,
-        "invalid_request_error",
-        param,
-        None,
+        Bytes::from(body.to_string()),
     ))
 }
 

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -237,6 +238,69 @@ impl ChatRequest {
     }
 }
 
+#[derive(Deserialize)]
+struct StateCheck {
+    #[serde(default)]
+    previous_response_id: Option<IgnoredAny>,
+    #[serde(default)]
+    conversation: Option<IgnoredAny>,
+    #[serde(default)]
+    store: Option<bool>,
+    #[serde(default)]
+    background: Option<bool>,
+    #[serde(default)]
+    prompt: Option<IgnoredAny>,
+    #[serde(default)]
+    input: Option<InputCheck>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum InputCheck {
+    Items(Vec<ItemCheck>),
+    Other(IgnoredAny),
+}
+
+#[derive(Deserialize)]
+struct ItemCheck {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+}
+
+/// The first feature of a Responses request that needs state OpenAI keeps
+/// (`previous_response_id`, `conversation`, `store: true`,
+/// `background: true`, a stored `prompt`, an `item_reference` input item),
+/// named for the client; `None` when it has none (or is not a JSON object:
+/// the request checks say so). `store` absent is not a request for state
+/// here: OpenAI's own default does not bind other providers.
+pub fn stateful_feature(body: &[u8]) -> Option<&'static str> {
+    let check: StateCheck = serde_json::from_slice(body).ok()?;
+    if check.previous_response_id.is_some() {
+        return Some("`previous_response_id`");
+    }
+    if check.conversation.is_some() {
+        return Some("`conversation`");
+    }
+    if check.store == Some(true) {
+        return Some("`store: true`");
+    }
+    if check.background == Some(true) {
+        return Some("`background: true`");
+    }
+    if check.prompt.is_some() {
+        return Some("a stored `prompt`");
+    }
+    if let Some(InputCheck::Items(items)) = check.input {
+        if items
+            .iter()
+            .any(|i| i.kind.as_deref() == Some("item_reference"))
+        {
+            return Some("an `item_reference` input item");
+        }
+    }
+    None
+}
+
 impl ResponsesRequest {
     pub fn parse(body: &[u8]) -> Result<Self, InvalidRequest> {
         let check: ResponsesCheck = deserialize_checked(body)?;
@@ -247,7 +311,7 @@ impl ResponsesRequest {
             model_span,
             stream: check.stream.unwrap_or(false),
             max_tokens: check.max_output_tokens,
-            stateful: crate::translate::responses::stateful_feature(body),
+            stateful: stateful_feature(body),
         })
     }
 }

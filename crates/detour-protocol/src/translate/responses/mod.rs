@@ -45,7 +45,6 @@
 pub mod object;
 pub mod stream;
 
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::json;
@@ -55,6 +54,7 @@ use crate::chat::{
     Role, Tool, ToolCall, ToolChoice, ToolResult,
 };
 
+pub use crate::openai::stateful_feature;
 pub use object::{encode_response, Echo};
 pub use stream::{error_event, StreamDecoder, StreamEncoder};
 
@@ -67,72 +67,6 @@ fn responses_only(feature: impl Into<String>) -> TranslateError {
     TranslateError::ResponsesOnly {
         feature: feature.into(),
     }
-}
-
-// ---------------------------------------------------------------------------
-// Stateful features
-
-#[derive(Deserialize)]
-struct StateCheck {
-    #[serde(default)]
-    previous_response_id: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    conversation: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    store: Option<bool>,
-    #[serde(default)]
-    background: Option<bool>,
-    #[serde(default)]
-    prompt: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    input: Option<InputCheck>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum InputCheck {
-    Items(Vec<ItemCheck>),
-    Other(serde::de::IgnoredAny),
-}
-
-#[derive(Deserialize)]
-struct ItemCheck {
-    #[serde(rename = "type", default)]
-    kind: Option<String>,
-}
-
-/// The first feature of a Responses request that needs state OpenAI keeps
-/// (`previous_response_id`, `conversation`, `store: true`,
-/// `background: true`, a stored `prompt`, an `item_reference` input item),
-/// named for the client; `None` when it has none (or is not a JSON object:
-/// the request checks say so). `store` absent is not a request for state
-/// here: OpenAI's own default does not bind other providers.
-pub fn stateful_feature(body: &[u8]) -> Option<&'static str> {
-    let check: StateCheck = serde_json::from_slice(body).ok()?;
-    if check.previous_response_id.is_some() {
-        return Some("`previous_response_id`");
-    }
-    if check.conversation.is_some() {
-        return Some("`conversation`");
-    }
-    if check.store == Some(true) {
-        return Some("`store: true`");
-    }
-    if check.background == Some(true) {
-        return Some("`background: true`");
-    }
-    if check.prompt.is_some() {
-        return Some("a stored `prompt`");
-    }
-    if let Some(InputCheck::Items(items)) = check.input {
-        if items
-            .iter()
-            .any(|i| i.kind.as_deref() == Some("item_reference"))
-        {
-            return Some("an `item_reference` input item");
-        }
-    }
-    None
 }
 
 // ---------------------------------------------------------------------------
