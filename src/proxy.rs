@@ -92,7 +92,8 @@ pub struct Forward {
     pub cache_bypass: bool,
     /// Responses API clients: the feature that needs state only OpenAI keeps
     /// (`previous_response_id`, `store: true`, …). Such a request goes only
-    /// to the route's targets that keep it (kind `openai`).
+    /// to the route's targets that keep it (kind `openai`), and is never
+    /// hedged (two racing attempts would change that state twice).
     pub stateful: Option<&'static str>,
 }
 
@@ -184,6 +185,9 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
         rng,
         |target| attempt(live, route, target, &req),
     );
+    if req.stateful.is_some() {
+        attempts.without_hedging();
+    }
     attempts.launch();
     while let Some(Ended {
         index,

@@ -496,11 +496,11 @@ async fn stateful_features_are_refused_with_a_400_naming_them_when_no_target_kee
 async fn bad_requests_are_refused_in_openais_shape() {
     let up = upstream(Flavor::Openai).await;
     let gw = gateway(&route(&[("p", "openai", &up, "gpt-up")])).await;
-    let resp = post(&gw, &json!({"model": "fast"})).await;
+    let resp = post(&gw, &json!({"model": "fast", "input": "x", "stream": "yes"})).await;
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
-    assert_eq!(v["error"]["param"], "input", "{v}");
+    assert_eq!(v["error"]["param"], "stream", "{v}");
     let resp = post(&gw, &json!({"model": "nope", "input": "x"})).await;
     assert_eq!(resp.status(), 404);
     let v: Value = resp.json().await.unwrap();
@@ -519,4 +519,43 @@ async fn a_cached_route_replays_a_responses_answer() {
     let second: Value = resp.json().await.unwrap();
     assert_eq!(first, second);
     assert_eq!(up.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_slow_target_is_hedged_but_never_for_a_stateful_request() {
+    let (slow, fast) = (
+        upstream(Flavor::Openai).await,
+        upstream(Flavor::Openai).await,
+    );
+    slow.set_faults(faults(json!({"latency_ms": 400})));
+    let config = route(&[
+        ("slow", "openai", &slow, "gpt-a"),
+        ("fast", "openai", &fast, "gpt-b"),
+    ]) + "hedge_after = \"30ms\"\n";
+    let gw = gateway(&config).await;
+    let resp = post(&gw, &hello(false)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-detour-provider"], "fast", "hedged");
+    // Two racing attempts would store, or append to a conversation, twice.
+    let mut body = hello(false);
+    body["conversation"] = "conv_1".into();
+    let resp = post(&gw, &body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-detour-provider"], "slow");
+    assert_eq!(fast.stats().responses, 1, "the stateful request was not hedged");
+}
+
+#[tokio::test]
+async fn a_stateful_request_is_never_answered_from_the_cache() {
+    let up = upstream(Flavor::Openai).await;
+    let config = route(&[("p", "openai", &up, "gpt-up")]) + "cache = { ttl = \"1m\" }\n";
+    let gw = gateway(&config).await;
+    let mut body = hello(false);
+    body["store"] = true.into();
+    for _ in 0..2 {
+        let resp = post(&gw, &body).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-detour-cache"], "bypass");
+    }
+    assert_eq!(up.stats().responses, 2);
 }

@@ -135,7 +135,9 @@ pub async fn responses(
         ask_usage: AskUsage::No,
         ir: OnceLock::new(),
         tenant: caller.tenant,
-        cache_bypass: cache::bypass_requested(&headers),
+        // A stateful request is never answered from the cache: its answer
+        // also changed state upstream (a stored response, a conversation).
+        cache_bypass: cache::bypass_requested(&headers) || parsed.stateful.is_some(),
         stateful: parsed.stateful,
     };
     forward(&live, fwd, record).await
