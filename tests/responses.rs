@@ -565,3 +565,59 @@ async fn a_stateful_request_is_never_answered_from_the_cache() {
     }
     assert_eq!(up.stats().responses, 2);
 }
+
+/// The value of the series `name` (labels included) in a scrape.
+fn value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn usage_is_counted_for_passed_through_and_translated_answers() {
+    let (primary, claude, streams) = (
+        upstream(Flavor::Openai).await,
+        upstream(Flavor::Anthropic).await,
+        upstream(Flavor::Openai).await,
+    );
+    let gw = gateway(&route(&[
+        ("resp-pass", "openai", &primary, "gpt-up"),
+        ("resp-claude", "anthropic", &claude, "claude-up"),
+    ]))
+    .await;
+    let gw_streams = gateway(&route(&[("resp-stream", "openai", &streams, "gpt-up")])).await;
+    let admin = admin(&gw, "t0k").await;
+    let scrape = || async {
+        let resp = client().get(format!("{admin}/metrics")).bearer_auth("t0k");
+        resp.send().await.unwrap().text().await.unwrap()
+    };
+    // The first scrape installs the process's recorder.
+    scrape().await;
+    // Passed through whole, passed through streamed, translated streamed.
+    assert_eq!(post(&gw, &hello(false)).await.status(), 200);
+    post(&gw_streams, &hello(true)).await.text().await.unwrap();
+    primary.set_faults(faults(json!({"error_rate": 1.0, "error_status": 500})));
+    post(&gw, &hello(true)).await.text().await.unwrap();
+    let series = |provider: &str, kind: &str| {
+        format!(r#"detour_tokens_total{{provider="{provider}",kind="{kind}",tenant="anonymous"}}"#)
+    };
+    let wanted: Vec<String> = ["resp-pass", "resp-stream", "resp-claude"]
+        .iter()
+        .flat_map(|p| [series(p, "prompt"), series(p, "completion")])
+        .collect();
+    let requests = r#"detour_requests_total{route="fast",provider="resp-pass",status="200",format="responses",tenant="anonymous"}"#;
+    // A request is counted when its body ends, a moment after the client has it.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = scrape().await;
+        if wanted.iter().all(|w| value(&text, w) > 0.0) && value(&text, requests) == 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "missing some of {wanted:#?} in:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
