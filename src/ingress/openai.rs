@@ -27,55 +27,26 @@ pub async fn chat_completions(
     Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Response {
-    let Started {
-        live,
-        mut record,
-        headers,
-        body,
-        tokens,
-    } = match start(&gw, id, FORMAT, Endpoint::ChatCompletions, req).await {
+    let started = match start(&gw, id, FORMAT, Endpoint::ChatCompletions, req).await {
         Ok(s) => s,
         Err(resp) => return resp,
     };
-    let parsed = match ChatRequest::parse(&body) {
+    let parsed = match ChatRequest::parse(&started.body) {
         Ok(p) => p,
-        Err(e) => return reject(record, FORMAT, e.into()),
+        Err(e) => return reject(started.record, FORMAT, e.into()),
     };
-    let (len, max) = (body.len(), parsed.max_tokens);
-    if let Err(e) = accept(
-        &mut record,
-        &live,
-        &caller,
-        &tokens,
-        &parsed.model,
-        len,
-        max,
-    )
-    .await
-    {
-        return reject(record, FORMAT, e);
-    }
-    if parsed.stream {
-        match live.limits.stream_permit(&caller).await {
-            Ok(permit) => record.hold = permit,
-            Err(e) => return reject(record, FORMAT, rate_limited(e)),
-        }
-    }
-    let fwd = Forward {
+    let checked = Checked {
         endpoint: Endpoint::ChatCompletions,
         format: FORMAT,
-        alias: parsed.model,
-        body,
+        model: parsed.model,
         model_span: parsed.model_span,
         stream: parsed.stream,
+        max_tokens: parsed.max_tokens,
         include_usage: parsed.include_usage,
         ask_usage: parsed.ask_usage,
-        ir: OnceLock::new(),
-        tenant: caller.tenant,
-        cache_bypass: cache::bypass_requested(&headers),
         stateful: None,
     };
-    forward(&live, fwd, record).await
+    accept_and_forward(started, caller, checked).await
 }
 
 /// `POST /v1/responses`: OpenAI's Responses API, passed through to `openai`
@@ -89,56 +60,77 @@ pub async fn responses(
     req: Request,
 ) -> Response {
     const FORMAT: ClientFormat = ClientFormat::Responses;
+    let started = match start(&gw, id, FORMAT, Endpoint::Responses, req).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    let parsed = match ResponsesRequest::parse(&started.body) {
+        Ok(p) => p,
+        Err(e) => return reject(started.record, FORMAT, e.into()),
+    };
+    let checked = Checked {
+        endpoint: Endpoint::Responses,
+        format: FORMAT,
+        model: parsed.model,
+        model_span: parsed.model_span,
+        stream: parsed.stream,
+        max_tokens: parsed.max_tokens,
+        // Usage comes with every Responses answer; nothing is stripped.
+        include_usage: true,
+        ask_usage: AskUsage::No,
+        stateful: parsed.stateful,
+    };
+    accept_and_forward(started, caller, checked).await
+}
+
+/// What a handler read of a chat-like request (Chat Completions, Responses).
+struct Checked {
+    endpoint: Endpoint,
+    format: ClientFormat,
+    model: String,
+    model_span: std::ops::Range<usize>,
+    stream: bool,
+    max_tokens: Option<u64>,
+    include_usage: bool,
+    ask_usage: AskUsage,
+    stateful: Option<&'static str>,
+}
+
+/// What every chat-like request goes through once read: model access and its
+/// tokens ([`accept`]), a stream slot, then [`forward`].
+async fn accept_and_forward(started: Started, caller: Caller, c: Checked) -> Response {
     let Started {
         live,
         mut record,
         headers,
         body,
         tokens,
-    } = match start(&gw, id, FORMAT, Endpoint::Responses, req).await {
-        Ok(s) => s,
-        Err(resp) => return resp,
-    };
-    let parsed = match ResponsesRequest::parse(&body) {
-        Ok(p) => p,
-        Err(e) => return reject(record, FORMAT, e.into()),
-    };
-    let (len, max) = (body.len(), parsed.max_tokens);
-    if let Err(e) = accept(
-        &mut record,
-        &live,
-        &caller,
-        &tokens,
-        &parsed.model,
-        len,
-        max,
-    )
-    .await
-    {
-        return reject(record, FORMAT, e);
+    } = started;
+    let (len, max) = (body.len(), c.max_tokens);
+    if let Err(e) = accept(&mut record, &live, &caller, &tokens, &c.model, len, max).await {
+        return reject(record, c.format, e);
     }
-    if parsed.stream {
+    if c.stream {
         match live.limits.stream_permit(&caller).await {
             Ok(permit) => record.hold = permit,
-            Err(e) => return reject(record, FORMAT, rate_limited(e)),
+            Err(e) => return reject(record, c.format, rate_limited(e)),
         }
     }
     let fwd = Forward {
-        endpoint: Endpoint::Responses,
-        format: FORMAT,
-        alias: parsed.model,
+        endpoint: c.endpoint,
+        format: c.format,
+        alias: c.model,
         body,
-        model_span: parsed.model_span,
-        stream: parsed.stream,
-        // Usage comes with every Responses answer; nothing is stripped.
-        include_usage: true,
-        ask_usage: AskUsage::No,
+        model_span: c.model_span,
+        stream: c.stream,
+        include_usage: c.include_usage,
+        ask_usage: c.ask_usage,
         ir: OnceLock::new(),
         tenant: caller.tenant,
         // A stateful request is never answered from the cache: its answer
         // also changed state upstream (a stored response, a conversation).
-        cache_bypass: cache::bypass_requested(&headers) || parsed.stateful.is_some(),
-        stateful: parsed.stateful,
+        cache_bypass: cache::bypass_requested(&headers) || c.stateful.is_some(),
+        stateful: c.stateful,
     };
     forward(&live, fwd, record).await
 }

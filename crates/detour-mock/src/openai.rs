@@ -304,18 +304,6 @@ fn model_of(req: &Map<String, Value>) -> Result<&str, Rejected> {
     }
 }
 
-/// The text of a message `content`: a string, or the `text` of its parts.
-fn text_of(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect(),
-        _ => String::new(),
-    }
-}
-
 fn text_len(content: &Value) -> usize {
     match content {
         Value::String(s) => s.len(),
@@ -405,7 +393,7 @@ enum Plan<'a> {
 fn plan<'a>(req: &'a Map<String, Value>, messages: &'a [Value]) -> Result<Plan<'a>, Rejected> {
     let last = messages.last();
     if last.and_then(|m| m.get("role")).and_then(Value::as_str) == Some("tool") {
-        let tool_result = last.and_then(|m| m.get("content")).map(text_of);
+        let tool_result = last.and_then(|m| m.get("content")).map(gen::text_of);
         return Ok(Plan::Text { tool_result });
     }
     let mut functions = req

@@ -42,17 +42,6 @@ enum Plan {
     },
 }
 
-fn text_of(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect(),
-        _ => String::new(),
-    }
-}
-
 fn plan(req: &Map<String, Value>) -> Result<Plan, Rejected> {
     let last = req
         .get("input")
@@ -60,7 +49,7 @@ fn plan(req: &Map<String, Value>) -> Result<Plan, Rejected> {
         .and_then(|items| items.last());
     if let Some(last) = last {
         if last.get("type").and_then(Value::as_str) == Some("function_call_output") {
-            let tool_result = last.get("output").map(text_of);
+            let tool_result = last.get("output").map(gen::text_of);
             return Ok(Plan::Text { tool_result });
         }
     }

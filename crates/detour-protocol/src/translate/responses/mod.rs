@@ -50,8 +50,8 @@ use serde_json::{Map, Value};
 use super::json;
 use super::TranslateError;
 use crate::chat::{
-    Audio, ChatRequest, Format, FunctionTool, Image, MediaSource, Message, Part, ResponseFormat,
-    Role, Tool, ToolCall, ToolChoice, ToolResult,
+    Audio, ChatRequest, Format, FunctionTool, Image, Message, Part, ResponseFormat, Role, Tool,
+    ToolCall, ToolChoice, ToolResult,
 };
 
 pub use crate::openai::stateful_feature;
@@ -173,14 +173,8 @@ fn push_item(messages: &mut Vec<Message>, item: Value, path: &str) -> Result<(),
         "message" => messages.push(parse_message(item, path)?),
         "function_call" => {
             let call = ToolCall {
-                id: json::string(
-                    json::required(&mut item, "call_id", path)?,
-                    &json::at(path, "call_id"),
-                )?,
-                name: json::string(
-                    json::required(&mut item, "name", path)?,
-                    &json::at(path, "name"),
-                )?,
+                id: json::required_string(&mut item, "call_id", path)?,
+                name: json::required_string(&mut item, "name", path)?,
                 arguments: match json::take(&mut item, "arguments") {
                     None => String::new(),
                     Some(Value::String(s)) => s,
@@ -204,10 +198,7 @@ fn push_item(messages: &mut Vec<Message>, item: Value, path: &str) -> Result<(),
             }
         }
         "function_call_output" => {
-            let call_id = json::string(
-                json::required(&mut item, "call_id", path)?,
-                &json::at(path, "call_id"),
-            )?;
+            let call_id = json::required_string(&mut item, "call_id", path)?;
             let output_path = json::at(path, "output");
             let content = match json::required(&mut item, "output", path)? {
                 Value::String(s) => vec![Part::Text(s)],
@@ -261,24 +252,17 @@ fn input_parts(v: Value, path: &str) -> Result<Vec<Part>, TranslateError> {
     for (i, p) in json::array(v, path)?.into_iter().enumerate() {
         let p_path = json::idx(path, i);
         let mut p = json::object(p, &p_path)?;
-        let kind = json::string(
-            json::required(&mut p, "type", &p_path)?,
-            &json::at(&p_path, "type"),
-        )?;
+        let kind = json::required_string(&mut p, "type", &p_path)?;
         let part = match kind.as_str() {
-            "input_text" | "output_text" | "text" => Part::Text(json::string(
-                json::required(&mut p, "text", &p_path)?,
-                &json::at(&p_path, "text"),
-            )?),
-            "refusal" => Part::Text(json::string(
-                json::required(&mut p, "refusal", &p_path)?,
-                &json::at(&p_path, "refusal"),
-            )?),
+            "input_text" | "output_text" | "text" => {
+                Part::Text(json::required_string(&mut p, "text", &p_path)?)
+            }
+            "refusal" => Part::Text(json::required_string(&mut p, "refusal", &p_path)?),
             "input_image" => {
                 let detail = json::opt_string(&mut p, "detail", &p_path)?;
                 match json::opt_string(&mut p, "image_url", &p_path)? {
                     Some(url) => Part::Image(Image {
-                        source: media_source(url),
+                        source: super::openai::media_source(url),
                         detail,
                     }),
                     None => return Err(responses_only("an `input_image` by `file_id`")),
@@ -288,14 +272,8 @@ fn input_parts(v: Value, path: &str) -> Result<Vec<Part>, TranslateError> {
                 let a_path = json::at(&p_path, "input_audio");
                 let mut a = json::object(json::required(&mut p, "input_audio", &p_path)?, &a_path)?;
                 Part::Audio(Audio {
-                    data: json::string(
-                        json::required(&mut a, "data", &a_path)?,
-                        &json::at(&a_path, "data"),
-                    )?,
-                    format: json::string(
-                        json::required(&mut a, "format", &a_path)?,
-                        &json::at(&a_path, "format"),
-                    )?,
+                    data: json::required_string(&mut a, "data", &a_path)?,
+                    format: json::required_string(&mut a, "format", &a_path)?,
                 })
             }
             other => return Err(responses_only(format!("content part of type `{other}`"))),
@@ -305,31 +283,15 @@ fn input_parts(v: Value, path: &str) -> Result<Vec<Part>, TranslateError> {
     Ok(parts)
 }
 
-fn media_source(url: String) -> MediaSource {
-    match super::parse_data_url(&url) {
-        Some((media_type, data)) => MediaSource::Base64 {
-            media_type: media_type.to_owned(),
-            data: data.to_owned(),
-        },
-        None => MediaSource::Url(url),
-    }
-}
-
 /// A function tool is flat in the Responses API (`name` beside `type`).
 fn parse_tool(v: Value, path: &str) -> Result<Tool, TranslateError> {
     let mut t = json::object(v, path)?;
-    let kind = json::string(
-        json::required(&mut t, "type", path)?,
-        &json::at(path, "type"),
-    )?;
+    let kind = json::required_string(&mut t, "type", path)?;
     if kind != "function" {
         return Err(responses_only(format!("a tool of type `{kind}`")));
     }
     Ok(Tool::Function(FunctionTool {
-        name: json::string(
-            json::required(&mut t, "name", path)?,
-            &json::at(path, "name"),
-        )?,
+        name: json::required_string(&mut t, "name", path)?,
         description: json::opt_string(&mut t, "description", path)?,
         parameters: json::take(&mut t, "parameters"),
         strict: json::opt_bool(&mut t, "strict", path)?,
@@ -376,10 +338,7 @@ fn parse_text_format(v: Value) -> Result<ResponseFormat, TranslateError> {
         "text" => Ok(ResponseFormat::Text),
         "json_object" => Ok(ResponseFormat::JsonObject),
         "json_schema" => Ok(ResponseFormat::JsonSchema {
-            name: json::string(
-                json::required(&mut o, "name", PATH)?,
-                &json::at(PATH, "name"),
-            )?,
+            name: json::required_string(&mut o, "name", PATH)?,
             description: json::opt_string(&mut o, "description", PATH)?,
             schema: json::take(&mut o, "schema"),
             strict: json::opt_bool(&mut o, "strict", PATH)?,

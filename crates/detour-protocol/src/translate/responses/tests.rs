@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use super::*;
 use crate::chat::{ErrorKind, FinishReason, StreamEvent, Usage};
 use crate::sse::data_payloads;
+use crate::translate::tests::{pretty, same, sse_events};
 use crate::translate::{anthropic, gemini, openai, StreamDecoder as AnyDecoder};
 
 const MODEL: &str = "upstream-model";
@@ -99,44 +100,6 @@ fn run(
         (upstream, "stream") => relay_stream(input, format_named(upstream), echo),
         other => panic!("unknown case {other:?} in {input_name}"),
     })
-}
-
-/// SSE as (event name, data) pairs, data as JSON where it is JSON.
-fn sse_events(bytes: &[u8]) -> Vec<(Option<String>, Value)> {
-    let text = String::from_utf8_lossy(bytes).replace("\r\n", "\n");
-    text.split("\n\n")
-        .filter(|e| !e.trim().is_empty())
-        .map(|e| {
-            let mut name = None;
-            let mut data = String::new();
-            for line in e.lines() {
-                if let Some(n) = line.strip_prefix("event: ") {
-                    name = Some(n.to_owned());
-                } else if let Some(d) = line.strip_prefix("data: ") {
-                    data.push_str(d);
-                }
-            }
-            let data = serde_json::from_str(&data).unwrap_or(Value::String(data));
-            (name, data)
-        })
-        .collect()
-}
-
-fn pretty(name: &str, bytes: &[u8]) -> String {
-    if name.ends_with(".json") {
-        let v: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
-        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
-    } else {
-        String::from_utf8_lossy(bytes).into_owned()
-    }
-}
-
-fn same(name: &str, actual: &[u8], expected: &[u8]) -> bool {
-    if name.ends_with(".json") {
-        serde_json::from_slice::<Value>(actual).ok() == serde_json::from_slice(expected).ok()
-    } else {
-        sse_events(actual) == sse_events(expected)
-    }
 }
 
 /// Every case in `cases.txt`. `DETOUR_BLESS=1` (re)writes the expected files
