@@ -166,6 +166,26 @@ pub async fn forward(live: &Live, req: Forward, mut record: Tracked) -> Response
             return with_cache_status(reject(record, req.format, error), visit.as_ref());
         }
     }
+    if req.format == ClientFormat::Responses
+        && !(0..route.targets.len()).any(|i| keeps_state(live, route, i))
+    {
+        // Every target translates: what no translation can carry (a
+        // built-in tool, a malformed body) is the caller's 400 now, rather
+        // than each target's refusal in turn.
+        match req.ir() {
+            Err(TranslateError::Invalid(e)) => {
+                return with_cache_status(reject(record, req.format, e.into()), visit.as_ref());
+            }
+            Err(e @ TranslateError::ResponsesOnly { .. }) => {
+                let error = GatewayError::Untranslatable(format!(
+                    "{e}, and no target of route `{}` is one",
+                    route.alias
+                ));
+                return with_cache_status(reject(record, req.format, error), visit.as_ref());
+            }
+            _ => {}
+        }
+    }
     let state = &live.routes[position];
     state.budget.deposit();
     let mut rng = fastrand::Rng::new();

@@ -369,6 +369,33 @@ async fn a_translated_stream_failing_midway_ends_with_response_failed_and_an_err
 }
 
 #[tokio::test]
+async fn a_route_without_openai_refuses_what_only_openai_serves_before_any_attempt() {
+    let (claude, gemini) = (
+        upstream(Flavor::Anthropic).await,
+        upstream(Flavor::Gemini).await,
+    );
+    let gw = gateway(&route(&[
+        ("claude", "anthropic", &claude, "claude-up"),
+        ("g", "gemini", &gemini, "gemini-up"),
+    ]))
+    .await;
+    let body = json!({"model": "fast", "input": "news?", "tools": [{"type": "web_search"}]});
+    let resp = post(&gw, &body).await;
+    assert_eq!(resp.status(), 400, "the caller's, not every target failing");
+    let v: Value = resp.json().await.unwrap();
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("web_search") && message.contains("`fast`"),
+        "{message}"
+    );
+    let resp = post(&gw, &json!({"model": "fast"})).await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "input", "{v}");
+    assert_eq!(claude.requests().len() + gemini.requests().len(), 0);
+}
+
+#[tokio::test]
 async fn a_feature_only_openai_serves_is_refused_by_name_for_other_providers() {
     let up = upstream(Flavor::Anthropic).await;
     let gw = gateway(&route(&[("p", "anthropic", &up, "claude-up")])).await;
