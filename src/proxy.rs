@@ -34,6 +34,15 @@
 //! caller's own 4xx) from one of the two does not cancel the other: it is the
 //! answer only if the other fails too.
 //!
+//! Responses API requests that build on or write state OpenAI keeps
+//! (`previous_response_id`, `conversation`, `store: true`,
+//! `background: true`, a stored `prompt`, `item_reference` items) go only to
+//! the route's targets of kind `openai` (the others are left out of the
+//! plan), are never hedged and never answered from the cache; a route with
+//! no such target answers 400 naming the feature. On a route with no
+//! `openai` target, a Responses request no translation can carry (a
+//! built-in tool, a malformed body) is refused before any attempt.
+//!
 //! Only the attempt that holds a half-open breaker's probe slot reports
 //! itself as the probe (`probe` in `health::TargetHealth::on_success` /
 //! `on_failure`); a probe that ends telling nothing (cancelled, or the

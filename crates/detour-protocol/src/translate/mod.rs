@@ -22,6 +22,9 @@
 //! | | `error_body`, `error_event`, `error_type`, `error_status`, `error_kind`, `parse_error` | Anthropic-shape errors |
 //! | [`gemini`] | `encode_request(&ChatRequest) -> Result<Bytes>` | IR → `generateContent` body |
 //! | | `parse_response`, `StreamDecoder`, `parse_error` | upstream → IR |
+//! | [`responses`] | `parse_request(&[u8]) -> Result<ChatRequest>` | Responses API client body → IR |
+//! | | `encode_response(&ChatResponse, &Echo, created_at) -> Bytes` | IR → `response` object |
+//! | | `StreamEncoder` / `StreamDecoder` | IR events → typed Responses events; a passthrough's events → IR |
 //! | here | [`TranslateError`], [`StreamDecoder`], [`StreamEncoder`] | format-independent handles for the relay |
 //!
 //! Decoders are fed one SSE `data:` payload at a time (as split by
