@@ -290,7 +290,7 @@ fn render(
     param: Option<&str>,
 ) -> Response {
     let body = match format {
-        ClientFormat::OpenAi => openai::error_body(
+        ClientFormat::OpenAi | ClientFormat::Responses => openai::error_body(
             message,
             openai_type.unwrap_or_else(|| translate::openai::error_type(kind)),
             param,
@@ -326,6 +326,9 @@ pub fn stream_error_event(format: ClientFormat, error: &GatewayError) -> Bytes {
     let message = error.to_string();
     match format {
         ClientFormat::OpenAi => openai::error_event(&message, shape.kind, shape.code),
+        ClientFormat::Responses => {
+            translate::responses::error_event(&message, shape.kind, shape.code)
+        }
         ClientFormat::Anthropic => translate::anthropic::error_event(
             ErrorKind::from_status(shape.status.as_u16()),
             &message,

@@ -34,6 +34,15 @@
 //! caller's own 4xx) from one of the two does not cancel the other: it is the
 //! answer only if the other fails too.
 //!
+//! Responses API requests that build on or write state OpenAI keeps
+//! (`previous_response_id`, `conversation`, `store: true`,
+//! `background: true`, a stored `prompt`, `item_reference` items) go only to
+//! the route's targets of kind `openai` (the others are left out of the
+//! plan), are never hedged and never answered from the cache; a route with
+//! no such target answers 400 naming the feature. On a route with no
+//! `openai` target, a Responses request no translation can carry (a
+//! built-in tool, a malformed body) is refused before any attempt.
+//!
 //! Only the attempt that holds a half-open breaker's probe slot reports
 //! itself as the probe (`probe` in `health::TargetHealth::on_whole` /
 //! `on_failure`); a probe that ends telling nothing (cancelled, or the
@@ -95,6 +104,11 @@ pub struct Forward {
     pub tenant: std::sync::Arc<str>,
     /// The client sent `x-detour-cache: bypass` (or `no-cache`).
     pub cache_bypass: bool,
+    /// Responses API clients: the feature that needs state only OpenAI keeps
+    /// (`previous_response_id`, `store: true`, …). Such a request goes only
+    /// to the route's targets that keep it (kind `openai`), and is never
+    /// hedged (two racing attempts would change that state twice).
+    pub stateful: Option<&'static str>,
 }
 
 impl Forward {
@@ -103,6 +117,7 @@ impl Forward {
         let parsed = self.ir.get_or_init(|| match self.format {
             ClientFormat::OpenAi => translate::openai::parse_request(&self.body),
             ClientFormat::Anthropic => translate::anthropic::parse_request(&self.body),
+            ClientFormat::Responses => translate::responses::parse_request(&self.body),
         });
         parsed.as_ref().map_err(Clone::clone)
     }
@@ -187,12 +202,47 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
         }
         None => None,
     };
+    if let Some(feature) = req.stateful {
+        // Another provider would answer without the state the request builds
+        // on (or asks to keep): only targets that keep it are tried (below),
+        // and a route without one refuses it.
+        if !(0..route.targets.len()).any(|i| keeps_state(live, route, i)) {
+            let error = GatewayError::Untranslatable(format!(
+                "{feature} needs state kept by OpenAI's Responses API, and no target of route `{}` is a provider of kind `openai`",
+                route.alias
+            ));
+            return with_cache_status(reject(record, req.format, error), visit.as_ref());
+        }
+    }
+    if req.format == ClientFormat::Responses
+        && !(0..route.targets.len()).any(|i| keeps_state(live, route, i))
+    {
+        // Every target translates: what no translation can carry (a
+        // built-in tool, a malformed body) is the caller's 400 now, rather
+        // than each target's refusal in turn.
+        match req.ir() {
+            Err(TranslateError::Invalid(e)) => {
+                return with_cache_status(reject(record, req.format, e.into()), visit.as_ref());
+            }
+            Err(e @ TranslateError::ResponsesOnly { .. }) => {
+                let error = GatewayError::Untranslatable(format!(
+                    "{e}, and no target of route `{}` is one",
+                    route.alias
+                ));
+                return with_cache_status(reject(record, req.format, error), visit.as_ref());
+            }
+            _ => {}
+        }
+    }
     let state = &live.routes[position];
     state.budget.deposit();
     let mut rng = fastrand::Rng::new();
     // Streamed and whole answers have their own latency estimates.
     let traffic = Traffic::of(req.stream);
-    let plan = routing::plan(route, &state.health, &live.overrides, traffic, &mut rng);
+    let mut plan = routing::plan(route, &state.health, &live.overrides, traffic, &mut rng);
+    if req.stateful.is_some() {
+        plan.retain(|c| keeps_state(live, route, c.index));
+    }
     // Each attempt owns what it needs: a tentative one may outlive the
     // request (see `attempts`).
     let req = Arc::new(req);
@@ -212,6 +262,9 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
             }
         },
     );
+    if req.stateful.is_some() {
+        attempts.without_hedging();
+    }
     attempts.launch();
     while let Some(Ended {
         index,
@@ -272,6 +325,15 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
     let resp = reject(record, req.format, error);
     let resp = with_attempt_headers(resp, target, launched, &tried);
     with_cache_status(resp, visit.as_ref())
+}
+
+/// Whether target `index` of `route` keeps the Responses API's state.
+fn keeps_state(live: &Live, route: &Route, index: usize) -> bool {
+    route.targets.get(index).is_some_and(|t| {
+        live.adapters
+            .get(t.provider_index)
+            .is_some_and(crate::providers::Adapter::keeps_responses_state)
+    })
 }
 
 /// Hands the winning attempt's response to the client: the record (and, on
@@ -437,13 +499,26 @@ async fn attempt(
     } = answer;
     let upstream_format = adapter.format();
     let client_format = req.format.wire();
-    let relayed_as_is = upstream_format == client_format && !event_stream;
+    // The provider answers in the client's own format (a passthrough).
+    let native = adapter.passes_through(req.format, req.endpoint);
+    let relayed_as_is = native && !event_stream;
     if let (Some(encoding), false) = (&encoding, relayed_as_is) {
         // A stream or an answer to translate must be read, and detour asked
         // for no encoding: another target will do.
         return Err(unexpected(Unexpected::Encoding(encoding.clone())));
     }
-    let (shape, inner) = match (upstream_format == client_format, event_stream) {
+    let (shape, inner) = match (native, event_stream) {
+        (true, true) if req.format == ClientFormat::Responses => {
+            // Decoded only to know where it ends, its usage and errors.
+            let decoder = Box::new(StreamDecoder::Responses(
+                translate::responses::StreamDecoder::new(),
+            ));
+            let shape = Shape::Decoded {
+                decoder,
+                encoder: None,
+            };
+            (shape, Some(upstream_body))
+        }
         (true, true) if client_format == Format::OpenAi => {
             let strip_usage = !req.include_usage;
             (Shape::OpenAiEvents { strip_usage }, Some(upstream_body))
@@ -469,7 +544,7 @@ async fn attempt(
         }
         (false, false) => {
             let body = read_whole(adapter, upstream_body, &route.timeouts, started).await?;
-            let translated = match translate_response(upstream_format, req.format, &body) {
+            let translated = match translate_response(upstream_format, req, &body) {
                 Ok(translated) => translated,
                 // Not even JSON: the provider's fault, another target may do.
                 Err(_) if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() => {
@@ -563,12 +638,18 @@ fn encoder_for(req: &Forward) -> StreamEncoder {
         ClientFormat::Anthropic => {
             StreamEncoder::Anthropic(translate::anthropic::StreamEncoder::new())
         }
+        ClientFormat::Responses => {
+            StreamEncoder::Responses(Box::new(translate::responses::StreamEncoder::new(
+                translate::responses::Echo::of_request(&req.body),
+                unix_now(),
+            )))
+        }
     }
 }
 
 fn translate_response(
     upstream: Format,
-    client: ClientFormat,
+    req: &Forward,
     body: &[u8],
 ) -> Result<Bytes, TranslateError> {
     let resp = match upstream {
@@ -576,9 +657,14 @@ fn translate_response(
         Format::Anthropic => translate::anthropic::parse_response(body)?,
         Format::Gemini => translate::gemini::parse_response(body)?,
     };
-    match client {
+    match req.format {
         ClientFormat::OpenAi => Ok(translate::openai::encode_response(&resp, unix_now())),
         ClientFormat::Anthropic => translate::anthropic::encode_response(&resp),
+        ClientFormat::Responses => Ok(translate::responses::encode_response(
+            &resp,
+            &translate::responses::Echo::of_request(&req.body),
+            unix_now(),
+        )),
     }
 }
 

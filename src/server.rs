@@ -44,6 +44,7 @@ pub fn router(gw: Arc<Gateway>, public: Router<Arc<Gateway>>) -> Router {
             "/v1/chat/completions",
             post(ingress::openai::chat_completions),
         )
+        .route("/v1/responses", post(ingress::openai::responses))
         .route("/v1/embeddings", post(ingress::openai::embeddings))
         .route("/v1/models", get(ingress::models))
         .route("/v1/messages", post(ingress::anthropic::messages))

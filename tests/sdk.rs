@@ -139,3 +139,27 @@ async fn anthropic_sdk_against_an_openai_compatible_provider() {
 async fn anthropic_sdk_against_a_gemini_provider() {
     anthropic_sdk("gemini", Flavor::Gemini, "gemini-up").await;
 }
+
+/// The Responses API (`client.responses.create`: plain, streamed, the stream
+/// helper, a tools round trip, errors, `previous_response_id`) against every
+/// provider kind: passed through to OpenAI, translated for the others.
+#[tokio::test]
+async fn openai_sdk_responses_against_every_provider_kind() {
+    for (kind, flavor, model) in [
+        ("openai", Flavor::Openai, "gpt-up"),
+        ("openai-compatible", Flavor::Openai, "llama-local"),
+        ("anthropic", Flavor::Anthropic, "claude-up"),
+        ("gemini", Flavor::Gemini, "gemini-up"),
+    ] {
+        let up = upstream(flavor).await;
+        let gw = gateway_to(kind, &up, model).await;
+        let args = [
+            format!("{}/v1", gw.url()),
+            "dk-sdk".into(),
+            "p".into(),
+            model.into(),
+            kind.into(),
+        ];
+        run_script("openai_responses_client.py", &args).await;
+    }
+}

@@ -76,6 +76,7 @@ pub fn encode(e: &Entry) -> Result<Vec<u8>, EncodeError> {
     out.put_u8(match e.format {
         ClientFormat::OpenAi => 0,
         ClientFormat::Anthropic => 1,
+        ClientFormat::Responses => 2,
     });
     let mut flags = 0;
     if e.stream {
@@ -111,6 +112,7 @@ pub fn decode(value: Bytes) -> Result<Entry, DecodeError> {
     let format = match r.u8()? {
         0 => ClientFormat::OpenAi,
         1 => ClientFormat::Anthropic,
+        2 => ClientFormat::Responses,
         n => return Err(DecodeError::Format(n)),
     };
     let flags = r.u8()?;

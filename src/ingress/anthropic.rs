@@ -70,6 +70,7 @@ pub async fn messages(
         ir: OnceLock::from(Ok(ir)),
         tenant: caller.tenant,
         cache_bypass: cache::bypass_requested(&headers),
+        stateful: None,
     };
     forward(&live, fwd, record).await
 }

@@ -1,4 +1,5 @@
-//! The OpenAI API: `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`.
+//! The OpenAI API: `/v1/chat/completions`, `/v1/responses`, `/v1/embeddings`,
+//! `/v1/models`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -11,7 +12,9 @@ use super::{accept, rate_limited, start, RequestId, Started};
 use crate::auth::Caller;
 use crate::cache;
 use crate::error::ClientFormat;
-use crate::protocol::openai::{model_list, AskUsage, ChatRequest, EmbeddingsRequest};
+use crate::protocol::openai::{
+    model_list, AskUsage, ChatRequest, EmbeddingsRequest, ResponsesRequest,
+};
 use crate::providers::Endpoint;
 use crate::proxy::{forward, reject, Forward};
 use crate::state::Gateway;
@@ -24,52 +27,110 @@ pub async fn chat_completions(
     Extension(caller): Extension<Caller>,
     req: Request,
 ) -> Response {
+    let started = match start(&gw, id, FORMAT, Endpoint::ChatCompletions, req).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    let parsed = match ChatRequest::parse(&started.body) {
+        Ok(p) => p,
+        Err(e) => return reject(started.record, FORMAT, e.into()),
+    };
+    let checked = Checked {
+        endpoint: Endpoint::ChatCompletions,
+        format: FORMAT,
+        model: parsed.model,
+        model_span: parsed.model_span,
+        stream: parsed.stream,
+        max_tokens: parsed.max_tokens,
+        include_usage: parsed.include_usage,
+        ask_usage: parsed.ask_usage,
+        stateful: None,
+    };
+    accept_and_forward(started, caller, checked).await
+}
+
+/// `POST /v1/responses`: OpenAI's Responses API, passed through to `openai`
+/// providers and translated for the others (`protocol::translate::responses`).
+/// Its errors are in OpenAI's shape; a stream that fails after it started
+/// ends with Responses events (`response.failed`, `error`).
+pub async fn responses(
+    State(gw): State<Arc<Gateway>>,
+    Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
+    req: Request,
+) -> Response {
+    const FORMAT: ClientFormat = ClientFormat::Responses;
+    let started = match start(&gw, id, FORMAT, Endpoint::Responses, req).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    let parsed = match ResponsesRequest::parse(&started.body) {
+        Ok(p) => p,
+        Err(e) => return reject(started.record, FORMAT, e.into()),
+    };
+    let checked = Checked {
+        endpoint: Endpoint::Responses,
+        format: FORMAT,
+        model: parsed.model,
+        model_span: parsed.model_span,
+        stream: parsed.stream,
+        max_tokens: parsed.max_tokens,
+        // Usage comes with every Responses answer; nothing is stripped.
+        include_usage: true,
+        ask_usage: AskUsage::No,
+        stateful: parsed.stateful,
+    };
+    accept_and_forward(started, caller, checked).await
+}
+
+/// What a handler read of a chat-like request (Chat Completions, Responses).
+struct Checked {
+    endpoint: Endpoint,
+    format: ClientFormat,
+    model: String,
+    model_span: std::ops::Range<usize>,
+    stream: bool,
+    max_tokens: Option<u64>,
+    include_usage: bool,
+    ask_usage: AskUsage,
+    stateful: Option<&'static str>,
+}
+
+/// What every chat-like request goes through once read: model access and its
+/// tokens ([`accept`]), a stream slot, then [`forward`].
+async fn accept_and_forward(started: Started, caller: Caller, c: Checked) -> Response {
     let Started {
         live,
         mut record,
         headers,
         body,
         tokens,
-    } = match start(&gw, id, FORMAT, Endpoint::ChatCompletions, req).await {
-        Ok(s) => s,
-        Err(resp) => return resp,
-    };
-    let parsed = match ChatRequest::parse(&body) {
-        Ok(p) => p,
-        Err(e) => return reject(record, FORMAT, e.into()),
-    };
-    let (len, max) = (body.len(), parsed.max_tokens);
-    if let Err(e) = accept(
-        &mut record,
-        &live,
-        &caller,
-        &tokens,
-        &parsed.model,
-        len,
-        max,
-    )
-    .await
-    {
-        return reject(record, FORMAT, e);
+    } = started;
+    let (len, max) = (body.len(), c.max_tokens);
+    if let Err(e) = accept(&mut record, &live, &caller, &tokens, &c.model, len, max).await {
+        return reject(record, c.format, e);
     }
-    if parsed.stream {
+    if c.stream {
         match live.limits.stream_permit(&caller).await {
             Ok(permit) => record.hold = permit,
-            Err(e) => return reject(record, FORMAT, rate_limited(e)),
+            Err(e) => return reject(record, c.format, rate_limited(e)),
         }
     }
     let fwd = Forward {
-        endpoint: Endpoint::ChatCompletions,
-        format: FORMAT,
-        alias: parsed.model,
+        endpoint: c.endpoint,
+        format: c.format,
+        alias: c.model,
         body,
-        model_span: parsed.model_span,
-        stream: parsed.stream,
-        include_usage: parsed.include_usage,
-        ask_usage: parsed.ask_usage,
+        model_span: c.model_span,
+        stream: c.stream,
+        include_usage: c.include_usage,
+        ask_usage: c.ask_usage,
         ir: OnceLock::new(),
         tenant: caller.tenant,
-        cache_bypass: cache::bypass_requested(&headers),
+        // A stateful request is never answered from the cache: its answer
+        // also changed state upstream (a stored response, a conversation).
+        cache_bypass: cache::bypass_requested(&headers) || c.stateful.is_some(),
+        stateful: c.stateful,
     };
     forward(&live, fwd, record).await
 }
@@ -121,6 +182,7 @@ pub async fn embeddings(
         ir: OnceLock::new(),
         tenant: caller.tenant,
         cache_bypass: cache::bypass_requested(&headers),
+        stateful: None,
     };
     forward(&live, fwd, record).await
 }

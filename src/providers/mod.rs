@@ -17,7 +17,7 @@ use http::{HeaderMap, HeaderValue};
 
 use crate::config::{Provider, ProviderKind};
 pub use crate::protocol::chat::Endpoint;
-use crate::protocol::chat::{ChatRequest, Format};
+use crate::protocol::chat::{ChatRequest, ClientFormat, Format};
 use crate::protocol::openai::{rewrite_model, rewrite_model_asking_usage, AskUsage};
 use crate::protocol::translate::TranslateError;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
@@ -90,6 +90,24 @@ impl Adapter {
     /// The wire format this provider speaks.
     pub fn format(&self) -> Format {
         self.upstream().format()
+    }
+
+    /// Whether this provider answers `endpoint` in the client's own format
+    /// (the request and answer pass through): its wire format is the
+    /// client's, or, for the Responses API, it serves that API itself.
+    pub fn passes_through(&self, client: ClientFormat, endpoint: Endpoint) -> bool {
+        match (self, endpoint) {
+            (Self::OpenAi(a), Endpoint::Responses) => a.serves_responses(),
+            (_, Endpoint::Responses) => false,
+            _ => self.format() == client.wire(),
+        }
+    }
+
+    /// Whether this provider keeps the Responses API's server-side state
+    /// (`previous_response_id`, `store`, background responses): kind
+    /// `openai` only.
+    pub fn keeps_responses_state(&self) -> bool {
+        matches!(self, Self::OpenAi(a) if a.serves_responses())
     }
 
     /// The upstream request for `out`, with `model` as the upstream model.

@@ -1,7 +1,10 @@
 //! Providers of kind `openai` and `openai-compatible`: the OpenAI wire format
 //! upstream. For OpenAI-format clients this is the passthrough fast path: the
-//! body is forwarded with only `model` rewritten.
+//! body is forwarded with only `model` rewritten. Responses API requests are
+//! passed through the same way to kind `openai` (its `/responses`), and
+//! translated to Chat Completions for `openai-compatible` servers.
 
+use bytes::Bytes;
 use http::Uri;
 use http::{header, HeaderMap};
 
@@ -16,6 +19,10 @@ pub struct OpenAiAdapter {
     pub(super) upstream: Upstream,
     chat_uri: Uri,
     embeddings_uri: Uri,
+    responses_uri: Uri,
+    /// Kind `openai`: the Responses API is passed through (with the state
+    /// OpenAI keeps). `openai-compatible` servers get Chat Completions.
+    serves_responses: bool,
     headers: HeaderMap,
     options: openai::RequestOptions,
 }
@@ -30,6 +37,8 @@ impl OpenAiAdapter {
         Ok(Self {
             chat_uri: join(provider, "chat/completions")?,
             embeddings_uri: join(provider, "embeddings")?,
+            responses_uri: join(provider, "responses")?,
+            serves_responses: provider.kind == ProviderKind::OpenAi,
             upstream,
             headers,
             options: openai::RequestOptions {
@@ -40,6 +49,20 @@ impl OpenAiAdapter {
         })
     }
 
+    /// A Chat Completions body from the request's IR.
+    fn translated(&self, out: &Outgoing<'_>, model: &str) -> Result<Bytes, TranslateError> {
+        let mut ir = (out.ir)()?.clone();
+        // The client is told about usage in its own format; ask for it.
+        ir.include_usage = ir.stream;
+        openai::encode_request(&ir, model, &self.options)
+    }
+
+    /// Whether this provider serves the Responses API itself (kind
+    /// `openai`), and keeps its state.
+    pub fn serves_responses(&self) -> bool {
+        self.serves_responses
+    }
+
     pub fn request(
         &self,
         out: &Outgoing<'_>,
@@ -47,18 +70,16 @@ impl OpenAiAdapter {
     ) -> Result<UpstreamRequest, TranslateError> {
         let (uri, body) = match (out.endpoint, out.format) {
             (Endpoint::Embeddings, _) => (self.embeddings_uri.clone(), out.spliced(model)),
+            // Only `model` changes; a Responses stream always ends with its
+            // usage.
+            (Endpoint::Responses, _) if self.serves_responses => {
+                (self.responses_uri.clone(), out.spliced(model))
+            }
+            (Endpoint::Responses, _) => (self.chat_uri.clone(), self.translated(out, model)?),
             // Usage is asked for even when the client did not (the relay
             // strips it): rate limits are settled from real counts.
             (_, Format::OpenAi) => (self.chat_uri.clone(), out.spliced_asking_usage(model)),
-            _ => {
-                let mut ir = (out.ir)()?.clone();
-                // The client is told about usage in its own format; ask for it.
-                ir.include_usage = ir.stream;
-                (
-                    self.chat_uri.clone(),
-                    openai::encode_request(&ir, model, &self.options)?,
-                )
-            }
+            _ => (self.chat_uri.clone(), self.translated(out, model)?),
         };
         Ok(UpstreamRequest {
             uri,

@@ -298,6 +298,13 @@ where
         }
     }
 
+    /// No hedge for this request: it changes state kept upstream (a stored
+    /// response, a conversation), which two racing attempts would change
+    /// twice.
+    pub fn without_hedging(&mut self) {
+        self.hedging = None;
+    }
+
     /// Launches the next candidate that can take a request; false when none
     /// can (the plan or `max_attempts` is used up, or the budget is empty).
     pub fn launch(&mut self) -> bool {

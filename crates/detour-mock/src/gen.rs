@@ -295,6 +295,19 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
     out
 }
 
+/// The text of an OpenAI message `content` (or a tool output): a string, or
+/// the `text` of its parts.
+pub(crate) fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect(),
+        _ => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,7 @@ mod gen;
 mod gzip;
 mod openai;
 mod record;
+mod responses;
 mod server;
 mod shared;
 mod statuspage;

@@ -20,6 +20,7 @@ use super::gen::{self, unix_now, Fnv};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Route {
     ChatCompletions,
+    Responses,
     Embeddings,
     Models,
     Model,
@@ -30,6 +31,7 @@ impl Route {
     pub(crate) fn of(method: &Method, path: &str) -> Self {
         match (method, path) {
             (&Method::POST, "/v1/chat/completions") => Self::ChatCompletions,
+            (&Method::POST, "/v1/responses") => Self::Responses,
             (&Method::POST, "/v1/embeddings") => Self::Embeddings,
             (&Method::GET, "/v1/models") => Self::Models,
             (&Method::GET, p) if p.len() > MODEL_PREFIX.len() && p.starts_with(MODEL_PREFIX) => {
@@ -52,6 +54,7 @@ pub(crate) fn serve(
 ) -> Reply {
     let result = match route {
         Route::ChatCompletions => chat_completions(body, ctx),
+        Route::Responses => super::responses::create(body, ctx),
         Route::Embeddings => embeddings(body, ctx),
         Route::Models => Ok(models()),
         Route::Model => Ok(model(path.get(MODEL_PREFIX.len()..).unwrap_or_default())),
@@ -301,18 +304,6 @@ fn model_of(req: &Map<String, Value>) -> Result<&str, Rejected> {
     }
 }
 
-/// The text of a message `content`: a string, or the `text` of its parts.
-fn text_of(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect(),
-        _ => String::new(),
-    }
-}
-
 fn text_len(content: &Value) -> usize {
     match content {
         Value::String(s) => s.len(),
@@ -402,7 +393,7 @@ enum Plan<'a> {
 fn plan<'a>(req: &'a Map<String, Value>, messages: &'a [Value]) -> Result<Plan<'a>, Rejected> {
     let last = messages.last();
     if last.and_then(|m| m.get("role")).and_then(Value::as_str) == Some("tool") {
-        let tool_result = last.and_then(|m| m.get("content")).map(text_of);
+        let tool_result = last.and_then(|m| m.get("content")).map(gen::text_of);
         return Ok(Plan::Text { tool_result });
     }
     let mut functions = req

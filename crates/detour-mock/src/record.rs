@@ -20,6 +20,9 @@ pub struct Stats {
     pub chat_completions: u64,
     /// Requests to `POST /v1/embeddings`, faulted ones included.
     pub embeddings: u64,
+    /// Requests to `POST /v1/responses`, faulted ones included.
+    #[serde(default)]
+    pub responses: u64,
     /// Anthropic: requests to `POST /v1/messages`, faulted ones included.
     pub messages: u64,
     /// Gemini: requests to `:generateContent` and `:streamGenerateContent`.
@@ -47,6 +50,7 @@ pub struct FaultStats {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Endpoint {
     ChatCompletions,
+    Responses,
     Embeddings,
     Messages,
     GenerateContent,
@@ -59,6 +63,7 @@ pub(crate) struct Counters {
     requests: AtomicU64,
     chat_completions: AtomicU64,
     embeddings: AtomicU64,
+    responses: AtomicU64,
     messages: AtomicU64,
     generate_content: AtomicU64,
     status_polls: AtomicU64,
@@ -77,6 +82,7 @@ impl Counters {
         match endpoint {
             Endpoint::ChatCompletions => self.chat_completions.fetch_add(1, Relaxed),
             Endpoint::Embeddings => self.embeddings.fetch_add(1, Relaxed),
+            Endpoint::Responses => self.responses.fetch_add(1, Relaxed),
             Endpoint::Messages => self.messages.fetch_add(1, Relaxed),
             Endpoint::GenerateContent => self.generate_content.fetch_add(1, Relaxed),
             Endpoint::StatusPoll => self.status_polls.fetch_add(1, Relaxed),
@@ -113,6 +119,7 @@ impl Counters {
             requests: self.requests.load(Relaxed),
             chat_completions: self.chat_completions.load(Relaxed),
             embeddings: self.embeddings.load(Relaxed),
+            responses: self.responses.load(Relaxed),
             messages: self.messages.load(Relaxed),
             generate_content: self.generate_content.load(Relaxed),
             status_polls: self.status_polls.load(Relaxed),
@@ -133,6 +140,7 @@ impl Counters {
             &self.requests,
             &self.chat_completions,
             &self.embeddings,
+            &self.responses,
             &self.messages,
             &self.generate_content,
             &self.status_polls,

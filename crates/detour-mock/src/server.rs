@@ -182,6 +182,7 @@ impl Route {
         match self {
             Self::Openai(openai::Route::ChatCompletions) => Endpoint::ChatCompletions,
             Self::Openai(openai::Route::Embeddings) => Endpoint::Embeddings,
+            Self::Openai(openai::Route::Responses) => Endpoint::Responses,
             Self::Anthropic(anthropic::Route::Messages) => Endpoint::Messages,
             Self::Gemini(gemini::Route::Generate | gemini::Route::Stream) => {
                 Endpoint::GenerateContent

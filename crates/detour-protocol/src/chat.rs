@@ -41,12 +41,15 @@ impl fmt::Display for Format {
     }
 }
 
-/// The API format a client speaks (a subset of [`Format`]); its errors are
-/// written in it.
+/// The API format a client speaks; its errors are written in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientFormat {
     OpenAi,
     Anthropic,
+    /// OpenAI's Responses API (`POST /v1/responses`): error bodies in
+    /// OpenAI's shape, its own objects and stream events
+    /// ([`crate::translate::responses`]).
+    Responses,
 }
 
 impl ClientFormat {
@@ -54,13 +57,18 @@ impl ClientFormat {
         match self {
             Self::OpenAi => "openai",
             Self::Anthropic => "anthropic",
+            Self::Responses => "responses",
         }
     }
 
-    /// The wire format this client speaks.
+    /// The wire format this client speaks, for telling whether a provider's
+    /// body (an error, or a chat answer) is already in it. A Responses client
+    /// is of the OpenAI family: its error bodies are OpenAI's; whether a
+    /// provider answers in the Responses API itself is the provider adapter's
+    /// to say (by [`Endpoint::Responses`]).
     pub fn wire(self) -> Format {
         match self {
-            Self::OpenAi => Format::OpenAi,
+            Self::OpenAi | Self::Responses => Format::OpenAi,
             Self::Anthropic => Format::Anthropic,
         }
     }
@@ -72,6 +80,8 @@ pub enum Endpoint {
     ChatCompletions,
     Messages,
     Embeddings,
+    /// OpenAI's Responses API.
+    Responses,
 }
 
 impl Endpoint {
@@ -80,6 +90,7 @@ impl Endpoint {
             Self::ChatCompletions => "chat_completions",
             Self::Messages => "messages",
             Self::Embeddings => "embeddings",
+            Self::Responses => "responses",
         }
     }
 }

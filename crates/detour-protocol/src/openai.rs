@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -61,6 +62,21 @@ pub enum AskUsage {
     /// Replace the value of `stream_options` at `span` with `with` (the
     /// client's options plus `include_usage: true`).
     Replace { span: Range<usize>, with: String },
+}
+
+/// What the gateway needs to know about a Responses API request
+/// (`POST /v1/responses`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponsesRequest {
+    pub model: String,
+    pub model_span: Range<usize>,
+    pub stream: bool,
+    /// The answer's token cap (`max_output_tokens`).
+    pub max_tokens: Option<u64>,
+    /// The first feature that needs state OpenAI keeps, named for the
+    /// client (`previous_response_id`, `store: true`, …): such a request can
+    /// go only to providers of kind `openai`.
+    pub stateful: Option<&'static str>,
 }
 
 /// What the gateway needs to know about an embeddings request.
@@ -171,6 +187,26 @@ fn span_of(body: &[u8], raw: &RawValue) -> Option<Range<usize>> {
 }
 
 #[derive(Deserialize)]
+struct ResponsesCheck<'a> {
+    #[serde(borrow)]
+    model: &'a RawValue,
+    /// Optional: OpenAI takes a request without it (a stored `prompt`, or
+    /// `previous_response_id` alone); the translator requires it.
+    #[serde(borrow, rename = "input")]
+    _input: Option<&'a RawValue>,
+    #[serde(rename = "instructions")]
+    _instructions: Option<Cow<'a, str>>,
+    stream: Option<bool>,
+    #[serde(rename = "temperature")]
+    _temperature: Option<f64>,
+    #[serde(rename = "top_p")]
+    _top_p: Option<f64>,
+    max_output_tokens: Option<u64>,
+    #[serde(borrow, rename = "tools")]
+    _tools: Option<Vec<ToolCheck<'a>>>,
+}
+
+#[derive(Deserialize)]
 struct EmbeddingsCheck<'a> {
     #[serde(borrow)]
     model: &'a RawValue,
@@ -198,6 +234,84 @@ impl ChatRequest {
             include_usage,
             max_tokens: check.max_completion_tokens.or(check.max_tokens),
             ask_usage,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct StateCheck {
+    #[serde(default)]
+    previous_response_id: Option<IgnoredAny>,
+    #[serde(default)]
+    conversation: Option<IgnoredAny>,
+    #[serde(default)]
+    store: Option<bool>,
+    #[serde(default)]
+    background: Option<bool>,
+    #[serde(default)]
+    prompt: Option<IgnoredAny>,
+    #[serde(default)]
+    input: Option<InputCheck>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum InputCheck {
+    Items(Vec<ItemCheck>),
+    Other(IgnoredAny),
+}
+
+#[derive(Deserialize)]
+struct ItemCheck {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+}
+
+/// The first feature of a Responses request that needs state OpenAI keeps
+/// (`previous_response_id`, `conversation`, `store: true`,
+/// `background: true`, a stored `prompt`, an `item_reference` input item),
+/// named for the client; `None` when it has none (or is not a JSON object:
+/// the request checks say so). `store` absent is not a request for state
+/// here: OpenAI's own default does not bind other providers.
+pub fn stateful_feature(body: &[u8]) -> Option<&'static str> {
+    let check: StateCheck = serde_json::from_slice(body).ok()?;
+    if check.previous_response_id.is_some() {
+        return Some("`previous_response_id`");
+    }
+    if check.conversation.is_some() {
+        return Some("`conversation`");
+    }
+    if check.store == Some(true) {
+        return Some("`store: true`");
+    }
+    if check.background == Some(true) {
+        return Some("`background: true`");
+    }
+    if check.prompt.is_some() {
+        return Some("a stored `prompt`");
+    }
+    if let Some(InputCheck::Items(items)) = check.input {
+        if items
+            .iter()
+            .any(|i| i.kind.as_deref() == Some("item_reference"))
+        {
+            return Some("an `item_reference` input item");
+        }
+    }
+    None
+}
+
+impl ResponsesRequest {
+    pub fn parse(body: &[u8]) -> Result<Self, InvalidRequest> {
+        let check: ResponsesCheck = deserialize_checked(body)?;
+        validate_json(body)?;
+        let (model, model_span) = model_of(body, check.model)?;
+        Ok(Self {
+            model,
+            model_span,
+            stream: check.stream.unwrap_or(false),
+            max_tokens: check.max_output_tokens,
+            stateful: stateful_feature(body),
         })
     }
 }
@@ -425,12 +539,13 @@ fn has_usage_object(data: &[u8]) -> bool {
     false
 }
 
-/// Token counts as OpenAI reports them.
+/// Token counts as OpenAI reports them (Chat Completions' names; a
+/// Responses API body's `input_tokens` and `output_tokens` read the same).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Usage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     pub completion_tokens: u64,
     #[serde(default)]
     pub total_tokens: u64,

@@ -126,6 +126,15 @@ pub(crate) fn required(map: &mut Object, key: &str, path: &str) -> Result<Value,
     take(map, key).ok_or_else(|| missing(&at(path, key)))
 }
 
+/// A required string field.
+pub(crate) fn required_string(
+    map: &mut Object,
+    key: &str,
+    path: &str,
+) -> Result<String, InvalidRequest> {
+    string(required(map, key, path)?, &at(path, key))
+}
+
 pub(crate) fn opt_string(
     map: &mut Object,
     key: &str,

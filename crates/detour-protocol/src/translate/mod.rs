@@ -22,6 +22,9 @@
 //! | | `error_body`, `error_event`, `error_type`, `error_status`, `error_kind`, `parse_error` | Anthropic-shape errors |
 //! | [`gemini`] | `encode_request(&ChatRequest) -> Result<Bytes>` | IR → `generateContent` body |
 //! | | `parse_response`, `StreamDecoder`, `parse_error` | upstream → IR |
+//! | [`responses`] | `parse_request(&[u8]) -> Result<ChatRequest>` | Responses API client body → IR |
+//! | | `encode_response(&ChatResponse, &Echo, created_at) -> Bytes` | IR → `response` object |
+//! | | `StreamEncoder` / `StreamDecoder` | IR events → typed Responses events; a passthrough's events → IR |
 //! | here | [`TranslateError`], [`StreamDecoder`], [`StreamEncoder`] | format-independent handles for the relay |
 //!
 //! Decoders are fed one SSE `data:` payload at a time (as split by
@@ -102,6 +105,7 @@ use crate::openai::InvalidRequest;
 pub mod anthropic;
 pub mod gemini;
 pub mod openai;
+pub mod responses;
 
 mod json;
 
@@ -117,6 +121,10 @@ pub enum TranslateError {
     /// The request uses a feature the target format cannot express.
     #[error("{feature} cannot be translated to {target}")]
     Untranslatable { feature: String, target: Format },
+    /// A Responses API feature only OpenAI's own Responses API serves (a
+    /// built-in tool, stored state): any translated target refuses it.
+    #[error("{feature} is served only by OpenAI's Responses API (a provider of kind `openai`)")]
+    ResponsesOnly { feature: String },
     /// The provider sent something this translator cannot use: invalid in
     /// its format, cut short, or beyond the IR (several streamed choices).
     #[error("unusable {format} response: {detail}")]
@@ -154,6 +162,8 @@ pub enum StreamDecoder {
     OpenAi(openai::StreamDecoder),
     Anthropic(anthropic::StreamDecoder),
     Gemini(gemini::StreamDecoder),
+    /// OpenAI Responses events (a passthrough, decoded to know its end).
+    Responses(responses::StreamDecoder),
 }
 
 impl StreamDecoder {
@@ -171,6 +181,7 @@ impl StreamDecoder {
             Self::OpenAi(d) => d.push(data),
             Self::Anthropic(d) => d.push(data),
             Self::Gemini(d) => d.push(data),
+            Self::Responses(d) => d.push(data),
         }
     }
 
@@ -180,6 +191,7 @@ impl StreamDecoder {
             Self::OpenAi(d) => d.finish(),
             Self::Anthropic(d) => d.finish(),
             Self::Gemini(d) => d.finish(),
+            Self::Responses(d) => d.finish(),
         }
     }
 }
@@ -189,6 +201,7 @@ impl StreamDecoder {
 pub enum StreamEncoder {
     OpenAi(openai::StreamEncoder),
     Anthropic(anthropic::StreamEncoder),
+    Responses(Box<responses::StreamEncoder>),
 }
 
 impl StreamEncoder {
@@ -197,6 +210,7 @@ impl StreamEncoder {
         match self {
             Self::OpenAi(e) => e.encode(event, out),
             Self::Anthropic(e) => e.encode(event, out),
+            Self::Responses(e) => e.encode(event, out),
         }
     }
 }

@@ -258,7 +258,8 @@ fn user_content(v: Value, path: &str) -> Result<Vec<Part>, TranslateError> {
     Ok(parts)
 }
 
-fn media_source(url: String) -> MediaSource {
+/// An image URL as a media source (a data URL is base64 data).
+pub(crate) fn media_source(url: String) -> MediaSource {
     match super::parse_data_url(&url) {
         Some((media_type, data)) => MediaSource::Base64 {
             media_type: media_type.to_owned(),

@@ -135,7 +135,7 @@ fn translate(input_name: &str, input: &[u8], target: Format) -> Result<Vec<u8>, 
 }
 
 /// SSE as (event name, data) pairs, data as JSON where it is JSON.
-fn sse_events(bytes: &[u8]) -> Vec<(Option<String>, Value)> {
+pub(crate) fn sse_events(bytes: &[u8]) -> Vec<(Option<String>, Value)> {
     let text = String::from_utf8_lossy(bytes).replace("\r\n", "\n");
     text.split("\n\n")
         .filter(|e| !e.trim().is_empty())
@@ -155,7 +155,7 @@ fn sse_events(bytes: &[u8]) -> Vec<(Option<String>, Value)> {
         .collect()
 }
 
-fn pretty(name: &str, bytes: &[u8]) -> String {
+pub(crate) fn pretty(name: &str, bytes: &[u8]) -> String {
     if name.ends_with(".json") {
         let v: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
         serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
@@ -164,7 +164,7 @@ fn pretty(name: &str, bytes: &[u8]) -> String {
     }
 }
 
-fn same(name: &str, actual: &[u8], expected: &[u8]) -> bool {
+pub(crate) fn same(name: &str, actual: &[u8], expected: &[u8]) -> bool {
     if name.ends_with(".json") {
         serde_json::from_slice::<Value>(actual).ok() == serde_json::from_slice(expected).ok()
     } else {
