@@ -732,8 +732,11 @@ impl Loader<'_> {
             "drill.max_flood_p99_ratio",
             d.max_flood_p99_ratio,
         );
-        let max_failover =
-            self.duration_or(raw.max_failover.as_ref(), "drill.max_failover", d.max_failover);
+        let max_failover = self.duration_or(
+            raw.max_failover.as_ref(),
+            "drill.max_failover",
+            d.max_failover,
+        );
         Some(DrillThresholds {
             max_error_rate,
             max_failover: max_failover?,

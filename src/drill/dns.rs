@@ -97,7 +97,7 @@ fn answer(query: &[u8], failing: bool) -> Option<Vec<u8>> {
     let with_a = rcode == 0 && qtype == 1;
     let mut reply = Vec::with_capacity(64);
     reply.extend_from_slice(header.get(0..2)?); // id
-    // QR, opcode 0, AA, RD copied; RA; rcode.
+                                                // QR, opcode 0, AA, RD copied; RA; rcode.
     reply.push(0x84 | (header.get(2)? & 0x01));
     reply.push(0x80 | rcode);
     reply.extend_from_slice(&[0, 1, 0, u8::from(with_a), 0, 0, 0, 0]);

@@ -172,7 +172,13 @@ pub async fn run(opts: Options) -> Result<Card, DrillError> {
             s.fault_text()
         );
         let r = scenarios::run(*s, &ctx).await?;
-        eprintln!("drill: [{}/{}] {}: {}", i + 1, selected.len(), s.name(), summary(&r));
+        eprintln!(
+            "drill: [{}/{}] {}: {}",
+            i + 1,
+            selected.len(),
+            s.name(),
+            summary(&r)
+        );
         results.push(r);
     }
     Ok(Card::new(
@@ -203,7 +209,12 @@ fn select(names: &[String]) -> Result<Vec<Scenario>, DrillError> {
 async fn start_dns() -> (Option<dns::DnsServer>, String) {
     let server = match dns::DnsServer::start().await {
         Ok(s) => s,
-        Err(e) => return (None, format!("not simulated: cannot start the drill's DNS: {e}")),
+        Err(e) => {
+            return (
+                None,
+                format!("not simulated: cannot start the drill's DNS: {e}"),
+            )
+        }
     };
     let resolver = match crate::dns::CachingResolver::with_servers(
         &[server.addr],

@@ -245,9 +245,7 @@ fn row(s: &ScenarioResult) -> String {
         percent(s.error_rate)
     };
     let failover = s.failover_ms.map_or_else(dash, |ms| format!("{ms} ms"));
-    let amplification = s
-        .amplification
-        .map_or_else(dash, |a| format!("{a:.2}x"));
+    let amplification = s.amplification.map_or_else(dash, |a| format!("{a:.2}x"));
     let tiers: Vec<String> = s
         .tiers
         .iter()

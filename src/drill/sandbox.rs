@@ -184,7 +184,11 @@ impl Plan {
                 .await
                 .map_err(|e| DrillError::io("cannot start a mock provider", e))?;
             server.set_faults(base.clone());
-            let host = if by_name { p.host.as_str() } else { "127.0.0.1" };
+            let host = if by_name {
+                p.host.as_str()
+            } else {
+                "127.0.0.1"
+            };
             let path = if p.flavor == Flavor::Gemini {
                 "v1beta"
             } else {
@@ -194,9 +198,8 @@ impl Plan {
             mocks.push(server);
         }
         let text = self.rewrite(&upstreams)?;
-        let cfg = config::load_str(&text, &self.file).map_err(|e| {
-            DrillError::Rewrite(format!("the rewritten config does not load: {e}"))
-        })?;
+        let cfg = config::load_str(&text, &self.file)
+            .map_err(|e| DrillError::Rewrite(format!("the rewritten config does not load: {e}")))?;
         let gw = Arc::new(Gateway::new(cfg).map_err(|e| DrillError::Gateway(e.to_string()))?);
         gw.set_source(Some(text.clone()));
         let gateway = Running::start(gw, bind().await?, crate::public_status::routes())

@@ -42,6 +42,10 @@ pub const FLOOD_CRITICAL_RATE: f64 = 10.0;
 pub const FLOOD_FACTOR: f64 = 20.0;
 /// The brownout's extra delay.
 pub const BROWNOUT: Duration = Duration::from_secs(2);
+/// Requests sent at once while the DNS fails (all routes together)...
+pub const DNS_BURST: usize = 32;
+/// ...this long after it began (past the answers' 1 s TTL).
+pub const DNS_BURST_AFTER: Duration = Duration::from_millis(1200);
 /// The storm's `retry-after`.
 pub const RETRY_AFTER_SECS: u64 = 2;
 
@@ -94,7 +98,9 @@ impl Scenario {
     pub fn fault_text(self) -> String {
         match self {
             Self::ProviderDown => "first choice answers 500 to every request".to_owned(),
-            Self::ProviderHanging => "first choice accepts every request and never answers".to_owned(),
+            Self::ProviderHanging => {
+                "first choice accepts every request and never answers".to_owned()
+            }
             Self::RateLimitStorm => {
                 format!("first choice answers 429 with retry-after: {RETRY_AFTER_SECS}")
             }
@@ -102,11 +108,32 @@ impl Scenario {
                 "first choice answers every request {} ms late",
                 millis(BROWNOUT)
             ),
-            Self::SheddableFlood => format!(
-                "sheddable traffic at {FLOOD_FACTOR}x the critical rate joins halfway"
-            ),
+            Self::SheddableFlood => {
+                format!("sheddable traffic at {FLOOD_FACTOR}x the critical rate joins halfway")
+            }
             Self::DnsAndBadReload => {
                 "DNS answers SERVFAIL, then a reload with an invalid config".to_owned()
+            }
+        }
+    }
+
+    /// What to change in the config when the scenario fails.
+    fn hint(self) -> &'static str {
+        match self {
+            Self::ProviderDown | Self::RateLimitStorm => {
+                "hint: give each route a second target on another provider; \
+                 `breaker.consecutive_failures` and `retries` decide how fast traffic leaves"
+            }
+            Self::ProviderHanging | Self::Brownout => {
+                "hint: `hedge_after` on the route (\"p95\" or a duration such as \"300ms\") races \
+                 the next target when the first is slow; `timeouts.first_byte` bounds the wait"
+            }
+            Self::SheddableFlood => {
+                "hint: `server.max_concurrent_requests` sets where admission by tier begins; \
+                 per-key `rpm` and `max_concurrent` cap a flood's source"
+            }
+            Self::DnsAndBadReload => {
+                "hint: the running config must keep serving; see the errors above"
             }
         }
     }
@@ -264,12 +291,8 @@ pub async fn baseline(ctx: &Context<'_>) -> Result<ScenarioResult, DrillError> {
         ctx.timing.client_timeout,
     )
     .await;
-    let mut r = ScenarioResult::measured(
-        "baseline",
-        "none: every provider healthy",
-        "none",
-        &samples,
-    );
+    let mut r =
+        ScenarioResult::measured("baseline", "none: every provider healthy", "none", &samples);
     r.duration_ms = millis(epoch.elapsed());
     r.upstream_requests = sandbox.upstream_requests();
     r.amplification = ratio(r.upstream_requests, r.requests);
@@ -350,6 +373,9 @@ async fn failover(scenario: Scenario, ctx: &Context<'_>) -> Result<ScenarioResul
                 ctx.thresholds.max_amplification, r.upstream_requests
             ));
         }
+    }
+    if r.verdict == Verdict::Fail {
+        r.notes.push(scenario.hint().to_owned());
     }
     if scenario == Scenario::Brownout {
         let slow = samples
@@ -515,6 +541,9 @@ async fn flood(ctx: &Context<'_>) -> Result<ScenarioResult, DrillError> {
         "server.max_concurrent_requests = {}: admission by tier acts only above it",
         plan.max_concurrent_requests
     ));
+    if r.verdict == Verdict::Fail {
+        r.notes.push(s.hint().to_owned());
+    }
     Ok(r)
 }
 
@@ -534,7 +563,20 @@ async fn dns_and_bad_reload(ctx: &Context<'_>) -> Result<ScenarioResult, DrillEr
     let stale_before = crate::dns::shared().stale_uses();
     let client = client()?;
     let epoch = Instant::now();
-    let streams = ctx.ordinary_load(Duration::ZERO, t.window);
+    let mut streams = ctx.ordinary_load(Duration::ZERO, t.window);
+    // Pooled connections need no lookup: a burst past the DNS's TTL needs
+    // new connections, so names must be resolved while the DNS fails.
+    let burst_at = t.warm + DNS_BURST_AFTER;
+    let bursts: Vec<Stream> = streams
+        .iter()
+        .map(|x| Stream {
+            rate: DNS_BURST as f64 * 10.0 / streams.len() as f64,
+            from: burst_at,
+            until: burst_at + Duration::from_millis(100),
+            ..x.clone()
+        })
+        .collect();
+    streams.extend(bursts);
     let incident = async {
         sleep_until(epoch + t.warm).await;
         if let Some(dns) = ctx.dns {
@@ -571,7 +613,8 @@ async fn dns_and_bad_reload(ctx: &Context<'_>) -> Result<ScenarioResult, DrillEr
     match status {
         Some(st) if st.outcome == ReloadOutcome::Rejected => {
             let first = st.errors.first().cloned().unwrap_or_default();
-            r.notes.push(format!("the invalid config was rejected: {first}"));
+            r.notes
+                .push(format!("the invalid config was rejected: {first}"));
         }
         Some(st) => r.fail(format!(
             "the invalid config was not rejected: the reload says `{}`",
@@ -584,8 +627,9 @@ async fn dns_and_bad_reload(ctx: &Context<'_>) -> Result<ScenarioResult, DrillEr
     }
     match ctx.dns {
         Some(dns) => r.notes.push(format!(
-            "DNS failed for {} ms; detour's resolver served {} lookups from its stale cache ({} queries reached the DNS); pooled connections need no lookup",
+            "DNS failed for {} ms, with a burst of {DNS_BURST} requests {} ms in; detour's resolver served {} lookups from its stale cache ({} queries reached the DNS)",
             millis(t.window.saturating_sub(t.warm)),
+            millis(DNS_BURST_AFTER),
             crate::dns::shared().stale_uses().saturating_sub(stale_before),
             dns.queries()
         )),
@@ -604,7 +648,8 @@ async fn write(path: &Path, text: String) -> Result<(), DrillError> {
 }
 
 fn client() -> Result<reqwest::Client, DrillError> {
-    load::client().map_err(|e| DrillError::io("cannot build the HTTP client", std::io::Error::other(e)))
+    load::client()
+        .map_err(|e| DrillError::io("cannot build the HTTP client", std::io::Error::other(e)))
 }
 
 fn ratio(upstream: u64, client: u64) -> Option<f64> {
