@@ -237,7 +237,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs the drill, prints its card and writes its JSON: exit 0 when every
-/// scenario passed, 1 when one failed, 2 when the config or a flag is wrong.
+/// scenario passed, 1 when one failed, 2 when the config or a flag is wrong,
+/// 3 when the drill could not run (a port, a temporary file).
 async fn drill(opts: detour::drill::Options, json: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let card = match detour::drill::run(opts).await {
         Ok(card) => card,
@@ -246,7 +247,11 @@ async fn drill(opts: detour::drill::Options, json: Option<PathBuf>) -> anyhow::R
             eprintln!("detour drill: {e}");
             return Ok(ExitCode::from(2));
         }
-        Err(e) => return Err(anyhow::anyhow!("drill: {e}")),
+        // The drill itself could not run: neither a pass nor a failed mark.
+        Err(e) => {
+            eprintln!("detour drill: cannot run: {e}");
+            return Ok(ExitCode::from(3));
+        }
     };
     print!("{}", card.render());
     if let Some(path) = json {

@@ -8,12 +8,16 @@
 //! event. A request unanswered after the client timeout is an error, as it is
 //! for a user who gives up.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::Tier;
+
+/// Requests sent by this process, numbering the prompts.
+static SENT: AtomicU64 = AtomicU64::new(0);
 
 /// One source of requests: a route, as a tier, at a rate.
 #[derive(Debug, Clone)]
@@ -144,9 +148,12 @@ async fn call(
     s: &Stream,
     stream: bool,
 ) -> (Outcome, Option<String>) {
+    // Every prompt its own, as users' are: a route's response cache must
+    // not answer the drill's requests from one stored answer.
+    let n = SENT.fetch_add(1, Ordering::Relaxed);
     let body = serde_json::json!({
         "model": s.alias,
-        "messages": [{"role": "user", "content": "drill: say hello"}],
+        "messages": [{"role": "user", "content": format!("drill request {n}: say hello")}],
         "stream": stream,
     });
     let mut req = client.post(url).json(&body);

@@ -126,7 +126,8 @@ impl Scenario {
             }
             Self::ProviderHanging | Self::Brownout => {
                 "hint: `hedge_after` on the route (\"p95\" or a duration such as \"300ms\") races \
-                 the next target when the first is slow; `timeouts.first_byte` bounds the wait"
+                 the next target when the first is slow; `timeouts.first_byte` bounds the wait; \
+                 requests that time out fail over only within `retries.budget` and `retries.min_per_sec`"
             }
             Self::SheddableFlood => {
                 "hint: `server.max_concurrent_requests` sets where admission by tier begins; \
@@ -302,6 +303,15 @@ pub async fn baseline(ctx: &Context<'_>) -> Result<ScenarioResult, DrillError> {
             "the config fails with every provider healthy: the scenarios below measure that too"
                 .to_owned(),
         );
+    }
+    let plan = ctx.plan;
+    for (i, route) in plan.routes.iter().enumerate() {
+        if !plan.callers.is_empty() && !plan.callers.iter().any(|c| c.routes.contains(&i)) {
+            r.notes.push(format!(
+                "route `{}`: no key of the config may call it, so no scenario drills it",
+                route.alias
+            ));
+        }
     }
     Ok(r)
 }
