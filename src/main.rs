@@ -68,6 +68,7 @@ enum Command {
     /// Replay the incidents detour is built against on your config, with
     /// every provider replaced by a mock, and print a report card.
     Drill {
+        /// The config to drill, loaded as `detour check` loads it.
         #[arg(long, short)]
         config: PathBuf,
         /// About 3 s per scenario instead of about 9.

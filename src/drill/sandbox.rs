@@ -262,3 +262,111 @@ async fn bind() -> Result<TcpListener, DrillError> {
         .await
         .map_err(|e| DrillError::io("cannot listen on 127.0.0.1", e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USER: &str = r#"
+[server]
+listen = "0.0.0.0:8080"
+admin_listen = "0.0.0.0:9090"
+
+[state]
+backend = "redis"
+redis_url = "redis://10.0.0.1:6379"
+
+[cache]
+backend = "redis"
+
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+api_key = "sk-live-secret"
+status_page = "https://status.openai.com/api/v2/summary.json"
+status_webhook_secret = "0123456789abcdef0123"
+
+[[providers]]
+name = "claude"
+kind = "anthropic"
+base_url = "https://api.anthropic.com/v1"
+
+[[routes]]
+model = "chat"
+targets = [{ provider = "openai", model = "m", priority = 1 }, { provider = "claude", model = "c", priority = 0 }]
+
+[[routes]]
+model = "batch"
+targets = [{ provider = "openai", model = "m" }]
+
+[[keys]]
+key_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+tenant = "app"
+tier = "critical"
+models = ["chat"]
+
+[[keys]]
+key = "dk-batch"
+tenant = "batch"
+tier = "sheddable"
+"#;
+
+    #[test]
+    fn the_rewrite_points_every_provider_at_its_mock_and_keeps_the_policy() {
+        let cfg = config::load_str(USER, "user.toml").unwrap();
+        let plan = Plan::new(&cfg, USER, "user.toml").unwrap();
+        assert_eq!(
+            plan.routes[0].first_choice, "claude",
+            "priority 0 goes first"
+        );
+        assert_eq!(plan.routes[1].first_choice, "openai");
+        let tiers: Vec<(Tier, Vec<usize>)> = plan
+            .callers
+            .iter()
+            .map(|c| (c.tier, c.routes.clone()))
+            .collect();
+        assert_eq!(
+            tiers,
+            [(Tier::Critical, vec![0]), (Tier::Sheddable, vec![0, 1])]
+        );
+        let text = plan
+            .rewrite(&[
+                "http://p0.drill.test:1/v1".into(),
+                "http://127.0.0.1:2/v1".into(),
+            ])
+            .unwrap();
+        assert!(
+            !text.contains("sk-live-secret") && !text.contains("10.0.0.1"),
+            "{text}"
+        );
+        let drilled = config::load_str(&text, "drill.toml").unwrap();
+        assert_eq!(drilled.server.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(drilled.server.admin_listen, None);
+        assert_eq!(drilled.state, config::StateStore::Memory);
+        assert_eq!(drilled.cache.backend, config::CacheBackend::Memory);
+        let p = &drilled.providers[0];
+        assert_eq!(p.base_url.as_str(), "http://p0.drill.test:1/v1");
+        assert_eq!(
+            p.api_key.as_ref().map(config::Secret::expose),
+            Some(UPSTREAM_KEY)
+        );
+        assert!(p.status_page.is_none() && p.status_webhook_secret.is_none());
+        assert_eq!(
+            drilled.providers[1].base_url.as_str(),
+            "http://127.0.0.1:2/v1"
+        );
+        // Keys: the drill's own, with tier and model list kept.
+        assert_eq!(drilled.keys.len(), 2);
+        assert_eq!(drilled.keys[0].tier, Tier::Critical);
+        assert!(drilled.keys[0].models.is_some());
+        assert_eq!(plan.callers[0].key, "drill-key-0");
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(b"drill-key-0").into();
+        assert_eq!(
+            drilled.keys[0].sha256, digest,
+            "the key the drill calls with"
+        );
+        assert_eq!(drilled.routes.len(), 2);
+        assert_eq!(drilled.routes[0].targets[1].priority, 0);
+    }
+}
