@@ -49,10 +49,14 @@ key = "${DRILL_TEST_BATCH_KEY}"
 tenant = "batch"
 tier = "sheddable"
 
-# Quick runs judge p99 on a few dozen requests: room for a busy machine.
+# A quick run judges the flood's p99 on some fifteen critical requests, and
+# the mocks, the gateway and the flood share this machine's cores with the
+# rest of the suite: the p99 mark is loose here, and the test checks what
+# holds on a busy machine, that no critical request is shed while
+# sheddable ones are.
 [drill]
 max_failover = "1500ms"
-max_flood_p99_ratio = 3.0
+max_flood_p99_ratio = 10.0
 "#;
 
 /// One provider: nothing to fail over to.
@@ -158,7 +162,7 @@ async fn a_route_with_two_providers_survives_every_incident() {
     );
     assert_eq!(card["passed"], true);
     assert_eq!(card["thresholds"]["max_failover_ms"], 1500, "[drill] read");
-    assert_eq!(card["thresholds"]["max_flood_p99_ratio"], 3.0);
+    assert_eq!(card["thresholds"]["max_flood_p99_ratio"], 10.0);
     assert!(
         card["dns"].as_str().unwrap().starts_with("simulated"),
         "{log}"
@@ -204,6 +208,24 @@ async fn a_route_with_two_providers_survives_every_incident() {
         let amplification = s["amplification"].as_f64().unwrap();
         assert!((0.5..=3.0).contains(&amplification), "{name}");
     }
+    // The flood: critical traffic kept every request, sheddable was shed.
+    let flood = &scenarios[4];
+    let tier = |name: &str| {
+        flood["tiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tier"] == name)
+            .unwrap()
+            .clone()
+    };
+    let critical = tier("critical");
+    assert_eq!(critical["errors"], 0, "{flood:#}");
+    assert_eq!(critical["limited"], 0, "{flood:#}");
+    assert!(
+        tier("sheddable")["limited"].as_u64().unwrap() > 0,
+        "{flood:#}"
+    );
     // The rejected reload is on the card, and the drill's log says so.
     let reload = &scenarios[5];
     assert!(
