@@ -243,7 +243,7 @@ LAYERS = [
     ("data plane", {"dns", "upstream", "providers", "state", "health_sync", "request", "telemetry",
                     "relay", "proxy", "ingress", "error", "listener", "server"}),
     ("control plane", {"reload", "rollout", "status_pages", "admin", "public_status"}),
-    ("entry points", {"demo"}),
+    ("entry points", {"demo", "drill"}),
 ]
 
 

@@ -19,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod dns;
+pub mod drill;
 pub mod error;
 pub mod health;
 pub mod health_sync;

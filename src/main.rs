@@ -65,6 +65,36 @@ enum Command {
         #[arg(long, env = "DETOUR_MOCK_API_KEY")]
         api_key: Option<String>,
     },
+    /// Replay the incidents detour is built against on your config, with
+    /// every provider replaced by a mock, and print a report card.
+    Drill {
+        /// The config to drill, loaded as `detour check` loads it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// About 3 s per scenario instead of about 9.
+        #[arg(long)]
+        quick: bool,
+        /// Also write the card as JSON to this file.
+        #[arg(long, value_name = "OUT")]
+        json: Option<PathBuf>,
+        /// Run only these scenarios (repeat, or separate with commas):
+        /// provider_down, provider_hanging, rate_limit_storm, brownout,
+        /// sheddable_flood, dns_and_bad_reload.
+        #[arg(long = "scenario", value_name = "NAME", value_delimiter = ',', num_args = 1..)]
+        scenarios: Vec<String>,
+        /// Most client errors a scenario may have, as a share (0.01 = 1%).
+        #[arg(long)]
+        max_error_rate: Option<f64>,
+        /// Longest time to fail over (e.g. 2s, 500ms).
+        #[arg(long, value_parser = parse_duration_arg)]
+        max_failover: Option<Duration>,
+        /// Most upstream requests per client request during a fault.
+        #[arg(long)]
+        max_amplification: Option<f64>,
+        /// Most the critical p99 may grow in a sheddable flood, as a multiple.
+        #[arg(long)]
+        max_flood_p99_ratio: Option<f64>,
+    },
     /// Start two mock providers and a gateway in front of them; no keys needed.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -75,7 +105,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; its request logs would drown it.
-    let level = if matches!(cli.command, Command::Demo { .. }) {
+    // So does the drill, whose card would drown in the request logs.
+    let level = if matches!(cli.command, Command::Demo { .. } | Command::Drill { .. }) {
         "error"
     } else {
         "info"
@@ -176,11 +207,71 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             mock::run(flavor, listen, opts).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Drill {
+            config,
+            quick,
+            json,
+            scenarios,
+            max_error_rate,
+            max_failover,
+            max_amplification,
+            max_flood_p99_ratio,
+        } => {
+            let opts = detour::drill::Options {
+                config,
+                quick,
+                scenarios,
+                marks: detour::drill::Marks {
+                    max_error_rate,
+                    max_failover,
+                    max_amplification,
+                    max_flood_p99_ratio,
+                },
+            };
+            drill(opts, json).await
+        }
         Command::Demo { listen } => {
             detour::demo::run(listen, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Runs the drill, prints its card and writes its JSON: exit 0 when every
+/// scenario passed, 1 when one failed, 2 when the config or a flag is wrong,
+/// 3 when the drill could not run (a port, a temporary file).
+async fn drill(opts: detour::drill::Options, json: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let card = match detour::drill::run(opts).await {
+        Ok(card) => card,
+        Err(detour::drill::DrillError::Config(e)) => return Ok(config_failed(&e)),
+        Err(e) if e.is_usage() => {
+            eprintln!("detour drill: {e}");
+            return Ok(ExitCode::from(2));
+        }
+        // The drill itself could not run: neither a pass nor a failed mark.
+        Err(e) => {
+            eprintln!("detour drill: cannot run: {e}");
+            return Ok(ExitCode::from(3));
+        }
+    };
+    print!("{}", card.render());
+    if let Some(path) = json {
+        let body = serde_json::to_vec_pretty(&card)?;
+        std::fs::write(&path, body)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        eprintln!("drill: card written to {}", path.display());
+    }
+    Ok(if card.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn parse_duration_arg(text: &str) -> Result<Duration, String> {
+    config::parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("`{text}` is not a duration (for example 500ms, 2s)"))
 }
 
 /// The last-known-good config from `state_dir`, announced loudly.

@@ -171,6 +171,7 @@ impl Loader<'_> {
         }
         let cache = self.cache_store(&raw.cache)?;
         let state = self.state_store(&raw.state)?;
+        let drill = self.drill(&raw.drill)?;
         if cache.backend == CacheBackend::Redis && state.redis().is_none() {
             let at = raw.cache.backend.as_ref()?;
             self.report(
@@ -189,6 +190,7 @@ impl Loader<'_> {
             keys,
             cache,
             state,
+            drill,
             warnings: Vec::new(),
             route_index,
         })
@@ -824,6 +826,48 @@ impl Loader<'_> {
         }))
     }
 
+    /// `[drill]`: a rate within 0..=1, ratios of at least 1.
+    fn drill(&mut self, raw: &super::raw::RawDrill) -> Option<DrillThresholds> {
+        let d = DrillThresholds::default();
+        let max_error_rate = match &raw.max_error_rate {
+            Some(r) if !(0.0..=1.0).contains(r.get_ref()) => {
+                self.report(r, "drill.max_error_rate", "must be between 0.0 and 1.0");
+                return None;
+            }
+            Some(r) => *r.get_ref(),
+            None => d.max_error_rate,
+        };
+        let mut ratio = |value: &Option<Spanned<f64>>, key: &str, default: f64| match value {
+            Some(x) if x.get_ref().is_nan() || *x.get_ref() < 1.0 => {
+                self.report(x, key, "must be at least 1.0");
+                None
+            }
+            Some(x) => Some(*x.get_ref()),
+            None => Some(default),
+        };
+        let max_amplification = ratio(
+            &raw.max_amplification,
+            "drill.max_amplification",
+            d.max_amplification,
+        );
+        let max_flood_p99_ratio = ratio(
+            &raw.max_flood_p99_ratio,
+            "drill.max_flood_p99_ratio",
+            d.max_flood_p99_ratio,
+        );
+        let max_failover = self.duration_or(
+            raw.max_failover.as_ref(),
+            "drill.max_failover",
+            d.max_failover,
+        );
+        Some(DrillThresholds {
+            max_error_rate,
+            max_failover: max_failover?,
+            max_amplification: max_amplification?,
+            max_flood_p99_ratio: max_flood_p99_ratio?,
+        })
+    }
+
     fn rollout(&mut self, r: &super::raw::RawRollout) -> Option<RolloutPolicy> {
         let d = RolloutPolicy::default();
         let canary_percent = match &r.canary_percent {
@@ -1396,6 +1440,46 @@ tier = "critical"
         assert_eq!(c.providers[0].api_key.as_ref().unwrap().expose(), "sk-1");
         assert_eq!(c.keys[0].tier, Tier::Critical);
         assert!(!c.server.open_access);
+    }
+
+    #[test]
+    fn drill_thresholds_have_defaults_and_are_checked() {
+        let base = "[[providers]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\n";
+        let c = load(base, &[]).unwrap();
+        assert_eq!(c.drill, DrillThresholds::default());
+        let c = load(
+            &format!("{base}[drill]\nmax_error_rate = 0.05\nmax_failover = \"500ms\"\nmax_amplification = 1.5\nmax_flood_p99_ratio = 3.0\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.drill.max_error_rate, 0.05);
+        assert_eq!(c.drill.max_failover, Duration::from_millis(500));
+        assert_eq!(c.drill.max_amplification, 1.5);
+        assert_eq!(c.drill.max_flood_p99_ratio, 3.0);
+        let errors = load(
+            &format!("{base}[drill]\nmax_error_rate = 2.0\nmax_amplification = 0.5\nmax_failover = \"soon\"\nmax_errors = 1\n"),
+            &[],
+        )
+        .unwrap_err();
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        for key in [
+            "drill.max_error_rate: must be between",
+            "drill.max_errors: unknown key",
+        ] {
+            assert!(text.iter().any(|e| e.contains(key)), "{key}: {text:#?}");
+        }
+        let errors = load(
+            &format!("{base}[drill]\nmax_amplification = 0.5\nmax_failover = \"soon\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        for key in [
+            "drill.max_amplification: must be at least 1.0",
+            "drill.max_failover: `soon` is not a duration",
+        ] {
+            assert!(text.iter().any(|e| e.contains(key)), "{key}: {text:#?}");
+        }
     }
 
     #[test]

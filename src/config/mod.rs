@@ -40,6 +40,8 @@ pub struct Config {
     /// `[state]`: where the state shared by replicas lives. Read at start:
     /// a reload that changes it is reported and applies at the next start.
     pub state: StateStore,
+    /// `[drill]`: what `detour drill` holds this config to. `serve` ignores it.
+    pub drill: DrillThresholds,
     /// What `detour check` warns about without refusing the config (for
     /// example a `models` entry that names no route yet).
     pub warnings: Vec<Diagnostic>,
@@ -377,6 +379,33 @@ impl OnRedisFailure {
             Self::Local => "local",
             Self::Open => "open",
             Self::Closed => "closed",
+        }
+    }
+}
+
+/// `[drill]`: the marks a scenario of `detour drill` must meet to pass
+/// (its command-line flags override them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrillThresholds {
+    /// Share of client requests (0–1) that may fail during a scenario.
+    pub max_error_rate: f64,
+    /// Longest time from the fault's start to the first answer served by
+    /// another target.
+    pub max_failover: Duration,
+    /// Most upstream requests per client request while the fault lasts.
+    pub max_amplification: f64,
+    /// Most the critical tier's p99 may grow during a sheddable flood, as a
+    /// multiple of its p99 without the flood.
+    pub max_flood_p99_ratio: f64,
+}
+
+impl Default for DrillThresholds {
+    fn default() -> Self {
+        Self {
+            max_error_rate: 0.01,
+            max_failover: Duration::from_secs(2),
+            max_amplification: 3.0,
+            max_flood_p99_ratio: 2.0,
         }
     }
 }

@@ -27,6 +27,17 @@ pub struct RawConfig {
     /// `[state]`: where state shared by replicas lives.
     #[serde(default)]
     pub state: RawState,
+    /// `[drill]`: the pass marks of `detour drill` (`serve` ignores them).
+    #[serde(default)]
+    pub drill: RawDrill,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawDrill {
+    pub max_error_rate: Option<Spanned<f64>>,
+    pub max_failover: Option<Str>,
+    pub max_amplification: Option<Spanned<f64>>,
+    pub max_flood_p99_ratio: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
