@@ -57,10 +57,11 @@ fi
 # the gateway, crates/detour-protocol and crates/detour-mock.
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  load='binary_id(detour::chaos) | test(=a_sheddable_flood_cannot_take_the_critical_tiers_capacity)'
+  load='binary_id(detour::chaos) | binary_id(detour::probes) | binary_id(detour::drill) | test(=a_sheddable_flood_cannot_take_the_critical_tiers_capacity) | test(=allowances_never_let_the_replicas_admit_past_the_limit) | test(=a_large_limit_is_admitted_from_allowances_without_a_call_each)'
   cargo nextest run --locked --workspace --all-targets --no-fail-fast -E "not ($load)" || status=1
-  # The chaos suite and the overload test measure latency under load: alone,
-  # after the rest.
+  # The tests that measure latency or throughput under load (the chaos suite,
+  # the overload test, probes, the drill, the shared allowances): alone, after
+  # the rest.
   cargo nextest run --locked --workspace --all-targets --no-fail-fast -E "$load" || status=1
   # nextest does not run doc tests.
   cargo test --locked --workspace --doc || status=1
