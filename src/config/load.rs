@@ -658,6 +658,7 @@ impl Loader<'_> {
             hedge_after,
             probe_hedge_after,
             cache,
+            continue_streams: r.continue_streams,
         })
     }
 

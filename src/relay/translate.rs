@@ -32,16 +32,27 @@ struct Seen {
 }
 
 impl Seen {
-    fn observe(&mut self, events: &[StreamEvent]) {
-        for e in events {
-            match e {
-                StreamEvent::Usage(u) => self.usage = Some(*u),
-                StreamEvent::Done => self.done = true,
-                StreamEvent::Error { message, .. } => self.error = Some(message.clone()),
-                _ => {}
-            }
+    fn observe(&mut self, event: &StreamEvent) {
+        match event {
+            StreamEvent::Usage(u) => self.usage = Some(*u),
+            StreamEvent::Done => self.done = true,
+            StreamEvent::Error { message, .. } => self.error = Some(message.clone()),
+            _ => {}
         }
     }
+}
+
+/// What a stream that may be continued keeps (see [`Translated::keep_text`]).
+#[derive(Debug, Default)]
+struct Kept {
+    /// The answer's text the client was given so far.
+    text: String,
+    /// A tool call was sent: such a stream is not continued.
+    tool_calls: bool,
+    /// The finish was sent: the answer is complete, nothing to continue.
+    finished: bool,
+    /// The continuation is being spliced in: its opening is not re-sent.
+    splicing: bool,
 }
 
 /// A decoded event stream, re-encoded when `encoder` is set.
@@ -50,6 +61,9 @@ pub struct Translated {
     decoder: Box<StreamDecoder>,
     encoder: Option<Box<StreamEncoder>>,
     seen: Seen,
+    max_event_bytes: usize,
+    /// Kept only when the route continues broken streams.
+    kept: Option<Kept>,
 }
 
 impl Translated {
@@ -63,7 +77,70 @@ impl Translated {
             decoder,
             encoder,
             seen: Seen::default(),
+            max_event_bytes,
+            kept: None,
         }
+    }
+
+    /// Keeps the text sent to the client, so that a broken stream can be
+    /// continued: an error event from the provider is then held back (see
+    /// [`Translated::held_error`]) rather than sent at once. Only for a
+    /// re-encoded stream.
+    pub fn keep_text(&mut self) {
+        if self.encoder.is_some() {
+            self.kept = Some(Kept::default());
+        }
+    }
+
+    /// The text sent so far, if this stream can be continued: it keeps its
+    /// text, sent some, and sent no tool call and no finish.
+    pub fn continuable_text(&self) -> Option<&str> {
+        let kept = self.kept.as_ref()?;
+        let continuable = !kept.tool_calls && !kept.finished && !kept.text.is_empty();
+        continuable.then_some(kept.text.as_str())
+    }
+
+    /// Splices another upstream's stream (decoded by `decoder`) after what
+    /// was sent: its opening is dropped, its text, finish and usage go to
+    /// the client through the same encoder (same ids, same block), with
+    /// `extension` in the final event.
+    pub fn resume(&mut self, decoder: Box<StreamDecoder>, extension: serde_json::Value) {
+        self.framer = EventFramer::with_limit(self.max_event_bytes);
+        self.decoder = decoder;
+        self.seen = Seen::default();
+        if let Some(kept) = &mut self.kept {
+            kept.splicing = true;
+        }
+        if let Some(encoder) = &mut self.encoder {
+            encoder.set_extension(extension);
+        }
+    }
+
+    /// Sends `event` to the encoder, unless it is held back or dropped.
+    fn encode(&mut self, event: &StreamEvent, out: &mut BytesMut) {
+        self.seen.observe(event);
+        let Some(encoder) = &mut self.encoder else {
+            return;
+        };
+        if let Some(kept) = &mut self.kept {
+            match event {
+                StreamEvent::TextDelta(text) => kept.text.push_str(text),
+                StreamEvent::ToolCallStart { .. } => kept.tool_calls = true,
+                StreamEvent::Finish { .. } => kept.finished = true,
+                // Held: a continuation may follow instead.
+                StreamEvent::Error { .. } => return,
+                StreamEvent::Start { .. } if kept.splicing => return,
+                _ => {}
+            }
+        }
+        encoder.encode(event, out);
+    }
+
+    /// Whether an error event from the provider was held back (only when
+    /// keeping text): the caller sends [`Translated::error_event`] if the
+    /// stream is not continued.
+    pub fn held_error(&self) -> bool {
+        self.kept.is_some() && self.seen.error.is_some()
     }
 
     /// Takes one upstream chunk; gives the client's bytes for the whole
@@ -79,11 +156,8 @@ impl Translated {
                 .decoder
                 .push(&payload)
                 .map_err(|e| Broken::Decode(e.to_string()))?;
-            self.seen.observe(&decoded);
-            if let Some(encoder) = &mut self.encoder {
-                for event in &decoded {
-                    encoder.encode(event, &mut out);
-                }
+            for event in &decoded {
+                self.encode(event, &mut out);
             }
         }
         let out = if self.encoder.is_some() {
@@ -104,13 +178,12 @@ impl Translated {
             .decoder
             .finish()
             .map_err(|e| Broken::Decode(e.to_string()))?;
-        self.seen.observe(&decoded);
-        let Some(encoder) = &mut self.encoder else {
-            return Ok(None);
-        };
         let mut out = BytesMut::new();
         for event in &decoded {
-            encoder.encode(event, &mut out);
+            self.encode(event, &mut out);
+        }
+        if self.encoder.is_none() {
+            return Ok(None);
         }
         Ok((!out.is_empty()).then(|| out.freeze()))
     }
