@@ -7,11 +7,13 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::*;
 use detour::mock::{self, Flavor, MockOptions, MockServer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
 /// Route `fast`: provider `a` (of `kind_a`) then `b` (of `kind_b`).
 fn config(kind_a: &str, a: SocketAddr, kind_b: &str, b: SocketAddr, route: &str) -> String {
@@ -115,6 +117,9 @@ async fn an_openai_stream_cut_short_is_finished_by_an_anthropic_target() {
         "continue_streams = true",
     ))
     .await;
+    // The first scrape installs the process's recorder.
+    let admin = admin(&gw, "t").await;
+    get(&format!("{admin}/metrics")).await;
     let body = post(&gw, "/v1/chat/completions", &chat(true)).await;
     let (text, last) = openai_stream(&body);
     assert_eq!(
@@ -138,6 +143,80 @@ async fn an_openai_stream_cut_short_is_finished_by_an_anthropic_target() {
     });
     assert!(!rest.trim().is_empty(), "B continued it: {text:?}");
     assert_eq!(a.stats().requests, 1);
+
+    // Counted (the line and metrics are written as the body ends, a moment
+    // after the client has it), and shown in the config view.
+    let series = r#"detour_stream_continuations_total{route="fast",provider="b",outcome="ok"} 1"#;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = get(&format!("{admin}/metrics")).await;
+        if text.lines().any(|l| l == series) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {series}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let config: Value = serde_json::from_str(&get(&format!("{admin}/admin/config")).await).unwrap();
+    assert_eq!(config["routes"][0]["continue_streams"], true, "{config}");
+}
+
+async fn get(url: &str) -> String {
+    let resp = client().get(url).bearer_auth("t").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_stream_ended_by_an_error_event_is_continued_without_showing_the_error() {
+    let (a, b) = (mock().await, flavored(Flavor::Anthropic).await);
+    a.set_faults(faults(json!({"stream_error_after_chunks": 2})));
+    let gw = gateway(&config(
+        "openai",
+        a.addr(),
+        "anthropic",
+        b.addr(),
+        "continue_streams = true",
+    ))
+    .await;
+    let body = post(&gw, "/v1/chat/completions", &chat(true)).await;
+    let (text, last) = openai_stream(&body);
+    assert_eq!(last["detour"], json!({"continued_by": "b"}), "{body}");
+    let sent = text_of(
+        &only_request(&b)["messages"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()["content"],
+    );
+    assert!(
+        !sent.is_empty() && text.starts_with(&sent),
+        "{sent:?} {text:?}"
+    );
+    assert!(text.len() > sent.len(), "{text:?}");
+}
+
+#[tokio::test]
+async fn a_continuation_that_fails_ends_with_the_error_event() {
+    let (a, b) = (mock().await, flavored(Flavor::Anthropic).await);
+    a.set_faults(faults(json!({"cut_after_chunks": 2})));
+    b.set_faults(faults(json!({"error_rate": 1.0, "error_status": 500})));
+    let gw = gateway(&config(
+        "openai",
+        a.addr(),
+        "anthropic",
+        b.addr(),
+        "continue_streams = true",
+    ))
+    .await;
+    let body = post(&gw, "/v1/chat/completions", &chat(true)).await;
+    let data = sse_data(&body);
+    assert!(!data.iter().any(|d| d == "[DONE]"), "{body}");
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert!(last.get("error").is_some(), "ends with the error: {body}");
+    let content = data.iter().filter(|d| d.contains("\"content\":\"")).count();
+    assert!(content >= 1, "A's text came first: {body}");
+    assert!(!body.contains("continued_by"), "{body}");
+    assert_eq!(b.requests().len(), 1, "b was asked once");
 }
 
 #[tokio::test]
