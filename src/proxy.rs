@@ -19,6 +19,7 @@
 //! | an answer detour cannot translate, or one past the 32 MiB it reads whole | no: 502 | none (detour's limit, not the provider's fault) |
 //! | the caller's own 4xx (400, 404, 409, 413, 415, 422) | no: relayed | none |
 //! | a failure after the first event reached the client (cut, stall past `idle`, error event, no end marker) | no: error event | failure (a stream counts as a success only once it ended whole) |
+//! | same, on a route with `continue_streams = true`, a text stream (no tool call) that sent some text | continued by the plan's next target, spliced into the same stream (see `continuation`); the error event only if that fails | failure |
 //!
 //! The attempts themselves (which target next, hedging, budget and backoff,
 //! what each end tells health) are scheduled by [`attempts::Attempts`];

@@ -22,6 +22,22 @@
 //! record and what is settled with it), ending it when the body ends. It
 //! tells the target's health how a committed body ended ([`BodyEnd`], once:
 //! whole, broken off, or dropped) through the hook the proxy gives it.
+//!
+//! On a route with `continue_streams = true`, a re-encoded text stream keeps
+//! the text it sent ([`translate::Translated::keep_text`]; nothing is kept
+//! otherwise). When it breaks after some text and before any tool call or
+//! finish (cut, stall past `idle`, error event, no end marker), the broken
+//! target's health hears `Broke`, the provider's error event is held back,
+//! and the [`Continuation`] the proxy gave ([`RelayBody::continue_with`])
+//! asks the next target to go on from that text. Its events are decoded
+//! and spliced in through the same encoder (its opening dropped: same id,
+//! no second role chunk or `message_start`, the same text block), under a
+//! fresh deadline; the final event carries `"detour": {"continued_by":
+//! provider}` (see `StreamEncoder::set_extension`), the log line
+//! `continued_by`, and `detour_stream_continuations_total` counts it. If
+//! the continuation request fails, the client gets the original error
+//! event; one continuation at most per request. The continuing target's
+//! own health is not told how its stream ended.
 
 pub mod capture;
 pub mod deadline;
