@@ -53,6 +53,9 @@ struct Kept {
     finished: bool,
     /// The continuation is being spliced in: its opening is not re-sent.
     splicing: bool,
+    /// The text sent ends with whitespace (which a prefill cannot): the
+    /// continuation's leading whitespace is dropped.
+    trim_start: bool,
 }
 
 /// A decoded event stream, re-encoded when `encoder` is set.
@@ -110,6 +113,7 @@ impl Translated {
         self.seen = Seen::default();
         if let Some(kept) = &mut self.kept {
             kept.splicing = true;
+            kept.trim_start = kept.text.ends_with(char::is_whitespace);
         }
         if let Some(encoder) = &mut self.encoder {
             encoder.set_extension(extension);
@@ -124,6 +128,15 @@ impl Translated {
         };
         if let Some(kept) = &mut self.kept {
             match event {
+                StreamEvent::TextDelta(text) if kept.trim_start => {
+                    let text = text.trim_start();
+                    if !text.is_empty() {
+                        kept.trim_start = false;
+                        kept.text.push_str(text);
+                        encoder.encode(&StreamEvent::TextDelta(text.to_owned()), out);
+                    }
+                    return;
+                }
                 StreamEvent::TextDelta(text) => kept.text.push_str(text),
                 StreamEvent::ToolCallStart { .. } => kept.tool_calls = true,
                 StreamEvent::Finish { .. } => kept.finished = true,
@@ -298,6 +311,61 @@ mod tests {
             text.starts_with("data: {") && text.contains("gone"),
             "{text}"
         );
+    }
+
+    fn delta(text: &str) -> String {
+        format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"{text}\"}}}}\n\n"
+        )
+    }
+
+    fn text_of(step: &Step) -> String {
+        String::from_utf8_lossy(step.out.as_deref().unwrap_or_default()).into_owned()
+    }
+
+    #[test]
+    fn a_continuation_is_spliced_into_the_same_stream() {
+        let mut t = anthropic(to_openai());
+        t.keep_text();
+        push(&mut t, START);
+        let first = text_of(&push(&mut t, &delta("Hello ")));
+        assert!(first.contains("\"role\":\"assistant\""), "{first}");
+        let _ = t.finish();
+        assert!(!t.whole());
+        assert_eq!(t.continuable_text(), Some("Hello "));
+
+        t.resume(
+            Box::new(StreamDecoder::new(Format::Anthropic)),
+            serde_json::json!({"continued_by": "b"}),
+        );
+        assert_eq!(push(&mut t, START).out, None, "no second opening");
+        let more = text_of(&push(&mut t, &delta(" world")));
+        assert!(
+            more.contains("\"content\":\"world\"") && !more.contains("role"),
+            "the prefill's trimmed space is not sent twice: {more}"
+        );
+        push(&mut t, MSG_DELTA);
+        let end = text_of(&push(&mut t, STOP));
+        let detour = end.find("\"detour\":{\"continued_by\":\"b\"}");
+        let done = end.find("[DONE]");
+        assert!(detour.is_some() && detour < done, "{end}");
+        assert!(t.whole());
+    }
+
+    #[test]
+    fn a_kept_stream_holds_its_error_event_back_and_no_tool_stream_is_continued() {
+        let mut t = anthropic(to_openai());
+        t.keep_text();
+        push(&mut t, START);
+        push(&mut t, &delta("Hi"));
+        assert_eq!(push(&mut t, ERROR).out, None, "held back");
+        assert!(t.held_error());
+        assert_eq!(t.continuable_text(), Some("Hi"));
+
+        let mut plain = anthropic(to_openai());
+        push(&mut plain, START);
+        push(&mut plain, &delta("Hi"));
+        assert_eq!(plain.continuable_text(), None, "kept only when asked");
     }
 
     #[test]
