@@ -433,6 +433,7 @@ async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
                 HedgeAfter::P95 => "p95".to_owned(),
             }),
             "probe_hedge_after_ms": r.probe_hedge_after.as_millis() as u64,
+            "continue_streams": r.continue_streams,
         })).collect::<Vec<_>>(),
         "keys": c.keys.iter().map(|k| json!({
             "name": k.name, "tenant": k.tenant, "tier": k.tier.as_str(),

@@ -98,6 +98,8 @@ metric_names! {
     Counter LOG_LINES_DROPPED_TOTAL = "detour_log_lines_dropped_total";
     /// Health changes shared between replicas, by direction (`told`: found here and sent; `learned`: another replica's, applied here) and kind (`opened`, `closed`, `cool_down`, `misconfigured`, `override`, `page`).
     Counter HEALTH_SHARED_TOTAL = "detour_health_shared_total";
+    /// Broken streams continued by another target (`continue_streams`), by route, the continuing provider and outcome (`ok`: the spliced answer ended whole; `broke`: the continuation broke too; `failed`: the continuation request failed, the client got the error event).
+    Counter STREAM_CONTINUATIONS_TOTAL = "detour_stream_continuations_total";
 }
 
 /// Bucket bounds of the Redis call histogram: 50 µs to 1 s.
@@ -291,6 +293,11 @@ pub fn hedge_decided(route: &str, hedge: Option<usize>, winner: Option<usize>) {
 /// `half_open` or `closed`).
 pub fn breaker_transition(provider: &str, to: &'static str) {
     counter!(BREAKER_TRANSITIONS_TOTAL, "provider" => provider.to_owned(), "to" => to).increment(1);
+}
+
+/// A broken stream of `route` was continued (or not) by `provider`.
+pub fn stream_continuation(route: &str, provider: &str, outcome: &'static str) {
+    counter!(STREAM_CONTINUATIONS_TOTAL, "route" => route.to_owned(), "provider" => provider.to_owned(), "outcome" => outcome).increment(1);
 }
 
 /// A retry or hedge was not started: the route's budget was empty.

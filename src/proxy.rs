@@ -19,6 +19,7 @@
 //! | an answer detour cannot translate, or one past the 32 MiB it reads whole | no: 502 | none (detour's limit, not the provider's fault) |
 //! | the caller's own 4xx (400, 404, 409, 413, 415, 422) | no: relayed | none |
 //! | a failure after the first event reached the client (cut, stall past `idle`, error event, no end marker) | no: error event | failure (a stream counts as a success only once it ended whole) |
+//! | same, on a route with `continue_streams = true`, a text stream (no tool call) that sent some text | continued by the plan's next target, spliced into the same stream (see `continuation`); the error event only if that fails | failure |
 //!
 //! The attempts themselves (which target next, hedging, budget and backoff,
 //! what each end tells health) are scheduled by [`attempts::Attempts`];
@@ -65,6 +66,7 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
 mod attempts;
+mod continuation;
 
 use attempts::{Answer, Attempts, Ended, Exhausted, Settle, Tried};
 
@@ -76,7 +78,7 @@ use crate::incidents::IncidentLog;
 use crate::protocol::chat::{ChatRequest, Format};
 use crate::protocol::translate::{self, StreamDecoder, StreamEncoder, TranslateError};
 use crate::providers::{Adapter, Endpoint, Outgoing};
-use crate::relay::{BodyEnd, RelayBody, Shape};
+use crate::relay::{BodyEnd, Continuation, RelayBody, Shape};
 use crate::request::Tracked;
 use crate::routing;
 use crate::state::Live;
@@ -246,6 +248,9 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
     // Each attempt owns what it needs: a tentative one may outlive the
     // request (see `attempts`).
     let req = Arc::new(req);
+    // The plan's order, for the target that continues a broken stream.
+    let order: Option<Arc<[usize]>> = (route.continue_streams && continuation::applies(&req))
+        .then(|| plan.iter().map(|c| c.index).collect());
     let mut attempts = Attempts::new(
         route,
         state,
@@ -256,9 +261,12 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
         rng,
         |index| {
             let (live, req) = (Arc::clone(live), Arc::clone(&req));
+            let resume = order
+                .as_ref()
+                .and_then(|order| continuation::next_target(&live, position, &req, order, index));
             async move {
                 let route = &live.config.routes[position];
-                attempt(&live, route, &route.targets[index], &req).await
+                attempt(&live, route, &route.targets[index], &req, resume).await
             }
         },
     );
@@ -460,11 +468,14 @@ fn with_cache_status(mut resp: Response, visit: Option<&cache::Visit>) -> Respon
 
 /// One attempt on one target, up to the point where the client can be given
 /// a response: headers for plain bodies, the first whole event for streams.
+/// With `resume` (a route that continues broken streams), a stream is
+/// decoded and re-encoded, so that another target's can be spliced in.
 async fn attempt(
     live: &Arc<Live>,
     route: &Route,
     target: &Target,
     req: &Forward,
+    resume: Option<Continuation>,
 ) -> Result<Committed, UpstreamError> {
     let adapter = &live.adapters[target.provider_index];
     let upstream_req = {
@@ -516,6 +527,14 @@ async fn attempt(
             let shape = Shape::Decoded {
                 decoder,
                 encoder: None,
+            };
+            (shape, Some(upstream_body))
+        }
+        // Decoded and re-encoded, so that a continuation can be spliced in.
+        (true, true) if resume.is_some() => {
+            let shape = Shape::Decoded {
+                decoder: Box::new(StreamDecoder::new(upstream_format)),
+                encoder: Some(Box::new(encoder_for(req))),
             };
             (shape, Some(upstream_body))
         }
@@ -585,6 +604,9 @@ async fn attempt(
         // The cache keeps the content type only: an encoded answer would be
         // replayed mislabelled.
         body.keep_out_of_cache();
+    }
+    if let Some(resume) = resume {
+        body.continue_with(resume);
     }
     body.prime().await?;
     Ok(Committed {

@@ -222,6 +222,7 @@ mod tests {
             hedge_after: None,
             probe_hedge_after: crate::config::DEFAULT_PROBE_HEDGE_AFTER,
             cache: None,
+            continue_streams: false,
         }
     }
 

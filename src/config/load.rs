@@ -660,6 +660,7 @@ impl Loader<'_> {
             hedge_after,
             probe_hedge_after,
             cache,
+            continue_streams: r.continue_streams,
         })
     }
 

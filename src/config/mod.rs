@@ -266,6 +266,10 @@ pub struct Route {
     pub probe_hedge_after: Duration,
     /// The response cache, when the route opts in.
     pub cache: Option<RouteCache>,
+    /// A text stream that breaks after content reached the client is
+    /// continued by the route's next target, the text sent so far given to
+    /// it as the answer's beginning (opt-in; see `relay`'s module doc).
+    pub continue_streams: bool,
 }
 
 /// A route's response cache: `cache = { ttl = "5m", max_entry_bytes = 1048576 }`.

@@ -156,6 +156,10 @@ pub struct RawRoute {
     pub probe_hedge_after: Option<Str>,
     /// Response cache for this route (opt-in): `cache = { ttl = "5m" }`.
     pub cache: Option<RawRouteCache>,
+    /// Continue a text stream that breaks after content reached the client
+    /// on the next target (opt-in).
+    #[serde(default)]
+    pub continue_streams: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

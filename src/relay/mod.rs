@@ -22,6 +22,22 @@
 //! record and what is settled with it), ending it when the body ends. It
 //! tells the target's health how a committed body ended ([`BodyEnd`], once:
 //! whole, broken off, or dropped) through the hook the proxy gives it.
+//!
+//! On a route with `continue_streams = true`, a re-encoded text stream keeps
+//! the text it sent ([`translate::Translated::keep_text`]; nothing is kept
+//! otherwise). When it breaks after some text and before any tool call or
+//! finish (cut, stall past `idle`, error event, no end marker), the broken
+//! target's health hears `Broke`, the provider's error event is held back,
+//! and the [`Continuation`] the proxy gave ([`RelayBody::continue_with`])
+//! asks the next target to go on from that text. Its events are decoded
+//! and spliced in through the same encoder (its opening dropped: same id,
+//! no second role chunk or `message_start`, the same text block), under a
+//! fresh deadline; the final event carries `"detour": {"continued_by":
+//! provider}` (see `StreamEncoder::set_extension`), the log line
+//! `continued_by`, and `detour_stream_continuations_total` counts it. If
+//! the continuation request fails, the client gets the original error
+//! event; one continuation at most per request. The continuing target's
+//! own health is not told how its stream ended.
 
 pub mod capture;
 pub mod deadline;
@@ -34,6 +50,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
@@ -73,6 +90,33 @@ pub struct RelayBody {
     after_batch: Option<AfterBatch>,
     /// Told once how the body ended, for the target's health.
     end_hook: Option<EndHook>,
+    /// Set on routes that continue broken streams: asks the next target.
+    continuation: Option<Continuation>,
+    timeouts: Timeouts,
+    /// The provider that continued this stream, once one did.
+    continued_by: Option<String>,
+}
+
+/// Asks another target to continue a broken stream, given the text the
+/// client was sent so far (see [`RelayBody::continue_with`]).
+pub type Continuation =
+    Box<dyn FnOnce(String) -> BoxFuture<'static, Result<Resumed, ContinueFailed>> + Send>;
+
+/// A continuation's stream, its headers received.
+pub struct Resumed {
+    pub body: ResponseBody,
+    /// Decodes the continuing provider's stream.
+    pub decoder: Box<StreamDecoder>,
+    pub provider: String,
+    /// When its request was sent: its first event must come within the
+    /// route's first-byte limit.
+    pub started: Instant,
+}
+
+/// The continuation request failed: the client gets the original error.
+pub struct ContinueFailed {
+    pub provider: String,
+    pub error: UpstreamError,
 }
 
 /// How a committed body ended, as the target's health hears it.
@@ -173,6 +217,12 @@ pub enum Shape {
 
 enum State {
     Relaying,
+    /// Waiting for another target to continue the stream that broke with
+    /// this error.
+    Continuing(
+        BoxFuture<'static, Result<Resumed, ContinueFailed>>,
+        UpstreamError,
+    ),
     /// One last frame (an error event) to send, then the end.
     Closing(Bytes),
     Done,
@@ -223,6 +273,21 @@ impl RelayBody {
             whole: false,
             after_batch: None,
             end_hook: None,
+            continuation: None,
+            timeouts,
+            continued_by: None,
+        }
+    }
+
+    /// On a route that continues broken streams: a text stream that breaks
+    /// after some text reached the client (and before any tool call) is
+    /// continued by `continuation`'s target, its events spliced into this
+    /// stream. Only for a re-encoded stream (`Shape::Decoded` with an
+    /// encoder); otherwise nothing changes.
+    pub fn continue_with(&mut self, continuation: Continuation) {
+        if let Mode::Decoded(translated) = &mut self.mode {
+            translated.keep_text();
+            self.continuation = Some(continuation);
         }
     }
 
@@ -377,7 +442,7 @@ impl RelayBody {
     }
 
     /// The upstream body ended.
-    fn on_end(&mut self) -> Polled {
+    fn on_end(&mut self, cx: &mut Context<'_>) -> Polled {
         let mut tail = None;
         match &mut self.mode {
             Mode::Events(events) => {
@@ -389,10 +454,13 @@ impl RelayBody {
                         "stream ended before its end marker ({} chunks relayed)",
                         unfinished.chunks
                     );
-                    return self.fail(UpstreamError::Transport {
-                        provider: self.provider.clone(),
-                        detail,
-                    });
+                    return self.fail(
+                        UpstreamError::Transport {
+                            provider: self.provider.clone(),
+                            detail,
+                        },
+                        cx,
+                    );
                 }
             }
             Mode::Decoded(translated) => {
@@ -400,10 +468,13 @@ impl RelayBody {
                     Ok(tail) => tail,
                     Err(e) => {
                         let detail = e.to_string();
-                        return self.fail(UpstreamError::Transport {
-                            provider: self.provider.clone(),
-                            detail,
-                        });
+                        return self.fail(
+                            UpstreamError::Transport {
+                                provider: self.provider.clone(),
+                                detail,
+                            },
+                            cx,
+                        );
                     }
                 };
                 if let Some(r) = &mut self.record {
@@ -425,8 +496,10 @@ impl RelayBody {
         };
         if self.whole {
             self.tell_end(BodyEnd::Whole);
-        } else if self.end_hook.is_some() {
-            // Relayed as it came, but a failure of the target all the same.
+            self.count_continuation("ok");
+        } else {
+            // Relayed as it came, but a failure of the target all the same
+            // (a decoded stream: the others are whole once they end).
             let provider = self.provider.clone();
             let error = match &self.mode {
                 Mode::Decoded(translated) => translated.error(),
@@ -442,7 +515,21 @@ impl RelayBody {
                     detail: "stream ended before its end marker".to_owned(),
                 },
             };
+            let error = match self.start_continuation(error, tail.take()) {
+                Ok(()) => return self.poll_state(cx),
+                Err(error) => error,
+            };
             self.tell_end(BodyEnd::Broke(&error));
+            if let Mode::Decoded(translated) = &mut self.mode {
+                if translated.held_error() {
+                    // Held back for a continuation that did not come.
+                    let event = translated.error_event(error.to_string());
+                    tail = join(tail, event);
+                }
+            }
+        }
+        if !self.whole {
+            self.count_continuation("broke");
         }
         if let Some(r) = self.record.take() {
             r.finish(Outcome::Ok);
@@ -450,7 +537,7 @@ impl RelayBody {
         match tail {
             Some(bytes) => {
                 self.state = State::Closing(bytes);
-                self.poll_state()
+                self.poll_state(cx)
             }
             None => {
                 self.state = State::Done;
@@ -459,8 +546,79 @@ impl RelayBody {
         }
     }
 
+    /// Starts the continuation of a stream that broke with `error`, if the
+    /// route continues streams and this one can be: `tail` (the broken
+    /// stream's last bytes for the client) goes out first. Else gives the
+    /// error back.
+    fn start_continuation(
+        &mut self,
+        error: UpstreamError,
+        tail: Option<Bytes>,
+    ) -> Result<(), UpstreamError> {
+        let text = match &self.mode {
+            Mode::Decoded(translated) => translated.continuable_text(),
+            _ => None,
+        };
+        let (Some(text), Some(_)) = (text, &self.continuation) else {
+            return Err(error);
+        };
+        let text = text.to_owned();
+        let Some(continuation) = self.continuation.take() else {
+            return Err(error);
+        };
+        // The broken target failed, whoever finishes the answer.
+        self.tell_end(BodyEnd::Broke(&error));
+        if let Some(r) = &self.record {
+            tracing::warn!(
+                request_id = %r.request_id,
+                provider = %self.provider,
+                error = %error,
+                "upstream failed after the response started: continuing on the next target"
+            );
+        }
+        self.inner = None;
+        self.primed = join(self.primed.take(), tail);
+        self.state = State::Continuing(continuation(text), error);
+        Ok(())
+    }
+
+    /// The continuation's stream replaces the broken one.
+    fn resume(&mut self, resumed: Resumed) {
+        let Resumed {
+            body,
+            decoder,
+            provider,
+            started,
+        } = resumed;
+        if let Mode::Decoded(translated) = &mut self.mode {
+            translated.resume(decoder, serde_json::json!({ "continued_by": provider }));
+        }
+        self.inner = Some(body);
+        self.deadline = Deadline::new(self.timeouts, started, true);
+        if let Some(r) = &mut self.record {
+            r.continued_by = Some(provider.clone());
+        }
+        self.provider.clone_from(&provider);
+        self.continued_by = Some(provider);
+        self.whole = false;
+        self.state = State::Relaying;
+    }
+
+    /// Counts how a continued stream ended (no-op for one not continued).
+    fn count_continuation(&self, outcome: &'static str) {
+        if let (Some(provider), Some(r)) = (&self.continued_by, &self.record) {
+            let route = r.route.as_deref().unwrap_or_default();
+            crate::metrics::stream_continuation(route, provider, outcome);
+        }
+    }
+
     /// The upstream failed after the client got its headers.
-    fn fail(&mut self, error: UpstreamError) -> Polled {
+    fn fail(&mut self, error: UpstreamError, cx: &mut Context<'_>) -> Polled {
+        let error = match self.start_continuation(error, None) {
+            Ok(()) => return self.poll_state(cx),
+            Err(error) => error,
+        };
+        self.count_continuation("broke");
         self.tell_end(BodyEnd::Broke(&error));
         if let Some(r) = self.record.take() {
             tracing::warn!(
@@ -487,10 +645,10 @@ impl RelayBody {
             }
         };
         self.state = State::Closing(event);
-        self.poll_state()
+        self.poll_state(cx)
     }
 
-    fn poll_state(&mut self) -> Polled {
+    fn poll_state(&mut self, cx: &mut Context<'_>) -> Polled {
         match std::mem::replace(&mut self.state, State::Done) {
             State::Closing(event) => Poll::Ready(Some(Ok(Frame::data(event)))),
             State::Done => Poll::Ready(None),
@@ -498,6 +656,34 @@ impl RelayBody {
                 self.state = State::Relaying;
                 Poll::Pending
             }
+            State::Continuing(mut pending, error) => match pending.as_mut().poll(cx) {
+                Poll::Pending => {
+                    self.state = State::Continuing(pending, error);
+                    // What the broken stream sent last goes out meanwhile.
+                    match self.primed.take() {
+                        Some(events) => Poll::Ready(Some(Ok(Frame::data(events)))),
+                        None => Poll::Pending,
+                    }
+                }
+                Poll::Ready(Ok(resumed)) => {
+                    self.resume(resumed);
+                    self.poll_relay(cx)
+                }
+                Poll::Ready(Err(failed)) => {
+                    if let Some(r) = &self.record {
+                        let route = r.route.as_deref().unwrap_or_default();
+                        crate::metrics::stream_continuation(route, &failed.provider, "failed");
+                        tracing::warn!(
+                            request_id = %r.request_id,
+                            provider = %failed.provider,
+                            error = %failed.error,
+                            "could not continue the broken stream"
+                        );
+                    }
+                    self.state = State::Relaying;
+                    self.fail(error, cx)
+                }
+            },
         }
     }
 
@@ -523,7 +709,7 @@ impl RelayBody {
 
     fn poll_relay(&mut self, cx: &mut Context<'_>) -> Polled {
         if !matches!(self.state, State::Relaying) {
-            return self.poll_state();
+            return self.poll_state(cx);
         }
         if let Some(events) = self.primed.take() {
             return Poll::Ready(Some(Ok(Frame::data(events))));
@@ -533,15 +719,15 @@ impl RelayBody {
                 Some(b) => {
                     // Finish now: hyper stops polling a body once its
                     // length is written, so a later end would never be seen.
-                    let _ = self.on_end();
+                    let _ = self.on_end(cx);
                     Poll::Ready(Some(Ok(Frame::data(b))))
                 }
-                None => self.on_end(),
+                None => self.on_end(cx),
             };
         }
         match self.after_batch.take() {
-            Some(AfterBatch::End) => return self.on_end(),
-            Some(AfterBatch::Fail(error)) => return self.fail(error),
+            Some(AfterBatch::End) => return self.on_end(cx),
+            Some(AfterBatch::Fail(error)) => return self.fail(error, cx),
             None => {}
         }
         // Events that are ready together go out together; a plain body is
@@ -567,7 +753,7 @@ impl RelayBody {
                             // The last chunk of a body of known length: finish
                             // now, as hyper will not poll for the end.
                             if self.inner.as_ref().is_none_or(Body::is_end_stream) {
-                                let _ = self.on_end();
+                                let _ = self.on_end(cx);
                             }
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
@@ -594,8 +780,8 @@ impl RelayBody {
                 break;
             }
             return match after {
-                AfterBatch::End => self.on_end(),
-                AfterBatch::Fail(error) => self.fail(error),
+                AfterBatch::End => self.on_end(cx),
+                AfterBatch::Fail(error) => self.fail(error, cx),
             };
         }
         match batch.take() {
@@ -608,6 +794,19 @@ impl RelayBody {
 impl Drop for RelayBody {
     fn drop(&mut self) {
         self.tell_end(BodyEnd::Dropped);
+    }
+}
+
+/// `a` then `b`, either possibly absent.
+fn join(a: Option<Bytes>, b: Option<Bytes>) -> Option<Bytes> {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let mut joined = bytes::BytesMut::with_capacity(a.len() + b.len());
+            joined.extend_from_slice(&a);
+            joined.extend_from_slice(&b);
+            Some(joined.freeze())
+        }
+        (a, b) => a.or(b),
     }
 }
 

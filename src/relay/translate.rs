@@ -32,16 +32,30 @@ struct Seen {
 }
 
 impl Seen {
-    fn observe(&mut self, events: &[StreamEvent]) {
-        for e in events {
-            match e {
-                StreamEvent::Usage(u) => self.usage = Some(*u),
-                StreamEvent::Done => self.done = true,
-                StreamEvent::Error { message, .. } => self.error = Some(message.clone()),
-                _ => {}
-            }
+    fn observe(&mut self, event: &StreamEvent) {
+        match event {
+            StreamEvent::Usage(u) => self.usage = Some(*u),
+            StreamEvent::Done => self.done = true,
+            StreamEvent::Error { message, .. } => self.error = Some(message.clone()),
+            _ => {}
         }
     }
+}
+
+/// What a stream that may be continued keeps (see [`Translated::keep_text`]).
+#[derive(Debug, Default)]
+struct Kept {
+    /// The answer's text the client was given so far.
+    text: String,
+    /// A tool call was sent: such a stream is not continued.
+    tool_calls: bool,
+    /// The finish was sent: the answer is complete, nothing to continue.
+    finished: bool,
+    /// The continuation is being spliced in: its opening is not re-sent.
+    splicing: bool,
+    /// The text sent ends with whitespace (which a prefill cannot): the
+    /// continuation's leading whitespace is dropped.
+    trim_start: bool,
 }
 
 /// A decoded event stream, re-encoded when `encoder` is set.
@@ -50,6 +64,9 @@ pub struct Translated {
     decoder: Box<StreamDecoder>,
     encoder: Option<Box<StreamEncoder>>,
     seen: Seen,
+    max_event_bytes: usize,
+    /// Kept only when the route continues broken streams.
+    kept: Option<Kept>,
 }
 
 impl Translated {
@@ -63,7 +80,80 @@ impl Translated {
             decoder,
             encoder,
             seen: Seen::default(),
+            max_event_bytes,
+            kept: None,
         }
+    }
+
+    /// Keeps the text sent to the client, so that a broken stream can be
+    /// continued: an error event from the provider is then held back (see
+    /// [`Translated::held_error`]) rather than sent at once. Only for a
+    /// re-encoded stream.
+    pub fn keep_text(&mut self) {
+        if self.encoder.is_some() {
+            self.kept = Some(Kept::default());
+        }
+    }
+
+    /// The text sent so far, if this stream can be continued: it keeps its
+    /// text, sent some, and sent no tool call and no finish.
+    pub fn continuable_text(&self) -> Option<&str> {
+        let kept = self.kept.as_ref()?;
+        let continuable = !kept.tool_calls && !kept.finished && !kept.text.is_empty();
+        continuable.then_some(kept.text.as_str())
+    }
+
+    /// Splices another upstream's stream (decoded by `decoder`) after what
+    /// was sent: its opening is dropped, its text, finish and usage go to
+    /// the client through the same encoder (same ids, same block), with
+    /// `extension` in the final event.
+    pub fn resume(&mut self, decoder: Box<StreamDecoder>, extension: serde_json::Value) {
+        self.framer = EventFramer::with_limit(self.max_event_bytes);
+        self.decoder = decoder;
+        self.seen = Seen::default();
+        if let Some(kept) = &mut self.kept {
+            kept.splicing = true;
+            kept.trim_start = kept.text.ends_with(char::is_whitespace);
+        }
+        if let Some(encoder) = &mut self.encoder {
+            encoder.set_extension(extension);
+        }
+    }
+
+    /// Sends `event` to the encoder, unless it is held back or dropped.
+    fn encode(&mut self, event: &StreamEvent, out: &mut BytesMut) {
+        self.seen.observe(event);
+        let Some(encoder) = &mut self.encoder else {
+            return;
+        };
+        if let Some(kept) = &mut self.kept {
+            match event {
+                StreamEvent::TextDelta(text) if kept.trim_start => {
+                    let text = text.trim_start();
+                    if !text.is_empty() {
+                        kept.trim_start = false;
+                        kept.text.push_str(text);
+                        encoder.encode(&StreamEvent::TextDelta(text.to_owned()), out);
+                    }
+                    return;
+                }
+                StreamEvent::TextDelta(text) => kept.text.push_str(text),
+                StreamEvent::ToolCallStart { .. } => kept.tool_calls = true,
+                StreamEvent::Finish { .. } => kept.finished = true,
+                // Held: a continuation may follow instead.
+                StreamEvent::Error { .. } => return,
+                StreamEvent::Start { .. } if kept.splicing => return,
+                _ => {}
+            }
+        }
+        encoder.encode(event, out);
+    }
+
+    /// Whether an error event from the provider was held back (only when
+    /// keeping text): the caller sends [`Translated::error_event`] if the
+    /// stream is not continued.
+    pub fn held_error(&self) -> bool {
+        self.kept.is_some() && self.seen.error.is_some()
     }
 
     /// Takes one upstream chunk; gives the client's bytes for the whole
@@ -79,11 +169,8 @@ impl Translated {
                 .decoder
                 .push(&payload)
                 .map_err(|e| Broken::Decode(e.to_string()))?;
-            self.seen.observe(&decoded);
-            if let Some(encoder) = &mut self.encoder {
-                for event in &decoded {
-                    encoder.encode(event, &mut out);
-                }
+            for event in &decoded {
+                self.encode(event, &mut out);
             }
         }
         let out = if self.encoder.is_some() {
@@ -104,13 +191,12 @@ impl Translated {
             .decoder
             .finish()
             .map_err(|e| Broken::Decode(e.to_string()))?;
-        self.seen.observe(&decoded);
-        let Some(encoder) = &mut self.encoder else {
-            return Ok(None);
-        };
         let mut out = BytesMut::new();
         for event in &decoded {
-            encoder.encode(event, &mut out);
+            self.encode(event, &mut out);
+        }
+        if self.encoder.is_none() {
+            return Ok(None);
         }
         Ok((!out.is_empty()).then(|| out.freeze()))
     }
@@ -225,6 +311,61 @@ mod tests {
             text.starts_with("data: {") && text.contains("gone"),
             "{text}"
         );
+    }
+
+    fn delta(text: &str) -> String {
+        format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"{text}\"}}}}\n\n"
+        )
+    }
+
+    fn text_of(step: &Step) -> String {
+        String::from_utf8_lossy(step.out.as_deref().unwrap_or_default()).into_owned()
+    }
+
+    #[test]
+    fn a_continuation_is_spliced_into_the_same_stream() {
+        let mut t = anthropic(to_openai());
+        t.keep_text();
+        push(&mut t, START);
+        let first = text_of(&push(&mut t, &delta("Hello ")));
+        assert!(first.contains("\"role\":\"assistant\""), "{first}");
+        let _ = t.finish();
+        assert!(!t.whole());
+        assert_eq!(t.continuable_text(), Some("Hello "));
+
+        t.resume(
+            Box::new(StreamDecoder::new(Format::Anthropic)),
+            serde_json::json!({"continued_by": "b"}),
+        );
+        assert_eq!(push(&mut t, START).out, None, "no second opening");
+        let more = text_of(&push(&mut t, &delta(" world")));
+        assert!(
+            more.contains("\"content\":\"world\"") && !more.contains("role"),
+            "the prefill's trimmed space is not sent twice: {more}"
+        );
+        push(&mut t, MSG_DELTA);
+        let end = text_of(&push(&mut t, STOP));
+        let detour = end.find("\"detour\":{\"continued_by\":\"b\"}");
+        let done = end.find("[DONE]");
+        assert!(detour.is_some() && detour < done, "{end}");
+        assert!(t.whole());
+    }
+
+    #[test]
+    fn a_kept_stream_holds_its_error_event_back_and_no_tool_stream_is_continued() {
+        let mut t = anthropic(to_openai());
+        t.keep_text();
+        push(&mut t, START);
+        push(&mut t, &delta("Hi"));
+        assert_eq!(push(&mut t, ERROR).out, None, "held back");
+        assert!(t.held_error());
+        assert_eq!(t.continuable_text(), Some("Hi"));
+
+        let mut plain = anthropic(to_openai());
+        push(&mut plain, START);
+        push(&mut plain, &delta("Hi"));
+        assert_eq!(plain.continuable_text(), None, "kept only when asked");
     }
 
     #[test]

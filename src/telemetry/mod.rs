@@ -139,6 +139,8 @@ pub struct RequestRecord {
     pub first_byte: Option<Duration>,
     pub usage: Option<Usage>,
     pub outcome: Outcome,
+    /// The provider that continued a broken stream (`continue_streams`).
+    pub continued_by: Option<String>,
     written: bool,
 }
 
@@ -160,6 +162,7 @@ impl RequestRecord {
             usage: None,
             // Until told otherwise, the request ended because the client left.
             outcome: Outcome::ClientGone,
+            continued_by: None,
             written: false,
         }
     }
@@ -206,6 +209,7 @@ impl RequestRecord {
             prompt_tokens = self.usage.map(|u| u.prompt_tokens),
             completion_tokens = self.usage.map(|u| u.completion_tokens),
             outcome = self.outcome.as_str(),
+            continued_by = self.continued_by.as_deref(),
             "request"
         );
         true

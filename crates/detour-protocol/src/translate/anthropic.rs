@@ -1036,11 +1036,17 @@ pub struct StreamEncoder {
     reason: Option<FinishReason>,
     usage: Option<Usage>,
     closed: bool,
+    extension: Option<Value>,
 }
 
 impl StreamEncoder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An object sent as `"detour"` in the final `message_delta`.
+    pub fn set_extension(&mut self, extension: Value) {
+        self.extension = Some(extension);
     }
 
     pub fn encode(&mut self, event: &StreamEvent, out: &mut BytesMut) {
@@ -1150,15 +1156,17 @@ impl StreamEncoder {
                     Some(u) => usage_value(u),
                     None => json!({"output_tokens": 0}),
                 };
-                write_event(
-                    out,
-                    "message_delta",
-                    &json!({
-                        "type": "message_delta",
-                        "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                        "usage": usage,
-                    }),
-                );
+                let mut delta = json!({
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                    "usage": usage,
+                });
+                if let (Some(extension), Some(fields)) =
+                    (self.extension.take(), delta.as_object_mut())
+                {
+                    fields.insert("detour".to_owned(), extension);
+                }
+                write_event(out, "message_delta", &delta);
                 write_event(out, "message_stop", &json!({"type": "message_stop"}));
                 self.closed = true;
             }

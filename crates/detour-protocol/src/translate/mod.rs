@@ -213,6 +213,18 @@ impl StreamEncoder {
             Self::Responses(e) => e.encode(event, out),
         }
     }
+
+    /// detour's own extension object, sent at the stream's end: OpenAI, a
+    /// last chunk `{"choices":[],"detour":…}` before `[DONE]`; Anthropic, a
+    /// `detour` field of the final `message_delta`. Responses streams carry
+    /// none.
+    pub fn set_extension(&mut self, extension: serde_json::Value) {
+        match self {
+            Self::OpenAi(e) => e.set_extension(extension),
+            Self::Anthropic(e) => e.set_extension(extension),
+            Self::Responses(_) => {}
+        }
+    }
 }
 
 /// What becomes of a source-only top-level field when the target differs.

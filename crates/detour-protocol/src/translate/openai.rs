@@ -1210,6 +1210,9 @@ struct ChunkOut<'a> {
     choices: Vec<ChoiceOut<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<UsageOut>,
+    /// detour's own extension object (see [`StreamEncoder::set_extension`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detour: Option<&'a Value>,
 }
 
 #[derive(Serialize)]
@@ -1261,6 +1264,7 @@ pub struct StreamEncoder {
     role_sent: bool,
     usage: Option<Usage>,
     closed: bool,
+    extension: Option<Value>,
 }
 
 impl StreamEncoder {
@@ -1274,7 +1278,14 @@ impl StreamEncoder {
             role_sent: false,
             usage: None,
             closed: false,
+            extension: None,
         }
+    }
+
+    /// An object sent as `"detour"` in one last chunk (no choices) just
+    /// before `data: [DONE]`.
+    pub fn set_extension(&mut self, extension: Value) {
+        self.extension = Some(extension);
     }
 
     pub fn encode(&mut self, event: &StreamEvent, out: &mut BytesMut) {
@@ -1368,6 +1379,19 @@ impl StreamEncoder {
                         model: &self.model,
                         choices: Vec::new(),
                         usage: Some(UsageOut::from(&u)),
+                        detour: None,
+                    };
+                    write_json(out, &chunk);
+                }
+                if let Some(extension) = &self.extension {
+                    let chunk = ChunkOut {
+                        id: &self.id,
+                        object: "chat.completion.chunk",
+                        created: self.created,
+                        model: &self.model,
+                        choices: Vec::new(),
+                        usage: None,
+                        detour: Some(extension),
                     };
                     write_json(out, &chunk);
                 }
@@ -1408,6 +1432,7 @@ impl StreamEncoder {
                 finish_reason: finish,
             }],
             usage: None,
+            detour: None,
         };
         write_json(out, &chunk);
     }
