@@ -391,6 +391,19 @@ async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
                 "on_redis_failure": r.on_failure.as_str(),
             }),
         },
+        "telemetry": match &c.telemetry.otlp {
+            None => json!({"otlp_endpoint": null}),
+            Some(o) => json!({
+                // It may carry a password or a token in its query.
+                "otlp_endpoint": crate::config::masked_url(&o.endpoint),
+                // Their values are credentials.
+                "otlp_headers": o.headers.iter().map(|(name, _)| (name.clone(), json!("***")))
+                    .collect::<serde_json::Map<_, _>>(),
+                "service_name": o.service_name,
+                "sample_ratio": o.sample_ratio,
+                "batch_delay_ms": o.batch_delay.as_millis() as u64,
+            }),
+        },
         "cache": {"backend": match c.cache.backend {
             crate::config::CacheBackend::Memory => "memory",
             crate::config::CacheBackend::Redis => "redis",

@@ -27,6 +27,19 @@ pub struct RawConfig {
     /// `[state]`: where state shared by replicas lives.
     #[serde(default)]
     pub state: RawState,
+    /// `[telemetry]`: traces exported over OTLP/HTTP.
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: Option<Str>,
+    pub otlp_headers: Option<Spanned<std::collections::BTreeMap<String, Str>>>,
+    pub service_name: Option<Str>,
+    pub sample_ratio: Option<Spanned<f64>>,
+    /// The longest a finished span waits before it is sent.
+    pub batch_delay: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]
