@@ -81,6 +81,7 @@ use crate::request::Tracked;
 use crate::routing;
 use crate::state::Live;
 use crate::telemetry::Outcome;
+use crate::traces;
 use crate::upstream::{Unexpected, UpstreamError};
 
 /// A checked request in the client's format.
@@ -170,6 +171,9 @@ impl Answer for Committed {
 pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Response {
     record.route = Some(req.alias.clone());
     record.stream = req.stream;
+    if let Some(span) = record.span.as_mut() {
+        span.route(&req.alias);
+    }
     let Some(position) = live.config.route_position(&req.alias) else {
         let error = GatewayError::ModelNotFound {
             alias: req.alias,
@@ -192,6 +196,9 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
             };
             let outcome = live.cache.visit(&ask, policy).await;
             crate::metrics::cache_lookup(&route.alias, outcome.status().as_str());
+            if let Some(span) = record.span.as_mut() {
+                span.cache(outcome.status().as_str());
+            }
             if outcome.mismatched() {
                 crate::metrics::cache_mismatch();
             }
@@ -246,6 +253,7 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
     // Each attempt owns what it needs: a tentative one may outlive the
     // request (see `attempts`).
     let req = Arc::new(req);
+    let trace = record.span.as_ref().map(|s| s.attempts(&route.alias));
     let mut attempts = Attempts::new(
         route,
         state,
@@ -256,9 +264,25 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
         rng,
         |index| {
             let (live, req) = (Arc::clone(live), Arc::clone(&req));
+            let launched = trace.as_ref().map(|t| {
+                let target = &route.targets[index];
+                t.launch(traces::Target {
+                    provider: &target.provider.name,
+                    kind: target.provider.kind,
+                    model: &target.model,
+                })
+            });
             async move {
                 let route = &live.config.routes[position];
-                attempt(&live, route, &route.targets[index], &req).await
+                let span = launched.map(traces::Launched::start);
+                let result = attempt(&live, route, &route.targets[index], &req).await;
+                if let Some(span) = span {
+                    span.end(match &result {
+                        Ok(c) => Ok(c.status.as_u16()),
+                        Err(e) => Err(e.kind().reason()),
+                    });
+                }
+                result
             }
         },
     );
@@ -321,6 +345,9 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
     if let Some(t) = target {
         record.provider = Some(t.provider.name.clone());
         record.model = Some(t.model.clone());
+        if let Some(span) = record.span.as_mut() {
+            span.provider_kind(t.provider.kind);
+        }
     }
     let resp = reject(record, req.format, error);
     let resp = with_attempt_headers(resp, target, launched, &tried);
@@ -351,6 +378,9 @@ fn commit(
     record.provider = Some(target.provider.name.clone());
     record.model = Some(target.model.clone());
     record.status = committed.status.as_u16();
+    if let Some(span) = record.span.as_mut() {
+        span.provider_kind(target.provider.kind);
+    }
     let (provider, model) = (&target.provider.name, &target.model);
     let mut visit = visit;
     let capture = visit
@@ -435,6 +465,9 @@ fn refuse(
     let target = &route.targets[index];
     record.provider = Some(target.provider.name.clone());
     record.model = Some(target.model.clone());
+    if let Some(span) = record.span.as_mut() {
+        span.provider_kind(target.provider.kind);
+    }
     let attempts = record.attempts;
     let resp = reject(record, req.format, error.into());
     let resp = with_attempt_headers(resp, Some(target), attempts, tried);

@@ -139,6 +139,8 @@ pub struct RequestRecord {
     pub first_byte: Option<Duration>,
     pub usage: Option<Usage>,
     pub outcome: Outcome,
+    /// The request's trace span: `None` unless traces are exported.
+    pub span: Option<crate::traces::RequestSpan>,
     written: bool,
 }
 
@@ -160,6 +162,7 @@ impl RequestRecord {
             usage: None,
             // Until told otherwise, the request ended because the client left.
             outcome: Outcome::ClientGone,
+            span: None,
             written: false,
         }
     }
@@ -208,6 +211,17 @@ impl RequestRecord {
             outcome = self.outcome.as_str(),
             "request"
         );
+        if let Some(span) = self.span.take() {
+            span.end(&crate::traces::RequestEnd {
+                status: self.status,
+                outcome: self.outcome.as_str(),
+                tenant: self.tenant.as_deref(),
+                route: self.route.as_deref(),
+                provider: self.provider.as_deref(),
+                model: self.model.as_deref(),
+                tokens: self.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+            });
+        }
         true
     }
 }
