@@ -355,6 +355,9 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     crate::metrics::dns_stale_uses(crate::dns::shared().stale_uses());
     crate::metrics::log_lines_dropped(crate::telemetry::log_lines_dropped());
     crate::metrics::cache_rejected(s.gw.live().cache.rejected());
+    if let Some(t) = &s.gw.live().traces {
+        crate::metrics::trace_spans_dropped(t.spans_dropped());
+    }
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     (
         [(http::header::CONTENT_TYPE, content_type)],

@@ -378,9 +378,10 @@ pub fn log_lines_dropped(total: u64) {
     counter!(LOG_LINES_DROPPED_TOTAL).absolute(total);
 }
 
-/// A finished span did not fit in the trace export queue.
-pub fn trace_span_dropped() {
-    counter!(TRACE_SPANS_DROPPED_TOTAL).increment(1);
+/// Finished spans dropped so far from the trace export queue (read at
+/// scrape time).
+pub fn trace_spans_dropped(total: u64) {
+    counter!(TRACE_SPANS_DROPPED_TOTAL).absolute(total);
 }
 
 /// A batch of spans was not exported (`error` or `timeout`).

@@ -25,7 +25,7 @@
 //! No prompt or completion text is ever put on a span: names, numbers and
 //! fixed words only.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +68,8 @@ pub struct Traces {
     tracer: SdkTracer,
     /// Kept so that the processor (and its queue) lives as long as this.
     _provider: SdkTracerProvider,
+    /// Finished spans dropped because the queue was full.
+    dropped: Arc<AtomicU64>,
 }
 
 impl Traces {
@@ -97,9 +99,13 @@ impl Traces {
             .build();
         exporter.set_resource(&resource);
         let (tx, rx) = mpsc::channel(QUEUE_SPANS);
+        let dropped = Arc::new(AtomicU64::new(0));
         runtime.spawn(export(exporter, rx, otlp.batch_delay));
         let provider = SdkTracerProvider::builder()
-            .with_span_processor(Batcher { tx })
+            .with_span_processor(Batcher {
+                tx,
+                dropped: Arc::clone(&dropped),
+            })
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
                 otlp.sample_ratio,
             ))))
@@ -109,7 +115,14 @@ impl Traces {
         Ok(Self {
             tracer,
             _provider: provider,
+            dropped,
         })
+    }
+
+    /// Finished spans dropped so far because the export queue was full
+    /// (read at scrape time: `detour_trace_spans_dropped_total`).
+    pub fn spans_dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
     }
 
     /// The span of one request: a child of the incoming `traceparent` when
@@ -405,15 +418,22 @@ impl Drop for AttemptSpan {
 #[derive(Debug)]
 struct Batcher {
     tx: mpsc::Sender<SpanData>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// Queues `item` without waiting; counts it in `dropped` when the queue is
+/// full (or the export task is gone).
+fn offer<T>(tx: &mpsc::Sender<T>, item: T, dropped: &AtomicU64) {
+    if tx.try_send(item).is_err() {
+        dropped.fetch_add(1, Relaxed);
+    }
 }
 
 impl SpanProcessor for Batcher {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        if self.tx.try_send(span).is_err() {
-            crate::metrics::trace_span_dropped();
-        }
+        offer(&self.tx, span, &self.dropped);
     }
 
     fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
@@ -487,5 +507,41 @@ impl HttpClient for Poster {
             body.extend_from_slice(&chunk);
         }
         Ok(response.body(Bytes::from(body))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_without_waiting() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let dropped = AtomicU64::new(0);
+        for i in 0..5 {
+            offer(&tx, i, &dropped);
+        }
+        assert_eq!(dropped.load(Relaxed), 3);
+        assert_eq!((rx.recv().await, rx.recv().await), (Some(0), Some(1)));
+        drop(rx);
+        offer(&tx, 9, &dropped);
+        assert_eq!(dropped.load(Relaxed), 4, "no export task: dropped too");
+    }
+
+    #[test]
+    fn operations_and_providers_use_the_conventions_words() {
+        assert_eq!(operation("chat_completions"), "chat");
+        assert_eq!(operation("messages"), "chat");
+        assert_eq!(operation("responses"), "responses");
+        assert_eq!(operation("embeddings"), "embeddings");
+        assert_eq!(
+            provider_name(crate::config::ProviderKind::Gemini),
+            "gcp.gemini"
+        );
+        assert_eq!(provider_name(crate::config::ProviderKind::OpenAi), "openai");
+        assert_eq!(
+            provider_name(crate::config::ProviderKind::Anthropic),
+            "anthropic"
+        );
     }
 }

@@ -2,7 +2,12 @@
 //! protobuf decoded with `opentelemetry-proto`'s messages) receives what a
 //! real gateway exports.
 // A test's collector: a plain mutex is fine off the gateway's path.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::disallowed_types)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::disallowed_types
+)]
 
 mod common;
 
@@ -370,4 +375,40 @@ async fn telemetry_is_checked_and_off_by_default() {
     assert_eq!(t["otlp_headers"]["authorization"], "***");
     assert_eq!(t["service_name"], "detour-test");
     assert!(!view.to_string().contains("collector-token"));
+}
+
+#[tokio::test]
+async fn a_collector_that_never_answers_does_not_slow_requests() {
+    // Accepts connections and never answers: every export hangs.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = hang.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hang.accept().await {
+            held.push(socket);
+        }
+    });
+    let upstream = mock().await;
+    let extra = format!("[telemetry]\notlp_endpoint = \"http://{addr}\"\nbatch_delay = \"10ms\"\n");
+    let gw = gateway(&one_route(upstream.addr(), "", &extra)).await;
+    assert!(gw.gateway.live().traces.is_some());
+    let started = Instant::now();
+    for _ in 0..30 {
+        let resp = client()
+            .post(format!("{}/v1/chat/completions", gw.url()))
+            .json(&chat(true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let _ = resp.text().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    // 30 requests with exports pending the whole time: no wait on them
+    // (an export waited for would hold each request for its 10 s timeout).
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
