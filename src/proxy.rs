@@ -171,9 +171,6 @@ impl Answer for Committed {
 pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Response {
     record.route = Some(req.alias.clone());
     record.stream = req.stream;
-    if let Some(span) = record.span.as_mut() {
-        span.route(&req.alias);
-    }
     let Some(position) = live.config.route_position(&req.alias) else {
         let error = GatewayError::ModelNotFound {
             alias: req.alias,
@@ -182,6 +179,10 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
         return reject(record, req.format, error);
     };
     let route = &live.config.routes[position];
+    // Only a configured alias names the span (not whatever a client sent).
+    if let Some(span) = record.span.as_mut() {
+        span.route(&route.alias);
+    }
     // On a cached route: a verified hit is answered here; otherwise `visit`
     // labels the response and may store it.
     let mut visit = match route.cache {
