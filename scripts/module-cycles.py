@@ -240,7 +240,7 @@ LAYERS = [
     ("leaves", {"config", "clock", "metrics", "mock"}),
     ("shared state", {"shared"}),
     ("policy", {"access", "auth", "health", "budget", "limits", "routing", "cache", "incidents"}),
-    ("data plane", {"dns", "upstream", "providers", "state", "health_sync", "request", "telemetry",
+    ("data plane", {"dns", "upstream", "providers", "state", "health_sync", "request", "telemetry", "traces",
                     "relay", "proxy", "ingress", "error", "listener", "server"}),
     ("control plane", {"reload", "rollout", "status_pages", "admin", "public_status"}),
     ("entry points", {"demo", "drill"}),

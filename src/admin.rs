@@ -355,6 +355,9 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     crate::metrics::dns_stale_uses(crate::dns::shared().stale_uses());
     crate::metrics::log_lines_dropped(crate::telemetry::log_lines_dropped());
     crate::metrics::cache_rejected(s.gw.live().cache.rejected());
+    if let Some(t) = &s.gw.live().traces {
+        crate::metrics::trace_spans_dropped(t.spans_dropped());
+    }
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     (
         [(http::header::CONTENT_TYPE, content_type)],
@@ -389,6 +392,19 @@ async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
                 "key_prefix": r.key_prefix,
                 "timeout_ms": r.timeout.as_millis() as u64,
                 "on_redis_failure": r.on_failure.as_str(),
+            }),
+        },
+        "telemetry": match &c.telemetry.otlp {
+            None => json!({"otlp_endpoint": null}),
+            Some(o) => json!({
+                // It may carry a password or a token in its query.
+                "otlp_endpoint": crate::config::masked_url(&o.endpoint),
+                // Their values are credentials.
+                "otlp_headers": o.headers.iter().map(|(name, _)| (name.clone(), json!("***")))
+                    .collect::<serde_json::Map<_, _>>(),
+                "service_name": o.service_name,
+                "sample_ratio": o.sample_ratio,
+                "batch_delay_ms": o.batch_delay.as_millis() as u64,
             }),
         },
         "cache": {"backend": match c.cache.backend {

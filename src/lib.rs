@@ -41,4 +41,5 @@ pub mod shared;
 pub mod state;
 pub mod status_pages;
 pub mod telemetry;
+pub mod traces;
 pub mod upstream;

@@ -96,6 +96,10 @@ metric_names! {
     Gauge REDIS_REPLICAS = "detour_redis_replicas";
     /// Log lines dropped because the log writer could not keep up (its queue was full); requests never wait for the log.
     Counter LOG_LINES_DROPPED_TOTAL = "detour_log_lines_dropped_total";
+    /// Finished spans dropped because the trace export queue was full (the collector slow or down); requests never wait for the export.
+    Counter TRACE_SPANS_DROPPED_TOTAL = "detour_trace_spans_dropped_total";
+    /// Trace exports (batches of spans) the collector did not take, by reason (`error`: refused or unreachable; `timeout`).
+    Counter TRACE_EXPORTS_FAILED_TOTAL = "detour_trace_exports_failed_total";
     /// Health changes shared between replicas, by direction (`told`: found here and sent; `learned`: another replica's, applied here) and kind (`opened`, `closed`, `cool_down`, `misconfigured`, `override`, `page`).
     Counter HEALTH_SHARED_TOTAL = "detour_health_shared_total";
     /// Broken streams continued by another target (`continue_streams`), by route, the continuing provider and outcome (`ok`: the spliced answer ended whole; `broke`: the continuation broke too; `failed`: the continuation request failed, the client got the error event).
@@ -379,6 +383,17 @@ pub fn cache_mismatch() {
 /// Log lines dropped so far (read at scrape time).
 pub fn log_lines_dropped(total: u64) {
     counter!(LOG_LINES_DROPPED_TOTAL).absolute(total);
+}
+
+/// Finished spans dropped so far from the trace export queue (read at
+/// scrape time).
+pub fn trace_spans_dropped(total: u64) {
+    counter!(TRACE_SPANS_DROPPED_TOTAL).absolute(total);
+}
+
+/// A batch of spans was not exported (`error` or `timeout`).
+pub fn trace_export_failed(reason: &'static str) {
+    counter!(TRACE_EXPORTS_FAILED_TOTAL, "reason" => reason).increment(1);
 }
 
 /// Whether this replica reaches its Redis.

@@ -83,6 +83,7 @@ use crate::request::Tracked;
 use crate::routing;
 use crate::state::Live;
 use crate::telemetry::Outcome;
+use crate::traces;
 use crate::upstream::{Unexpected, UpstreamError};
 
 /// A checked request in the client's format.
@@ -180,6 +181,10 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
         return reject(record, req.format, error);
     };
     let route = &live.config.routes[position];
+    // Only a configured alias names the span (not whatever a client sent).
+    if let Some(span) = record.span.as_mut() {
+        span.route(&route.alias);
+    }
     // On a cached route: a verified hit is answered here; otherwise `visit`
     // labels the response and may store it.
     let mut visit = match route.cache {
@@ -194,6 +199,9 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
             };
             let outcome = live.cache.visit(&ask, policy).await;
             crate::metrics::cache_lookup(&route.alias, outcome.status().as_str());
+            if let Some(span) = record.span.as_mut() {
+                span.cache(outcome.status().as_str());
+            }
             if outcome.mismatched() {
                 crate::metrics::cache_mismatch();
             }
@@ -251,6 +259,7 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
     // The plan's order, for the target that continues a broken stream.
     let order: Option<Arc<[usize]>> = (route.continue_streams && continuation::applies(&req))
         .then(|| plan.iter().map(|c| c.index).collect());
+    let trace = record.span.as_ref().map(|s| s.attempts(&route.alias));
     let mut attempts = Attempts::new(
         route,
         state,
@@ -264,9 +273,25 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
             let resume = order
                 .as_ref()
                 .and_then(|order| continuation::next_target(&live, position, &req, order, index));
+            let launched = trace.as_ref().map(|t| {
+                let target = &route.targets[index];
+                t.launch(traces::Target {
+                    provider: &target.provider.name,
+                    kind: target.provider.kind,
+                    model: &target.model,
+                })
+            });
             async move {
                 let route = &live.config.routes[position];
-                attempt(&live, route, &route.targets[index], &req, resume).await
+                let span = launched.map(traces::Launched::start);
+                let result = attempt(&live, route, &route.targets[index], &req, resume).await;
+                if let Some(span) = span {
+                    span.end(match &result {
+                        Ok(c) => Ok(c.status.as_u16()),
+                        Err(e) => Err(e.kind().reason()),
+                    });
+                }
+                result
             }
         },
     );
@@ -329,6 +354,9 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
     if let Some(t) = target {
         record.provider = Some(t.provider.name.clone());
         record.model = Some(t.model.clone());
+        if let Some(span) = record.span.as_mut() {
+            span.provider_kind(t.provider.kind);
+        }
     }
     let resp = reject(record, req.format, error);
     let resp = with_attempt_headers(resp, target, launched, &tried);
@@ -359,6 +387,9 @@ fn commit(
     record.provider = Some(target.provider.name.clone());
     record.model = Some(target.model.clone());
     record.status = committed.status.as_u16();
+    if let Some(span) = record.span.as_mut() {
+        span.provider_kind(target.provider.kind);
+    }
     let (provider, model) = (&target.provider.name, &target.model);
     let mut visit = visit;
     let capture = visit
@@ -443,6 +474,9 @@ fn refuse(
     let target = &route.targets[index];
     record.provider = Some(target.provider.name.clone());
     record.model = Some(target.model.clone());
+    if let Some(span) = record.span.as_mut() {
+        span.provider_kind(target.provider.kind);
+    }
     let attempts = record.attempts;
     let resp = reject(record, req.format, error.into());
     let resp = with_attempt_headers(resp, Some(target), attempts, tried);

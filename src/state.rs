@@ -42,6 +42,7 @@ use crate::limits::admission::Admission;
 use crate::limits::{AuthFailures, LimitStore, Limits};
 use crate::providers::{Adapter, AdapterError};
 use crate::shared::Shared;
+use crate::traces::Traces;
 
 /// Everything built from one config.
 #[derive(Debug)]
@@ -64,6 +65,8 @@ pub struct Live {
     pub cache: Arc<Cache>,
     /// The gateway's incident log.
     pub incidents: Arc<IncidentLog>,
+    /// The gateway's tracer; `None` (no span made) without `otlp_endpoint`.
+    pub traces: Option<Arc<Traces>>,
 }
 
 /// The one config snapshot a request runs on, taken once when its route
@@ -101,6 +104,8 @@ struct Owners {
     admission: Arc<Admission>,
     cache: KeptCache,
     incidents: Arc<IncidentLog>,
+    /// The tracer, when `[telemetry] otlp_endpoint` is set (fixed at start).
+    traces: Option<Arc<Traces>>,
 }
 
 /// Whether a config is built to serve everyone or to bake on a canary share.
@@ -168,6 +173,7 @@ impl Live {
             keys,
             cache,
             incidents: Arc::clone(&gw.incidents),
+            traces: gw.traces.clone(),
         })
     }
 }
@@ -192,6 +198,19 @@ pub struct Gateway {
     changes: tokio::sync::watch::Sender<u64>,
 }
 
+/// The tracer `[telemetry]` asks for; none (with a warning) when it cannot
+/// start, which never stops the gateway.
+fn start_traces(config: &Config) -> Option<Arc<Traces>> {
+    let otlp = config.telemetry.otlp.as_ref()?;
+    match Traces::start(otlp) {
+        Ok(t) => Some(Arc::new(t)),
+        Err(e) => {
+            tracing::warn!(error = %e, "traces are not exported");
+            None
+        }
+    }
+}
+
 impl Gateway {
     /// Builds the gateway. Status pages are polled by the control plane
     /// (`status_pages::keep_polling`), which follows [`Gateway::changes`].
@@ -213,6 +232,7 @@ impl Gateway {
             limits,
             admission: Arc::new(admission),
             incidents: Arc::new(IncidentLog::new()),
+            traces: start_traces(&config),
         };
         if let Some(shared) = &owners.shared {
             crate::health_sync::start(shared, &health, &owners.incidents);
@@ -294,8 +314,12 @@ impl Gateway {
         Ok(())
     }
 
-    /// `[state]` is read once, at start: say so when a new config changes it.
+    /// `[state]` and `[telemetry]` are read once, at start: say so when a
+    /// new config changes them.
     fn warn_if_state_changed(&self, config: &Config) {
+        if config.telemetry != self.live().config.telemetry {
+            tracing::warn!("[telemetry] changed: it applies at the next start");
+        }
         let now = self.owners.shared.as_ref().map(|s| s.settings());
         if config.state.redis() != now {
             tracing::warn!(

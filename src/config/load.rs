@@ -172,6 +172,7 @@ impl Loader<'_> {
         let cache = self.cache_store(&raw.cache)?;
         let state = self.state_store(&raw.state)?;
         let drill = self.drill(&raw.drill)?;
+        let telemetry = self.telemetry(&raw.telemetry)?;
         if cache.backend == CacheBackend::Redis && state.redis().is_none() {
             let at = raw.cache.backend.as_ref()?;
             self.report(
@@ -191,6 +192,7 @@ impl Loader<'_> {
             cache,
             state,
             drill,
+            telemetry,
             warnings: Vec::new(),
             route_index,
         })
@@ -713,6 +715,88 @@ impl Loader<'_> {
             None => d.max_bytes,
         };
         Some(CacheStore { backend, max_bytes })
+    }
+
+    fn telemetry(&mut self, raw: &super::raw::RawTelemetry) -> Option<Telemetry> {
+        let Some(raw_endpoint) = &raw.otlp_endpoint else {
+            let stray = [
+                ("telemetry.service_name", raw.service_name.as_ref()),
+                ("telemetry.batch_delay", raw.batch_delay.as_ref()),
+            ];
+            let mut ok = true;
+            for (key, value) in stray {
+                if let Some(v) = value {
+                    self.report(v, key, "only used with `otlp_endpoint`");
+                    ok = false;
+                }
+            }
+            if let Some(v) = &raw.otlp_headers {
+                self.report(
+                    v,
+                    "telemetry.otlp_headers",
+                    "only used with `otlp_endpoint`",
+                );
+                ok = false;
+            }
+            if let Some(v) = &raw.sample_ratio {
+                self.report(
+                    v,
+                    "telemetry.sample_ratio",
+                    "only used with `otlp_endpoint`",
+                );
+                ok = false;
+            }
+            return ok.then_some(Telemetry::default());
+        };
+        let endpoint = self.url(raw_endpoint, "telemetry.otlp_endpoint")?;
+        let mut headers = Vec::new();
+        let mut ok = true;
+        for (name, value) in raw.otlp_headers.iter().flat_map(|h| h.get_ref()) {
+            let key = format!("telemetry.otlp_headers.{name}");
+            let Some(text) = self.expand(value, &key) else {
+                ok = false;
+                continue;
+            };
+            let valid = http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                && http::HeaderValue::from_str(&text).is_ok();
+            if !valid {
+                // Never echo the value: it may be a credential.
+                self.report(value, &key, "not a valid HTTP header name and value");
+                ok = false;
+                continue;
+            }
+            headers.push((name.clone(), Secret::new(text)));
+        }
+        let service_name = match &raw.service_name {
+            Some(s) if s.get_ref().trim().is_empty() => {
+                self.report(s, "telemetry.service_name", "must not be empty");
+                return None;
+            }
+            Some(s) => s.get_ref().clone(),
+            None => DEFAULT_SERVICE_NAME.to_owned(),
+        };
+        let sample_ratio = match &raw.sample_ratio {
+            Some(r) if !(0.0..=1.0).contains(r.get_ref()) => {
+                self.report(r, "telemetry.sample_ratio", "must be between 0.0 and 1.0");
+                return None;
+            }
+            Some(r) => *r.get_ref(),
+            None => 1.0,
+        };
+        let batch_delay = self.duration_or(
+            raw.batch_delay.as_ref(),
+            "telemetry.batch_delay",
+            DEFAULT_BATCH_DELAY,
+        )?;
+        ok.then_some(Telemetry {
+            otlp: Some(Otlp {
+                endpoint,
+                headers,
+                service_name,
+                sample_ratio,
+                batch_delay,
+            }),
+        })
     }
 
     fn state_store(&mut self, raw: &super::raw::RawState) -> Option<StateStore> {

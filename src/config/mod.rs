@@ -42,6 +42,9 @@ pub struct Config {
     pub state: StateStore,
     /// `[drill]`: what `detour drill` holds this config to. `serve` ignores it.
     pub drill: DrillThresholds,
+    /// `[telemetry]`: where traces go, if anywhere. Read at start, like
+    /// `[state]`: a reload that changes it is reported.
+    pub telemetry: Telemetry,
     /// What `detour check` warns about without refusing the config (for
     /// example a `models` entry that names no route yet).
     pub warnings: Vec<Diagnostic>,
@@ -316,6 +319,41 @@ pub enum CacheBackend {
 impl CacheBackend {
     pub const NAMES: &'static [&'static str] = &["memory", "redis"];
 }
+
+/// `[telemetry]`: traces exported over OTLP/HTTP (protobuf); none unless
+/// `otlp_endpoint` is set.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Telemetry {
+    pub otlp: Option<Otlp>,
+}
+
+/// Where and how spans are exported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Otlp {
+    /// The collector's base URL as written (`http://collector:4318`); spans
+    /// are posted to its `/v1/traces`.
+    pub endpoint: Url,
+    /// Sent with every export (a collector's credentials): secrets.
+    pub headers: Vec<(String, Secret)>,
+    /// The `service.name` resource attribute.
+    pub service_name: String,
+    /// The share of new traces sampled (an incoming `traceparent`'s own
+    /// decision is kept).
+    pub sample_ratio: f64,
+    /// The longest a finished span waits in the queue before it is sent.
+    pub batch_delay: Duration,
+}
+
+impl Otlp {
+    /// The URL spans are posted to: `endpoint` joined with `v1/traces`.
+    pub fn traces_url(&self) -> String {
+        let base = self.endpoint.as_str().trim_end_matches('/');
+        format!("{base}/v1/traces")
+    }
+}
+
+pub const DEFAULT_SERVICE_NAME: &str = "detour";
+pub const DEFAULT_BATCH_DELAY: Duration = Duration::from_secs(1);
 
 /// `[state]`: the state replicas share (rate limits, health, rollouts, and
 /// the cache when `[cache] backend = "redis"`).

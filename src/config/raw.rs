@@ -30,6 +30,9 @@ pub struct RawConfig {
     /// `[drill]`: the pass marks of `detour drill` (`serve` ignores them).
     #[serde(default)]
     pub drill: RawDrill,
+    /// `[telemetry]`: traces exported over OTLP/HTTP.
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -38,6 +41,16 @@ pub struct RawDrill {
     pub max_failover: Option<Str>,
     pub max_amplification: Option<Spanned<f64>>,
     pub max_flood_p99_ratio: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: Option<Str>,
+    pub otlp_headers: Option<Spanned<std::collections::BTreeMap<String, Str>>>,
+    pub service_name: Option<Str>,
+    pub sample_ratio: Option<Spanned<f64>>,
+    /// The longest a finished span waits before it is sent.
+    pub batch_delay: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -220,6 +220,10 @@ pub async fn start_as(
         .unwrap_or_else(|| gw.snapshot());
     let mut record = Tracked::new(RequestRecord::new(id.0, format, endpoint));
     record.cohort = cohort;
+    record.span = live
+        .traces
+        .as_ref()
+        .map(|t| t.request(&parts.headers, endpoint));
     // Left by the auth layer.
     record.tenant = parts
         .extensions

@@ -141,6 +141,8 @@ pub struct RequestRecord {
     pub outcome: Outcome,
     /// The provider that continued a broken stream (`continue_streams`).
     pub continued_by: Option<String>,
+    /// The request's trace span: `None` unless traces are exported.
+    pub span: Option<crate::traces::RequestSpan>,
     written: bool,
 }
 
@@ -163,6 +165,7 @@ impl RequestRecord {
             // Until told otherwise, the request ended because the client left.
             outcome: Outcome::ClientGone,
             continued_by: None,
+            span: None,
             written: false,
         }
     }
@@ -212,6 +215,17 @@ impl RequestRecord {
             continued_by = self.continued_by.as_deref(),
             "request"
         );
+        if let Some(span) = self.span.take() {
+            span.end(&crate::traces::RequestEnd {
+                status: self.status,
+                outcome: self.outcome.as_str(),
+                tenant: self.tenant.as_deref(),
+                route: self.route.as_deref(),
+                provider: self.provider.as_deref(),
+                model: self.model.as_deref(),
+                tokens: self.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+            });
+        }
         true
     }
 }
