@@ -11,8 +11,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::*;
-use detour::mock::{self, Flavor, MockOptions, MockServer};
+use common::sdk::{gateway_to, upstream};
+use detour::mock::Flavor;
 
 fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("DETOUR_PYTHON") {
@@ -40,45 +40,6 @@ async fn run_script(script: &str, args: &[String]) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
-}
-
-async fn upstream(flavor: Flavor) -> MockServer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    mock::spawn(flavor, listener, MockOptions::default())
-        .await
-        .unwrap()
-}
-
-/// A gateway with route `fast` → provider `p` of `kind` at `up`, model `model`.
-async fn gateway_to(kind: &str, up: &MockServer, model: &str) -> detour::server::Running {
-    let base = match kind {
-        "gemini" => format!("http://{}/v1beta", up.addr()),
-        _ => format!("http://{}/v1", up.addr()),
-    };
-    gateway(&format!(
-        r#"
-[[providers]]
-name = "p"
-kind = "{kind}"
-base_url = "{base}"
-api_key = "upstream-key"
-
-[[routes]]
-model = "fast"
-targets = [{{ provider = "p", model = "{model}" }}]
-
-[[keys]]
-key = "dk-sdk"
-tenant = "sdk"
-
-# May call no route this gateway has: a 403 (the SDKs' PermissionDeniedError).
-[[keys]]
-key = "dk-sdk-limited"
-tenant = "sdk"
-models = ["other-*"]
-"#
-    ))
-    .await
 }
 
 async fn openai_sdk(kind: &str, flavor: Flavor, model: &str) {

@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod redis;
+pub mod sdk;
 pub mod serve;
 pub mod tls;
 
