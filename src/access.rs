@@ -70,6 +70,16 @@ impl Access {
             Some(allowed) => allowed.routes.get(position).copied().unwrap_or(false),
         }
     }
+
+    /// The aliases of `config`'s routes the caller may call, in config order
+    /// (what `/v1/models` lists and a 404 offers).
+    pub fn callable<'c>(&'c self, config: &'c Config) -> impl Iterator<Item = &'c str> + 'c {
+        config
+            .aliases()
+            .enumerate()
+            .filter(|(i, _)| self.allows_route(*i))
+            .map(|(_, alias)| alias)
+    }
 }
 
 /// Compiles the access of every key of one config; keys that share a list

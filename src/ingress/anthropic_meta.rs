@@ -109,13 +109,7 @@ pub fn model_page(aliases: &[&str], query: Option<&str>) -> Result<Bytes, Invali
 
 /// `GET /v1/models` for an Anthropic caller.
 pub fn models(live: &Live, caller: &Caller, query: Option<&str>) -> Response {
-    let allowed: Vec<&str> = live
-        .config
-        .aliases()
-        .enumerate()
-        .filter(|(i, _)| caller.access.allows_route(*i))
-        .map(|(_, alias)| alias)
-        .collect();
+    let allowed: Vec<&str> = caller.access.callable(&live.config).collect();
     match model_page(&allowed, query) {
         Ok(body) => json_response(StatusCode::OK, body),
         Err(e) => crate::error::ApiError {
@@ -203,12 +197,10 @@ pub async fn count_tokens(
         return reject(record, FORMAT, e);
     }
     let Some(position) = live.config.route_position(&alias) else {
-        let available = live
-            .config
-            .aliases()
-            .enumerate()
-            .filter(|(i, _)| caller.access.allows_route(*i))
-            .map(|(_, a)| a.to_owned())
+        let available = caller
+            .access
+            .callable(&live.config)
+            .map(str::to_owned)
             .collect();
         return reject(
             record,

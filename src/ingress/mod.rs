@@ -151,12 +151,7 @@ fn allow_model(
     }
     if position.is_none() {
         record.route = Some(alias.to_owned());
-        let available = config
-            .aliases()
-            .enumerate()
-            .filter(|(i, _)| caller.access.allows_route(*i))
-            .map(|(_, a)| a.to_owned())
-            .collect();
+        let available = caller.access.callable(config).map(str::to_owned).collect();
         return Err(GatewayError::ModelNotFound {
             alias: alias.to_owned(),
             available,

@@ -194,13 +194,7 @@ pub async fn models(
     Extension(caller): Extension<Caller>,
 ) -> Response {
     let live = snapshot.map_or_else(|| gw.snapshot().live, |s| s.0.live);
-    let allowed = live
-        .config
-        .aliases()
-        .enumerate()
-        .filter(|(i, _)| caller.access.allows_route(*i))
-        .map(|(_, alias)| alias);
-    let mut resp = model_list(allowed).into_response();
+    let mut resp = model_list(caller.access.callable(&live.config)).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
