@@ -38,6 +38,7 @@
 #                              this % of the machine is left out of the medians,
 #                              unless no cleaner round exists
 #   NO_BUILD=1                 skip `cargo build --release --examples --bins`
+#   ONLY=plain-c64,stream-c64  run only these scenarios (names as in the table)
 #   MAIN_BENCH=1               the scenarios above (0: only the Redis comparison)
 #   REDIS_BENCH=1              then limits on Redis against limits in memory
 #                              (issue 11): two more detour processes whose key
@@ -349,6 +350,7 @@ if [[ "$MAIN_BENCH" == 1 ]]; then
 for round in $(seq "$ROUNDS"); do
     for spec in "${SCENARIOS[@]}"; do
         IFS='|' read -r scenario conns rate model <<<"$spec"
+        [[ -n "${ONLY:-}" && ",$ONLY," != *",$scenario,"* ]] && continue
         args=(--connections "$conns")
         [[ -n "$rate" ]] && args+=(--rate "$rate")
         [[ "$scenario" == stream-* ]] && args+=(--stream)

@@ -101,7 +101,7 @@ pub fn spawn_thread(
                 let policy = crate::listener::Policy::admin(server);
                 let app = router(reloader, token);
                 let forever = std::future::pending();
-                if let Err(e) = crate::listener::serve(app, listener, policy, forever).await {
+                if let Err(e) = crate::listener::serve(app, listener, policy, None, forever).await {
                     tracing::error!("admin listener failed: {e}");
                 }
             });

@@ -43,3 +43,4 @@ pub mod status_pages;
 pub mod telemetry;
 pub mod traces;
 pub mod upstream;
+pub mod workers;

@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::config::Server;
+use crate::workers::Workers;
 
 /// After a graceful close of an idle connection (HTTP/2: GOAWAY and a ping),
 /// how long the client has to let go before the socket is closed anyway.
@@ -83,10 +84,14 @@ impl Policy {
 
 /// Serves `app` on `listener` under `policy` until `shutdown` resolves, then
 /// lets requests in flight finish for up to `policy.shutdown_timeout`.
+///
+/// With `workers`, each accepted connection runs on the worker with the
+/// fewest open connections ([`Workers`]); without, on the calling runtime.
 pub async fn serve(
     app: Router,
     listener: TcpListener,
     policy: Policy,
+    workers: Option<&Workers>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut builder = Builder::new(TokioExecutor::new());
@@ -132,12 +137,34 @@ pub async fn serve(
             peer,
         };
         let (app, builder, stopping) = (app.clone(), builder.clone(), stopping.clone());
-        connections.spawn(async move {
+        let run = move |tcp: TcpStream| async move {
             let _slot = slot;
             // `detour_open_connections` counts the main listener's.
             let _open = (policy.listener == "main").then(crate::metrics::OpenConnection::new);
             conn.run(tcp, app, &builder, stopping).await;
-        });
+        };
+        match workers.and_then(Workers::place) {
+            Some((worker, placed)) => {
+                // The socket moves to the worker's reactor: it is registered
+                // with the runtime that first polls it.
+                let tcp = tcp.into_std();
+                connections.spawn_on(
+                    async move {
+                        let _placed = placed;
+                        match tcp.and_then(TcpStream::from_std) {
+                            Ok(tcp) => run(tcp).await,
+                            Err(e) => {
+                                tracing::debug!("could not move a connection to its worker: {e}")
+                            }
+                        }
+                    },
+                    worker,
+                );
+            }
+            None => {
+                connections.spawn(run(tcp));
+            }
+        }
     }
     drop(listener);
     let _ = stop.send(true);

@@ -323,6 +323,13 @@ async fn serve(
     }
     // Record metrics from the first request on.
     let _ = detour::metrics::handle();
+    // Before the gateway: providers' clients keep one pool per worker.
+    let threads = cfg
+        .server
+        .worker_threads
+        .unwrap_or_else(detour::workers::default_count);
+    let workers = detour::workers::Workers::start(threads)
+        .map_err(|e| anyhow::anyhow!("cannot start {threads} worker threads: {e}"))?;
     let gw = Arc::new(Gateway::new(cfg)?);
     gw.set_source(Some(text.clone()));
     // A replica that starts while the others bake this very file follows them.
@@ -356,13 +363,20 @@ async fn serve(
     tokio::spawn(detour::status_pages::keep_polling(Arc::clone(&gw)));
     tokio::spawn(detour::reload::watch(reloader));
     tokio::spawn(detour::reload::keep_last_known_good(Arc::clone(&gw)));
+    tracing::info!(
+        workers = workers.len(),
+        "serving on {} worker threads",
+        workers.len()
+    );
     detour::server::serve(
         gw,
         listener,
         detour::public_status::routes(),
+        Some(&workers),
         shutdown_signal(),
     )
     .await?;
+    drop(workers);
     tracing::info!("detour stopped");
     Ok(())
 }

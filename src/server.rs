@@ -255,7 +255,9 @@ async fn not_found(req: Request) -> Response {
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then lets
-/// requests in flight finish (up to `server.shutdown_timeout`).
+/// requests in flight finish (up to `server.shutdown_timeout`). Connections
+/// run on `workers` when given ([`crate::workers`]: `detour serve`), on the
+/// calling runtime otherwise (tests, the demo, the drill).
 ///
 /// Connections are bounded by [`crate::listener`]: header and idle timeouts,
 /// HTTP/2 keep-alive, `server.max_connections`.
@@ -263,10 +265,11 @@ pub async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
     public: Router<Arc<Gateway>>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    workers: Option<&crate::workers::Workers>,
+    shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let policy = crate::listener::Policy::main(&gw.live().config.server);
-    crate::listener::serve(router(gw, public), listener, policy, shutdown).await
+    crate::listener::serve(router(gw, public), listener, policy, workers, shutdown).await
 }
 
 /// A gateway running on a background task (tests, the demo).
@@ -284,7 +287,7 @@ impl Running {
     ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let pending = std::future::pending();
-        let task = tokio::spawn(serve(Arc::clone(&gw), listener, public, pending));
+        let task = tokio::spawn(serve(Arc::clone(&gw), listener, public, None, pending));
         Ok(Self {
             addr,
             gateway: gw,

@@ -19,6 +19,7 @@
 //! is checked by the caller (`proxy::attempt`). A `retry-after` is parsed here,
 //! with checked arithmetic: any text a provider sends is a hint, never a panic.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -481,7 +482,9 @@ pub struct Upstream {
     provider: String,
     format: Format,
     connect_timeout: Duration,
-    pool: Pool,
+    /// One per [`crate::workers`] slot (never empty): a connection's task runs
+    /// on the runtime that opened it, so each worker reuses its own.
+    pools: Arc<[Pool]>,
 }
 
 /// The provider's client: direct (most providers, exactly as without any
@@ -553,37 +556,43 @@ impl Upstream {
             b.pool_timer(TokioTimer::new()).pool_idle_timeout(POOL_IDLE);
             b
         };
-        let pool = match egress::route(&provider.proxy, &base)? {
+        let route = egress::route(&provider.proxy, &base)?;
+        if let Some(route) = &route {
+            tracing::info!(
+                provider = %provider.name,
+                proxy = %route.proxy,
+                "upstream: the provider is reached through a proxy"
+            );
+        }
+        let pool = || match &route {
             None => Pool::Direct(
                 builder().build(
                     hyper_rustls::HttpsConnectorBuilder::new()
-                        .with_tls_config(tls)
+                        .with_tls_config(tls.clone())
                         .https_or_http()
                         .enable_all_versions()
-                        .wrap_connector(http),
+                        .wrap_connector(http.clone()),
                 ),
             ),
             Some(route) => {
-                tracing::info!(
-                    provider = %provider.name,
-                    proxy = %route.proxy,
-                    "upstream: the provider is reached through a proxy"
-                );
                 let auth = match base.scheme() == Some(&http::uri::Scheme::HTTP) {
                     true => route.auth.clone(),
                     false => None,
                 };
                 let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(tls)
+                    .with_tls_config(tls.clone())
                     .https_or_http()
                     .enable_all_versions()
-                    .wrap_connector(egress::Egress::new(http, &route));
+                    .wrap_connector(egress::Egress::new(http.clone(), route));
                 Pool::Proxied(Box::new(ProxiedPool {
                     client: builder().build(connector),
                     auth,
                 }))
             }
         };
+        // One pool per data-plane worker, so that a request's upstream
+        // connection is driven by the thread the request runs on.
+        let pools = (0..crate::workers::slots()).map(|_| pool()).collect();
         Ok(Self {
             provider: provider.name.clone(),
             format: match provider.kind {
@@ -592,12 +601,18 @@ impl Upstream {
                 ProviderKind::Gemini => Format::Gemini,
             },
             connect_timeout: provider.connect_timeout,
-            pool,
+            pools,
         })
     }
 
     pub fn provider(&self) -> &str {
         &self.provider
+    }
+
+    /// The calling worker's pool (the shared one off the workers).
+    fn pool(&self) -> &Pool {
+        let slot = crate::workers::current();
+        self.pools.get(slot).unwrap_or(&self.pools[0])
     }
 
     /// The wire format this provider speaks.
@@ -620,7 +635,7 @@ impl Upstream {
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = req.uri;
         *request.headers_mut() = req.headers;
-        let sent = match &self.pool {
+        let sent = match self.pool() {
             Pool::Direct(client) => client.request(request),
             Pool::Proxied(proxied) => {
                 if let Some(auth) = &proxied.auth {

@@ -229,6 +229,7 @@ async fn shutdown_closes_what_is_left_once_shutdown_timeout_passes() {
         gw,
         listener,
         detour::public_status::routes(),
+        None,
         async {
             let _ = stopped.await;
         },

@@ -145,10 +145,13 @@ base_url = "{base_url}"
     )
 }
 
+/// One worker thread: every request shares one upstream pool, so the
+/// connection and tunnel counts below are exact (each worker has its own).
 fn config(listen: &str, providers: &str, target: &str) -> String {
     format!(
         r#"[server]
 listen = "{listen}"
+worker_threads = 1
 {providers}
 [[routes]]
 model = "fast"

@@ -351,7 +351,15 @@ impl Loader<'_> {
             "server.shutdown_timeout",
             DEFAULT_SHUTDOWN_TIMEOUT,
         );
+        let worker_threads = raw
+            .worker_threads
+            .as_ref()
+            .map(|n| self.count(Some(n), "server.worker_threads", 1));
         let (max_connections, admin_max_connections) = (max_connections?, admin_max_connections?);
+        let worker_threads = match worker_threads {
+            Some(counted) => Some(counted?),
+            None => None,
+        };
         let trusted_proxies = self.trusted_proxies(raw.trusted_proxies.as_ref());
         let (idle_timeout, http2_keep_alive, shutdown_timeout) =
             (idle_timeout?, http2_keep_alive?, shutdown_timeout?);
@@ -365,6 +373,7 @@ impl Loader<'_> {
             idle_timeout,
             http2_keep_alive,
             shutdown_timeout,
+            worker_threads,
             listen,
             admin_listen,
             open_access: no_keys,

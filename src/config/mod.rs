@@ -101,6 +101,10 @@ pub struct Server {
     /// At shutdown, requests in flight get this long to finish; then the
     /// connections left are closed.
     pub shutdown_timeout: Duration,
+    /// Data-plane threads (`detour serve`): each runs its own single-threaded
+    /// runtime and the client connections placed on it ([`crate::workers`]).
+    /// Read at start. Default: one per CPU.
+    pub worker_threads: Option<usize>,
     /// Peers whose `x-forwarded-for` is believed for the client address of
     /// per-IP limits; empty: the TCP peer is the client.
     pub trusted_proxies: TrustedProxies,

@@ -112,6 +112,8 @@ pub struct RawServer {
     pub http2_keep_alive: Option<Str>,
     /// Longest wait for requests in flight at shutdown.
     pub shutdown_timeout: Option<Str>,
+    /// Data-plane threads; default one per CPU.
+    pub worker_threads: Option<Spanned<u32>>,
     /// Peers (CIDRs or addresses) whose `x-forwarded-for` names the client.
     pub trusted_proxies: Option<Vec<Str>>,
 }

@@ -6,6 +6,7 @@
 //! passed to a log macro. The request line carries ids, names, numbers.
 
 pub mod human;
+pub mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,23 +27,23 @@ pub enum LogFormat {
 pub const LOG_QUEUE_LINES: usize = 64 * 1024;
 
 /// Counts the lines dropped because the log writer could not keep up.
-static DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
-    std::sync::OnceLock::new();
+static DROPPED: std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>> = std::sync::OnceLock::new();
 
 /// Keeps the log writer's thread: dropping it writes out what is queued.
 /// Hold it until the process ends.
 #[must_use]
 pub struct LogGuard {
-    _writer: Option<tracing_appender::non_blocking::WorkerGuard>,
+    _writer: Option<writer::WriterGuard>,
 }
 
 /// Installs the global subscriber. `RUST_LOG` overrides `default_level`.
 ///
-/// Lines are formatted on the thread that logs and written to stderr by a
-/// thread of their own through a bounded queue ([`LOG_QUEUE_LINES`]): a
-/// slow stderr (a full pipe, a stalled collector) never blocks a request.
-/// When the queue is full, lines are dropped, never waited for, and
-/// counted ([`log_lines_dropped`], `detour_log_lines_dropped_total`).
+/// Lines are formatted on the thread that logs and written to stderr in
+/// batches by a thread of their own through a bounded queue
+/// ([`LOG_QUEUE_LINES`], [`writer`]): a slow stderr (a full pipe, a stalled
+/// collector) never blocks a request, and a busy gateway does not wake the
+/// writer per line. When the queue is full, lines are dropped, never waited
+/// for, and counted ([`log_lines_dropped`], `detour_log_lines_dropped_total`).
 pub fn init(format: LogFormat, default_level: &str) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
@@ -50,12 +51,15 @@ pub fn init(format: LogFormat, default_level: &str) -> LogGuard {
     // gets plain text (and writing the escape codes cost every request).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("detour-log")
-        .finish(std::io::stderr());
-    let counter = writer.error_counter();
+    let (writer, guard) =
+        match writer::Writer::spawn(std::io::stderr(), LOG_QUEUE_LINES, "detour-log") {
+            Ok(ok) => ok,
+            Err(e) => {
+                eprintln!("detour: cannot start the log writer thread: {e}");
+                return LogGuard { _writer: None };
+            }
+        };
+    let counter = writer.dropped_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -80,7 +84,7 @@ pub fn init(format: LogFormat, default_level: &str) -> LogGuard {
 pub fn log_lines_dropped() -> u64 {
     DROPPED
         .get()
-        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+        .map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// How a request ended: the `outcome` of its log line.
