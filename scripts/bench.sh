@@ -105,7 +105,7 @@ if [[ "$REDIS_BENCH" == 1 ]] && ! command -v redis-server >/dev/null; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 fi
 
-DETOUR=target/release/detour
+DETOUR=${DETOUR:-target/release/detour}
 LOADGEN=target/release/examples/loadgen
 if [[ -z "${NO_BUILD:-}" ]]; then
     cargo build --release --examples --bins

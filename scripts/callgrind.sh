@@ -31,7 +31,7 @@ for tool in valgrind callgrind_control callgrind_annotate jq; do
     command -v "$tool" >/dev/null || { echo "callgrind: $tool is required" >&2; exit 1; }
 done
 
-DETOUR=target/release/detour
+DETOUR=${DETOUR:-target/release/detour}
 LOADGEN=target/release/examples/loadgen
 if [[ -z "${NO_BUILD:-}" ]]; then
     cargo build --release --examples --bins

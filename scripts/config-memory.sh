@@ -17,7 +17,7 @@ DURATION=${DURATION:-5}
 MOCK_PORT=${MOCK_PORT:-18801}
 DETOUR_PORT=${DETOUR_PORT:-18802}
 
-DETOUR=target/release/detour
+DETOUR=${DETOUR:-target/release/detour}
 LOADGEN=target/release/examples/loadgen
 if [[ -z "${NO_BUILD:-}" ]]; then
     cargo build --release --examples --bins

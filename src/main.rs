@@ -103,6 +103,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    detour_alloc::give_back_freed_memory();
     let cli = Cli::parse();
     // The demo prints its own story; its request logs would drown it.
     // So does the drill, whose card would drown in the request logs.
@@ -404,3 +405,7 @@ async fn shutdown_signal() {
         () = term => {},
     }
 }
+
+/// mimalloc, tuned to give memory back ([`detour_alloc`]).
+#[global_allocator]
+static GLOBAL: detour_alloc::MiMalloc = detour_alloc::MiMalloc;
