@@ -1,0 +1,221 @@
+//! A config with many keys, parsed a batch of `[[keys]]` tables at a time.
+//!
+//! Parsing a TOML document costs about 45 bytes per byte of text at its
+//! peak (toml's token and event vectors, then the table, then the serde
+//! structs), and glibc keeps that peak resident once it is freed: freeing
+//! chunks that large raises its mmap and trim thresholds, after which the
+//! heap is not given back. A file of 20,000 keys (1.6 MB) peaked at 75 MiB
+//! and idled at twice what its keys really hold.
+//!
+//! So a file with many `[[keys]]` tables is parsed in parts: one streaming
+//! pass of toml's lexer (no token vector) finds the top-level `[[keys]]`
+//! tables ([`Plan::new`]); the rest of the document is parsed once with them
+//! blanked out ([`Plan::rest`]), then the tables [`BATCH`] at a time, each
+//! batch in a copy of the text where everything else is blanked
+//! ([`Plan::batch`]). Blanking keeps every byte where it was, so every span,
+//! and so every diagnostic's line and column, is the file's own. The peak is
+//! then one batch's, not the file's.
+//!
+//! Anything the pass does not recognise plainly (a header that names `keys`
+//! in any other way: `[keys.x]`, `[["keys"]]`, `[[ keys . x ]]`) leaves the
+//! file to the one whole parse, and so does any batch that does not parse
+//! cleanly: the whole parse then reports every problem as before.
+
+use std::ops::Range;
+
+use toml_parser::lexer::TokenKind;
+
+/// `[[keys]]` tables parsed together.
+pub(super) const BATCH: usize = 1024;
+
+/// Smaller files are parsed whole: their peak is small.
+const MIN_TEXT_BYTES: usize = 256 * 1024;
+
+/// Where the top-level `[[keys]]` tables of a large file are.
+#[derive(Debug)]
+pub(super) struct Plan {
+    /// Each table from its header to the next header (or the end).
+    sections: Vec<Range<usize>>,
+}
+
+impl Plan {
+    /// The plan for `text`, if it is large, has more `[[keys]]` tables than
+    /// one batch and names `keys` in no other header.
+    pub(super) fn new(text: &str) -> Option<Plan> {
+        if text.len() < MIN_TEXT_BYTES {
+            return None;
+        }
+        let sections = key_sections(text)?;
+        (sections.len() > BATCH).then_some(Plan { sections })
+    }
+
+    /// How many `[[keys]]` tables the file has.
+    pub(super) fn len(&self) -> usize {
+        self.sections.len()
+    }
+
+    /// How many batches they are parsed in.
+    pub(super) fn batches(&self) -> usize {
+        self.sections.len().div_ceil(BATCH)
+    }
+
+    /// The text without its `[[keys]]` tables (blanked, same length).
+    pub(super) fn rest(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        for s in &self.sections {
+            out.push_str(&text[at..s.start]);
+            blank(&mut out, &text[s.clone()]);
+            at = s.end;
+        }
+        out.push_str(&text[at..]);
+        out
+    }
+
+    /// Batch `b`'s tables alone in `buf` (everything else blanked; the text
+    /// after them left out), the index of its first table and how many it
+    /// has.
+    pub(super) fn batch(&self, text: &str, b: usize, buf: &mut String) -> (usize, usize) {
+        let first = b * BATCH;
+        let sections = &self.sections[first..(first + BATCH).min(self.sections.len())];
+        buf.clear();
+        let mut at = 0;
+        for s in sections {
+            blank(buf, &text[at..s.start]);
+            buf.push_str(&text[s.clone()]);
+            at = s.end;
+        }
+        (first, sections.len())
+    }
+}
+
+/// `part` as spaces, one per byte, its last line break kept (so that what
+/// follows still starts a line).
+fn blank(out: &mut String, part: &str) {
+    let kept = usize::from(part.ends_with('\n'));
+    out.extend(std::iter::repeat_n(' ', part.len() - kept));
+    if kept == 1 {
+        out.push('\n');
+    }
+}
+
+/// What one table header is.
+enum Header {
+    /// `[[keys]]`, exactly.
+    Keys,
+    /// A header that does not mention `keys`.
+    Other,
+    /// Mentions `keys` some other way: not for this plan.
+    Unsure,
+}
+
+/// The top-level `[[keys]]` tables of `text`, or `None` if a header names
+/// `keys` some other way.
+fn key_sections(text: &str) -> Option<Vec<Range<usize>>> {
+    let mut sections = Vec::new();
+    let mut open: Option<usize> = None;
+    // Brackets and braces of values (arrays, inline tables) still open.
+    let mut depth = 0usize;
+    let mut line_start = true;
+    let mut tokens = toml_parser::Source::new(text).lex();
+    while let Some(token) = tokens.next() {
+        match token.kind() {
+            TokenKind::Newline => {
+                line_start = true;
+                continue;
+            }
+            TokenKind::Whitespace | TokenKind::Comment => continue,
+            TokenKind::Eof => break,
+            TokenKind::LeftSquareBracket if depth == 0 && line_start => {
+                let start = token.span().start();
+                // The rest of the header's line.
+                let mut name = String::new();
+                let mut brackets = 1;
+                for t in tokens.by_ref() {
+                    match t.kind() {
+                        TokenKind::Newline | TokenKind::Eof => break,
+                        TokenKind::Whitespace | TokenKind::Comment => {}
+                        TokenKind::LeftSquareBracket => brackets += 1,
+                        TokenKind::RightSquareBracket => {}
+                        _ => name.push_str(text.get(t.span().start()..t.span().end())?),
+                    }
+                }
+                let header = if brackets == 2 && name == "keys" {
+                    Header::Keys
+                } else if name.contains("keys") {
+                    Header::Unsure
+                } else {
+                    Header::Other
+                };
+                if let Some(from) = open.take() {
+                    sections.push(from..start);
+                }
+                match header {
+                    Header::Keys => open = Some(start),
+                    Header::Other => {}
+                    Header::Unsure => return None,
+                }
+                line_start = true;
+                continue;
+            }
+            TokenKind::LeftSquareBracket | TokenKind::LeftCurlyBracket => depth += 1,
+            TokenKind::RightSquareBracket | TokenKind::RightCurlyBracket => {
+                depth = depth.saturating_sub(1);
+            }
+            _ => {}
+        }
+        line_start = false;
+    }
+    if let Some(from) = open {
+        sections.push(from..text.len());
+    }
+    Some(sections)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_key_tables_and_nothing_else() {
+        let text = "[server]\nlisten = \"127.0.0.1:1\"\n\
+                    [[keys]]\nkey = \"a\"\nmodels = [\n  \"x\",\n  [1],\n]\n\
+                    [[routes]] # a comment\nmodel = \"r\"\n\
+                    \t[[ keys ]]\nkey = \"b\"\nnote = \"\"\"\n[[keys]]\n\"\"\"\n\
+                    [tenants]\n";
+        let sections = key_sections(text).unwrap();
+        let got: Vec<&str> = sections.iter().map(|s| &text[s.clone()]).collect();
+        assert_eq!(
+            got,
+            [
+                "[[keys]]\nkey = \"a\"\nmodels = [\n  \"x\",\n  [1],\n]\n",
+                "[[ keys ]]\nkey = \"b\"\nnote = \"\"\"\n[[keys]]\n\"\"\"\n",
+            ]
+        );
+        for unsure in ["[keys.x]\n", "[[\"keys\"]]\n", "[[keys.limits]]\n"] {
+            assert!(key_sections(&format!("[[keys]]\n{unsure}")).is_none(), "{unsure}");
+        }
+    }
+
+    #[test]
+    fn blanking_keeps_every_offset() {
+        let mut text = String::from("[server]\n\n");
+        for i in 0..(BATCH + 5) {
+            text.push_str(&format!("[[keys]]\r\nkey = \"é{i}\"\n\n"));
+            if i == 7 {
+                text.push_str("[[routes]]\nmodel = \"r\"\n");
+            }
+        }
+        text.push_str(&" ".repeat(MIN_TEXT_BYTES));
+        let plan = Plan::new(&text).unwrap();
+        assert_eq!((plan.len(), plan.batches()), (BATCH + 5, 2));
+        let rest = plan.rest(&text);
+        assert_eq!(rest.len(), text.len());
+        assert!(!rest.contains("keys") && rest.contains("[[routes]]"));
+        let mut buf = String::new();
+        assert_eq!(plan.batch(&text, 1, &mut buf), (BATCH, 5));
+        let s = &plan.sections[BATCH];
+        assert_eq!(&buf[s.clone()], &text[s.clone()]);
+        assert!(!buf.contains("routes") && buf.trim_start().starts_with("[[keys]]"));
+    }
+}
