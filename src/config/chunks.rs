@@ -9,12 +9,14 @@
 //!
 //! So a file with many `[[keys]]` tables is parsed in parts: one streaming
 //! pass of toml's lexer (no token vector) finds the top-level `[[keys]]`
-//! tables ([`Plan::new`]); the rest of the document is parsed once with them
-//! blanked out ([`Plan::rest`]), then the tables [`BATCH`] at a time, each
-//! batch in a copy of the text where everything else is blanked
-//! ([`Plan::batch`]). Blanking keeps every byte where it was, so every span,
-//! and so every diagnostic's line and column, is the file's own. The peak is
-//! then one batch's, not the file's.
+//! tables ([`Plan::new`]); the rest of the document is parsed once without
+//! them ([`Plan::rest`]), then the tables [`BATCH`] at a time, each batch's
+//! tables copied out together ([`Plan::batch`]). Each part comes with its
+//! [`Offsets`], which take a span in the part back to the file, so every
+//! diagnostic's line and column is the file's own. The peak is then one
+//! batch's, not the file's (toml sizes its token vector from the length of
+//! the text it is given: the parts are short, not blanked copies of the
+//! file).
 //!
 //! Anything the pass does not recognise plainly (a header that names `keys`
 //! in any other way: `[keys.x]`, `[["keys"]]`, `[[ keys . x ]]`) leaves the
@@ -26,7 +28,7 @@ use std::ops::Range;
 use toml_parser::lexer::TokenKind;
 
 /// `[[keys]]` tables parsed together.
-pub(super) const BATCH: usize = 1024;
+pub(super) const BATCH: usize = 256;
 
 /// Smaller files are parsed whole: their peak is small.
 const MIN_TEXT_BYTES: usize = 256 * 1024;
@@ -59,43 +61,52 @@ impl Plan {
         self.sections.len().div_ceil(BATCH)
     }
 
-    /// The text without its `[[keys]]` tables (blanked, same length).
-    pub(super) fn rest(&self, text: &str) -> String {
-        let mut out = String::with_capacity(text.len());
+    /// The text without its `[[keys]]` tables.
+    pub(super) fn rest(&self, text: &str) -> (String, Offsets) {
+        let keys: usize = self.sections.iter().map(ExactSizeIterator::len).sum();
+        let mut out = String::with_capacity(text.len() - keys);
+        let mut offsets = Offsets::default();
         let mut at = 0;
-        for s in &self.sections {
+        for s in self.sections.iter().chain([&(text.len()..text.len())]) {
+            offsets.0.push((out.len(), at));
             out.push_str(&text[at..s.start]);
-            blank(&mut out, &text[s.clone()]);
             at = s.end;
         }
-        out.push_str(&text[at..]);
-        out
+        (out, offsets)
     }
 
-    /// Batch `b`'s tables alone in `buf` (everything else blanked; the text
-    /// after them left out), the index of its first table and how many it
-    /// has.
-    pub(super) fn batch(&self, text: &str, b: usize, buf: &mut String) -> (usize, usize) {
+    /// Batch `b`'s tables, one after the other in `buf`; the index of its
+    /// first table, how many it has, and where they are in the file.
+    pub(super) fn batch(&self, text: &str, b: usize, buf: &mut String) -> (usize, usize, Offsets) {
         let first = b * BATCH;
         let sections = &self.sections[first..(first + BATCH).min(self.sections.len())];
         buf.clear();
-        let mut at = 0;
+        let mut offsets = Offsets::default();
         for s in sections {
-            blank(buf, &text[at..s.start]);
+            offsets.0.push((buf.len(), s.start));
             buf.push_str(&text[s.clone()]);
-            at = s.end;
+            // A table that ends the file may end without a line break.
+            if !buf.ends_with('\n') {
+                buf.push('\n');
+            }
         }
-        (first, sections.len())
+        (first, sections.len(), offsets)
     }
 }
 
-/// `part` as spaces, one per byte, its last line break kept (so that what
-/// follows still starts a line).
-fn blank(out: &mut String, part: &str) {
-    let kept = usize::from(part.ends_with('\n'));
-    out.extend(std::iter::repeat_n(' ', part.len() - kept));
-    if kept == 1 {
-        out.push('\n');
+/// Where the pieces of a part are in the file: (offset in the part, offset
+/// in the file) of each piece's start, in order. Empty: the file itself.
+#[derive(Debug, Default)]
+pub(super) struct Offsets(Vec<(usize, usize)>);
+
+impl Offsets {
+    /// The file's offset of `at`, an offset in the part.
+    pub(super) fn in_file(&self, at: usize) -> usize {
+        let i = self.0.partition_point(|&(part, _)| part <= at);
+        match i.checked_sub(1).and_then(|i| self.0.get(i)) {
+            Some(&(part, file)) => file + (at - part),
+            None => at,
+        }
     }
 }
 
@@ -198,7 +209,7 @@ mod tests {
     }
 
     #[test]
-    fn blanking_keeps_every_offset() {
+    fn every_part_knows_where_its_text_is_in_the_file() {
         let mut text = String::from("[server]\n\n");
         for i in 0..(BATCH + 5) {
             text.push_str(&format!("[[keys]]\r\nkey = \"é{i}\"\n\n"));
@@ -207,15 +218,21 @@ mod tests {
             }
         }
         text.push_str(&" ".repeat(MIN_TEXT_BYTES));
+        text.push_str("[[keys]]\nkey = \"last\"");
         let plan = Plan::new(&text).unwrap();
-        assert_eq!((plan.len(), plan.batches()), (BATCH + 5, 2));
-        let rest = plan.rest(&text);
-        assert_eq!(rest.len(), text.len());
+        assert_eq!((plan.len(), plan.batches()), (BATCH + 6, 2));
+        let (rest, offsets) = plan.rest(&text);
         assert!(!rest.contains("keys") && rest.contains("[[routes]]"));
+        let at = rest.find("[[routes]]").unwrap();
+        assert_eq!(&text[offsets.in_file(at)..][..10], "[[routes]]");
+        assert_eq!(offsets.in_file(3), 3);
         let mut buf = String::new();
-        assert_eq!(plan.batch(&text, 1, &mut buf), (BATCH, 5));
-        let s = &plan.sections[BATCH];
-        assert_eq!(&buf[s.clone()], &text[s.clone()]);
-        assert!(!buf.contains("routes") && buf.trim_start().starts_with("[[keys]]"));
+        let (first, count, offsets) = plan.batch(&text, 1, &mut buf);
+        assert_eq!((first, count), (BATCH, 6));
+        assert!(!buf.contains("routes") && buf.starts_with("[[keys]]"));
+        for needle in ["\"é1024\"", "\"é1028\"", "\"last\""] {
+            let at = buf.find(needle).unwrap();
+            assert_eq!(&text[offsets.in_file(at)..][..needle.len()], needle);
+        }
     }
 }

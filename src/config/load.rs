@@ -11,7 +11,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 use url::Url;
 
-use super::chunks::Plan;
+use super::chunks::{Offsets, Plan};
 use super::env::expand;
 use super::raw::{RawConfig, RawKey, RawProvider, RawRoute, RawServer, Str};
 use super::*;
@@ -41,6 +41,7 @@ pub fn load_str(text: &str, file: &str) -> Result<Config, ConfigError> {
         diags: Vec::new(),
         warnings: Vec::new(),
         fall_back: false,
+        offsets: Offsets::default(),
     }
     .load()
 }
@@ -54,6 +55,9 @@ struct Loader<'a> {
     warnings: Vec<Diagnostic>,
     /// A batch of keys did not parse cleanly: load it whole instead.
     fall_back: bool,
+    /// Where the text being validated is in the file (a part of it, when
+    /// loading in batches).
+    offsets: Offsets,
 }
 
 impl Loader<'_> {
@@ -105,7 +109,7 @@ impl Loader<'_> {
     /// ([`chunks`](super::chunks)); `None` when a part does not parse
     /// cleanly or has an unknown key, for the whole parse to report.
     fn load_in_batches(&mut self, plan: &Plan) -> Option<Result<Config, ConfigError>> {
-        let rest = plan.rest(self.text);
+        let (rest, offsets) = plan.rest(self.text);
         let mut unknown = false;
         let raw: RawConfig = toml::de::Deserializer::parse(&rest)
             .and_then(|de| serde_ignored::deserialize(de, |_| unknown = true))
@@ -114,7 +118,9 @@ impl Loader<'_> {
         if unknown || !raw.keys.is_empty() {
             return None;
         }
+        self.offsets = offsets;
         let config = self.validate(raw, Some(plan));
+        self.offsets = Offsets::default();
         if self.fall_back {
             return None;
         }
@@ -156,7 +162,7 @@ impl Loader<'_> {
         let mut keys = Vec::with_capacity(plan.len());
         let mut buf = String::new();
         for b in 0..plan.batches() {
-            let (first, count) = plan.batch(self.text, b, &mut buf);
+            let (first, count, offsets) = plan.batch(self.text, b, &mut buf);
             let mut unknown = false;
             let parsed: Result<Batch, _> = toml::de::Deserializer::parse(&buf)
                 .and_then(|de| serde_ignored::deserialize(de, |_| unknown = true));
@@ -167,9 +173,12 @@ impl Loader<'_> {
                     return None;
                 }
             };
+            // The batch's spans, for the diagnostics of its keys.
+            let rest = std::mem::replace(&mut self.offsets, offsets);
             for (i, k) in batch.keys.iter().enumerate() {
                 keys.extend(self.key(first + i, k, routes));
             }
+            self.offsets = rest;
         }
         Some(keys)
     }
@@ -1402,7 +1411,7 @@ impl Loader<'_> {
     }
 
     fn warn<T>(&mut self, at: &Spanned<T>, key: &str, message: &str) {
-        let (line, column) = line_col(self.text, at.span().start);
+        let (line, column) = line_col(self.text, self.offsets.in_file(at.span().start));
         self.warnings.push(Diagnostic {
             file: self.file.to_owned(),
             line,
@@ -1413,7 +1422,7 @@ impl Loader<'_> {
     }
 
     fn report_at(&mut self, offset: usize, key: &str, message: &str) {
-        let (line, column) = line_col(self.text, offset);
+        let (line, column) = line_col(self.text, self.offsets.in_file(offset));
         self.diags.push(Diagnostic {
             file: self.file.to_owned(),
             line,
@@ -1563,6 +1572,7 @@ mod tests {
             diags: Vec::new(),
             warnings: Vec::new(),
             fall_back: false,
+            offsets: Offsets::default(),
         }
         .load()
         .map_err(|e| match e {
