@@ -65,8 +65,7 @@ impl KeyTable {
         let mut access = Compiler::new(config);
         let mut names: HashMap<&str, u32> = HashMap::new();
         let mut tenants: Vec<Arc<str>> = Vec::new();
-        let mut by_hash =
-            HashMap::with_capacity_and_hasher(config.keys.len(), Default::default());
+        let mut by_hash = HashMap::with_capacity_and_hasher(config.keys.len(), Default::default());
         for k in &config.keys {
             let tenant = *names.entry(k.tenant.as_str()).or_insert_with(|| {
                 tenants.push(Arc::from(k.tenant.as_str()));
