@@ -63,6 +63,7 @@ PY
 PIDS+=($!)
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 wait_port() {
     for _ in $(seq 200); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
@@ -73,28 +74,31 @@ wait_port() {
 }
 wait_port "$MOCK_PORT"
 
-# measure NAME: idle RSS after start (KiB) and req/s at 64 connections.
+# measure NAME: idle RSS after start (KiB), req/s at 64 connections, RSS
+# after the load, and the peak RSS of loading the config (before the load).
 measure() {
     RUST_LOG=info "$DETOUR" serve --config "$TMP/$1.toml" >"$TMP/$1.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     wait_port "$DETOUR_PORT"
     sleep 2
-    local idle
+    local idle hwm
     idle=$(rss_kib "$pid")
+    hwm=$(hwm_kib "$pid")
     local rps
     rps=$("$LOADGEN" --url "http://127.0.0.1:$DETOUR_PORT/v1/chat/completions" --model bench \
         --api-key bench-key --connections 64 --duration "$DURATION" --warmup 1 --threads 1 | jq .rps)
-    echo "$1 $idle $rps $(rss_kib "$pid")"
+    echo "$1 $idle $rps $(rss_kib "$pid") $hwm"
     kill "$pid"
     wait "$pid" 2>/dev/null || true
 }
 
-read -r _ small_idle small_rps small_peak < <(measure small)
-read -r _ nokeys_idle _ _ < <(measure nokeys)
-read -r _ large_idle large_rps large_peak < <(measure large)
+read -r _ small_idle small_rps small_peak small_hwm < <(measure small)
+read -r _ nokeys_idle _ _ nokeys_hwm < <(measure nokeys)
+read -r _ large_idle large_rps large_peak large_hwm < <(measure large)
 echo "config: $PROVIDERS providers, $ROUTES routes, $KEYS keys with an rpm each ($(wc -c <"$TMP/large.toml") bytes)"
 echo "idle RSS: small $((small_idle / 1024)) MiB, providers and routes only $((nokeys_idle / 1024)) MiB, large $((large_idle / 1024)) MiB"
+echo "peak RSS while loading: small $((small_hwm / 1024)) MiB, providers and routes only $((nokeys_hwm / 1024)) MiB, large $((large_hwm / 1024)) MiB"
 echo "per key (large - providers and routes only): $(((large_idle - nokeys_idle) * 1024 / KEYS)) bytes"
 echo "per key (all of the difference counted against the keys): $(((large_idle - small_idle) * 1024 / KEYS)) bytes"
 echo "64 conns, key with an rpm: small $small_rps req/s, large $large_rps req/s (RSS after: $((small_peak / 1024)) / $((large_peak / 1024)) MiB)"

@@ -28,11 +28,34 @@ pub struct Caller {
     pub access: Access,
 }
 
+/// The configured keys, by the SHA-256 digest of each.
+///
+/// Kept compact, as a config may hold 100,000 keys: per key, its digest and
+/// an [`Entry`] (16 bytes); the caller is put together on each lookup
+/// (clones of two `Arc`s, as cloning a stored `Caller` costs).
+///
+/// The map's hasher is foldhash, not SipHash: its keys are SHA-256 digests,
+/// uniform whatever the client sends, and the table holds only the
+/// operator's keys, so no client can build colliding entries; a lookup of
+/// any presented key probes the same short runs a digest of the
+/// operator's would.
 #[derive(Debug)]
 pub struct KeyTable {
-    by_hash: HashMap<[u8; 32], Caller>,
+    by_hash: HashMap<[u8; 32], Entry, foldhash::fast::RandomState>,
+    /// The tenant names, each once.
+    tenants: Vec<Arc<str>>,
     /// The caller of every request when running open.
     open: Option<Caller>,
+}
+
+/// One key's caller, without its digest (the map's key).
+#[derive(Debug)]
+struct Entry {
+    /// The models this key may call (shared by the keys with the same list).
+    access: Access,
+    /// Index into [`KeyTable::tenants`].
+    tenant: u32,
+    tier: Tier,
 }
 
 impl KeyTable {
@@ -40,30 +63,33 @@ impl KeyTable {
     /// the config's routes.
     pub fn new(config: &Config) -> Self {
         let mut access = Compiler::new(config);
-        let mut tenants: HashMap<&str, Arc<str>> = HashMap::new();
-        let by_hash = config
-            .keys
-            .iter()
-            .map(|k| {
-                let tenant = tenants
-                    .entry(k.tenant.as_str())
-                    .or_insert_with(|| Arc::from(k.tenant.as_str()));
-                let caller = Caller {
-                    key_digest: Some(k.sha256),
-                    tenant: Arc::clone(tenant),
-                    tier: k.tier,
-                    access: access.for_key(k),
-                };
-                (k.sha256, caller)
-            })
-            .collect();
+        let mut names: HashMap<&str, u32> = HashMap::new();
+        let mut tenants: Vec<Arc<str>> = Vec::new();
+        let mut by_hash = HashMap::with_capacity_and_hasher(config.keys.len(), Default::default());
+        for k in &config.keys {
+            let tenant = *names.entry(k.tenant.as_str()).or_insert_with(|| {
+                tenants.push(Arc::from(k.tenant.as_str()));
+                u32::try_from(tenants.len() - 1).unwrap_or(u32::MAX)
+            });
+            let entry = Entry {
+                access: access.for_key(k),
+                tenant,
+                tier: k.tier,
+            };
+            by_hash.insert(k.sha256, entry);
+        }
+        tenants.shrink_to_fit();
         let open = config.server.open_access.then(|| Caller {
             key_digest: None,
             tenant: Arc::from("anonymous"),
             tier: Tier::Standard,
             access: Access::all(),
         });
-        Self { by_hash, open }
+        Self {
+            by_hash,
+            tenants,
+            open,
+        }
     }
 
     /// The caller for these request headers, or `None` if they are not allowed in.
@@ -73,7 +99,13 @@ impl KeyTable {
         }
         let key = presented_key(headers)?;
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        self.by_hash.get(&digest).cloned()
+        let entry = self.by_hash.get(&digest)?;
+        Some(Caller {
+            key_digest: Some(digest),
+            tenant: Arc::clone(self.tenants.get(entry.tenant as usize)?),
+            tier: entry.tier,
+            access: entry.access.clone(),
+        })
     }
 }
 

@@ -11,6 +11,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 use url::Url;
 
+use super::chunks::{Offsets, Plan};
 use super::env::expand;
 use super::raw::{RawConfig, RawKey, RawProvider, RawRoute, RawServer, Str};
 use super::*;
@@ -39,6 +40,8 @@ pub fn load_str(text: &str, file: &str) -> Result<Config, ConfigError> {
         lookup: &lookup,
         diags: Vec::new(),
         warnings: Vec::new(),
+        fall_back: false,
+        offsets: Offsets::default(),
     }
     .load()
 }
@@ -50,10 +53,25 @@ struct Loader<'a> {
     diags: Vec<Diagnostic>,
     /// Problems that do not refuse the config ([`Config::warnings`]).
     warnings: Vec<Diagnostic>,
+    /// A batch of keys did not parse cleanly: load it whole instead.
+    fall_back: bool,
+    /// Where the text being validated is in the file (a part of it, when
+    /// loading in batches).
+    offsets: Offsets,
 }
 
 impl Loader<'_> {
     fn load(mut self) -> Result<Config, ConfigError> {
+        // Many keys: parsed a batch at a time, when that goes cleanly; else
+        // (a problem to report) the one whole parse below reports it.
+        if let Some(plan) = Plan::new(self.text) {
+            if let Some(loaded) = self.load_in_batches(&plan) {
+                return loaded;
+            }
+            self.diags.clear();
+            self.warnings.clear();
+            self.fall_back = false;
+        }
         // One parse when the file is good; the spanned document that
         // diagnostics need is parsed only when there is something to report
         // (a large config's parse is most of what loading it costs).
@@ -83,17 +101,89 @@ impl Loader<'_> {
         let Ok(raw) = raw else {
             return Err(ConfigError::Invalid(self.diags));
         };
-        let config = self.validate(raw);
-        if self.diags.is_empty() {
+        let config = self.validate(raw, None);
+        self.finish(config)
+    }
+
+    /// [`Loader::load`] with the `[[keys]]` tables parsed in batches
+    /// ([`chunks`](super::chunks)); `None` when a part does not parse
+    /// cleanly or has an unknown key, for the whole parse to report.
+    fn load_in_batches(&mut self, plan: &Plan) -> Option<Result<Config, ConfigError>> {
+        let (rest, offsets) = plan.rest(self.text);
+        let mut unknown = false;
+        let raw: RawConfig = toml::de::Deserializer::parse(&rest)
+            .and_then(|de| serde_ignored::deserialize(de, |_| unknown = true))
+            .ok()?;
+        drop(rest);
+        if unknown || !raw.keys.is_empty() {
+            return None;
+        }
+        self.offsets = offsets;
+        let config = self.validate(raw, Some(plan));
+        self.offsets = Offsets::default();
+        if self.fall_back {
+            return None;
+        }
+        Some(self.finish(config))
+    }
+
+    fn finish(&mut self, config: Option<Config>) -> Result<Config, ConfigError> {
+        let diags = std::mem::take(&mut self.diags);
+        if diags.is_empty() {
             if let Some(mut config) = config {
-                config.warnings = self.warnings;
+                config.warnings = std::mem::take(&mut self.warnings);
                 return Ok(config);
             }
         }
-        Err(ConfigError::Invalid(self.diags))
+        Err(ConfigError::Invalid(diags))
     }
 
-    fn validate(&mut self, raw: RawConfig) -> Option<Config> {
+    /// The keys: `raw`'s, or the batches of `plan`'s tables, each parsed,
+    /// checked and dropped before the next (`None`, with `fall_back` set,
+    /// when a batch does not parse cleanly).
+    fn keys(
+        &mut self,
+        raw: &[RawKey],
+        plan: Option<&Plan>,
+        routes: &[Arc<Route>],
+    ) -> Option<Vec<ApiKey>> {
+        let Some(plan) = plan else {
+            return Some(
+                raw.iter()
+                    .enumerate()
+                    .filter_map(|(i, k)| self.key(i, k, routes))
+                    .collect(),
+            );
+        };
+        #[derive(serde::Deserialize)]
+        struct Batch {
+            keys: Vec<RawKey>,
+        }
+        let mut keys = Vec::with_capacity(plan.len());
+        let mut buf = String::new();
+        for b in 0..plan.batches() {
+            let (first, count, offsets) = plan.batch(self.text, b, &mut buf);
+            let mut unknown = false;
+            let parsed: Result<Batch, _> = toml::de::Deserializer::parse(&buf)
+                .and_then(|de| serde_ignored::deserialize(de, |_| unknown = true));
+            let batch = match parsed {
+                Ok(batch) if !unknown && batch.keys.len() == count => batch,
+                _ => {
+                    self.fall_back = true;
+                    return None;
+                }
+            };
+            // The batch's spans, for the diagnostics of its keys.
+            let rest = std::mem::replace(&mut self.offsets, offsets);
+            for (i, k) in batch.keys.iter().enumerate() {
+                keys.extend(self.key(first + i, k, routes));
+            }
+            self.offsets = rest;
+        }
+        Some(keys)
+    }
+
+    fn validate(&mut self, raw: RawConfig, plan: Option<&Plan>) -> Option<Config> {
         let providers: Vec<Arc<Provider>> = raw
             .providers
             .iter()
@@ -138,12 +228,7 @@ impl Loader<'_> {
                 routes.push(Arc::new(route));
             }
         }
-        let keys: Vec<ApiKey> = raw
-            .keys
-            .iter()
-            .enumerate()
-            .filter_map(|(i, k)| self.key(i, k, &routes))
-            .collect();
+        let keys = self.keys(&raw.keys, plan, &routes)?;
         let mut hashes = HashSet::new();
         for (i, k) in keys.iter().enumerate() {
             if !hashes.insert(k.sha256) {
@@ -1335,7 +1420,7 @@ impl Loader<'_> {
     }
 
     fn warn<T>(&mut self, at: &Spanned<T>, key: &str, message: &str) {
-        let (line, column) = line_col(self.text, at.span().start);
+        let (line, column) = line_col(self.text, self.offsets.in_file(at.span().start));
         self.warnings.push(Diagnostic {
             file: self.file.to_owned(),
             line,
@@ -1346,7 +1431,7 @@ impl Loader<'_> {
     }
 
     fn report_at(&mut self, offset: usize, key: &str, message: &str) {
-        let (line, column) = line_col(self.text, offset);
+        let (line, column) = line_col(self.text, self.offsets.in_file(offset));
         self.diags.push(Diagnostic {
             file: self.file.to_owned(),
             line,
@@ -1495,6 +1580,8 @@ mod tests {
             lookup: &lookup,
             diags: Vec::new(),
             warnings: Vec::new(),
+            fall_back: false,
+            offsets: Offsets::default(),
         }
         .load()
         .map_err(|e| match e {

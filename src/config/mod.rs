@@ -9,6 +9,7 @@
 //! loading collects all of them instead of stopping at the first.
 
 mod access;
+mod chunks;
 mod env;
 mod load;
 pub mod raw;

@@ -31,10 +31,15 @@ use std::time::Duration;
 
 use crate::auth::Caller;
 use crate::clock::Clock;
-use crate::config::{Config, OnRedisFailure};
+use crate::config::{ApiKey, Config, OnRedisFailure};
 use crate::shared::Shared;
 use gcra::Gcra;
 use shared::{LeaseBook, Pool, Refused, ScopeKeys, Scoped, MAX_EXTRA_REQUESTS, MAX_EXTRA_TOKENS};
+
+/// The hasher of the maps keyed by a key's SHA-256 digest: foldhash, as
+/// their keys are uniform digests of the operator's keys (see
+/// [`crate::auth::KeyTable`]).
+type DigestState = foldhash::fast::RandomState;
 
 /// Answer tokens assumed when a request does not say.
 const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
@@ -128,6 +133,18 @@ struct Values {
     streams: Option<u32>,
 }
 
+impl ApiKey {
+    /// The limits this key sets.
+    fn values(&self) -> Values {
+        Values {
+            rpm: self.rpm,
+            tpm: self.tpm,
+            concurrent: self.max_concurrent,
+            streams: self.max_streams,
+        }
+    }
+}
+
 impl Values {
     fn is_none(&self) -> bool {
         self.rpm.is_none()
@@ -156,7 +173,7 @@ pub struct LimitStore {
     /// The replicas' limits, when `[state]` names a Redis.
     book: Option<Arc<LeaseBook>>,
     // Only touched when a config is built, never on the request path.
-    keys: RwLock<HashMap<[u8; 32], Cells>>,
+    keys: RwLock<HashMap<[u8; 32], Cells, DigestState>>,
     tenants: RwLock<HashMap<String, Cells>>,
 }
 
@@ -194,17 +211,18 @@ impl LimitStore {
     fn limits(&self, config: &Config, apply: bool) -> Limits {
         let clock = self.clock;
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        // Sized once: a large config's maps grown by doubling leave the
+        // smaller tables behind as garbage the heap may keep.
+        let limited = config.keys.iter().filter(|k| !k.values().is_none()).count();
+        let have = keys.len();
+        keys.reserve(limited.saturating_sub(have));
         let mut limits = Limits {
             book: self.book.clone(),
+            keys: HashMap::with_capacity_and_hasher(limited, DigestState::default()),
             ..Limits::default()
         };
         for k in &config.keys {
-            let values = Values {
-                rpm: k.rpm,
-                tpm: k.tpm,
-                concurrent: k.max_concurrent,
-                streams: k.max_streams,
-            };
+            let values = k.values();
             if values.is_none() {
                 // Nothing to count: no state, and admission skips the key.
                 continue;
@@ -472,9 +490,9 @@ impl TokenGate {
 /// The limits of one config, on the [`LimitStore`]'s state.
 #[derive(Debug, Default)]
 pub struct Limits {
-    keys: HashMap<[u8; 32], Buckets>,
+    keys: HashMap<[u8; 32], Buckets, DigestState>,
     /// Open streams per key, and the cap.
-    streams: HashMap<[u8; 32], (Arc<Slots>, u32)>,
+    streams: HashMap<[u8; 32], (Arc<Slots>, u32), DigestState>,
     tenants: HashMap<String, Buckets>,
     /// The replicas' limits (`[state] backend = "redis"`).
     book: Option<Arc<LeaseBook>>,
