@@ -341,6 +341,8 @@ async fn serve(
         Duration::from_secs(2),
     )
     .await;
+    // The gateway keeps its own copy; this one would double the text's cost.
+    drop(text);
     gw.set_ops(Some(config_path), Some(state_dir));
     // The control plane: reloads and their judges run on this runtime.
     let reloader = detour::reload::Reloader::new(Arc::clone(&gw));
