@@ -73,7 +73,7 @@ use attempts::{Answer, Attempts, Ended, Exhausted, Settle, Tried};
 use crate::cache;
 use crate::config::{Route, Target};
 use crate::error::{ApiError, ClientFormat, GatewayError};
-use crate::health::{BreakerState, Failure, Traffic, Transition};
+use crate::health::{BreakerState, Failure, TargetHealth, Traffic, Transition};
 use crate::incidents::IncidentLog;
 use crate::protocol::chat::{ChatRequest, Format};
 use crate::protocol::translate::{self, StreamDecoder, StreamEncoder, TranslateError};
@@ -313,7 +313,16 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
                 if committed.status.is_success() && !live.served_ok.load(Ordering::Relaxed) {
                     live.served_ok.store(true, Ordering::Relaxed);
                 }
-                return commit(committed, record, route, index, &tried, visit.as_mut());
+                let names = &state.health[index];
+                return commit(
+                    committed,
+                    record,
+                    route,
+                    index,
+                    names,
+                    &tried,
+                    visit.as_mut(),
+                );
             }
             Err(error) if !error.retryable() => attempts.refused(index, probe, error),
             Err(error) => {
@@ -352,8 +361,8 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
         ),
     };
     if let Some(t) = target {
-        record.provider = Some(t.provider.name.clone());
-        record.model = Some(t.model.clone());
+        record.provider = Some(t.provider.name.as_str().into());
+        record.model = Some(t.model.as_str().into());
         if let Some(span) = record.span.as_mut() {
             span.provider_kind(t.provider.kind);
         }
@@ -373,19 +382,21 @@ fn keeps_state(live: &Live, route: &Route, index: usize) -> bool {
 }
 
 /// Hands the winning attempt's response to the client: the record (and, on
-/// a cached route, the capture) go with the body, which ends them.
+/// a cached route, the capture) go with the body, which ends them. The
+/// record shares the target's names with its health state (`names`).
 fn commit(
     mut committed: Committed,
     mut record: Tracked,
     route: &Route,
     index: usize,
+    names: &TargetHealth,
     tried: &Tried,
     visit: Option<&mut cache::Visit>,
 ) -> Response {
     let target = &route.targets[index];
     let attempts = record.attempts;
-    record.provider = Some(target.provider.name.clone());
-    record.model = Some(target.model.clone());
+    record.provider = Some(Arc::clone(&names.provider));
+    record.model = Some(Arc::clone(&names.model));
     record.status = committed.status.as_u16();
     if let Some(span) = record.span.as_mut() {
         span.provider_kind(target.provider.kind);
@@ -472,8 +483,8 @@ fn refuse(
     visit: Option<&cache::Visit>,
 ) -> Response {
     let target = &route.targets[index];
-    record.provider = Some(target.provider.name.clone());
-    record.model = Some(target.model.clone());
+    record.provider = Some(target.provider.name.as_str().into());
+    record.model = Some(target.model.as_str().into());
     if let Some(span) = record.span.as_mut() {
         span.provider_kind(target.provider.kind);
     }
@@ -485,7 +496,7 @@ fn refuse(
 
 /// Answers from the response cache: no attempt, the original answer's bytes.
 fn replay(entry: &cache::Entry, mut record: Tracked) -> Response {
-    record.model = Some(entry.model.clone());
+    record.model = Some(entry.model.as_str().into());
     record.status = entry.status;
     record.finish(Outcome::CacheHit);
     entry.response()

@@ -614,7 +614,7 @@ impl<T: Answer> Future for Handoff<T> {
             Ok(result) => result,
             // The task ended without a result: the runtime is shutting down.
             Err(_) => Err(UpstreamError::Transport {
-                provider: this.settle.health.provider.clone(),
+                provider: this.settle.health.provider.to_string(),
                 detail: "the attempt's task ended without an answer".to_owned(),
             }),
         };
