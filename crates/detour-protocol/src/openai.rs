@@ -554,15 +554,121 @@ pub struct Usage {
 /// Usage from a complete (non-streamed) response body, if present: the
 /// top-level `usage` object, in OpenAI's or Anthropic's names.
 ///
-/// Only `usage` is parsed: the rest of the answer is skipped by a scan that
+/// Only `usage` is read: the rest of the answer is skipped by a scan that
 /// follows strings and nesting without building or validating anything
 /// (the answer is relayed as the provider sent it, not judged here). So a
 /// body that is not JSON has no usage, but one that is malformed after its
-/// `usage` still reports it, and of a duplicated key the first counts.
+/// `usage` still reports it, and of a duplicated `usage` key the first
+/// counts. Inside `usage`, what [`Usage`]'s serde derive refuses is refused
+/// too (a count that is not a whole number, a name given twice).
 pub fn usage_of(body: &[u8]) -> Option<Usage> {
-    let at = top_level_value(body, b"usage")?;
-    let mut de = serde_json::Deserializer::from_slice(body.get(at..)?);
-    Option::<Usage>::deserialize(&mut de).ok()?
+    read_usage(body, top_level_value(body, b"usage")?)
+}
+
+/// The [`Usage`] object that starts at `at`: its three counts read by hand,
+/// anything else skipped.
+fn read_usage(body: &[u8], at: usize) -> Option<Usage> {
+    if body.get(at) != Some(&b'{') {
+        return None;
+    }
+    let mut counts = [None::<u64>; 3];
+    let mut i = skip_ws(body, at + 1);
+    if body.get(i) != Some(&b'}') {
+        loop {
+            if body.get(i) != Some(&b'"') {
+                return None;
+            }
+            let end = string_end(body, i + 1)?;
+            let key = body.get(i + 1..end)?;
+            i = skip_ws(body, end + 1);
+            if body.get(i) != Some(&b':') {
+                return None;
+            }
+            i = skip_ws(body, i + 1);
+            let slot = match key {
+                b"prompt_tokens" | b"input_tokens" => Some(0),
+                b"completion_tokens" | b"output_tokens" => Some(1),
+                b"total_tokens" => Some(2),
+                _ => None,
+            };
+            i = match slot.and_then(|n| counts.get_mut(n)) {
+                // The same count twice (or under both its names).
+                Some(Some(_)) => return None,
+                Some(count) => {
+                    let (value, next) = read_count(body, i)?;
+                    *count = Some(value);
+                    next
+                }
+                None => skip_value(body, i)?,
+            };
+            i = skip_ws(body, i);
+            match body.get(i) {
+                Some(b',') => i = skip_ws(body, i + 1),
+                Some(b'}') => break,
+                _ => return None,
+            }
+        }
+    }
+    let [prompt, completion, total] = counts;
+    Some(Usage {
+        prompt_tokens: prompt.unwrap_or(0),
+        completion_tokens: completion.unwrap_or(0),
+        total_tokens: total.unwrap_or(0),
+    })
+}
+
+/// A whole, non-negative JSON number at `at` that fits a `u64`, and where
+/// it ends.
+fn read_count(body: &[u8], at: usize) -> Option<(u64, usize)> {
+    let rest = body.get(at..)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let text = rest.get(..digits)?;
+    // JSON has no leading zeros; a fraction or exponent makes a float.
+    let float = matches!(rest.get(digits), Some(b'.' | b'e' | b'E'));
+    if digits == 0 || (digits > 1 && text.first() == Some(&b'0')) || float {
+        return None;
+    }
+    let mut value = 0u64;
+    for d in text {
+        value = value.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some((value, at + digits))
+}
+
+/// Where the JSON value that starts at `at` ends, skipped without reading
+/// it.
+fn skip_value(body: &[u8], at: usize) -> Option<usize> {
+    match body.get(at)? {
+        b'"' => Some(string_end(body, at + 1)? + 1),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = at;
+            loop {
+                match body.get(i)? {
+                    b'"' => {
+                        i = string_end(body, i + 1)?;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        _ => {
+            let len = body
+                .get(at..)?
+                .iter()
+                .take_while(|b| !matches!(b, b',' | b'}' | b']') && !b.is_ascii_whitespace())
+                .count();
+            (len > 0).then_some(at + len)
+        }
+    }
 }
 
 /// Where the value of the top-level object's `key` starts in `body`, found
@@ -1073,9 +1179,29 @@ mod tests {
             (r#"{"usage":"many"}"#, None),
             (r#"{"usage":{"prompt_tokens":-1}}"#, None),
             (r#"{"unterminated":"usage"#, None),
+            // Inside usage: what the serde derive refused.
+            (r#"{"usage":{"prompt_tokens":1.0}}"#, None),
+            (r#"{"usage":{"prompt_tokens":1e3}}"#, None),
+            (r#"{"usage":{"prompt_tokens":01}}"#, None),
+            (r#"{"usage":{"prompt_tokens":null}}"#, None),
+            (r#"{"usage":{"prompt_tokens":"1"}}"#, None),
+            (r#"{"usage":{"prompt_tokens":18446744073709551616}}"#, None),
+            (r#"{"usage":{"prompt_tokens":1,"input_tokens":2}}"#, None),
+            (r#"{"usage":{"total_tokens":1,"total_tokens":1}}"#, None),
+            (r#"{"usage":{"prompt_tokens":1,}}"#, None),
+            (r#"{"usage":{"prompt_tokens" 1}}"#, None),
+            (r#"{"usage":{}}"#, u(0, 0, 0)),
+            (r#"{"usage":{"prompt_tokens":18446744073709551615}}"#, u(u64::MAX, 0, 0)),
+            (r#"{"usage":{"a":{"b":[1,"}",{"c":null}]},"s":"x\"y","t":true,"n":-1.5e3,"output_tokens":0}}"#, u(0, 0, 0)),
+            (r#"{"usage":{ "a" : [ ] , "input_tokens" : 12 , "z" : { } }}"#, u(12, 0, 0)),
         ];
         for (body, want) in table {
             assert_eq!(usage_of(body.as_bytes()), *want, "{body}");
+            // (Of an array the derive read the first element as `usage`.)
+            let object = body.trim_start().starts_with('{');
+            if object && serde_json::from_str::<serde_json::Value>(body).is_ok() {
+                assert_eq!(usage_by_full_parse(body.as_bytes()), *want, "{body}");
+            }
         }
     }
 
@@ -1113,7 +1239,12 @@ mod tests {
             before in proptest::bool::ANY,
             nested in proptest::bool::ANY,
         ) {
-            let usage = serde_json::json!({"prompt_tokens": prompt, "completion_tokens": 1});
+            let usage = serde_json::json!({
+                "prompt_tokens": prompt,
+                "completion_tokens": 1,
+                "prompt_tokens_details": {"cached_tokens": 0, text.clone(): [text.clone(), null, 1.5]},
+                text.clone(): text.clone(),
+            });
             let mut body = serde_json::Map::new();
             if before {
                 body.insert("usage".into(), usage.clone());
