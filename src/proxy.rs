@@ -62,7 +62,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
 mod attempts;
@@ -828,6 +828,12 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
+// Built once: a name given as `&str` is parsed (and copied) on every insert.
+const X_DETOUR_PROVIDER: HeaderName = HeaderName::from_static("x-detour-provider");
+const X_DETOUR_MODEL: HeaderName = HeaderName::from_static("x-detour-model");
+const X_DETOUR_ATTEMPTS: HeaderName = HeaderName::from_static("x-detour-attempts");
+const X_DETOUR_TRIED: HeaderName = HeaderName::from_static("x-detour-tried");
+
 fn with_attempt_headers(
     mut resp: Response,
     target: Option<&Target>,
@@ -836,12 +842,33 @@ fn with_attempt_headers(
 ) -> Response {
     let h = resp.headers_mut();
     if let Some((provider, model)) = target.and_then(|t| t.headers.clone()) {
-        h.insert("x-detour-provider", provider);
-        h.insert("x-detour-model", model);
+        h.insert(X_DETOUR_PROVIDER, provider);
+        h.insert(X_DETOUR_MODEL, model);
     }
-    h.insert("x-detour-attempts", HeaderValue::from(attempts));
+    h.insert(X_DETOUR_ATTEMPTS, count_value(attempts));
     if let Some(v) = tried.header() {
-        h.insert("x-detour-tried", v);
+        h.insert(X_DETOUR_TRIED, v);
     }
     resp
+}
+
+/// A count as a header value, without an allocation for the usual ones.
+fn count_value(n: u32) -> HeaderValue {
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match usize::try_from(n).ok().and_then(|i| DIGITS.get(i)) {
+        Some(digit) => HeaderValue::from_static(digit),
+        None => HeaderValue::from(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_read_as_their_numbers() {
+        for n in [0, 1, 2, 9, 10, 11, 100, u32::MAX] {
+            assert_eq!(count_value(n), HeaderValue::from(n), "{n}");
+        }
+    }
 }

@@ -342,7 +342,16 @@ where
             let hedge = !self.in_flight.is_empty();
             crate::metrics::attempt_launched(&route.alias, self.launched, hedge);
             let (index, probe) = (candidate.index, candidate.probe);
-            let attempt = guarded(probe, Arc::clone(health), delay, (self.start)(index));
+            // Boxed once, here: a future moved into an `async` block is kept
+            // twice in it (as the argument and as the awaited value), so
+            // `guarded` and the block below would each double the attempt's
+            // size (about 4 KiB), and every move of them copy it all.
+            let attempt = guarded(
+                probe,
+                Arc::clone(health),
+                delay,
+                Box::pin((self.start)(index)),
+            );
             let fate = if candidate.tentative {
                 let settle = Settle {
                     health: Arc::clone(health),
