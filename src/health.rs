@@ -189,8 +189,10 @@ pub enum Failure {
 
 #[derive(Debug)]
 pub struct TargetHealth {
-    pub provider: String,
-    pub model: String,
+    /// The target's names, shared with the request records of the requests
+    /// it answers (an `Arc`, not a copy per request).
+    pub provider: Arc<str>,
+    pub model: Arc<str>,
     clock: Clock,
     state: AtomicU8,
     consecutive: AtomicU32,
@@ -253,8 +255,8 @@ const EWMA_ALPHA: f64 = 0.2;
 impl TargetHealth {
     pub fn new(provider: &str, model: &str, clock: Clock) -> Self {
         Self {
-            provider: provider.to_owned(),
-            model: model.to_owned(),
+            provider: provider.into(),
+            model: model.into(),
             clock,
             state: AtomicU8::new(CLOSED),
             consecutive: AtomicU32::new(0),
@@ -784,8 +786,8 @@ impl TargetHealth {
         let now = self.clock.now_ms();
         let (ok, failed) = self.window(policy, now);
         TargetSnapshot {
-            provider: self.provider.clone(),
-            model: self.model.clone(),
+            provider: self.provider.to_string(),
+            model: self.model.to_string(),
             breaker: self.state(),
             consecutive_failures: self.consecutive.load(Relaxed),
             window_ok: ok,

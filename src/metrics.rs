@@ -23,7 +23,8 @@
 //! Samples wait in the recorder until drained; a small thread drains them
 //! every [`UPKEEP_EVERY`] so that memory stays flat when nobody scrapes.
 
-use std::sync::OnceLock;
+use std::hash::BuildHasher;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use ::metrics::{counter, gauge, histogram, SharedString};
@@ -157,6 +158,7 @@ fn install() -> Option<PrometheusHandle> {
         tracing::error!("metrics: a recorder is already installed; detour's metrics are off: {e}");
         return None;
     }
+    let _ = HANDLES.set(HandleCache::new());
     for &(name, kind, help) in ALL {
         let help = SharedString::const_str(help);
         match kind {
@@ -204,11 +206,20 @@ pub struct Finished<'a> {
 /// The route label of a finished request: the alias only once it named a
 /// route. A request for an unknown alias (a 404 with no provider) would
 /// otherwise put the client's text into a label.
-fn route_label(r: &Finished<'_>) -> SharedString {
+fn route_name<'a>(r: &Finished<'a>) -> &'a str {
     match r.route {
-        Some(_) if r.provider.is_none() && r.status == 404 => SharedString::const_str("unknown"),
-        Some(route) => SharedString::from(route.to_owned()),
-        None => SharedString::const_str("none"),
+        Some(_) if r.provider.is_none() && r.status == 404 => "unknown",
+        Some(route) => route,
+        None => "none",
+    }
+}
+
+/// [`route_name`] as a label value.
+fn route_label(r: &Finished<'_>) -> SharedString {
+    match route_name(r) {
+        "unknown" => SharedString::const_str("unknown"),
+        "none" => SharedString::const_str("none"),
+        name => SharedString::from(name.to_owned()),
     }
 }
 
@@ -244,7 +255,187 @@ fn status_label(status: u16) -> SharedString {
 
 /// A request ended (called once, where its log line is written): counts it,
 /// and records its latency, time to first byte and tokens.
+///
+/// The handles of a label set are resolved once ([`RequestHandles`]): after
+/// the first request with the same route, provider, status, format and
+/// tenant, recording is a hash of those names and a few atomic increments,
+/// not a label vector built and looked up in the registry per metric.
 pub fn request_finished(r: &Finished<'_>) {
+    let labels = Labels {
+        route: route_name(r),
+        answered: r.provider.is_some(),
+        provider: r.provider.unwrap_or("none"),
+        status: r.status,
+        format: r.format,
+        tenant: r.tenant.map_or("", |t| &**t),
+    };
+    match HANDLES.get() {
+        // Our recorder is installed: handles made now stay valid.
+        Some(cache) if cache.with(&labels, |h| h.record(r)) => {}
+        // No recorder of ours (handles would be no-ops forever), or the
+        // cache is full: look each metric up, as every other helper does.
+        _ => record_uncached(r),
+    }
+}
+
+/// The label values of a finished request, borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Labels<'a> {
+    route: &'a str,
+    /// A provider answered (its name may be `none` too).
+    answered: bool,
+    provider: &'a str,
+    status: u16,
+    format: &'static str,
+    tenant: &'a str,
+}
+
+/// The metrics of one label set of finished requests. The handles of
+/// metrics that a request may not have (time to first byte, tokens) are
+/// registered on first use, so that `/metrics` shows the same series as
+/// when each request looked its metrics up.
+struct RequestHandles {
+    route: Box<str>,
+    provider: Box<str>,
+    status: u16,
+    format: &'static str,
+    tenant: Box<str>,
+    answered: bool,
+    requests: ::metrics::Counter,
+    duration: ::metrics::Histogram,
+    ttfb: OnceLock<::metrics::Histogram>,
+    /// Prompt and completion tokens.
+    tokens: OnceLock<(::metrics::Counter, ::metrics::Counter)>,
+}
+
+impl RequestHandles {
+    fn new(l: &Labels<'_>) -> Self {
+        let route = SharedString::from(l.route.to_owned());
+        let provider = SharedString::from(l.provider.to_owned());
+        let tenant = SharedString::from(l.tenant.to_owned());
+        Self {
+            requests: counter!(REQUESTS_TOTAL, "route" => route.clone(),
+                "provider" => provider, "status" => status_label(l.status),
+                "format" => l.format, "tenant" => tenant),
+            duration: histogram!(REQUEST_DURATION_SECONDS, "route" => route, "format" => l.format),
+            route: l.route.into(),
+            provider: l.provider.into(),
+            status: l.status,
+            format: l.format,
+            tenant: l.tenant.into(),
+            answered: l.answered,
+            ttfb: OnceLock::new(),
+            tokens: OnceLock::new(),
+        }
+    }
+
+    fn labels(&self) -> Labels<'_> {
+        Labels {
+            route: &self.route,
+            answered: self.answered,
+            provider: &self.provider,
+            status: self.status,
+            format: self.format,
+            tenant: &self.tenant,
+        }
+    }
+
+    fn record(&self, r: &Finished<'_>) {
+        self.requests.increment(1);
+        self.duration.record(r.duration.as_secs_f64());
+        if !self.answered {
+            return;
+        }
+        if let Some(ttfb) = r.first_byte {
+            self.ttfb
+                .get_or_init(|| {
+                    let provider = SharedString::from(self.provider.to_string());
+                    histogram!(TTFB_SECONDS, "provider" => provider)
+                })
+                .record(ttfb.as_secs_f64());
+        }
+        if let Some((prompt, completion)) = r.tokens {
+            let (p, c) = self.tokens.get_or_init(|| {
+                let provider = SharedString::from(self.provider.to_string());
+                let tenant = SharedString::from(self.tenant.to_string());
+                (
+                    counter!(TOKENS_TOTAL, "provider" => provider.clone(), "kind" => "prompt",
+                        "tenant" => tenant.clone()),
+                    counter!(TOKENS_TOTAL, "provider" => provider, "kind" => "completion",
+                        "tenant" => tenant),
+                )
+            });
+            p.increment(prompt);
+            c.increment(completion);
+        }
+    }
+}
+
+/// Label sets kept at most; past that (a label value that should not vary,
+/// varying), requests are recorded uncached rather than growing the cache.
+const MAX_CACHED_LABEL_SETS: usize = 4096;
+
+/// [`RequestHandles`] by label set: read-mostly (written once per new label
+/// set), keyed by a fast hash of the borrowed labels so that a lookup
+/// copies nothing.
+struct HandleCache {
+    hasher: foldhash::fast::RandomState,
+    by_hash: RwLock<foldhash::HashMap<u64, Vec<Arc<RequestHandles>>>>,
+}
+
+impl HandleCache {
+    fn new() -> Self {
+        Self {
+            hasher: foldhash::fast::RandomState::default(),
+            by_hash: RwLock::default(),
+        }
+    }
+
+    /// Calls `f` with the handles of `labels`, made on first use; false
+    /// (and `f` not called) when the cache is full.
+    fn with(&self, labels: &Labels<'_>, f: impl FnOnce(&RequestHandles)) -> bool {
+        let hash = self.hasher.hash_one(labels);
+        {
+            let map = self.by_hash.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(h) = find(&map, hash, labels) {
+                f(h);
+                return true;
+            }
+        }
+        let handles = {
+            let mut map = self.by_hash.write().unwrap_or_else(|e| e.into_inner());
+            match find(&map, hash, labels) {
+                Some(h) => Arc::clone(h),
+                None if map.values().map(Vec::len).sum::<usize>() >= MAX_CACHED_LABEL_SETS => {
+                    return false;
+                }
+                None => {
+                    let h = Arc::new(RequestHandles::new(labels));
+                    map.entry(hash).or_default().push(Arc::clone(&h));
+                    h
+                }
+            }
+        };
+        f(&handles);
+        true
+    }
+}
+
+fn find<'m>(
+    map: &'m foldhash::HashMap<u64, Vec<Arc<RequestHandles>>>,
+    hash: u64,
+    labels: &Labels<'_>,
+) -> Option<&'m Arc<RequestHandles>> {
+    map.get(&hash)?.iter().find(|h| h.labels() == *labels)
+}
+
+/// Set when our recorder is installed: before that (or with another
+/// recorder), handles would be no-ops for good.
+static HANDLES: OnceLock<HandleCache> = OnceLock::new();
+
+/// [`request_finished`] without the cache: each metric looked up by its
+/// labels.
+fn record_uncached(r: &Finished<'_>) {
     let route = route_label(r);
     let format = r.format;
     let provider = r.provider.map_or(SharedString::const_str("none"), |p| {

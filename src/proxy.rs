@@ -62,7 +62,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
 mod attempts;
@@ -73,7 +73,7 @@ use attempts::{Answer, Attempts, Ended, Exhausted, Settle, Tried};
 use crate::cache;
 use crate::config::{Route, Target};
 use crate::error::{ApiError, ClientFormat, GatewayError};
-use crate::health::{BreakerState, Failure, Traffic, Transition};
+use crate::health::{BreakerState, Failure, TargetHealth, Traffic, Transition};
 use crate::incidents::IncidentLog;
 use crate::protocol::chat::{ChatRequest, Format};
 use crate::protocol::translate::{self, StreamDecoder, StreamEncoder, TranslateError};
@@ -313,7 +313,16 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
                 if committed.status.is_success() && !live.served_ok.load(Ordering::Relaxed) {
                     live.served_ok.store(true, Ordering::Relaxed);
                 }
-                return commit(committed, record, route, index, &tried, visit.as_mut());
+                let names = &state.health[index];
+                return commit(
+                    committed,
+                    record,
+                    route,
+                    index,
+                    names,
+                    &tried,
+                    visit.as_mut(),
+                );
             }
             Err(error) if !error.retryable() => attempts.refused(index, probe, error),
             Err(error) => {
@@ -352,8 +361,8 @@ pub async fn forward(live: &Arc<Live>, req: Forward, mut record: Tracked) -> Res
         ),
     };
     if let Some(t) = target {
-        record.provider = Some(t.provider.name.clone());
-        record.model = Some(t.model.clone());
+        record.provider = Some(t.provider.name.as_str().into());
+        record.model = Some(t.model.as_str().into());
         if let Some(span) = record.span.as_mut() {
             span.provider_kind(t.provider.kind);
         }
@@ -373,19 +382,21 @@ fn keeps_state(live: &Live, route: &Route, index: usize) -> bool {
 }
 
 /// Hands the winning attempt's response to the client: the record (and, on
-/// a cached route, the capture) go with the body, which ends them.
+/// a cached route, the capture) go with the body, which ends them. The
+/// record shares the target's names with its health state (`names`).
 fn commit(
     mut committed: Committed,
     mut record: Tracked,
     route: &Route,
     index: usize,
+    names: &TargetHealth,
     tried: &Tried,
     visit: Option<&mut cache::Visit>,
 ) -> Response {
     let target = &route.targets[index];
     let attempts = record.attempts;
-    record.provider = Some(target.provider.name.clone());
-    record.model = Some(target.model.clone());
+    record.provider = Some(Arc::clone(&names.provider));
+    record.model = Some(Arc::clone(&names.model));
     record.status = committed.status.as_u16();
     if let Some(span) = record.span.as_mut() {
         span.provider_kind(target.provider.kind);
@@ -472,8 +483,8 @@ fn refuse(
     visit: Option<&cache::Visit>,
 ) -> Response {
     let target = &route.targets[index];
-    record.provider = Some(target.provider.name.clone());
-    record.model = Some(target.model.clone());
+    record.provider = Some(target.provider.name.as_str().into());
+    record.model = Some(target.model.as_str().into());
     if let Some(span) = record.span.as_mut() {
         span.provider_kind(target.provider.kind);
     }
@@ -485,7 +496,7 @@ fn refuse(
 
 /// Answers from the response cache: no attempt, the original answer's bytes.
 fn replay(entry: &cache::Entry, mut record: Tracked) -> Response {
-    record.model = Some(entry.model.clone());
+    record.model = Some(entry.model.as_str().into());
     record.status = entry.status;
     record.finish(Outcome::CacheHit);
     entry.response()
@@ -817,6 +828,12 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
+// Built once: a name given as `&str` is parsed (and copied) on every insert.
+const X_DETOUR_PROVIDER: HeaderName = HeaderName::from_static("x-detour-provider");
+const X_DETOUR_MODEL: HeaderName = HeaderName::from_static("x-detour-model");
+const X_DETOUR_ATTEMPTS: HeaderName = HeaderName::from_static("x-detour-attempts");
+const X_DETOUR_TRIED: HeaderName = HeaderName::from_static("x-detour-tried");
+
 fn with_attempt_headers(
     mut resp: Response,
     target: Option<&Target>,
@@ -825,12 +842,33 @@ fn with_attempt_headers(
 ) -> Response {
     let h = resp.headers_mut();
     if let Some((provider, model)) = target.and_then(|t| t.headers.clone()) {
-        h.insert("x-detour-provider", provider);
-        h.insert("x-detour-model", model);
+        h.insert(X_DETOUR_PROVIDER, provider);
+        h.insert(X_DETOUR_MODEL, model);
     }
-    h.insert("x-detour-attempts", HeaderValue::from(attempts));
+    h.insert(X_DETOUR_ATTEMPTS, count_value(attempts));
     if let Some(v) = tried.header() {
-        h.insert("x-detour-tried", v);
+        h.insert(X_DETOUR_TRIED, v);
     }
     resp
+}
+
+/// A count as a header value, without an allocation for the usual ones.
+fn count_value(n: u32) -> HeaderValue {
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match usize::try_from(n).ok().and_then(|i| DIGITS.get(i)) {
+        Some(digit) => HeaderValue::from_static(digit),
+        None => HeaderValue::from(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_read_as_their_numbers() {
+        for n in [0, 1, 2, 9, 10, 11, 100, u32::MAX] {
+            assert_eq!(count_value(n), HeaderValue::from(n), "{n}");
+        }
+    }
 }

@@ -231,8 +231,8 @@ pub async fn count_tokens(
             continue;
         };
         record.attempts += 1;
-        record.provider = Some(target.provider.name.clone());
-        record.model = Some(target.model.clone());
+        record.provider = Some(target.provider.name.as_str().into());
+        record.model = Some(target.model.as_str().into());
         let request = a.count_tokens(rewrite_model(&body, span.clone(), &target.model));
         let started = Instant::now();
         let answer = match adapter

@@ -342,7 +342,16 @@ where
             let hedge = !self.in_flight.is_empty();
             crate::metrics::attempt_launched(&route.alias, self.launched, hedge);
             let (index, probe) = (candidate.index, candidate.probe);
-            let attempt = guarded(probe, Arc::clone(health), delay, (self.start)(index));
+            // Boxed once, here: a future moved into an `async` block is kept
+            // twice in it (as the argument and as the awaited value), so
+            // `guarded` and the block below would each double the attempt's
+            // size (about 4 KiB), and every move of them copy it all.
+            let attempt = guarded(
+                probe,
+                Arc::clone(health),
+                delay,
+                Box::pin((self.start)(index)),
+            );
             let fate = if candidate.tentative {
                 let settle = Settle {
                     health: Arc::clone(health),
@@ -614,7 +623,7 @@ impl<T: Answer> Future for Handoff<T> {
             Ok(result) => result,
             // The task ended without a result: the runtime is shutting down.
             Err(_) => Err(UpstreamError::Transport {
-                provider: this.settle.health.provider.clone(),
+                provider: this.settle.health.provider.to_string(),
                 detail: "the attempt's task ended without an answer".to_owned(),
             }),
         };

@@ -134,8 +134,10 @@ pub struct RequestRecord {
     /// the metrics say whose traffic it was, not which credential).
     pub tenant: Option<Arc<str>>,
     pub route: Option<String>,
-    pub provider: Option<String>,
-    pub model: Option<String>,
+    /// The target's names, shared with the config's health state (see
+    /// `health::TargetHealth`), not copied per request.
+    pub provider: Option<Arc<str>>,
+    pub model: Option<Arc<str>>,
     pub status: u16,
     pub attempts: u32,
     pub stream: bool,

@@ -551,14 +551,183 @@ pub struct Usage {
     pub total_tokens: u64,
 }
 
-#[derive(Deserialize)]
-struct WithUsage {
-    usage: Option<Usage>,
+/// Usage from a complete (non-streamed) response body, if present: the
+/// top-level `usage` object, in OpenAI's or Anthropic's names.
+///
+/// Only `usage` is read: the rest of the answer is skipped by a scan that
+/// follows strings and nesting without building or validating anything
+/// (the answer is relayed as the provider sent it, not judged here). So a
+/// body that is not JSON has no usage, but one that is malformed after its
+/// `usage` still reports it, and of a duplicated `usage` key the first
+/// counts. Inside `usage`, what [`Usage`]'s serde derive refuses is refused
+/// too (a count that is not a whole number, a name given twice).
+pub fn usage_of(body: &[u8]) -> Option<Usage> {
+    read_usage(body, top_level_value(body, b"usage")?)
 }
 
-/// Usage from a complete (non-streamed) response body, if present.
-pub fn usage_of(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+/// The [`Usage`] object that starts at `at`: its three counts read by hand,
+/// anything else skipped.
+fn read_usage(body: &[u8], at: usize) -> Option<Usage> {
+    if body.get(at) != Some(&b'{') {
+        return None;
+    }
+    let mut counts = [None::<u64>; 3];
+    let mut i = skip_ws(body, at + 1);
+    if body.get(i) != Some(&b'}') {
+        loop {
+            if body.get(i) != Some(&b'"') {
+                return None;
+            }
+            let end = string_end(body, i + 1)?;
+            let key = body.get(i + 1..end)?;
+            i = skip_ws(body, end + 1);
+            if body.get(i) != Some(&b':') {
+                return None;
+            }
+            i = skip_ws(body, i + 1);
+            let slot = match key {
+                b"prompt_tokens" | b"input_tokens" => Some(0),
+                b"completion_tokens" | b"output_tokens" => Some(1),
+                b"total_tokens" => Some(2),
+                _ => None,
+            };
+            i = match slot.and_then(|n| counts.get_mut(n)) {
+                // The same count twice (or under both its names).
+                Some(Some(_)) => return None,
+                Some(count) => {
+                    let (value, next) = read_count(body, i)?;
+                    *count = Some(value);
+                    next
+                }
+                None => skip_value(body, i)?,
+            };
+            i = skip_ws(body, i);
+            match body.get(i) {
+                Some(b',') => i = skip_ws(body, i + 1),
+                Some(b'}') => break,
+                _ => return None,
+            }
+        }
+    }
+    let [prompt, completion, total] = counts;
+    Some(Usage {
+        prompt_tokens: prompt.unwrap_or(0),
+        completion_tokens: completion.unwrap_or(0),
+        total_tokens: total.unwrap_or(0),
+    })
+}
+
+/// A whole, non-negative JSON number at `at` that fits a `u64`, and where
+/// it ends.
+fn read_count(body: &[u8], at: usize) -> Option<(u64, usize)> {
+    let rest = body.get(at..)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let text = rest.get(..digits)?;
+    // JSON has no leading zeros; a fraction or exponent makes a float.
+    let float = matches!(rest.get(digits), Some(b'.' | b'e' | b'E'));
+    if digits == 0 || (digits > 1 && text.first() == Some(&b'0')) || float {
+        return None;
+    }
+    let mut value = 0u64;
+    for d in text {
+        value = value.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some((value, at + digits))
+}
+
+/// Where the JSON value that starts at `at` ends, skipped without reading
+/// it.
+fn skip_value(body: &[u8], at: usize) -> Option<usize> {
+    match body.get(at)? {
+        b'"' => Some(string_end(body, at + 1)? + 1),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = at;
+            loop {
+                match body.get(i)? {
+                    b'"' => {
+                        i = string_end(body, i + 1)?;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        _ => {
+            let len = body
+                .get(at..)?
+                .iter()
+                .take_while(|b| !matches!(b, b',' | b'}' | b']') && !b.is_ascii_whitespace())
+                .count();
+            (len > 0).then_some(at + len)
+        }
+    }
+}
+
+/// Where the value of the top-level object's `key` starts in `body`, found
+/// without parsing the other values: strings are skipped with `memchr`,
+/// nesting is counted. A key is compared as written (a key spelled with
+/// escapes is not found).
+fn top_level_value(body: &[u8], key: &[u8]) -> Option<usize> {
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut depth = 1usize;
+    while let Some(&b) = body.get(i) {
+        match b {
+            b'"' => {
+                let start = i + 1;
+                let end = string_end(body, start)?;
+                i = end + 1;
+                if depth == 1 {
+                    let after = skip_ws(body, i);
+                    if body.get(after) == Some(&b':') && body.get(start..end) == Some(key) {
+                        return Some(skip_ws(body, after + 1));
+                    }
+                }
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth -= 1;
+                if depth == 0 {
+                    return None;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The index of the quote that ends the string whose content starts at
+/// `from`.
+fn string_end(body: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let at = from + memchr::memchr2(b'"', b'\\', body.get(from..)?)?;
+        if body.get(at) == Some(&b'"') {
+            return Some(at);
+        }
+        // An escape: skip the backslash and the character it escapes.
+        from = at + 2;
+    }
+}
+
+fn skip_ws(body: &[u8], mut i: usize) -> usize {
+    while body.get(i).is_some_and(u8::is_ascii_whitespace) {
+        i += 1;
+    }
+    i
 }
 
 /// Watches a relayed stream for usage and the `[DONE]` terminator without
@@ -966,6 +1135,130 @@ mod tests {
             proptest::prop_assert_eq!(back["model"].as_str(), Some(target.as_str()));
             back["model"] = body["model"].clone();
             proptest::prop_assert_eq!(back, body);
+        }
+    }
+
+    /// The full parse `usage_of` replaced: every JSON answer must read the
+    /// same through the scan.
+    fn usage_by_full_parse(body: &[u8]) -> Option<Usage> {
+        #[derive(Deserialize)]
+        struct WithUsage {
+            usage: Option<Usage>,
+        }
+        serde_json::from_slice::<WithUsage>(body).ok()?.usage
+    }
+
+    #[test]
+    fn usage_is_read_from_the_top_level_only() {
+        let u = |p, c, t| {
+            Some(Usage {
+                prompt_tokens: p,
+                completion_tokens: c,
+                total_tokens: t,
+            })
+        };
+        #[rustfmt::skip]
+        let table: &[(&str, Option<Usage>)] = &[
+            (r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#, u(3, 2, 5)),
+            // Anthropic's and the Responses API's names.
+            (r#"{"type":"message","usage":{"input_tokens":7,"output_tokens":1}}"#, u(7, 1, 0)),
+            (r#" { "usage" : { "prompt_tokens" : 1 } , "id" : "x" } "#, u(1, 0, 0)),
+            (r#"{"usage":null}"#, None),
+            (r#"{"id":"x"}"#, None),
+            // Nested objects and strings that hold the word are not it.
+            (r#"{"choices":[{"usage":{"prompt_tokens":9}}],"x":{"usage":{"prompt_tokens":8}}}"#, None),
+            (r#"{"text":"\"usage\":{\"prompt_tokens\":9}","usage":{"prompt_tokens":2}}"#, u(2, 0, 0)),
+            (r#"{"a":"usage","b":["usage",{"usage":1}],"usage":{"completion_tokens":4}}"#, u(0, 4, 0)),
+            (r#"{"k\\":"\\","usage":{"total_tokens":6}}"#, u(0, 0, 6)),
+            // Usage nested deeper than the answer's top level, after it.
+            (r#"{"x":[[{"y":"}"}]],"usage":{"prompt_tokens":1,"details":{"a":[1,2]}}}"#, u(1, 0, 0)),
+            // Not an object, not JSON, a usage of the wrong shape.
+            (r#"[{"usage":{"prompt_tokens":1}}]"#, None),
+            ("", None),
+            ("<html>usage</html>", None),
+            (r#"{"usage":"many"}"#, None),
+            (r#"{"usage":{"prompt_tokens":-1}}"#, None),
+            (r#"{"unterminated":"usage"#, None),
+            // Inside usage: what the serde derive refused.
+            (r#"{"usage":{"prompt_tokens":1.0}}"#, None),
+            (r#"{"usage":{"prompt_tokens":1e3}}"#, None),
+            (r#"{"usage":{"prompt_tokens":01}}"#, None),
+            (r#"{"usage":{"prompt_tokens":null}}"#, None),
+            (r#"{"usage":{"prompt_tokens":"1"}}"#, None),
+            (r#"{"usage":{"prompt_tokens":18446744073709551616}}"#, None),
+            (r#"{"usage":{"prompt_tokens":1,"input_tokens":2}}"#, None),
+            (r#"{"usage":{"total_tokens":1,"total_tokens":1}}"#, None),
+            (r#"{"usage":{"prompt_tokens":1,}}"#, None),
+            (r#"{"usage":{"prompt_tokens" 1}}"#, None),
+            (r#"{"usage":{}}"#, u(0, 0, 0)),
+            (r#"{"usage":{"prompt_tokens":18446744073709551615}}"#, u(u64::MAX, 0, 0)),
+            (r#"{"usage":{"a":{"b":[1,"}",{"c":null}]},"s":"x\"y","t":true,"n":-1.5e3,"output_tokens":0}}"#, u(0, 0, 0)),
+            (r#"{"usage":{ "a" : [ ] , "input_tokens" : 12 , "z" : { } }}"#, u(12, 0, 0)),
+        ];
+        for (body, want) in table {
+            assert_eq!(usage_of(body.as_bytes()), *want, "{body}");
+            // (Of an array the derive read the first element as `usage`.)
+            let object = body.trim_start().starts_with('{');
+            if object && serde_json::from_str::<serde_json::Value>(body).is_ok() {
+                assert_eq!(usage_by_full_parse(body.as_bytes()), *want, "{body}");
+            }
+        }
+    }
+
+    #[test]
+    fn usage_reads_as_the_full_parse_did_on_every_fixture() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut seen = 0;
+        let mut with_usage = 0;
+        let mut stack = vec![dir];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "json") {
+                    let body = std::fs::read(&path).unwrap();
+                    let want = usage_by_full_parse(&body);
+                    assert_eq!(usage_of(&body), want, "{}", path.display());
+                    seen += 1;
+                    with_usage += usize::from(want.is_some());
+                }
+            }
+        }
+        assert!(
+            seen > 20 && with_usage > 5,
+            "{seen} fixtures, {with_usage} with usage"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn usage_reads_as_the_full_parse_did(
+            text in "\\PC{0,24}",
+            prompt in 0u64..1_000_000,
+            before in proptest::bool::ANY,
+            nested in proptest::bool::ANY,
+        ) {
+            let usage = serde_json::json!({
+                "prompt_tokens": prompt,
+                "completion_tokens": 1,
+                "prompt_tokens_details": {"cached_tokens": 0, text.clone(): [text.clone(), null, 1.5]},
+                text.clone(): text.clone(),
+            });
+            let mut body = serde_json::Map::new();
+            if before {
+                body.insert("usage".into(), usage.clone());
+            }
+            body.insert(text.clone(), serde_json::json!([text.clone(), {"usage": {"prompt_tokens": 5}}]));
+            if nested {
+                body.insert("choices".into(), serde_json::json!([{"message": {"content": text, "usage": usage}}]));
+            }
+            if !before {
+                body.insert("usage".into(), usage);
+            }
+            let bytes = serde_json::to_vec(&body).unwrap();
+            proptest::prop_assert_eq!(usage_of(&bytes), usage_by_full_parse(&bytes));
+            proptest::prop_assert_eq!(usage_of(&bytes).map(|u| u.prompt_tokens), Some(prompt));
         }
     }
 }
