@@ -275,3 +275,74 @@ breaker = { consecutive_failures = 1000, min_requests = 1000 }"#;
     )
     .await;
 }
+
+/// What the hot path's shortcuts must not change: a finished request's
+/// metrics recorded through handles resolved once per label set
+/// (`metrics::request_finished`), and the usage read from the top level of
+/// a non-streamed answer only (`protocol::openai::usage_of`).
+/// Each label set counts on its own (same route and provider, two
+/// statuses), and the tokens counted are exactly those of the answers the
+/// client got, read from non-streamed answers.
+#[tokio::test]
+async fn cached_handles_count_each_label_set_and_the_answers_tokens() {
+    let upstream = mock().await;
+    let config = one_route(upstream.addr(), "", "").replace(r#"name = "p""#, r#"name = "hp""#);
+    let config = config.replace(r#"provider = "p""#, r#"provider = "hp""#);
+    let gw = gateway(&config).await;
+    // The recorder is installed before the first request (as `serve` does).
+    let admin = admin(&gw, TOKEN).await;
+    let (mut prompt, mut completion) = (0.0, 0.0);
+    for i in 0..3 {
+        let resp = client()
+            .post(format!("{}/v1/chat/completions", gw.url()))
+            .json(&json!({"model": "fast", "messages": [{"role": "user", "content": format!("Hi {i}")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        prompt += body["usage"]["prompt_tokens"].as_f64().unwrap();
+        completion += body["usage"]["completion_tokens"].as_f64().unwrap();
+    }
+    assert!(prompt > 0.0 && completion > 0.0);
+    // The caller's own 400, relayed: another label set of the same route.
+    upstream.set_faults(faults(json!({"error_rate": 1.0, "error_status": 400})));
+    for _ in 0..2 {
+        let resp = client()
+            .post(format!("{}/v1/chat/completions", gw.url()))
+            .json(&chat(false))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        resp.bytes().await.unwrap();
+        assert_eq!(status, 400);
+    }
+    let series = |status: u16| {
+        format!(
+            r#"detour_requests_total{{route="fast",provider="hp",status="{status}",format="openai",tenant="anonymous"}}"#
+        )
+    };
+    let tokens = |kind: &str| {
+        format!(r#"detour_tokens_total{{provider="hp",kind="{kind}",tenant="anonymous"}}"#)
+    };
+    let (ok, refused) = (series(200), series(400));
+    let (prompt_series, completion_series) = (tokens("prompt"), tokens("completion"));
+    scrape_until(
+        &admin,
+        &[
+            (ok.as_str(), 3.0),
+            (refused.as_str(), 2.0),
+            (prompt_series.as_str(), prompt),
+            (completion_series.as_str(), completion),
+            (
+                r#"detour_request_duration_seconds_count{route="fast",format="openai"}"#,
+                5.0,
+            ),
+            // Only answers relayed to the client have a first byte (the
+            // refused 400s do not).
+            (r#"detour_ttfb_seconds_count{provider="hp"}"#, 3.0),
+        ],
+    )
+    .await;
+}
