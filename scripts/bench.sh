@@ -38,6 +38,7 @@
 #                              this % of the machine is left out of the medians,
 #                              unless no cleaner round exists
 #   NO_BUILD=1                 skip `cargo build --release --examples --bins`
+#   DETOUR=path                the detour binary to measure (default target/release/detour)
 #   ONLY=plain-c64,stream-c64  run only these scenarios (names as in the table)
 #   MAIN_BENCH=1               the scenarios above (0: only the Redis comparison)
 #   REDIS_BENCH=1              then limits on Redis against limits in memory

@@ -17,6 +17,7 @@
 #
 # Usage: scripts/callgrind.sh        (about 2 minutes)
 # Knobs: DURATION=5 WARMUP_REQUESTS=50 TOP=12 NO_BUILD=1 RUST_LOG=info
+#        DETOUR=path (another detour binary, e.g. an older build, to compare)
 #        ONLY=plain (one scenario)  KEEP_DUMPS=dir (keep the dumps, for
 #        `callgrind_annotate --inclusive=yes --tree=caller`)
 set -euo pipefail

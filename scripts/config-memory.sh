@@ -6,7 +6,7 @@
 # an rpm), so that a large config must stay flat per request.
 #
 # Usage: scripts/config-memory.sh      (about a minute; NO_BUILD=1 to skip the build)
-# Knobs: PROVIDERS=200 ROUTES=2001 KEYS=20000 DURATION=5 MOCK_PORT=18801 DETOUR_PORT=18802
+# Knobs: PROVIDERS=200 ROUTES=2001 KEYS=20000 DURATION=5 MOCK_PORT=18801 DETOUR_PORT=18802 DETOUR=path
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
