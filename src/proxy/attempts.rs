@@ -933,17 +933,15 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
         assert_eq!(launched, 2);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_probe_is_hedged_soon_and_closes_the_breaker_from_the_background() {
-        let live = live(
-            r#"probe_hedge_after = "40ms"
-breaker = { consecutive_failures = 1, open_for = "1s" }"#,
-        );
-        let (route, state) = (&live.config.routes[0], &live.routes[0]);
-        let a = &state.health[0];
+    /// Opens target 0's breaker and lets it cool down: the plan probes it
+    /// (tentatively), then has target 1.
+    async fn probe_then_next(
+        a: &crate::health::TargetHealth,
+        route: &crate::config::Route,
+    ) -> Vec<Candidate> {
         let _ = a.on_failure(crate::health::Failure::Fault, &route.breaker, false);
         tokio::time::advance(Duration::from_secs(1)).await;
-        let plan = vec![
+        vec![
             Candidate {
                 index: 0,
                 probe: true,
@@ -954,7 +952,18 @@ breaker = { consecutive_failures = 1, open_for = "1s" }"#,
                 probe: false,
                 tentative: false,
             },
-        ];
+        ]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_is_hedged_soon_and_closes_the_breaker_from_the_background() {
+        let live = live(
+            r#"probe_hedge_after = "40ms"
+breaker = { consecutive_failures = 1, open_for = "1s" }"#,
+        );
+        let (route, state) = (&live.config.routes[0], &live.routes[0]);
+        let a = &state.health[0];
+        let plan = probe_then_next(a, route).await;
         let started = Instant::now();
         let mut attempts = Attempts::new(
             route,
@@ -1001,20 +1010,7 @@ breaker = { consecutive_failures = 1, open_for = "1s" }"#,
         );
         let (route, state) = (&live.config.routes[0], &live.routes[0]);
         let a = &state.health[0];
-        let _ = a.on_failure(crate::health::Failure::Fault, &route.breaker, false);
-        tokio::time::advance(Duration::from_secs(1)).await;
-        let plan = vec![
-            Candidate {
-                index: 0,
-                probe: true,
-                tentative: true,
-            },
-            Candidate {
-                index: 1,
-                probe: false,
-                tentative: false,
-            },
-        ];
+        let plan = probe_then_next(a, route).await;
         let started = Instant::now();
         let mut attempts = Attempts::new(
             route,
