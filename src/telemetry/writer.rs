@@ -202,9 +202,10 @@ mod tests {
     fn a_full_queue_drops_and_counts_instead_of_waiting() {
         /// A stderr that never returns until released.
         #[allow(clippy::disallowed_types)]
-        struct Stuck(Arc<Mutex<()>>);
+        struct Stuck(Arc<Mutex<()>>, Arc<std::sync::atomic::AtomicBool>);
         impl Write for Stuck {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.1.store(true, Ordering::SeqCst);
                 drop(self.0.lock().unwrap());
                 Ok(buf.len())
             }
@@ -215,13 +216,16 @@ mod tests {
         #[allow(clippy::disallowed_types)]
         let gate = Arc::new(Mutex::new(()));
         let held = gate.lock().unwrap();
-        let (mut w, guard) = Writer::spawn(Stuck(Arc::clone(&gate)), 4, "test-log").unwrap();
+        let writing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stuck = Stuck(Arc::clone(&gate), Arc::clone(&writing));
+        let (mut w, guard) = Writer::spawn(stuck, 4, "test-log").unwrap();
         for _ in 0..100 {
             w.write_all(b"x\n").unwrap();
         }
-        // By now the writer holds a batch and is stuck writing it.
-        #[allow(clippy::disallowed_methods)]
-        std::thread::sleep(Duration::from_millis(50));
+        // Wait until the writer holds a batch and is stuck writing it.
+        while !writing.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
         let before = w.dropped();
         for _ in 0..100 {
             w.write_all(b"x\n").unwrap();
