@@ -7,7 +7,10 @@
 //! `ca_file`, `client_cert` / `client_key` or `tls_verify = false`) and its
 //! egress (`upstream::egress`: direct, or through the HTTP proxy its
 //! `proxy` or the environment names for its base URL). Nothing about TLS or
-//! proxies is decided per request.
+//! proxies is decided per request. A provider reached directly over plain
+//! `http://` (a local server) is served by detour's own HTTP/1.1 pool
+//! (`upstream::h1`), whose connections are driven by the request's own task,
+//! so that a stream's events that arrived together are relayed together.
 //!
 //! Timeouts are layered so that nothing can hang and long streams still live:
 //! connect (per provider, in the client), first byte (request sent → response
@@ -34,6 +37,7 @@ use crate::config::{Provider, ProviderKind, Timeouts};
 use crate::protocol::chat::Format;
 
 mod egress;
+mod h1;
 mod tls;
 
 /// A request ready to go to a provider.
@@ -469,8 +473,43 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 type Connector = hyper_rustls::HttpsConnector<HttpConnector<crate::dns::ForConnector>>;
 type ProxiedConnector = hyper_rustls::HttpsConnector<egress::Egress>;
 
-/// A provider's answer body, read as it arrives.
-pub type ResponseBody = hyper::body::Incoming;
+/// A provider's answer body, read as it arrives: from hyper-util's pool, or
+/// from one of detour's own plain HTTP/1.1 connections, driven as it is read
+/// ([`h1`]).
+#[derive(Debug)]
+pub enum ResponseBody {
+    Pooled(hyper::body::Incoming),
+    Driven(h1::Body),
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Pooled(body) => std::pin::Pin::new(body).poll_frame(cx),
+            ResponseBody::Driven(body) => std::pin::Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Pooled(body) => body.is_end_stream(),
+            ResponseBody::Driven(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            ResponseBody::Pooled(body) => body.size_hint(),
+            ResponseBody::Driven(body) => body.size_hint(),
+        }
+    }
+}
 
 /// A pooled client for one provider: hyper-util's client over rustls, HTTP/2
 /// where the provider offers it by ALPN, names resolved by detour's caching
@@ -487,13 +526,14 @@ pub struct Upstream {
     pools: Arc<[Pool]>,
 }
 
-/// The provider's client: direct (most providers, exactly as without any
-/// proxy support), or through the proxy its base URL is routed to.
-// The direct client stays inline (most providers' every request); the
+/// The provider's client: detour's own for plain `http://` reached directly
+/// (local servers: [`h1`]), hyper-util's for TLS (HTTP/2 by ALPN), or
+/// hyper-util's through the proxy its base URL is routed to.
+// The direct clients stay inline (most providers' every request); the
 // proxied one is boxed.
 #[allow(clippy::large_enum_variant)]
-#[derive(Clone)]
 enum Pool {
+    Plain(h1::Pool),
     Direct(Client<Connector, Full<Bytes>>),
     Proxied(Box<ProxiedPool>),
 }
@@ -564,8 +604,13 @@ impl Upstream {
                 "upstream: the provider is reached through a proxy"
             );
         }
+        let plain = base.scheme() == Some(&http::uri::Scheme::HTTP);
         let pool = || match &route {
-            None => Pool::Direct(
+            None if plain => match h1::Pool::new(http.clone(), &base) {
+                Some(pool) => Ok(Pool::Plain(pool)),
+                None => Err(BuildError::BaseUrl(format!("{base}: no host"))),
+            },
+            None => Ok(Pool::Direct(
                 builder().build(
                     hyper_rustls::HttpsConnectorBuilder::new()
                         .with_tls_config(tls.clone())
@@ -573,7 +618,7 @@ impl Upstream {
                         .enable_all_versions()
                         .wrap_connector(http.clone()),
                 ),
-            ),
+            )),
             Some(route) => {
                 let auth = match base.scheme() == Some(&http::uri::Scheme::HTTP) {
                     true => route.auth.clone(),
@@ -584,15 +629,17 @@ impl Upstream {
                     .https_or_http()
                     .enable_all_versions()
                     .wrap_connector(egress::Egress::new(http.clone(), route));
-                Pool::Proxied(Box::new(ProxiedPool {
+                Ok(Pool::Proxied(Box::new(ProxiedPool {
                     client: builder().build(connector),
                     auth,
-                }))
+                })))
             }
         };
         // One pool per data-plane worker, so that a request's upstream
         // connection is driven by the thread the request runs on.
-        let pools = (0..crate::workers::slots()).map(|_| pool()).collect();
+        let pools = (0..crate::workers::slots())
+            .map(|_| pool())
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             provider: provider.name.clone(),
             format: match provider.kind {
@@ -636,6 +683,16 @@ impl Upstream {
         *request.uri_mut() = req.uri;
         *request.headers_mut() = req.headers;
         let sent = match self.pool() {
+            Pool::Plain(pool) => {
+                return match tokio::time::timeout_at(limit, pool.request(request)).await {
+                    Ok(Ok(resp)) => {
+                        self.answer(resp.map(ResponseBody::Driven), timeouts, started)
+                            .await
+                    }
+                    Ok(Err(e)) => Err(self.classify(&e, e.is_connect(), &uri)),
+                    Err(_) => Err(self.timeout(kind, timeouts)),
+                };
+            }
             Pool::Direct(client) => client.request(request),
             Pool::Proxied(proxied) => {
                 if let Some(auth) = &proxied.auth {
@@ -646,11 +703,24 @@ impl Upstream {
                 proxied.client.request(request)
             }
         };
-        let resp = match tokio::time::timeout_at(limit, sent).await {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => return Err(self.classify(&e, &uri)),
-            Err(_) => return Err(self.timeout(kind, timeouts)),
-        };
+        match tokio::time::timeout_at(limit, sent).await {
+            Ok(Ok(resp)) => {
+                self.answer(resp.map(ResponseBody::Pooled), timeouts, started)
+                    .await
+            }
+            Ok(Err(e)) => Err(self.classify(&e, e.is_connect(), &uri)),
+            Err(_) => Err(self.timeout(kind, timeouts)),
+        }
+    }
+
+    /// A 2xx answer as it is; any other read (bounded) into
+    /// [`UpstreamError::Status`].
+    async fn answer(
+        &self,
+        resp: http::Response<ResponseBody>,
+        timeouts: &Timeouts,
+        started: Instant,
+    ) -> Result<Answer, UpstreamError> {
         let (parts, body) = resp.into_parts();
         let status = parts.status;
         if status.is_success() {
@@ -696,14 +766,15 @@ impl Upstream {
     /// The typed error for a failed send. Its detail (for the log only; see
     /// `error::GatewayError::Upstream`) names where the request went, with
     /// the URL's secrets (credentials, query values) masked.
-    pub fn classify(
+    fn classify(
         &self,
-        e: &hyper_util::client::legacy::Error,
+        e: &(dyn std::error::Error + 'static),
+        connect: bool,
         uri: &http::Uri,
     ) -> UpstreamError {
         let provider = self.provider.clone();
         let detail = format!("{}: {}", masked_uri(uri), error_chain(e));
-        if e.is_connect() {
+        if connect {
             if timed_out(e) {
                 return UpstreamError::Timeout {
                     provider,
