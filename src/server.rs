@@ -4,13 +4,14 @@
 //! 1. request id — every response, including auth failures and 404s, carries
 //!    `x-request-id`, so it wraps everything;
 //! 2. snapshot — on matched API routes, the one config snapshot the request
-//!    runs on ([`Snapshot`]: the stable config, or the canary's), taken once
-//!    and read by every later stage, so a reload cannot split a request;
-//! 3. auth — on matched API routes only (a `route_layer`), so an unknown path
-//!    answers 404 without revealing whether a key is valid;
-//! 4. limits and admission (a `route_layer` after auth, since they need the
-//!    caller): requests per minute, concurrency and a spent token allowance
-//!    refuse before the body is read;
+//!    runs on ([`Snapshot`](crate::state::Snapshot): the stable config, or
+//!    the canary's), taken once and read by every later stage, so a reload
+//!    cannot split a request;
+//! 3. auth — on matched API routes only, so an unknown path answers 404
+//!    without revealing whether a key is valid;
+//! 4. limits and admission (after auth, since they need the caller):
+//!    requests per minute, concurrency and a spent token allowance refuse
+//!    before the body is read (2 to 4 are one `route_layer`, [`gate`]);
 //! 5. the handler: ingress reads and checks the body and charges the caller's
 //!    tokens from it, then [`crate::proxy`] runs routing → provider adapter →
 //!    upstream → relay.
@@ -32,7 +33,7 @@ use tokio::net::TcpListener;
 use crate::auth::Caller;
 use crate::error::{ApiError, ClientFormat, GatewayError};
 use crate::ingress::{self, RequestId};
-use crate::state::{Gateway, Snapshot};
+use crate::state::Gateway;
 use crate::telemetry::RequestRecord;
 
 /// The main listener's router: the API routes behind the middleware stack,
@@ -52,14 +53,9 @@ pub fn router(gw: Arc<Gateway>, public: Router<Arc<Gateway>>) -> Router {
             "/v1/messages/count_tokens",
             post(ingress::anthropic_meta::count_tokens),
         )
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&gw), admit))
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&gw),
-            authenticate,
-        ))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&gw), snapshot))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&gw), gate))
         // Public routes (the status page): added after (outside) the
-        // snapshot, auth and admission route layers.
+        // gate (snapshot, auth and admission).
         .merge(public)
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
@@ -67,73 +63,74 @@ pub fn router(gw: Arc<Gateway>, public: Router<Arc<Gateway>>) -> Router {
         .with_state(gw)
 }
 
+/// `x-request-id`, parsed once.
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 async fn request_id(mut req: Request, next: Next) -> Response {
     let id = RequestId::from_headers(req.headers());
     let header = HeaderValue::from_str(&id.0).ok();
     req.extensions_mut().insert(id);
     let mut resp = next.run(req).await;
     if let Some(v) = header {
-        resp.headers_mut().insert("x-request-id", v);
+        resp.headers_mut().insert(X_REQUEST_ID, v);
     }
     resp
 }
 
-/// Takes the request's one config snapshot (see [`Snapshot`]).
-async fn snapshot(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
-    req.extensions_mut().insert(gw.snapshot());
-    next.run(req).await
+/// Stages 2 to 4 on a matched API route, in one layer (each layer of its
+/// own would box the request's future once more and move it between boxes):
+/// the request's one config snapshot (see [`Snapshot`](crate::state::Snapshot)), then who calls
+/// ([`authenticate`]), then whether they may now ([`admit`]).
+async fn gate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
+    let snapshot = gw.snapshot();
+    let live = Arc::clone(&snapshot.live);
+    req.extensions_mut().insert(snapshot);
+    let caller = match authenticate(&gw, &live, &req) {
+        Ok(caller) => caller,
+        Err(Denied::Blocked(wait)) => return refuse(&req, "auth", blocked(wait)),
+        Err(Denied::Unknown(ip)) => {
+            let wait = match ip {
+                Some(ip) => gw.auth_failures.failed(ip).await,
+                None => None,
+            };
+            let error = wait.map_or(GatewayError::Unauthorized, blocked);
+            return refuse(&req, "auth", error);
+        }
+    };
+    req.extensions_mut().insert(caller.clone());
+    admit(&live, caller, req, next).await
 }
 
-/// The config of the request's snapshot (a fresh one on a router built
-/// without the snapshot layer); the cohort stays with the request.
-fn live_of(gw: &Gateway, req: &Request) -> Arc<crate::state::Live> {
-    match req.extensions().get::<Snapshot>() {
-        Some(snapshot) => Arc::clone(&snapshot.live),
-        None => gw.snapshot().live,
+/// Why a request has no caller.
+enum Denied {
+    /// Its address failed to authenticate too often: it waits this long.
+    Blocked(std::time::Duration),
+    /// No key, or one detour does not know; the client's address, to count.
+    Unknown(Option<std::net::IpAddr>),
+}
+
+fn blocked(wait: std::time::Duration) -> GatewayError {
+    GatewayError::RateLimited {
+        what: "failed authentications from this address".into(),
+        retry_after: wait,
     }
 }
 
 /// Authenticates the caller. The per-IP failure limit is keyed by the
 /// client's address: the TCP peer's, or from a `server.trusted_proxies`
 /// peer the one its `x-forwarded-for` names ([`crate::auth::client_ip`]).
-async fn authenticate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
-    let live = live_of(&gw, &req);
+fn authenticate(gw: &Gateway, live: &crate::state::Live, req: &Request) -> Result<Caller, Denied> {
     let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| {
         let trusted = &live.config.server.trusted_proxies;
         crate::auth::client_ip(c.0.ip(), req.headers(), trusted)
     });
     // An address that keeps failing to authenticate waits, even with a good key.
     if let Some(wait) = ip.and_then(|ip| gw.auth_failures.blocked(ip)) {
-        return refuse(
-            &req,
-            "auth",
-            GatewayError::RateLimited {
-                what: "failed authentications from this address".into(),
-                retry_after: wait,
-            },
-        );
+        return Err(Denied::Blocked(wait));
     }
-    let caller = live.keys.authenticate(req.headers());
-    match caller {
-        Some(caller) => {
-            req.extensions_mut().insert(caller);
-            next.run(req).await
-        }
-        None => {
-            let wait = match ip {
-                Some(ip) => gw.auth_failures.failed(ip).await,
-                None => None,
-            };
-            let error = match wait {
-                Some(wait) => GatewayError::RateLimited {
-                    what: "failed authentications from this address".into(),
-                    retry_after: wait,
-                },
-                None => GatewayError::Unauthorized,
-            };
-            refuse(&req, "auth", error)
-        }
-    }
+    live.keys
+        .authenticate(req.headers())
+        .ok_or(Denied::Unknown(ip))
 }
 
 /// Answers `req` with `error` in the called API's format, with a log line.
@@ -164,11 +161,12 @@ fn refuse(req: &Request, stage: &'static str, error: GatewayError) -> Response {
 /// [`TokenGate`]: crate::limits::TokenGate
 ///
 /// [`Admission`]: crate::limits::admission::Admission
-async fn admit(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
-    let live = live_of(&gw, &req);
-    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
-        return refuse(&req, "limits", GatewayError::Unauthorized);
-    };
+async fn admit(
+    live: &crate::state::Live,
+    caller: Caller,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let (held, tokens) = match live.limits.admit(&caller).await {
         Ok(ok) => ok,
         Err(limited) => {
