@@ -91,9 +91,16 @@ pub fn first_error_event(events: &[u8]) -> Option<String> {
     })
 }
 
+/// The first error event's message, after a cheap scan: events that do
+/// not mention `"error"` are not parsed.
+pub fn error_event(events: &[u8]) -> Option<String> {
+    memchr::memmem::find(events, b"\"error\"")?;
+    first_error_event(events)
+}
+
 /// Whether whole SSE events include an error event (a cheap scan first).
 pub fn has_error_event(events: &[u8]) -> bool {
-    memchr::memmem::find(events, b"\"error\"").is_some() && first_error_event(events).is_some()
+    error_event(events).is_some()
 }
 
 #[cfg(test)]

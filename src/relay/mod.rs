@@ -65,7 +65,7 @@ use crate::upstream::{ResponseBody, TimeoutKind, UpstreamError};
 
 use capture::CacheCopy;
 use deadline::Deadline;
-use framing::{first_error_event, OpenAiEvents, Step};
+use framing::{error_event, OpenAiEvents, Step};
 use plain::UsageScan;
 use translate::{Broken, Translated};
 
@@ -360,7 +360,7 @@ impl RelayBody {
                         Err(error) => return Poll::Ready(Err(error)),
                     };
                     if let Some(events) = out {
-                        if let Some(message) = first_error_event(&events) {
+                        if let Some(message) = error_event(&events) {
                             return Poll::Ready(Err(UpstreamError::ErrorEvent {
                                 provider: self.provider.clone(),
                                 message,

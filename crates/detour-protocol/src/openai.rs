@@ -671,6 +671,14 @@ fn skip_value(body: &[u8], at: usize) -> Option<usize> {
     }
 }
 
+/// Whether the top-level `choices` is an empty array (a stream's usage
+/// chunk).
+fn empty_choices(body: &[u8]) -> bool {
+    top_level_value(body, b"choices").is_some_and(|at| {
+        body.get(at) == Some(&b'[') && body.get(skip_ws(body, at + 1)) == Some(&b']')
+    })
+}
+
 /// Where the value of the top-level object's `key` starts in `body`, found
 /// without parsing the other values: strings are skipped with `memchr`,
 /// nesting is counted. A key is compared as written (a key spelled with
@@ -748,12 +756,6 @@ impl StreamWatch {
     /// for it when the gateway did. One pass over the events; they are copied
     /// only when one is dropped.
     pub fn observe(&mut self, events: Bytes, strip_usage: bool) -> Bytes {
-        #[derive(Deserialize)]
-        struct Chunk {
-            #[serde(default)]
-            choices: Option<Vec<serde::de::IgnoredAny>>,
-            usage: Option<Usage>,
-        }
         let mut kept: Option<BytesMut> = None;
         for span in super::sse::event_spans(&events) {
             let event = &events[span.clone()];
@@ -763,18 +765,12 @@ impl StreamWatch {
                     self.done = true;
                 } else {
                     self.chunks += 1;
+                    // Read by hand (`usage_of`): parsing each event whole
+                    // cost more than relaying it.
                     if has_usage_object(&data) {
-                        match serde_json::from_slice::<Chunk>(&data) {
-                            Ok(chunk) => {
-                                if chunk.usage.is_some() {
-                                    self.usage = chunk.usage;
-                                }
-                                drop = strip_usage
-                                    && chunk.usage.is_some()
-                                    && chunk.choices.is_some_and(|c| c.is_empty());
-                            }
-                            // `choices` of an unexpected shape: still read usage.
-                            Err(_) => self.usage = usage_of(&data).or(self.usage),
+                        if let Some(usage) = usage_of(&data) {
+                            self.usage = Some(usage);
+                            drop = strip_usage && empty_choices(&data);
                         }
                     }
                 }
@@ -1036,6 +1032,12 @@ mod tests {
         // A content chunk that mentions usage, or carries it beside choices, stays.
         let keep = "data: {\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\": {\"}}],\"usage\":{\"prompt_tokens\":1}}\r\n\r\n";
         assert_eq!(strip(keep), keep);
+        // Only the top-level `choices` counts; spaces inside `[ ]` do not.
+        let nested =
+            "data: {\"x\":{\"choices\":[]},\"choices\":[{}],\"usage\":{\"prompt_tokens\":1}}\n\n";
+        assert_eq!(strip(nested), nested);
+        let spaced = "data: {\"choices\" : [ ] ,\"usage\":{\"prompt_tokens\":1}}\n\n";
+        assert_eq!(strip(spaced), "");
     }
 
     #[test]
