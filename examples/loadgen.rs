@@ -83,6 +83,10 @@ struct Args {
     /// Sent as `Authorization: Bearer <key>` (a gateway key with limits).
     #[arg(long)]
     api_key: Option<String>,
+    /// Pads the user message so that the request body is about this many
+    /// bytes (the cost per request byte); without it, a few dozen.
+    #[arg(long)]
+    body_bytes: Option<usize>,
 }
 
 /// What every worker shares.
@@ -194,9 +198,13 @@ async fn run(args: Args) -> Result<serde_json::Value> {
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
+    let content = match args.body_bytes {
+        Some(n) => "hello ".repeat(n / 6 + 1),
+        None => "hello".to_owned(),
+    };
     let mut body = serde_json::json!({
         "model": args.model,
-        "messages": [{"role": "user", "content": "hello"}],
+        "messages": [{"role": "user", "content": content}],
     });
     if args.stream {
         body["stream"] = serde_json::Value::Bool(true);
