@@ -90,7 +90,10 @@ struct Idle {
 /// handing it between the pool, a request and its body moves a pointer.
 struct Conn {
     send: http1::SendRequest<Full<Bytes>>,
-    driver: Driver,
+    /// `None` once it ended (closed or failed). It is dropped then, not kept:
+    /// dropping it is what answers a request still queued on it (hyper
+    /// hands such a request back, unsent).
+    driver: Option<Driver>,
 }
 
 impl Pool {
@@ -109,8 +112,10 @@ impl Pool {
         })
     }
 
-    /// Sends `req` (its URI absolute, as the adapters build it) and waits
-    /// for the answer's head, driving the connection meanwhile. The body is
+    /// Sends `req` (its URI absolute, as the adapters build it: a path joined
+    /// onto the provider's base URL, so one `host` and one set of
+    /// connections serve them all) and waits for the answer's head, driving
+    /// the connection meanwhile. The body is
     /// read through the returned [`Body`], which gives the connection back
     /// when it ends whole.
     pub async fn request(&self, req: Request<Full<Bytes>>) -> Result<Response<Body>, Error> {
@@ -157,7 +162,10 @@ impl Pool {
             .await
             .map_err(|e| Error::Connect(e.into()))?;
         let (send, driver) = http1::Builder::new().handshake(io).await?;
-        Ok(Box::new(Conn { send, driver }))
+        Ok(Box::new(Conn {
+            send,
+            driver: Some(driver),
+        }))
     }
 
     /// The most recently used idle connection that is still open.
@@ -209,30 +217,37 @@ impl Conn {
     /// Polls `answer` to its end, driving the connection while it waits.
     async fn drive_until<F: Future>(&mut self, answer: F) -> F::Output {
         let mut answer = std::pin::pin!(answer);
-        let mut open = true;
         std::future::poll_fn(|cx| {
             if let Poll::Ready(out) = answer.as_mut().poll(cx) {
                 return Poll::Ready(out);
             }
-            if open && Pin::new(&mut self.driver).poll(cx).is_ready() {
-                // Ended (closed, or failed): hyper has answered the request
-                // with the reason, which the next poll returns.
-                open = false;
-            }
+            // Once the connection has ended, hyper has answered the request
+            // with the reason (or does so as it is dropped).
+            self.drive(cx);
             answer.as_mut().poll(cx)
         })
         .await
+    }
+
+    /// Polls the connection: it reads and writes what it can, and hands
+    /// the answer's head or next body chunk over. Says whether it is still
+    /// open; one that ended is dropped.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(driver) = &mut self.driver else {
+            return false;
+        };
+        if Pin::new(driver).poll(cx).is_pending() {
+            return true;
+        }
+        self.driver = None;
+        false
     }
 
     /// Lets the connection make what progress it can without waiting (an
     /// exchange that ended goes idle; a close the provider sent is read),
     /// and says whether it can take another request.
     fn settle(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match Pin::new(&mut self.driver).poll(&mut cx) {
-            Poll::Ready(_) => false,
-            Poll::Pending => self.send.is_ready(),
-        }
+        self.drive(&mut Context::from_waker(Waker::noop())) && self.send.is_ready()
     }
 }
 
@@ -294,7 +309,7 @@ impl http_body::Body for Body {
         let Some(conn) = &mut this.conn else {
             return Poll::Pending;
         };
-        if Pin::new(&mut conn.driver).poll(cx).is_ready() {
+        if !conn.drive(cx) {
             // Closed or failed: the body hears why on the next poll; the
             // connection is of no further use.
             this.conn = None;
@@ -492,6 +507,26 @@ mod tests {
         read_all(&mut resp.into_body()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_provider_that_closes_without_answering_fails_the_request_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                // The request was read; the connection closes unanswered.
+            }
+        });
+        let pool = pool(addr);
+        let sent = pool.request(request(addr, "/v1/chat"));
+        let e = tokio::time::timeout(std::time::Duration::from_secs(5), sent)
+            .await
+            .expect("an answer that will not come is an error, not a wait")
+            .unwrap_err();
+        assert!(!e.is_connect(), "{e:?}");
     }
 
     #[tokio::test]
