@@ -199,8 +199,11 @@ impl RequestRecord {
             first_byte: self.first_byte,
             tokens: self.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
         });
-        let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
-        let ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1e3);
+        // Whole microseconds, in milliseconds: `0.326`, not
+        // `0.32617899999999996` (shorter to read, and to format).
+        let ms = |d: Duration| d.as_micros() as f64 / 1e3;
+        let latency_ms = ms(self.started.elapsed());
+        let ttfb_ms = self.first_byte.map(ms);
         tracing::info!(
             target: human::REQUEST_TARGET,
             request_id = %self.request_id,

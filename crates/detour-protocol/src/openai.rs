@@ -350,7 +350,19 @@ fn deserialize_checked<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Inva
         }
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(describe)?;
+    let value = match T::deserialize(&mut de) {
+        Ok(value) => value,
+        // Parsed again for the message, this time tracking where it failed:
+        // tracking the path costs about as much as the parse, and a good
+        // request needs none.
+        Err(e) => {
+            let mut de = serde_json::Deserializer::from_slice(body);
+            return Err(match serde_path_to_error::deserialize::<_, T>(&mut de) {
+                Err(tracked) => describe(tracked),
+                Ok(_) => InvalidRequest::new(format!("request body is not valid: {e}"), None),
+            });
+        }
+    };
     de.end()
         .map_err(|e| InvalidRequest::new(format!("request body is not valid JSON: {e}"), None))?;
     Ok(value)
