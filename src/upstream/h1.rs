@@ -16,7 +16,8 @@
 //! ended whole and hyper says it can take another request. Idle ones are kept
 //! most-recent first, at most [`MAX_IDLE`], for [`super::POOL_IDLE`], and each
 //! is polled once before reuse, so one the provider closed meanwhile is
-//! dropped. A request that a reused connection refused before writing it is
+//! dropped; a task of the pool's own looks them over every [`SWEEP_EVERY`]
+//! and closes those, so that a provider with no traffic holds no sockets. A request that a reused connection refused before writing it is
 //! sent again on a new one; nothing else is retried here (that is the proxy's
 //! call). TLS and proxied providers keep hyper-util's client (HTTP/2 by ALPN).
 
@@ -27,9 +28,11 @@ use std::pin::Pin;
 // pool (`Upstream::pool`); slot 0, shared by the threads that are not
 // workers, serves tests, the demo and the drill. Uncontended, it is one
 // compare-and-swap and one store, with no system call.
+use std::sync::atomic::{AtomicBool, Ordering};
 #[allow(clippy::disallowed_types)]
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri};
@@ -82,7 +85,13 @@ pub struct Pool {
 struct Idle {
     #[allow(clippy::disallowed_types)] // See the `use` above.
     conns: Mutex<VecDeque<(Box<Conn>, Instant)>>,
+    /// Whether [`Idle::sweep`]'s task runs (started by the first give-back).
+    swept: AtomicBool,
 }
+
+/// How often idle connections are looked over: those kept past
+/// [`super::POOL_IDLE`], and those the provider closed, are closed.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// One open connection: the handle requests are sent through and the
 /// connection itself, which makes progress only while it is polled. Boxed
@@ -115,9 +124,8 @@ impl Pool {
     /// Sends `req` (its URI absolute, as the adapters build it: a path joined
     /// onto the provider's base URL, so one `host` and one set of
     /// connections serve them all) and waits for the answer's head, driving
-    /// the connection meanwhile. The body is
-    /// read through the returned [`Body`], which gives the connection back
-    /// when it ends whole.
+    /// the connection meanwhile. The body is read through the returned
+    /// [`Body`], which gives the connection back when it ends whole.
     pub async fn request(&self, req: Request<Full<Bytes>>) -> Result<Response<Body>, Error> {
         let (mut parts, body) = req.into_parts();
         let address = std::mem::take(&mut parts.uri);
@@ -198,7 +206,7 @@ impl Idle {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn give_back(&self, conn: Box<Conn>) {
+    fn give_back(self: &Arc<Self>, conn: Box<Conn>) {
         let now = Instant::now();
         let mut conns = self.lock();
         while conns
@@ -210,6 +218,42 @@ impl Idle {
         if conns.len() < MAX_IDLE {
             conns.push_back((conn, now));
         }
+        drop(conns);
+        if !self.swept.load(Ordering::Relaxed) {
+            self.start_sweeping();
+        }
+    }
+
+    /// Starts the task that closes idle connections nobody will use: with no
+    /// traffic, nothing else would look at them. It runs on the runtime that
+    /// drives them (the worker's) and ends with the pool.
+    fn start_sweeping(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.swept.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let idle = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(SWEEP_EVERY).await;
+                let Some(idle) = idle.upgrade() else {
+                    return;
+                };
+                idle.sweep();
+            }
+        });
+    }
+
+    /// Closes the connections kept past [`super::POOL_IDLE`] and those the
+    /// provider closed.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut conns = self.lock();
+        conns.retain_mut(|(conn, since)| {
+            now.duration_since(*since) <= super::POOL_IDLE && conn.settle()
+        });
     }
 }
 
@@ -494,6 +538,24 @@ mod tests {
             first.lines().any(|l| l == format!("host: {addr}")),
             "{first}"
         );
+    }
+
+    #[tokio::test]
+    async fn idle_connections_the_provider_closed_are_swept_without_traffic() {
+        let (addr, _, _) = provider(json, 1).await;
+        let pool = pool(addr);
+        let resp = pool.request(request(addr, "/v1/chat")).await.unwrap();
+        read_all(&mut resp.into_body()).await;
+        // The provider closes its side 20 ms after its answer; no request
+        // comes to notice.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(pool.idle_count(), 1);
+        tokio::time::pause();
+        tokio::time::advance(SWEEP_EVERY + std::time::Duration::from_secs(1)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pool.idle_count(), 0, "the closed connection is still kept");
     }
 
     #[tokio::test]
