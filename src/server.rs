@@ -79,8 +79,9 @@ async fn request_id(mut req: Request, next: Next) -> Response {
 
 /// Stages 2 to 4 on a matched API route, in one layer (each layer of its
 /// own would box the request's future once more and move it between boxes):
-/// the request's one config snapshot (see [`Snapshot`](crate::state::Snapshot)), then who calls
-/// ([`authenticate`]), then whether they may now ([`admit`]).
+/// the request's one config snapshot (see
+/// [`Snapshot`](crate::state::Snapshot)), then who calls ([`authenticate`]),
+/// then whether they may now ([`admit`]).
 async fn gate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
     let snapshot = gw.snapshot();
     let live = Arc::clone(&snapshot.live);

@@ -17,9 +17,10 @@
 //! most-recent first, at most [`MAX_IDLE`], for [`super::POOL_IDLE`], and each
 //! is polled once before reuse, so one the provider closed meanwhile is
 //! dropped; a task of the pool's own looks them over every [`SWEEP_EVERY`]
-//! and closes those, so that a provider with no traffic holds no sockets. A request that a reused connection refused before writing it is
-//! sent again on a new one; nothing else is retried here (that is the proxy's
-//! call). TLS and proxied providers keep hyper-util's client (HTTP/2 by ALPN).
+//! and closes those, so that a provider with no traffic holds no sockets. A
+//! request that a reused connection refused before writing it is sent again
+//! on a new one; nothing else is retried here (that is the proxy's call). TLS
+//! and proxied providers keep hyper-util's client (HTTP/2 by ALPN).
 
 use std::collections::VecDeque;
 use std::future::Future;
