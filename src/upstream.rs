@@ -26,6 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -467,6 +469,10 @@ pub fn model_missing(format: Format, status: StatusCode, body: &[u8]) -> bool {
 /// Largest error body read from a provider.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
+/// Why a request could not be sent, from either client (paired with
+/// whether no connection was made, for [`Upstream::classify`]).
+type SendError = Box<dyn std::error::Error + Send + Sync>;
+
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
@@ -682,33 +688,32 @@ impl Upstream {
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = req.uri;
         *request.headers_mut() = req.headers;
+        // Either client's answer head, its body wrapped the same way and a
+        // failure reduced to what `classify` reads (boxed: failures only).
+        let pooled = |sent: hyper_util::client::legacy::ResponseFuture| {
+            sent.map(|sent| match sent {
+                Ok(resp) => Ok(resp.map(ResponseBody::Pooled)),
+                Err(e) => Err((e.is_connect(), Box::new(e) as SendError)),
+            })
+        };
         let sent = match self.pool() {
-            Pool::Plain(pool) => {
-                return match tokio::time::timeout_at(limit, pool.request(request)).await {
-                    Ok(Ok(resp)) => {
-                        self.answer(resp.map(ResponseBody::Driven), timeouts, started)
-                            .await
-                    }
-                    Ok(Err(e)) => Err(self.classify(&e, e.is_connect(), &uri)),
-                    Err(_) => Err(self.timeout(kind, timeouts)),
-                };
-            }
-            Pool::Direct(client) => client.request(request),
+            Pool::Plain(pool) => Either::Left(pool.request(request).map(|sent| match sent {
+                Ok(resp) => Ok(resp.map(ResponseBody::Driven)),
+                Err(e) => Err((e.is_connect(), Box::new(e) as SendError)),
+            })),
+            Pool::Direct(client) => Either::Right(pooled(client.request(request))),
             Pool::Proxied(proxied) => {
                 if let Some(auth) = &proxied.auth {
                     request
                         .headers_mut()
                         .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
                 }
-                proxied.client.request(request)
+                Either::Right(pooled(proxied.client.request(request)))
             }
         };
         match tokio::time::timeout_at(limit, sent).await {
-            Ok(Ok(resp)) => {
-                self.answer(resp.map(ResponseBody::Pooled), timeouts, started)
-                    .await
-            }
-            Ok(Err(e)) => Err(self.classify(&e, e.is_connect(), &uri)),
+            Ok(Ok(resp)) => self.answer(resp, timeouts, started).await,
+            Ok(Err((connect, e))) => Err(self.classify(&*e, connect, &uri)),
             Err(_) => Err(self.timeout(kind, timeouts)),
         }
     }

@@ -207,19 +207,15 @@ impl Idle {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Keeps `conn` for the next request (those kept too long are the
+    /// sweep's to close, and checkout skips them).
     fn give_back(self: &Arc<Self>, conn: Box<Conn>) {
-        let now = Instant::now();
-        let mut conns = self.lock();
-        while conns
-            .front()
-            .is_some_and(|(_, since)| now.duration_since(*since) > super::POOL_IDLE)
         {
-            conns.pop_front();
+            let mut conns = self.lock();
+            if conns.len() < MAX_IDLE {
+                conns.push_back((conn, Instant::now()));
+            }
         }
-        if conns.len() < MAX_IDLE {
-            conns.push_back((conn, now));
-        }
-        drop(conns);
         if !self.swept.load(Ordering::Relaxed) {
             self.start_sweeping();
         }
