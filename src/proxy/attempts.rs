@@ -773,6 +773,27 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
         }
     }
 
+    /// The scheduler over the test route's first route, as a request with
+    /// id `id` and whole-answer traffic would make it.
+    fn attempts_on<T, F, Fut>(live: &Live, plan: Vec<Candidate>, start: F) -> Attempts<'_, T, F>
+    where
+        T: Answer,
+        F: FnMut(usize) -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>> + Send + 'static,
+    {
+        let (route, state) = (&live.config.routes[0], &live.routes[0]);
+        Attempts::new(
+            route,
+            state,
+            &live.incidents,
+            plan,
+            Traffic::Whole,
+            "id",
+            fastrand::Rng::with_seed(1),
+            start,
+        )
+    }
+
     fn broke(target: &Target) -> UpstreamError {
         UpstreamError::Transport {
             provider: target.provider.name.clone(),
@@ -785,25 +806,15 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
         let live = live("");
         let (route, state) = (&live.config.routes[0], &live.routes[0]);
         state.budget.deposit();
-        let rng = fastrand::Rng::with_seed(1);
-        let mut attempts = Attempts::new(
-            route,
-            state,
-            &live.incidents,
-            plan(),
-            Traffic::Whole,
-            "id",
-            rng,
-            |i| {
-                let t = &route.targets[i];
-                let out = if t.model == "x" {
-                    Err(broke(t))
-                } else {
-                    Ok(t.model.clone())
-                };
-                async move { out }
-            },
-        );
+        let mut attempts = attempts_on(&live, plan(), |i| {
+            let t = &route.targets[i];
+            let out = if t.model == "x" {
+                Err(broke(t))
+            } else {
+                Ok(t.model.clone())
+            };
+            async move { out }
+        });
         assert!(attempts.launch());
         let first = attempts.next().await.unwrap();
         assert_eq!((first.index, first.result.is_err()), (0, true));
@@ -824,20 +835,10 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
         let (route, state) = (&live.config.routes[0], &live.routes[0]);
         // A budget starts full; this route's neither refills nor has a floor.
         while state.budget.try_withdraw() {}
-        let rng = fastrand::Rng::with_seed(1);
-        let mut attempts = Attempts::new(
-            route,
-            state,
-            &live.incidents,
-            plan(),
-            Traffic::Whole,
-            "id",
-            rng,
-            |i| {
-                let out: Result<(), _> = Err(broke(&route.targets[i]));
-                async move { out }
-            },
-        );
+        let mut attempts = attempts_on(&live, plan(), |i| {
+            let out: Result<(), _> = Err(broke(&route.targets[i]));
+            async move { out }
+        });
         attempts.launch();
         let first = attempts.next().await.unwrap();
         attempts.failed(first.index, first.probe, first.result.unwrap_err());
@@ -854,29 +855,19 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
     #[tokio::test(start_paused = true)]
     async fn a_slow_attempt_is_raced_by_a_hedge_and_loses() {
         let live = live(r#"hedge_after = "50ms""#);
-        let (route, state) = (&live.config.routes[0], &live.routes[0]);
-        let rng = fastrand::Rng::with_seed(1);
+        let route = &live.config.routes[0];
         let started = Instant::now();
-        let mut attempts = Attempts::new(
-            route,
-            state,
-            &live.incidents,
-            plan(),
-            Traffic::Whole,
-            "id",
-            rng,
-            |i| {
-                let t = &route.targets[i];
-                let slow = t.model == "x";
-                let model = t.model.clone();
-                async move {
-                    if slow {
-                        tokio::time::sleep(Duration::from_secs(10)).await;
-                    }
-                    Ok(model)
+        let mut attempts = attempts_on(&live, plan(), |i| {
+            let t = &route.targets[i];
+            let slow = t.model == "x";
+            let model = t.model.clone();
+            async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
                 }
-            },
-        );
+                Ok(model)
+            }
+        });
         attempts.launch();
         let ended = attempts.next().await.unwrap();
         let mut answer = ended.result.unwrap();
@@ -889,34 +880,24 @@ targets = [{{ provider = "a", model = "x", priority = 1 }}, {{ provider = "b", m
     #[tokio::test(start_paused = true)]
     async fn a_refusal_waits_for_the_hedge_and_answers_if_it_fails() {
         let live = live(r#"hedge_after = "50ms""#);
-        let (route, state) = (&live.config.routes[0], &live.routes[0]);
-        let rng = fastrand::Rng::with_seed(1);
-        let mut attempts = Attempts::new(
-            route,
-            state,
-            &live.incidents,
-            plan(),
-            Traffic::Whole,
-            "id",
-            rng,
-            |i| {
-                let t = &route.targets[i];
-                let first = t.model == "x";
-                let refusal = UpstreamError::Untranslatable {
-                    provider: t.provider.name.clone(),
-                    message: "no".into(),
-                };
-                let failure = broke(t);
-                async move {
-                    if first {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        Err::<(), _>(failure)
-                    } else {
-                        Err(refusal)
-                    }
+        let route = &live.config.routes[0];
+        let mut attempts = attempts_on(&live, plan(), |i| {
+            let t = &route.targets[i];
+            let first = t.model == "x";
+            let refusal = UpstreamError::Untranslatable {
+                provider: t.provider.name.clone(),
+                message: "no".into(),
+            };
+            let failure = broke(t);
+            async move {
+                if first {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Err::<(), _>(failure)
+                } else {
+                    Err(refusal)
                 }
-            },
-        );
+            }
+        });
         attempts.launch();
         // The hedge (b) ends first; treated as the caller's own refusal.
         let hedge = attempts.next().await.unwrap();
@@ -965,25 +946,16 @@ breaker = { consecutive_failures = 1, open_for = "1s" }"#,
         let a = &state.health[0];
         let plan = probe_then_next(a, route).await;
         let started = Instant::now();
-        let mut attempts = Attempts::new(
-            route,
-            state,
-            &live.incidents,
-            plan,
-            Traffic::Whole,
-            "id",
-            fastrand::Rng::with_seed(1),
-            |i| {
-                let model = route.targets[i].model.clone();
-                async move {
-                    if model == "x" {
-                        // The probed target answers, but late.
-                        tokio::time::sleep(Duration::from_secs(10)).await;
-                    }
-                    Ok(model)
+        let mut attempts = attempts_on(&live, plan, |i| {
+            let model = route.targets[i].model.clone();
+            async move {
+                if model == "x" {
+                    // The probed target answers, but late.
+                    tokio::time::sleep(Duration::from_secs(10)).await;
                 }
-            },
-        );
+                Ok(model)
+            }
+        });
         assert!(attempts.launch());
         let ended = attempts.next().await.unwrap();
         let mut answer = ended.result.unwrap();
@@ -1012,27 +984,18 @@ breaker = { consecutive_failures = 1, open_for = "1s" }"#,
         let a = &state.health[0];
         let plan = probe_then_next(a, route).await;
         let started = Instant::now();
-        let mut attempts = Attempts::new(
-            route,
-            state,
-            &live.incidents,
-            plan,
-            Traffic::Whole,
-            "id",
-            fastrand::Rng::with_seed(1),
-            |i| {
-                let t = &route.targets[i];
-                let (model, failure) = (t.model.clone(), broke(t));
-                async move {
-                    if model == "x" {
-                        tokio::time::sleep(Duration::from_secs(10)).await;
-                        Err(failure)
-                    } else {
-                        Err::<String, _>(failure)
-                    }
+        let mut attempts = attempts_on(&live, plan, |i| {
+            let t = &route.targets[i];
+            let (model, failure) = (t.model.clone(), broke(t));
+            async move {
+                if model == "x" {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    Err(failure)
+                } else {
+                    Err::<String, _>(failure)
                 }
-            },
-        );
+            }
+        });
         assert!(attempts.launch());
         let hedge = attempts.next().await.unwrap();
         assert_eq!(hedge.index, 1);
