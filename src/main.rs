@@ -103,7 +103,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    detour_alloc::give_back_freed_memory();
     let cli = Cli::parse();
     // The demo prints its own story; its request logs would drown it.
     // So does the drill, whose card would drown in the request logs.
@@ -343,6 +342,8 @@ async fn serve(
     .await;
     // The gateway keeps its own copy; this one would double the text's cost.
     drop(text);
+    // Loading's peak is freed now; this thread may not allocate again soon.
+    detour_alloc::give_back_now();
     gw.set_ops(Some(config_path), Some(state_dir));
     // The control plane: reloads and their judges run on this runtime.
     let reloader = detour::reload::Reloader::new(Arc::clone(&gw));
@@ -408,6 +409,6 @@ async fn shutdown_signal() {
     }
 }
 
-/// mimalloc, tuned to give memory back ([`detour_alloc`]).
+/// mimalloc ([`detour_alloc`]).
 #[global_allocator]
 static GLOBAL: detour_alloc::MiMalloc = detour_alloc::MiMalloc;
