@@ -133,7 +133,7 @@ const MAX_TRANSLATED_BODY: usize = 32 * 1024 * 1024;
 struct Committed {
     status: StatusCode,
     headers: HeaderMap,
-    body: RelayBody,
+    body: Box<RelayBody>,
     /// The config it was made on and the target's provider: a stream that
     /// breaks off may start a traffic incident.
     live: Arc<Live>,

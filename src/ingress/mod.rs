@@ -218,7 +218,7 @@ pub async fn start_as(
     record.span = live
         .traces
         .as_ref()
-        .map(|t| t.request(&parts.headers, endpoint));
+        .map(|t| Box::new(t.request(&parts.headers, endpoint)));
     // Left by the auth layer.
     record.tenant = parts
         .extensions

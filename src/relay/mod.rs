@@ -240,6 +240,11 @@ impl RelayBody {
     /// `started` is when the attempt began; a stream's first whole event must
     /// come before its first-byte deadline. An event stream holds at most
     /// `max_event_bytes` of an unfinished event.
+    ///
+    /// Boxed: a relay is large (its request record, cache copy and timer
+    /// make it about 1.7 KiB), and an answer passes through several futures
+    /// and results before the client's connection takes it. A box moves as
+    /// one pointer; the relay itself would be copied at every step.
     pub fn new(
         inner: Option<ResponseBody>,
         shape: Shape,
@@ -248,7 +253,7 @@ impl RelayBody {
         max_event_bytes: usize,
         format: ClientFormat,
         started: Instant,
-    ) -> Self {
+    ) -> Box<Self> {
         let mode = match shape {
             Shape::OpenAiEvents { strip_usage } => {
                 Mode::Events(OpenAiEvents::new(max_event_bytes, strip_usage))
@@ -260,7 +265,7 @@ impl RelayBody {
             Shape::Ready(body) => Mode::Ready(Some(body)),
         };
         let event_stream = mode.is_event_stream();
-        Self {
+        Box::new(Self {
             inner,
             copy: CacheCopy::new(matches!(mode, Mode::Events(_))),
             mode,
@@ -276,7 +281,7 @@ impl RelayBody {
             continuation: None,
             timeouts,
             continued_by: None,
-        }
+        })
     }
 
     /// On a route that continues broken streams: a text stream that breaks

@@ -147,8 +147,10 @@ pub struct RequestRecord {
     pub outcome: Outcome,
     /// The provider that continued a broken stream (`continue_streams`).
     pub continued_by: Option<String>,
-    /// The request's trace span: `None` unless traces are exported.
-    pub span: Option<crate::traces::RequestSpan>,
+    /// The request's trace span: `None` unless traces are exported. Boxed:
+    /// a span is larger than the rest of the record, which moves with the
+    /// request from layer to layer.
+    pub span: Option<Box<crate::traces::RequestSpan>>,
     written: bool,
 }
 
