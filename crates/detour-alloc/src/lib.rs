@@ -1,5 +1,5 @@
-//! detour's memory allocator: mimalloc, and a way to hand what a peak freed
-//! back to the OS.
+//! detour's memory allocator: mimalloc as the global allocator ([`MiMalloc`]),
+//! and a way to hand what a peak freed back to the OS.
 //!
 //! mimalloc keeps free lists per thread: on the request path it costs about
 //! a tenth of glibc malloc's instructions (BENCHMARKS.md). It gives wholly
@@ -18,7 +18,78 @@
 //! (`MI_DEFAULT_ARENA_EAGER_COMMIT=0` in the workspace's `.cargo/config.toml`),
 //! because the first arena is reserved before `main` runs.
 
-pub use mimalloc::MiMalloc;
+use std::alloc::{GlobalAlloc, Layout};
+use std::ffi::c_void;
+
+use libmimalloc_sys as mi;
+
+/// The alignment every mimalloc block of at least this size has
+/// (`MI_MAX_ALIGN_SIZE` in mimalloc's `types.h`).
+const MIN_ALIGN: usize = 16;
+
+/// mimalloc as Rust's global allocator, by its plain entry points whenever
+/// the layout allows, as std's `System` does with `malloc`.
+///
+/// The `mimalloc` crate's allocator calls `mi_malloc_aligned` for every
+/// layout. mimalloc v3 serves that from its fast path only for blocks up to
+/// 1 KiB whose free list happens to start aligned; anything larger (a boxed
+/// request future, a read buffer) takes its generic aligned path, several
+/// times the instructions of `mi_malloc`, on every request.
+pub struct MiMalloc;
+
+/// Whether `mi_malloc`'s own alignment serves `align` for `size` bytes.
+fn plain(align: usize, size: usize) -> bool {
+    align <= MIN_ALIGN && align <= size
+}
+
+// SAFETY: every block comes from mimalloc and goes back to it (`mi_free`
+// takes blocks from any of its entry points); `plain` sends a layout to an
+// entry point without an alignment only when mimalloc's guaranteed alignment
+// covers it, and the others get the aligned entry points.
+unsafe impl GlobalAlloc for MiMalloc {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: allocation calls take no pointers.
+        unsafe {
+            if plain(layout.align(), layout.size()) {
+                mi::mi_malloc(layout.size()).cast()
+            } else {
+                mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
+            }
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as in `alloc`.
+        unsafe {
+            if plain(layout.align(), layout.size()) {
+                mi::mi_zalloc(layout.size()).cast()
+            } else {
+                mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
+            }
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+        // SAFETY: the caller passes a block this allocator returned.
+        unsafe { mi::mi_free(ptr.cast::<c_void>()) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller passes a block this allocator returned, with its
+        // layout; the new block keeps the layout's alignment.
+        unsafe {
+            if plain(layout.align(), new_size) {
+                mi::mi_realloc(ptr.cast::<c_void>(), new_size).cast()
+            } else {
+                mi::mi_realloc_aligned(ptr.cast::<c_void>(), new_size, layout.align()).cast()
+            }
+        }
+    }
+}
 
 /// Hands every page mimalloc holds wholly free back to the OS now, without
 /// waiting for the purge delay. Costs a few system calls: call it after a
@@ -35,6 +106,47 @@ pub fn give_back_now() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_block_has_its_layouts_alignment() {
+        let sizes = (1..=4096).chain((4096..=262_144).step_by(4093));
+        for align in [1, 2, 4, 8, 16, 32, 64, 128, 4096] {
+            for size in sizes.clone() {
+                let Ok(layout) = Layout::from_size_align(size, align) else {
+                    continue;
+                };
+                // Neighbours in one page as well as the first block of one.
+                // SAFETY: a non-zero size; freed below with its layout.
+                let others = [(); 3].map(|()| unsafe { MiMalloc.alloc(layout) });
+                for o in others {
+                    assert_eq!(o as usize % align, 0, "size {size}, align {align}");
+                }
+                // SAFETY: a non-zero size; freed below with its layout.
+                let p = unsafe { MiMalloc.alloc(layout) };
+                assert!(!p.is_null());
+                assert_eq!(p as usize % align, 0, "size {size}, align {align}");
+                for o in others {
+                    // SAFETY: each came from `alloc` with this layout.
+                    unsafe { MiMalloc.dealloc(o, layout) };
+                }
+                // SAFETY: `p` came from `alloc` with this layout.
+                let q = unsafe { MiMalloc.realloc(p, layout, size * 3) };
+                assert!(!q.is_null());
+                assert_eq!(q as usize % align, 0, "grown from {size}, align {align}");
+                // SAFETY: `q` is the block `realloc` returned for the new size.
+                unsafe { MiMalloc.dealloc(q, Layout::from_size_align_unchecked(size * 3, align)) };
+                // SAFETY: as for `alloc`.
+                let z = unsafe { MiMalloc.alloc_zeroed(layout) };
+                assert_eq!(z as usize % align, 0, "zeroed, size {size}, align {align}");
+                // SAFETY: `z` holds `size` bytes.
+                assert!(unsafe { std::slice::from_raw_parts(z, size) }
+                    .iter()
+                    .all(|&b| b == 0));
+                // SAFETY: `z` came from `alloc_zeroed` with this layout.
+                unsafe { MiMalloc.dealloc(z, layout) };
+            }
+        }
+    }
 
     /// `mi_option_purge_delay` in mimalloc.h (v3).
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
