@@ -76,6 +76,57 @@ where
     }
 }
 
+/// As in production (the human format, to a pipe): one line per request,
+/// written straight to the log writer, which `RUST_LOG` still governs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_logs_one_line_that_rust_log_can_turn_off() {
+    let up = mock().await;
+    for (rust_log, logged) in [("info", true), ("info,detour::request=warn", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (listen, admin) = (free_port(), free_port());
+        let path = dir.path().join("detour.toml");
+        std::fs::write(&path, config_to(listen, admin, up.addr(), "")).unwrap();
+        let serve = Serve::start_logging("human", &path, &[], &[("RUST_LOG", rust_log)]);
+        serve.wait_ready(listen).await;
+        assert_eq!(ask(listen).await.status(), 200);
+        assert_eq!(ask(listen).await.status(), 200);
+        let request_lines = || {
+            serve
+                .log()
+                .lines()
+                .filter(|l| l.contains(" INFO detour::request: request "))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        if logged {
+            eventually("two request lines", || {
+                let n = request_lines().len();
+                async move { n == 2 }
+            })
+            .await;
+            let line = &request_lines()[0];
+            for field in [
+                "request_id=req_",
+                " format=\"openai\" endpoint=\"chat_completions\" tenant=\"t\" route=\"fast\"",
+                " provider=\"p\" model=\"m\" status=200 attempts=1 stream=false latency_ms=",
+                " outcome=\"ok\"",
+            ] {
+                assert!(line.contains(field), "{field} in {line}");
+            }
+            assert!(!line.contains("continued_by"), "{line}");
+        } else {
+            // Other lines at info still come: the filter is the target's.
+            eventually("the listening line", || {
+                let seen = serve.log().contains("listening on");
+                async move { seen }
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(request_lines(), Vec::<String>::new(), "{}", serve.log());
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_file_is_applied_and_a_broken_one_refused() {
     let (a, b) = (mock().await, mock().await);

@@ -65,8 +65,54 @@ where
         };
         event.record(&mut fields);
         fields.result?;
-        writer.write_char('\n')
+        writer.write_str("\n")
     }
+}
+
+/// One value of the request line, shown as tracing's visitor shows it.
+#[derive(Debug, Clone, Copy)]
+pub enum Value<'a> {
+    /// A string field: quoted (`format="openai"`).
+    Str(&'a str),
+    /// A field logged with `%`: as it is (`request_id=req_..`).
+    Display(&'a str),
+    U64(u64),
+    F64(f64),
+    Bool(bool),
+}
+
+/// The request line, formatted into `out` without tracing: what [`Human`]
+/// writes for a `tracing::info!(target: REQUEST_TARGET, ..fields, message)`
+/// outside any span. A `None` is left out, as tracing leaves out an
+/// `Option`'s `None`. `telemetry::RequestRecord::write` uses it when the
+/// human format writes to a file (no colours); tracing's field visitors
+/// cost more than the rest of the line.
+pub fn request_line(
+    out: &mut String,
+    now: SystemTime,
+    message: &str,
+    fields: &[(&str, Option<Value<'_>>)],
+) -> fmt::Result {
+    write_timestamp(out, now)?;
+    out.push_str("  INFO ");
+    out.push_str(REQUEST_TARGET);
+    out.push_str(": ");
+    out.push_str(message);
+    for (name, value) in fields {
+        let Some(value) = value else { continue };
+        out.push(' ');
+        out.push_str(name);
+        out.push('=');
+        match *value {
+            Value::Str(v) => write_quoted(out, v)?,
+            Value::Display(v) => out.push_str(v),
+            Value::U64(v) => out.push_str(itoa::Buffer::new().format(v)),
+            Value::F64(v) => write!(out, "{v:?}")?,
+            Value::Bool(v) => out.push_str(if v { "true" } else { "false" }),
+        }
+    }
+    out.push('\n');
+    Ok(())
 }
 
 /// Writes the fields as `tracing-subscriber`'s default visitor does: the
@@ -77,10 +123,12 @@ struct Fields<'a, 'w> {
 }
 
 impl Fields<'_, '_> {
+    // `write_str`, not `write_char`: the writer is a `dyn Write`, whose
+    // `write_char` encodes the char and then calls `write_str` anyway.
     fn name(&mut self, field: &Field) -> fmt::Result {
-        self.out.write_char(' ')?;
+        self.out.write_str(" ")?;
         self.out.write_str(field.name())?;
-        self.out.write_char('=')
+        self.out.write_str("=")
     }
 }
 
@@ -141,16 +189,16 @@ impl Visit for Fields<'_, '_> {
 
 /// A string as `Debug` writes it: quoted, escaped. Names and ids are plain
 /// ASCII, written as they are; anything else goes through `Debug`.
-fn write_quoted(out: &mut Writer<'_>, value: &str) -> fmt::Result {
+fn write_quoted(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
     let plain = value
         .bytes()
         .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
     if !plain {
         return write!(out, "{value:?}");
     }
-    out.write_char('"')?;
+    out.write_str("\"")?;
     out.write_str(value)?;
-    out.write_char('"')
+    out.write_str("\"")
 }
 
 thread_local! {
@@ -160,7 +208,7 @@ thread_local! {
 }
 
 /// `2026-12-03T12:56:42.990368Z`, as `tracing-subscriber`'s timer writes it.
-fn write_timestamp(out: &mut Writer<'_>, now: SystemTime) -> fmt::Result {
+fn write_timestamp(out: &mut impl fmt::Write, now: SystemTime) -> fmt::Result {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     SECOND.with(|cell| {
@@ -213,65 +261,100 @@ mod tests {
         }
     }
 
+    // A test's log sink: a lock is fine here.
+    #[allow(clippy::disallowed_types)]
+    #[derive(Clone, Default)]
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
+        type Writer = Sink;
+        fn make_writer(&'a self) -> Sink {
+            self.clone()
+        }
+    }
+
+    /// What `emit` logs, formatted by [`Human`] (`by_hand`) or by the
+    /// general formatter, without the timestamp (it differs run to run).
+    fn logged(by_hand: bool, emit: impl Fn()) -> String {
+        let sink = Sink::default();
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(sink.clone());
+        if by_hand {
+            let sub = builder.event_format(Human::new(false)).finish();
+            tracing::subscriber::with_default(sub, emit);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), emit);
+        }
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        text.split_once('Z').unwrap().1.to_owned()
+    }
+
     /// The request line written by hand is the general formatter's, byte for
     /// byte, apart from the timestamp's digits.
     #[test]
-    // A test's log sink: a lock is fine here.
-    #[allow(clippy::disallowed_types)]
     fn the_request_line_is_what_the_general_formatter_writes() {
-        use std::sync::{Arc, Mutex};
-        use tracing_subscriber::fmt::MakeWriter;
-
-        #[derive(Clone, Default)]
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        impl<'a> MakeWriter<'a> for Sink {
-            type Writer = Sink;
-            fn make_writer(&'a self) -> Sink {
-                self.clone()
-            }
-        }
-        let log = |by_hand: bool| {
-            let sink = Sink::default();
-            let builder = tracing_subscriber::fmt()
-                .with_ansi(false)
-                .with_writer(sink.clone());
-            let emit = || {
-                tracing::info!(
-                    target: "detour::request",
-                    request_id = %"req_1",
-                    format = "openai",
-                    tenant = Some("t \"q\" é"),
-                    route = None::<&str>,
-                    status = 200u16,
-                    attempts = 1u32,
-                    stream = false,
-                    latency_ms = 1.0f64,
-                    ttfb_ms = Some(0.25f64),
-                    delta = -3i64,
-                    "request"
-                );
-            };
-            if by_hand {
-                let sub = builder.event_format(Human::new(false)).finish();
-                tracing::subscriber::with_default(sub, emit);
-            } else {
-                tracing::subscriber::with_default(builder.finish(), emit);
-            }
-            let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
-            // The timestamp differs run to run.
-            text.split_once('Z').unwrap().1.to_owned()
+        let emit = || {
+            tracing::info!(
+                target: "detour::request",
+                request_id = %"req_1",
+                format = "openai",
+                tenant = Some("t \"q\" é"),
+                route = None::<&str>,
+                status = 200u16,
+                attempts = 1u32,
+                stream = false,
+                latency_ms = 1.0f64,
+                ttfb_ms = Some(0.25f64),
+                delta = -3i64,
+                "request"
+            );
         };
-        let general = log(false);
+        let general = logged(false, emit);
         assert!(general.contains("request_id=req_1"), "{general}");
-        assert_eq!(log(true), general);
+        assert_eq!(logged(true, emit), general);
+    }
+
+    /// A record's line written straight to the log writer is the line its
+    /// tracing event gets from the formatter, field for field.
+    #[test]
+    fn a_record_written_directly_is_its_tracing_line() {
+        use crate::protocol::chat::ClientFormat;
+        use crate::telemetry::{Outcome, RequestRecord};
+
+        let mut full = RequestRecord::new("req_9".into(), ClientFormat::Anthropic, "messages");
+        full.tenant = Some("acme \"eu\"".into());
+        full.route = Some("fast".into());
+        full.provider = Some("p1".into());
+        full.model = Some("m".into());
+        full.status = 200;
+        full.attempts = 2;
+        full.stream = true;
+        full.usage = Some(crate::protocol::openai::Usage {
+            prompt_tokens: 12,
+            completion_tokens: 34,
+            ..Default::default()
+        });
+        full.outcome = Outcome::Ok;
+        full.continued_by = Some("p2".into());
+        let bare = RequestRecord::new("req_0".into(), ClientFormat::OpenAi, "chat_completions");
+        for (record, ttfb) in [(&full, Some(0.25)), (&bare, None)] {
+            let through_tracing = logged(true, || record.log_line(1.5, ttfb));
+            let mut direct = String::new();
+            let fields = record.line_fields(1.5, ttfb);
+            request_line(&mut direct, SystemTime::now(), "request", &fields).unwrap();
+            let direct = direct.split_once('Z').unwrap().1;
+            assert_eq!(direct, through_tracing);
+        }
     }
 }

@@ -26,6 +26,15 @@ pub enum LogFormat {
 /// Lines the log queue holds before new ones are dropped (and counted).
 pub const LOG_QUEUE_LINES: usize = 64 * 1024;
 
+/// The log writer, when request lines are written to it directly: set by
+/// [`init`] for the human format without colours (a file, a collector).
+/// Every other set-up (JSON, a terminal, a test's subscriber) gets the line
+/// through tracing.
+static REQUEST_LINES: std::sync::OnceLock<writer::Writer> = std::sync::OnceLock::new();
+
+/// Bytes reserved for a request line: a typical one is about 300.
+const LINE_CAPACITY: usize = 384;
+
 /// Counts the lines dropped because the log writer could not keep up.
 static DROPPED: std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>> = std::sync::OnceLock::new();
 
@@ -60,6 +69,7 @@ pub fn init(format: LogFormat, default_level: &str) -> LogGuard {
             }
         };
     let counter = writer.dropped_counter();
+    let direct = (format == LogFormat::Human && !ansi).then(|| writer.clone());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -71,6 +81,9 @@ pub fn init(format: LogFormat, default_level: &str) -> LogGuard {
     match result {
         Ok(()) => {
             let _ = DROPPED.set(counter);
+            if let Some(direct) = direct {
+                let _ = REQUEST_LINES.set(direct);
+            }
             LogGuard {
                 _writer: Some(guard),
             }
@@ -206,6 +219,31 @@ impl RequestRecord {
         let ms = |d: Duration| d.as_micros() as f64 / 1e3;
         let latency_ms = ms(self.started.elapsed());
         let ttfb_ms = self.first_byte.map(ms);
+        if let Some(out) = REQUEST_LINES.get() {
+            if tracing::enabled!(target: human::REQUEST_TARGET, tracing::Level::INFO) {
+                self.write_line(out, latency_ms, ttfb_ms);
+            }
+        } else {
+            self.log_line(latency_ms, ttfb_ms);
+        }
+        if let Some(span) = self.span.take() {
+            span.end(&crate::traces::RequestEnd {
+                status: self.status,
+                outcome: self.outcome.as_str(),
+                tenant: self.tenant.as_deref(),
+                route: self.route.as_deref(),
+                provider: self.provider.as_deref(),
+                model: self.model.as_deref(),
+                tokens: self.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+            });
+        }
+        true
+    }
+
+    /// The line through tracing (JSON, a terminal, a test's subscriber).
+    /// Its fields are [`RequestRecord::line_fields`]'s, in the same order
+    /// (a test compares the two lines).
+    fn log_line(&self, latency_ms: f64, ttfb_ms: Option<f64>) {
         tracing::info!(
             target: human::REQUEST_TARGET,
             request_id = %self.request_id,
@@ -226,18 +264,49 @@ impl RequestRecord {
             continued_by = self.continued_by.as_deref(),
             "request"
         );
-        if let Some(span) = self.span.take() {
-            span.end(&crate::traces::RequestEnd {
-                status: self.status,
-                outcome: self.outcome.as_str(),
-                tenant: self.tenant.as_deref(),
-                route: self.route.as_deref(),
-                provider: self.provider.as_deref(),
-                model: self.model.as_deref(),
-                tokens: self.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
-            });
+    }
+
+    /// The line written straight to the log writer, as [`human::Human`]
+    /// would write [`RequestRecord::log_line`]'s event.
+    fn write_line(&self, out: &writer::Writer, latency_ms: f64, ttfb_ms: Option<f64>) {
+        // Queued as it is: the one allocation the line costs.
+        let mut line = String::with_capacity(LINE_CAPACITY);
+        let fields = self.line_fields(latency_ms, ttfb_ms);
+        if human::request_line(&mut line, std::time::SystemTime::now(), "request", &fields).is_ok()
+        {
+            out.send(line.into_bytes());
         }
-        true
+    }
+
+    /// The line's fields, in [`RequestRecord::log_line`]'s order.
+    fn line_fields(
+        &self,
+        latency_ms: f64,
+        ttfb_ms: Option<f64>,
+    ) -> [(&'static str, Option<human::Value<'_>>); 16] {
+        use human::Value::{Bool, Display, Str, F64, U64};
+        let u64_of = |n: u64| Some(U64(n));
+        [
+            ("request_id", Some(Display(&self.request_id))),
+            ("format", Some(Str(self.format.as_str()))),
+            ("endpoint", Some(Str(self.endpoint))),
+            ("tenant", self.tenant.as_deref().map(Str)),
+            ("route", self.route.as_deref().map(Str)),
+            ("provider", self.provider.as_deref().map(Str)),
+            ("model", self.model.as_deref().map(Str)),
+            ("status", u64_of(self.status.into())),
+            ("attempts", u64_of(self.attempts.into())),
+            ("stream", Some(Bool(self.stream))),
+            ("latency_ms", Some(F64(latency_ms))),
+            ("ttfb_ms", ttfb_ms.map(F64)),
+            ("prompt_tokens", self.usage.map(|u| U64(u.prompt_tokens))),
+            (
+                "completion_tokens",
+                self.usage.map(|u| U64(u.completion_tokens)),
+            ),
+            ("outcome", Some(Str(self.outcome.as_str()))),
+            ("continued_by", self.continued_by.as_deref().map(Str)),
+        ]
     }
 }
 

@@ -79,17 +79,23 @@ impl Writer {
     pub fn dropped_counter(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.dropped)
     }
-}
 
-impl Write for Writer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.queue.try_send(Msg::Line(buf.to_vec())) {
+    /// Queues one whole line (its bytes as they are), or drops and counts
+    /// it when the queue is full: never waits.
+    pub fn send(&self, line: Vec<u8>) {
+        match self.queue.try_send(Msg::Line(line)) {
             Ok(()) => {}
             // Full, or stopping (the process is exiting): never wait.
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+impl Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.send(buf.to_vec());
         Ok(buf.len())
     }
 

@@ -36,8 +36,18 @@ impl Serve {
 
     /// [`Serve::start`] with more environment variables.
     pub fn start_with_env(config: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_logging("json", config, extra_args, env)
+    }
+
+    /// [`Serve::start_with_env`] with the log in `format` (`json`, `human`).
+    pub fn start_logging(
+        format: &str,
+        config: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut child = Command::new(BIN)
-            .args(["--log-format", "json", "serve", "--config"])
+            .args(["--log-format", format, "serve", "--config"])
             .arg(config)
             .args(extra_args)
             .env("DETOUR_ADMIN_TOKEN", TOKEN)
