@@ -5,7 +5,10 @@
 //! that, every chunk restarts the idle limit. A plain body's first byte is
 //! its headers, which already arrived, so its idle limit runs from the
 //! start. Nothing ever runs past the total deadline. One `Sleep` is reset
-//! rather than three kept.
+//! rather than three kept, and only when it must be: a chunk that pushes the
+//! idle limit later only notes when it came, and the timer, when it fires,
+//! moves itself on to the limit's new end (a reset re-registers the timer
+//! with the runtime, which a stream would otherwise pay per event).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,6 +26,9 @@ pub struct Deadline {
     started: Instant,
     total: Instant,
     event_stream: bool,
+    /// When the idle limit last restarted, if that is later than the timer
+    /// was last set for; the timer catches up when it fires.
+    idle_from: Option<Instant>,
     got_first_chunk: bool,
     /// An event stream's first whole event arrived (until then the
     /// first-byte deadline holds).
@@ -45,6 +51,7 @@ impl Deadline {
             started,
             total,
             event_stream,
+            idle_from: None,
             got_first_chunk: false,
             got_first_event: false,
             // A plain body's first byte is its headers, which just arrived.
@@ -73,8 +80,18 @@ impl Deadline {
     pub fn on_progress(&mut self, whole_event: bool) {
         self.got_first_event |= whole_event;
         if self.got_first_event {
-            let idle = Instant::now() + self.timeouts.idle;
-            self.timer.as_mut().reset(idle.min(self.total));
+            let now = Instant::now();
+            if (now + self.timeouts.idle).min(self.total) < self.timer.deadline() {
+                // Sooner than the timer is set for (the first event, when
+                // the idle limit is shorter than what was left of the
+                // first-byte one): set it now.
+                self.timer
+                    .as_mut()
+                    .reset((now + self.timeouts.idle).min(self.total));
+                self.idle_from = None;
+            } else {
+                self.idle_from = Some(now);
+            }
         }
     }
 
@@ -85,8 +102,19 @@ impl Deadline {
 
     /// Ready with the limit that ran out (and its length) once one has.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<(TimeoutKind, Duration)> {
-        if self.timer.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Fired: at the end of the limit, unless chunks since moved it.
+            let Some(from) = self.idle_from.take() else {
+                break;
+            };
+            let due = (from + self.timeouts.idle).min(self.total);
+            if due <= self.timer.deadline() {
+                break;
+            }
+            self.timer.as_mut().reset(due);
         }
         let kind = if Instant::now() >= self.total {
             TimeoutKind::Total
@@ -157,6 +185,29 @@ mod tests {
             d.poll_expired(&mut cx),
             Poll::Ready((TimeoutKind::Idle, TIMEOUTS.idle))
         );
+    }
+
+    /// The timer is moved on lazily: it still fires at the end of the idle
+    /// limit counted from the last chunk, however many chunks came, and a
+    /// limit that ran out is reported again if polled again.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_limit_counts_from_the_last_of_many_chunks() {
+        let long = Timeouts {
+            first_byte: Duration::from_secs(2),
+            ..TIMEOUTS
+        };
+        let mut d = Deadline::new(long, Instant::now(), true);
+        d.on_chunk(true);
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            d.on_chunk(true);
+            assert_eq!(expired(&mut d), None);
+        }
+        advance(2).await;
+        assert_eq!(expired(&mut d), None, "2 s after the last chunk");
+        advance(1).await;
+        assert_eq!(expired(&mut d), Some(TimeoutKind::Idle));
+        assert_eq!(expired(&mut d), Some(TimeoutKind::Idle));
     }
 
     #[tokio::test(start_paused = true)]
