@@ -81,13 +81,12 @@ impl Deadline {
         self.got_first_event |= whole_event;
         if self.got_first_event {
             let now = Instant::now();
-            if (now + self.timeouts.idle).min(self.total) < self.timer.deadline() {
+            let due = (now + self.timeouts.idle).min(self.total);
+            if due < self.timer.deadline() {
                 // Sooner than the timer is set for (the first event, when
                 // the idle limit is shorter than what was left of the
                 // first-byte one): set it now.
-                self.timer
-                    .as_mut()
-                    .reset((now + self.timeouts.idle).min(self.total));
+                self.timer.as_mut().reset(due);
                 self.idle_from = None;
             } else {
                 self.idle_from = Some(now);
