@@ -29,7 +29,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::net::{TcpListener, TcpStream};
@@ -46,6 +45,35 @@ use crate::workers::Workers;
 /// Nothing is in flight by then, so this only lets a live client see the
 /// GOAWAY and answer its ping.
 pub const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What a listener serves: an axum [`Router`](axum::Router) (the admin
+/// listener) or any service like one (the main listener's,
+/// [`crate::server::MainService`]).
+pub trait App:
+    tower::Service<
+        axum::extract::Request,
+        Response = axum::response::Response,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> App for S where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
 
 /// How one listener treats its connections.
 #[derive(Debug, Clone, Copy)]
@@ -87,13 +115,16 @@ impl Policy {
 ///
 /// With `workers`, each accepted connection runs on the worker with the
 /// fewest open connections ([`Workers`]); without, on the calling runtime.
-pub async fn serve(
-    app: Router,
+pub async fn serve<S>(
+    app: S,
     listener: TcpListener,
     policy: Policy,
     workers: Option<&Workers>,
     shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: App,
+{
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -203,10 +234,10 @@ enum Expired {
 }
 
 impl Connection {
-    async fn run(
+    async fn run<S: App>(
         self,
         tcp: TcpStream,
-        app: Router,
+        app: S,
         builder: &Builder<TokioExecutor>,
         mut stopping: watch::Receiver<bool>,
     ) {

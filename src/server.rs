@@ -1,105 +1,173 @@
-//! The main listener: the router and the middleware stack, built in one place.
+//! The main listener's service: the API routes, matched here and run as one
+//! future, and an axum router for the rest.
 //!
 //! Order, outermost first, and why:
 //! 1. request id — every response, including auth failures and 404s, carries
 //!    `x-request-id`, so it wraps everything;
-//! 2. snapshot — on matched API routes, the one config snapshot the request
-//!    runs on ([`Snapshot`](crate::state::Snapshot): the stable config, or
-//!    the canary's), taken once and read by every later stage, so a reload
-//!    cannot split a request;
-//! 3. auth — on matched API routes only, so an unknown path answers 404
-//!    without revealing whether a key is valid;
-//! 4. limits and admission (after auth, since they need the caller):
-//!    requests per minute, concurrency and a spent token allowance refuse
-//!    before the body is read (2 to 4 are one `route_layer`, [`gate`]);
-//! 5. the handler: ingress reads and checks the body and charges the caller's
-//!    tokens from it, then [`crate::proxy`] runs routing → provider adapter →
-//!    upstream → relay.
+//! 2. on an API route ([`Api`]), the gate: the request's one config snapshot
+//!    ([`Snapshot`](crate::state::Snapshot): the stable config, or the
+//!    canary's), taken once and read by every later stage, so a reload cannot
+//!    split a request; then auth, on API routes only, so an unknown path
+//!    answers 404 without revealing whether a key is valid; then limits and
+//!    admission (after auth, since they need the caller): requests per
+//!    minute, concurrency and a spent token allowance refuse before the body
+//!    is read;
+//! 3. the handler, given what the gate found ([`Admitted`]): ingress reads
+//!    and checks the body and charges the caller's tokens from it, then
+//!    [`crate::proxy`] runs routing → provider adapter → upstream → relay.
+//!
+//! Anything else (detour's status page, unknown paths, an API path called
+//! with the wrong method) goes through `rest`, an axum router, which answers
+//! unknown paths and methods 404.
+//!
+//! Why not axum's router and middleware for the API routes: each `from_fn`
+//! layer and each route boxes the request's future once more, clones the
+//! service it wraps, and moves the future between boxes; each `Extension`
+//! is one more allocation and a clone when extracted. On the hot path those
+//! were thousands of instructions per request; a `match` on six paths and
+//! plain `async fn`s cost none of them.
 //!
 //! Connections (timeouts, keep-alive, caps, shutdown) are [`crate::listener`]'s.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::{self, Next};
+use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Router;
-use http::HeaderValue;
+use http::{HeaderValue, Method};
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ClientFormat, GatewayError};
-use crate::ingress::{self, RequestId};
-use crate::state::Gateway;
+use crate::ingress::{self, Admitted, RequestId};
+use crate::state::{Gateway, Snapshot};
 use crate::telemetry::RequestRecord;
 
-/// The main listener's router: the API routes behind the middleware stack,
-/// and `public` routes outside it (detour's status page: the caller hands
-/// them in, so the data plane does not import the control plane's pages).
-pub fn router(gw: Arc<Gateway>, public: Router<Arc<Gateway>>) -> Router {
-    Router::new()
-        .route(
-            "/v1/chat/completions",
-            post(ingress::openai::chat_completions),
-        )
-        .route("/v1/responses", post(ingress::openai::responses))
-        .route("/v1/embeddings", post(ingress::openai::embeddings))
-        .route("/v1/models", get(ingress::models))
-        .route("/v1/messages", post(ingress::anthropic::messages))
-        .route(
-            "/v1/messages/count_tokens",
-            post(ingress::anthropic_meta::count_tokens),
-        )
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&gw), gate))
-        // Public routes (the status page): added after (outside) the
-        // gate (snapshot, auth and admission).
-        .merge(public)
-        .fallback(not_found)
-        .method_not_allowed_fallback(not_found)
-        .layer(middleware::from_fn(request_id))
-        .with_state(gw)
+/// The main listener's service (see the module doc).
+#[derive(Clone)]
+pub struct MainService(Arc<Inner>);
+
+struct Inner {
+    gw: Arc<Gateway>,
+    /// Everything that is not an API route: the `public` routes handed in
+    /// (detour's status page: the caller hands them in, so the data plane
+    /// does not import the control plane's pages) and the 404s.
+    rest: Router,
+}
+
+impl MainService {
+    pub fn new(gw: Arc<Gateway>, public: Router<Arc<Gateway>>) -> Self {
+        let rest = public
+            .fallback(not_found)
+            .method_not_allowed_fallback(not_found)
+            .with_state(Arc::clone(&gw));
+        Self(Arc::new(Inner { gw, rest }))
+    }
+}
+
+impl tower::Service<Request> for MainService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let inner = Arc::clone(&self.0);
+        Box::pin(async move { Ok(inner.handle(req).await) })
+    }
 }
 
 /// `x-request-id`, parsed once.
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
-async fn request_id(mut req: Request, next: Next) -> Response {
-    let id = RequestId::from_headers(req.headers());
-    let header = HeaderValue::from_str(&id.0).ok();
-    req.extensions_mut().insert(id);
-    let mut resp = next.run(req).await;
-    if let Some(v) = header {
-        resp.headers_mut().insert(X_REQUEST_ID, v);
+impl Inner {
+    async fn handle(&self, req: Request) -> Response {
+        let id = RequestId::from_headers(req.headers());
+        let header = HeaderValue::from_str(id.as_str()).ok();
+        let mut resp = match Api::of(req.method(), req.uri().path()) {
+            Some(api) => gate(&self.gw, api, id, req).await,
+            None => match self.rest.clone().oneshot(req).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            },
+        };
+        if let Some(v) = header {
+            resp.headers_mut().insert(X_REQUEST_ID, v);
+        }
+        resp
     }
-    resp
 }
 
-/// Stages 2 to 4 on a matched API route, in one layer (each layer of its
-/// own would box the request's future once more and move it between boxes):
-/// the request's one config snapshot (see
-/// [`Snapshot`](crate::state::Snapshot)), then who calls ([`authenticate`]),
-/// then whether they may now ([`admit`]).
-async fn gate(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
+/// The API routes: the paths and methods that pass the gate to a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    ChatCompletions,
+    Responses,
+    Embeddings,
+    Models,
+    Messages,
+    CountTokens,
+}
+
+impl Api {
+    /// The API route `method path` calls, if any. An API path called with
+    /// another method is not one: it answers 404, like any unknown path.
+    fn of(method: &Method, path: &str) -> Option<Self> {
+        let api = match path {
+            "/v1/chat/completions" => Self::ChatCompletions,
+            "/v1/responses" => Self::Responses,
+            "/v1/embeddings" => Self::Embeddings,
+            "/v1/models" => Self::Models,
+            "/v1/messages" => Self::Messages,
+            "/v1/messages/count_tokens" => Self::CountTokens,
+            _ => return None,
+        };
+        let allowed = match api {
+            Self::Models => method == Method::GET || method == Method::HEAD,
+            _ => method == Method::POST,
+        };
+        allowed.then_some(api)
+    }
+
+    async fn run(self, admitted: Admitted, req: Request) -> Response {
+        match self {
+            Self::ChatCompletions => ingress::openai::chat_completions(admitted, req).await,
+            Self::Responses => ingress::openai::responses(admitted, req).await,
+            Self::Embeddings => ingress::openai::embeddings(admitted, req).await,
+            Self::Models => ingress::models(admitted, req),
+            Self::Messages => ingress::anthropic::messages(admitted, req).await,
+            Self::CountTokens => ingress::anthropic_meta::count_tokens(admitted, req).await,
+        }
+    }
+}
+
+/// The gate of an API route: the request's one config snapshot (see
+/// [`Snapshot`]), then who calls ([`authenticate`]), then whether they may
+/// now ([`admit`]).
+async fn gate(gw: &Gateway, api: Api, id: RequestId, req: Request) -> Response {
     let snapshot = gw.snapshot();
-    let live = Arc::clone(&snapshot.live);
-    req.extensions_mut().insert(snapshot);
-    let caller = match authenticate(&gw, &live, &req) {
+    let caller = match authenticate(gw, &snapshot.live, &req) {
         Ok(caller) => caller,
-        Err(Denied::Blocked(wait)) => return refuse(&req, "auth", blocked(wait)),
+        Err(Denied::Blocked(wait)) => return refuse(id, &req, None, "auth", blocked(wait)),
         Err(Denied::Unknown(ip)) => {
             let wait = match ip {
                 Some(ip) => gw.auth_failures.failed(ip).await,
                 None => None,
             };
             let error = wait.map_or(GatewayError::Unauthorized, blocked);
-            return refuse(&req, "auth", error);
+            return refuse(id, &req, None, "auth", error);
         }
     };
-    req.extensions_mut().insert(caller.clone());
-    admit(&live, caller, req, next).await
+    admit(api, id, snapshot, caller, req).await
 }
 
 /// Why a request has no caller.
@@ -135,17 +203,16 @@ fn authenticate(gw: &Gateway, live: &crate::state::Live, req: &Request) -> Resul
 }
 
 /// Answers `req` with `error` in the called API's format, with a log line.
-fn refuse(req: &Request, stage: &'static str, error: GatewayError) -> Response {
-    let id = req
-        .extensions()
-        .get::<RequestId>()
-        .map_or_else(String::new, |id| id.0.clone());
+fn refuse(
+    id: RequestId,
+    req: &Request,
+    tenant: Option<Arc<str>>,
+    stage: &'static str,
+    error: GatewayError,
+) -> Response {
     let format = format_of(req);
-    let mut record = RequestRecord::new(id, format, stage);
-    record.tenant = req
-        .extensions()
-        .get::<Caller>()
-        .map(|c| Arc::clone(&c.tenant));
+    let mut record = RequestRecord::new(id.into_string(), format, stage);
+    record.tenant = tenant;
     let resp = ApiError { error, format }.into_response();
     record.status = resp.status().as_u16();
     record.finish(crate::telemetry::Outcome::Refused);
@@ -156,23 +223,25 @@ fn refuse(req: &Request, stage: &'static str, error: GatewayError) -> Response {
 /// (requests, concurrency, a spent token allowance), then a slot among
 /// `server.max_concurrent_requests`, waited for by tier ([`Admission`]).
 /// Both are held until the response body ends. Tokens are charged by the
-/// ingress handler once it has read the body, through the [`TokenGate`] this
-/// leaves in the request's extensions.
+/// ingress handler once it has read the body, through the [`TokenGate`]
+/// handed to it in [`Admitted`].
 ///
 /// [`TokenGate`]: crate::limits::TokenGate
 ///
 /// [`Admission`]: crate::limits::admission::Admission
 async fn admit(
-    live: &crate::state::Live,
+    api: Api,
+    id: RequestId,
+    snapshot: Snapshot,
     caller: Caller,
-    mut req: Request,
-    next: Next,
+    req: Request,
 ) -> Response {
+    let live = &snapshot.live;
     let (held, tokens) = match live.limits.admit(&caller).await {
         Ok(ok) => ok,
         Err(limited) => {
             let error = ingress::rate_limited(limited);
-            return drain_then_refuse(req, error).await;
+            return drain_then_refuse(id, req, caller, error).await;
         }
     };
     let permit = match live.admission.acquire(caller.tier).await {
@@ -181,11 +250,16 @@ async fn admit(
             let error = GatewayError::Overloaded {
                 limit: live.config.server.max_concurrent_requests,
             };
-            return drain_then_refuse(req, error).await;
+            return drain_then_refuse(id, req, caller, error).await;
         }
     };
-    req.extensions_mut().insert(tokens);
-    let resp = next.run(req).await;
+    let admitted = Admitted {
+        id,
+        snapshot,
+        caller,
+        tokens,
+    };
+    let resp = api.run(admitted, req).await;
     let (parts, body) = resp.into_parts();
     let holding = Holding {
         body,
@@ -196,15 +270,17 @@ async fn admit(
 
 /// Refuses after reading (a bounded amount of) the body: answering while the
 /// client is still sending makes some clients lose the answer.
-async fn drain_then_refuse(req: Request, error: GatewayError) -> Response {
+async fn drain_then_refuse(
+    id: RequestId,
+    req: Request,
+    caller: Caller,
+    error: GatewayError,
+) -> Response {
     let (parts, body) = req.into_parts();
     let drain = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, 256 * 1024));
     let _ = tokio::time::timeout(std::time::Duration::from_millis(500), drain).await;
-    refuse(
-        &Request::from_parts(parts, axum::body::Body::empty()),
-        "limits",
-        error,
-    )
+    let req = Request::from_parts(parts, axum::body::Body::empty());
+    refuse(id, &req, Some(caller.tenant), "limits", error)
 }
 
 /// A body that holds admission and limit permits until it ends or is dropped.
@@ -268,7 +344,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let policy = crate::listener::Policy::main(&gw.live().config.server);
-    crate::listener::serve(router(gw, public), listener, policy, workers, shutdown).await
+    let service = MainService::new(gw, public);
+    crate::listener::serve(service, listener, policy, workers, shutdown).await
 }
 
 /// A gateway running on a background task (tests, the demo).

@@ -2,37 +2,30 @@
 //! by any provider kind. `anthropic-version` is accepted (any value);
 //! errors are written in Anthropic's shape.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::Response;
-use axum::Extension;
 
-use super::{accept, rate_limited, start, RequestId, Started};
-use crate::auth::Caller;
+use super::{accept, rate_limited, start, Admitted, Started};
 use crate::cache;
 use crate::error::{ClientFormat, GatewayError};
 use crate::protocol::openai::{model_span, AskUsage};
 use crate::protocol::translate::{anthropic, TranslateError};
 use crate::providers::Endpoint;
 use crate::proxy::{forward, reject, Forward};
-use crate::state::Gateway;
 
 const FORMAT: ClientFormat = ClientFormat::Anthropic;
 
-pub async fn messages(
-    State(gw): State<Arc<Gateway>>,
-    Extension(id): Extension<RequestId>,
-    Extension(caller): Extension<Caller>,
-    req: Request,
-) -> Response {
+pub async fn messages(admitted: Admitted, req: Request) -> Response {
     let Started {
         live,
+        caller,
         mut record,
         headers,
         body,
         tokens,
-    } = match start(&gw, id, FORMAT, Endpoint::Messages, req).await {
+    } = match start(admitted, FORMAT, Endpoint::Messages, req).await {
         Ok(s) => s,
         Err(resp) => return resp,
     };

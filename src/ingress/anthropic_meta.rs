@@ -20,24 +20,21 @@
 //! like every other (the key's model access; one token charged: counting
 //! generates nothing). Health is not told: a count is not traffic.
 
-use std::sync::Arc;
-
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::{accept, start_as, RequestId, Started};
+use super::{accept, start_as, Admitted, Started};
 use crate::auth::Caller;
 use crate::config::ProviderKind;
 use crate::error::{ClientFormat, GatewayError};
 use crate::protocol::openai::{model_span, rewrite_model, InvalidRequest};
 use crate::providers::Adapter;
 use crate::proxy::reject;
-use crate::state::{Gateway, Live};
+use crate::state::Live;
 use crate::telemetry::Outcome;
 
 const FORMAT: ClientFormat = ClientFormat::Anthropic;
@@ -172,19 +169,15 @@ pub fn estimate(body: &Value) -> u64 {
 }
 
 /// `POST /v1/messages/count_tokens` (see the module doc).
-pub async fn count_tokens(
-    State(gw): State<Arc<Gateway>>,
-    Extension(id): Extension<RequestId>,
-    Extension(caller): Extension<Caller>,
-    req: Request,
-) -> Response {
+pub async fn count_tokens(admitted: Admitted, req: Request) -> Response {
     let Started {
         live,
+        caller,
         mut record,
         body,
         tokens,
         ..
-    } = match start_as(&gw, id, FORMAT, "count_tokens", req).await {
+    } = match start_as(admitted, FORMAT, "count_tokens", req).await {
         Ok(s) => s,
         Err(resp) => return resp,
     };

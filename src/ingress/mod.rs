@@ -18,7 +18,7 @@ use crate::telemetry::RequestRecord;
 
 /// The request id, from the client's `x-request-id` or generated.
 #[derive(Debug, Clone)]
-pub struct RequestId(pub String);
+pub struct RequestId(String);
 
 impl RequestId {
     /// The client's id if it is short printable ASCII, else a fresh one.
@@ -29,26 +29,54 @@ impl RequestId {
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
         match theirs {
             Some(id) => Self(id.to_owned()),
-            None => Self(format!("req_{:032x}", fastrand::u128(..))),
+            None => Self::fresh(),
         }
     }
+
+    /// `req_` and 128 random bits in 32 lowercase hex digits (written by
+    /// hand: `format!` costs ten times as much, on every request).
+    fn fresh() -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let bits = fastrand::u128(..);
+        let mut id = String::with_capacity(36);
+        id.push_str("req_");
+        for shift in (0..32).rev() {
+            let digit = (bits >> (shift * 4)) as usize & 0xf;
+            id.push(char::from(HEX[digit]));
+        }
+        Self(id)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+/// What the gate ([`crate::server`]) hands an API handler: the request's
+/// id, the one config snapshot it runs on, who calls, and the caller's
+/// token buckets to charge once the body is read.
+pub struct Admitted {
+    pub id: RequestId,
+    pub snapshot: crate::state::Snapshot,
+    pub caller: Caller,
+    pub tokens: TokenGate,
 }
 
 /// `GET /v1/models`: the aliases the caller may call, in Anthropic's shape
 /// for an Anthropic caller ([`anthropic_meta::speaks_anthropic`]), else in
 /// OpenAI's.
-pub async fn models(
-    axum::extract::State(gw): axum::extract::State<std::sync::Arc<crate::state::Gateway>>,
-    snapshot: Option<axum::Extension<crate::state::Snapshot>>,
-    axum::Extension(caller): axum::Extension<Caller>,
-    headers: HeaderMap,
-    axum::extract::RawQuery(query): axum::extract::RawQuery,
-) -> axum::response::Response {
-    if anthropic_meta::speaks_anthropic(&headers) {
-        let live = snapshot.map_or_else(|| gw.snapshot().live, |s| s.0.live);
-        return anthropic_meta::models(&live, &caller, query.as_deref());
+pub fn models(admitted: Admitted, req: axum::extract::Request) -> axum::response::Response {
+    let Admitted {
+        snapshot, caller, ..
+    } = admitted;
+    if anthropic_meta::speaks_anthropic(req.headers()) {
+        return anthropic_meta::models(&snapshot.live, &caller, req.uri().query());
     }
-    openai::models(axum::extract::State(gw), snapshot, axum::Extension(caller)).await
+    openai::models(&snapshot.live, &caller)
 }
 
 /// Reads a request body of at most `server.max_body_bytes`, arriving within
@@ -84,10 +112,11 @@ pub async fn read_body(
 }
 
 /// What every ingress handler starts with: the live state this request runs
-/// on (stable, or the canary's), its log record, and its body read within the
-/// limits.
+/// on (stable, or the canary's), who calls, its log record, and its body read
+/// within the limits.
 pub struct Started {
     pub live: std::sync::Arc<crate::state::Live>,
+    pub caller: Caller,
     pub record: Tracked,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -189,46 +218,40 @@ pub fn rate_limited(l: crate::limits::Limited) -> GatewayError {
 
 /// Starts handling `req`; a body that cannot be read ends it in `format`.
 pub async fn start(
-    gw: &crate::state::Gateway,
-    id: RequestId,
+    admitted: Admitted,
     format: crate::error::ClientFormat,
     endpoint: crate::providers::Endpoint,
     req: axum::extract::Request,
 ) -> Result<Started, axum::response::Response> {
-    start_as(gw, id, format, endpoint.as_str(), req).await
+    start_as(admitted, format, endpoint.as_str(), req).await
 }
 
 /// [`start`] for a call that is not one of the proxied endpoints, named
 /// `endpoint` in the log line and metrics.
 pub async fn start_as(
-    gw: &crate::state::Gateway,
-    id: RequestId,
+    admitted: Admitted,
     format: crate::error::ClientFormat,
     endpoint: &'static str,
     req: axum::extract::Request,
 ) -> Result<Started, axum::response::Response> {
-    let (mut parts, body) = req.into_parts();
-    // Taken by the server's snapshot layer; fresh only on routers without it.
-    let crate::state::Snapshot { live, cohort } = parts
-        .extensions
-        .remove::<crate::state::Snapshot>()
-        .unwrap_or_else(|| gw.snapshot());
-    let mut record = Tracked::new(RequestRecord::new(id.0, format, endpoint));
+    let Admitted {
+        id,
+        snapshot: crate::state::Snapshot { live, cohort },
+        caller,
+        tokens,
+    } = admitted;
+    let (parts, body) = req.into_parts();
+    let mut record = Tracked::new(RequestRecord::new(id.into_string(), format, endpoint));
     record.cohort = cohort;
     record.span = live
         .traces
         .as_ref()
         .map(|t| Box::new(t.request(&parts.headers, endpoint)));
-    // Left by the auth layer.
-    record.tenant = parts
-        .extensions
-        .get::<Caller>()
-        .map(|c| std::sync::Arc::clone(&c.tenant));
-    // Left by the limits layer; absent only on routers built without it.
-    let tokens = parts.extensions.remove::<TokenGate>().unwrap_or_default();
+    record.tenant = Some(std::sync::Arc::clone(&caller.tenant));
     match read_body(&parts.headers, body, &live.config.server).await {
         Ok(body) => Ok(Started {
             live,
+            caller,
             record,
             headers: parts.headers,
             body,

@@ -1,14 +1,13 @@
 //! The OpenAI API: `/v1/chat/completions`, `/v1/responses`, `/v1/embeddings`,
 //! `/v1/models`.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use http::{header, HeaderValue};
 
-use super::{accept, rate_limited, start, RequestId, Started};
+use super::{accept, rate_limited, start, Admitted, Started};
 use crate::auth::Caller;
 use crate::cache;
 use crate::error::ClientFormat;
@@ -17,17 +16,11 @@ use crate::protocol::openai::{
 };
 use crate::providers::Endpoint;
 use crate::proxy::{forward, reject, Forward};
-use crate::state::Gateway;
 
 const FORMAT: ClientFormat = ClientFormat::OpenAi;
 
-pub async fn chat_completions(
-    State(gw): State<Arc<Gateway>>,
-    Extension(id): Extension<RequestId>,
-    Extension(caller): Extension<Caller>,
-    req: Request,
-) -> Response {
-    let started = match start(&gw, id, FORMAT, Endpoint::ChatCompletions, req).await {
+pub async fn chat_completions(admitted: Admitted, req: Request) -> Response {
+    let started = match start(admitted, FORMAT, Endpoint::ChatCompletions, req).await {
         Ok(s) => s,
         Err(resp) => return resp,
     };
@@ -46,21 +39,16 @@ pub async fn chat_completions(
         ask_usage: parsed.ask_usage,
         stateful: None,
     };
-    accept_and_forward(started, caller, checked).await
+    accept_and_forward(started, checked).await
 }
 
 /// `POST /v1/responses`: OpenAI's Responses API, passed through to `openai`
 /// providers and translated for the others (`protocol::translate::responses`).
 /// Its errors are in OpenAI's shape; a stream that fails after it started
 /// ends with Responses events (`response.failed`, `error`).
-pub async fn responses(
-    State(gw): State<Arc<Gateway>>,
-    Extension(id): Extension<RequestId>,
-    Extension(caller): Extension<Caller>,
-    req: Request,
-) -> Response {
+pub async fn responses(admitted: Admitted, req: Request) -> Response {
     const FORMAT: ClientFormat = ClientFormat::Responses;
-    let started = match start(&gw, id, FORMAT, Endpoint::Responses, req).await {
+    let started = match start(admitted, FORMAT, Endpoint::Responses, req).await {
         Ok(s) => s,
         Err(resp) => return resp,
     };
@@ -80,7 +68,7 @@ pub async fn responses(
         ask_usage: AskUsage::No,
         stateful: parsed.stateful,
     };
-    accept_and_forward(started, caller, checked).await
+    accept_and_forward(started, checked).await
 }
 
 /// What a handler read of a chat-like request (Chat Completions, Responses).
@@ -98,9 +86,10 @@ struct Checked {
 
 /// What every chat-like request goes through once read: model access and its
 /// tokens ([`accept`]), a stream slot, then [`forward`].
-async fn accept_and_forward(started: Started, caller: Caller, c: Checked) -> Response {
+async fn accept_and_forward(started: Started, c: Checked) -> Response {
     let Started {
         live,
+        caller,
         mut record,
         headers,
         body,
@@ -135,19 +124,15 @@ async fn accept_and_forward(started: Started, caller: Caller, c: Checked) -> Res
     forward(&live, fwd, record).await
 }
 
-pub async fn embeddings(
-    State(gw): State<Arc<Gateway>>,
-    Extension(id): Extension<RequestId>,
-    Extension(caller): Extension<Caller>,
-    req: Request,
-) -> Response {
+pub async fn embeddings(admitted: Admitted, req: Request) -> Response {
     let Started {
         live,
+        caller,
         mut record,
         headers,
         body,
         tokens,
-    } = match start(&gw, id, FORMAT, Endpoint::Embeddings, req).await {
+    } = match start(admitted, FORMAT, Endpoint::Embeddings, req).await {
         Ok(s) => s,
         Err(resp) => return resp,
     };
@@ -188,12 +173,7 @@ pub async fn embeddings(
 }
 
 /// The aliases the caller may call (its key's or tenant's `models`).
-pub async fn models(
-    State(gw): State<Arc<Gateway>>,
-    snapshot: Option<Extension<crate::state::Snapshot>>,
-    Extension(caller): Extension<Caller>,
-) -> Response {
-    let live = snapshot.map_or_else(|| gw.snapshot().live, |s| s.0.live);
+pub fn models(live: &crate::state::Live, caller: &Caller) -> Response {
     let mut resp = model_list(caller.access.callable(&live.config)).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
