@@ -397,7 +397,13 @@ retries = { budget = 0.2, min_per_sec = 5 }"#;
     )
     .await;
     let settled = window(&samples, 1.0, 5.0);
-    let slowest = settled.iter().map(|s| s.latency).max().unwrap_or_default();
+    let mut latencies: Vec<Duration> = settled.iter().map(|s| s.latency).collect();
+    latencies.sort_unstable();
+    let slowest = latencies.last().copied().unwrap_or_default();
+    let p999 = latencies
+        .get(latencies.len() * 999 / 1000)
+        .copied()
+        .unwrap_or_default();
     let upstream = primary.stats().requests + backup.stats().requests;
     let bound = 1.2 * samples.len() as f64 + 5.0 * 5.0;
     report(
@@ -406,12 +412,18 @@ retries = { budget = 0.2, min_per_sec = 5 }"#;
             "client_requests": samples.len(),
             "status_503_share": samples.iter().filter(|s| s.status == 503).count() as f64 / samples.len() as f64,
             "slowest_answer_after_1s_ms": slowest.as_secs_f64() * 1e3,
+            "p999_after_1s_ms": p999.as_secs_f64() * 1e3,
             "upstream_requests": upstream,
             "upstream_amplification": upstream as f64 / samples.len() as f64,
         }),
     );
     assert!(settled.iter().all(|s| s.status == 503 || s.status == 502));
-    assert!(slowest < Duration::from_millis(100), "{slowest:?}");
+    // Answers take 10 to 16 ms here at most; nothing in detour may wait (a
+    // probe's hedge would wait 250 ms, a connect timeout longer). The
+    // slowest answer is allowed one scheduling stall of a shared machine
+    // (103 ms was seen once among 15,000); the 99.9th percentile is not.
+    assert!(p999 < Duration::from_millis(50), "p99.9 {p999:?}");
+    assert!(slowest < Duration::from_millis(200), "{slowest:?}");
     assert!(
         (upstream as f64) <= bound,
         "{upstream} upstream requests > {bound}"
