@@ -260,3 +260,39 @@ pub async fn start_as(
         Err(e) => Err(crate::proxy::reject(record, format, e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RequestId;
+    use http::{HeaderMap, HeaderValue};
+
+    fn id_for(theirs: Option<&str>) -> String {
+        let mut headers = HeaderMap::new();
+        if let Some(v) = theirs {
+            headers.insert("x-request-id", HeaderValue::from_str(v).unwrap());
+        }
+        RequestId::from_headers(&headers).into_string()
+    }
+
+    #[test]
+    fn a_fresh_id_is_req_and_32_lowercase_hex_digits() {
+        let (a, b) = (id_for(None), id_for(None));
+        for id in [&a, &b] {
+            let hex = id.strip_prefix("req_").expect(id);
+            assert_eq!(hex.len(), 32, "{id}");
+            assert!(
+                hex.bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)),
+                "{id}"
+            );
+        }
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn the_clients_id_is_kept_when_short_and_printable() {
+        assert_eq!(id_for(Some("abc-123")), "abc-123");
+        assert!(id_for(Some("has space")).starts_with("req_"));
+        assert!(id_for(Some(&"x".repeat(129))).starts_with("req_"));
+    }
+}
