@@ -48,7 +48,8 @@ pub const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What a listener serves: an axum [`Router`](axum::Router) (the admin
 /// listener) or any service like one (the main listener's,
-/// [`crate::server::MainService`]).
+/// [`crate::server::MainService`]). The bounds are hyper's and tower's,
+/// written once here; each kind of app implements it (`impl App for ...`).
 pub trait App:
     tower::Service<
         axum::extract::Request,
@@ -62,18 +63,7 @@ pub trait App:
 {
 }
 
-impl<S> App for S where
-    S: tower::Service<
-            axum::extract::Request,
-            Response = axum::response::Response,
-            Error = Infallible,
-            Future: Send + 'static,
-        > + Clone
-        + Send
-        + Sync
-        + 'static
-{
-}
+impl App for axum::Router {}
 
 /// How one listener treats its connections.
 #[derive(Debug, Clone, Copy)]

@@ -86,6 +86,8 @@ impl tower::Service<Request> for MainService {
     }
 }
 
+impl crate::listener::App for MainService {}
+
 /// `x-request-id`, parsed once.
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
