@@ -65,5 +65,5 @@ pub async fn messages(admitted: Admitted, req: Request) -> Response {
         cache_bypass: cache::bypass_requested(&headers),
         stateful: None,
     };
-    forward(&live, fwd, record).await
+    forward(&live, std::sync::Arc::new(fwd), record).await
 }

@@ -121,7 +121,7 @@ async fn accept_and_forward(started: Started, c: Checked) -> Response {
         cache_bypass: cache::bypass_requested(&headers) || c.stateful.is_some(),
         stateful: c.stateful,
     };
-    forward(&live, fwd, record).await
+    forward(&live, std::sync::Arc::new(fwd), record).await
 }
 
 pub async fn embeddings(admitted: Admitted, req: Request) -> Response {
@@ -169,7 +169,7 @@ pub async fn embeddings(admitted: Admitted, req: Request) -> Response {
         cache_bypass: cache::bypass_requested(&headers),
         stateful: None,
     };
-    forward(&live, fwd, record).await
+    forward(&live, std::sync::Arc::new(fwd), record).await
 }
 
 /// The aliases the caller may call (its key's or tenant's `models`).
