@@ -161,11 +161,17 @@ pub fn plan(
         }
     }
     // Weighted shuffle inside each priority group: sort by a key drawn as
-    // u^(1/w) (Efraimidis–Spirakis), highest first.
+    // u^(1/w) (Efraimidis–Spirakis), highest first. A lone target needs no
+    // draw (nor its `powf`).
+    let shuffle = entries.len() > 1;
     let mut keyed: Vec<(bool, u32, f64, Entry)> = entries
         .into_iter()
         .map(|e| {
-            let key = rng.f64().powf(1.0 / e.weight);
+            let key = if shuffle {
+                rng.f64().powf(1.0 / e.weight)
+            } else {
+                0.0
+            };
             (e.demoted, e.priority, key, e)
         })
         .collect();
