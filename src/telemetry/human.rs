@@ -77,7 +77,9 @@ pub enum Value<'a> {
     /// A field logged with `%`: as it is (`request_id=req_..`).
     Display(&'a str),
     U64(u64),
-    F64(f64),
+    /// A duration in whole microseconds, shown in milliseconds as tracing
+    /// shows the `f64` `micros / 1e3` (`0.326`, `1.5`, `2.0`).
+    Millis(u64),
     Bool(bool),
 }
 
@@ -107,11 +109,34 @@ pub fn request_line(
             Value::Str(v) => write_quoted(out, v)?,
             Value::Display(v) => out.push_str(v),
             Value::U64(v) => out.push_str(itoa::Buffer::new().format(v)),
-            Value::F64(v) => write!(out, "{v:?}")?,
+            Value::Millis(micros) => write_millis(out, micros)?,
             Value::Bool(v) => out.push_str(if v { "true" } else { "false" }),
         }
     }
     out.push('\n');
+    Ok(())
+}
+
+/// `micros / 1e3` as `f64`'s `Debug` writes it, from the integer: the
+/// shortest form that reads back as the same `f64` is the number's three
+/// decimals without their trailing zeros (at least one), as long as it has
+/// at most 15 significant digits (any such decimal reads back as itself).
+/// Past that (31 years), the `f64` is written.
+fn write_millis(out: &mut String, micros: u64) -> fmt::Result {
+    if micros >= 1_000_000_000_000_000 {
+        return write!(out, "{:?}", micros as f64 / 1e3);
+    }
+    out.push_str(itoa::Buffer::new().format(micros / 1000));
+    out.push('.');
+    let frac = micros % 1000;
+    let digits = [frac / 100, frac / 10 % 10, frac % 10].map(|d| char::from(b'0' + d as u8));
+    let shown = match frac {
+        0 => 1,
+        _ if frac % 100 == 0 => 1,
+        _ if frac % 10 == 0 => 2,
+        _ => 3,
+    };
+    out.extend(&digits[..shown]);
     Ok(())
 }
 
@@ -327,6 +352,31 @@ mod tests {
 
     /// A record's line written straight to the log writer is the line its
     /// tracing event gets from the formatter, field for field.
+    /// Milliseconds written from whole microseconds read as the `f64`
+    /// tracing would show.
+    #[test]
+    fn milliseconds_read_as_tracing_shows_them() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let edges = [
+            0, 1, 9, 10, 99, 100, 101, 110, 999, 1000, 1001, 1010, 1100, 1500, 123_456,
+        ];
+        let far = [
+            999_999_999_999_999,
+            1_000_000_000_000_000,
+            (1 << 53) - 1,
+            u64::MAX,
+        ];
+        let random = (0..100_000).map(|_| {
+            let bits = rng.u32(1..64);
+            rng.u64(..1 << bits)
+        });
+        for micros in edges.into_iter().chain(far).chain(random) {
+            let mut out = String::new();
+            write_millis(&mut out, micros).unwrap();
+            assert_eq!(out, format!("{:?}", micros as f64 / 1e3), "{micros}");
+        }
+    }
+
     #[test]
     fn a_record_written_directly_is_its_tracing_line() {
         use crate::protocol::chat::ClientFormat;
@@ -348,10 +398,10 @@ mod tests {
         full.outcome = Outcome::Ok;
         full.continued_by = Some("p2".into());
         let bare = RequestRecord::new("req_0".into(), ClientFormat::OpenAi, "chat_completions");
-        for (record, ttfb) in [(&full, Some(0.25)), (&bare, None)] {
-            let through_tracing = logged(true, || record.log_line(1.5, ttfb));
+        for (record, ttfb) in [(&full, Some(250)), (&bare, None)] {
+            let through_tracing = logged(true, || record.log_line(1500, ttfb));
             let mut direct = String::new();
-            let fields = record.line_fields(1.5, ttfb);
+            let fields = record.line_fields(1500, ttfb);
             request_line(&mut direct, SystemTime::now(), "request", &fields).unwrap();
             let direct = direct.split_once('Z').unwrap().1;
             assert_eq!(direct, through_tracing);

@@ -204,27 +204,28 @@ impl RequestRecord {
             return false;
         }
         self.written = true;
+        let elapsed = self.started.elapsed();
         crate::metrics::request_finished(&crate::metrics::Finished {
             tenant: self.tenant.as_ref(),
             route: self.route.as_deref(),
             provider: self.provider.as_deref(),
             status: self.status,
             format: self.format.as_str(),
-            duration: self.started.elapsed(),
+            duration: elapsed,
             first_byte: self.first_byte,
             tokens: self.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
         });
-        // Whole microseconds, in milliseconds: `0.326`, not
+        // Whole microseconds, shown in milliseconds: `0.326`, not
         // `0.32617899999999996` (shorter to read, and to format).
-        let ms = |d: Duration| d.as_micros() as f64 / 1e3;
-        let latency_ms = ms(self.started.elapsed());
-        let ttfb_ms = self.first_byte.map(ms);
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let latency = micros(elapsed);
+        let ttfb = self.first_byte.map(micros);
         if let Some(out) = REQUEST_LINES.get() {
             if tracing::enabled!(target: human::REQUEST_TARGET, tracing::Level::INFO) {
-                self.write_line(out, latency_ms, ttfb_ms);
+                self.write_line(out, latency, ttfb);
             }
         } else {
-            self.log_line(latency_ms, ttfb_ms);
+            self.log_line(latency, ttfb);
         }
         if let Some(span) = self.span.take() {
             span.end(&crate::traces::RequestEnd {
@@ -243,7 +244,9 @@ impl RequestRecord {
     /// The line through tracing (JSON, a terminal, a test's subscriber).
     /// Its fields are [`RequestRecord::line_fields`]'s, in the same order
     /// (a test compares the two lines).
-    fn log_line(&self, latency_ms: f64, ttfb_ms: Option<f64>) {
+    fn log_line(&self, latency_us: u64, ttfb_us: Option<u64>) {
+        let ms = |micros: u64| micros as f64 / 1e3;
+        let (latency_ms, ttfb_ms) = (ms(latency_us), ttfb_us.map(ms));
         tracing::info!(
             target: human::REQUEST_TARGET,
             request_id = %self.request_id,
@@ -268,10 +271,10 @@ impl RequestRecord {
 
     /// The line written straight to the log writer, as [`human::Human`]
     /// would write [`RequestRecord::log_line`]'s event.
-    fn write_line(&self, out: &writer::Writer, latency_ms: f64, ttfb_ms: Option<f64>) {
+    fn write_line(&self, out: &writer::Writer, latency_us: u64, ttfb_us: Option<u64>) {
         // Queued as it is: the one allocation the line costs.
         let mut line = String::with_capacity(LINE_CAPACITY);
-        let fields = self.line_fields(latency_ms, ttfb_ms);
+        let fields = self.line_fields(latency_us, ttfb_us);
         if human::request_line(&mut line, std::time::SystemTime::now(), "request", &fields).is_ok()
         {
             out.send(line.into_bytes());
@@ -281,10 +284,10 @@ impl RequestRecord {
     /// The line's fields, in [`RequestRecord::log_line`]'s order.
     fn line_fields(
         &self,
-        latency_ms: f64,
-        ttfb_ms: Option<f64>,
+        latency_us: u64,
+        ttfb_us: Option<u64>,
     ) -> [(&'static str, Option<human::Value<'_>>); 16] {
-        use human::Value::{Bool, Display, Str, F64, U64};
+        use human::Value::{Bool, Display, Millis, Str, U64};
         let u64_of = |n: u64| Some(U64(n));
         [
             ("request_id", Some(Display(&self.request_id))),
@@ -297,8 +300,8 @@ impl RequestRecord {
             ("status", u64_of(self.status.into())),
             ("attempts", u64_of(self.attempts.into())),
             ("stream", Some(Bool(self.stream))),
-            ("latency_ms", Some(F64(latency_ms))),
-            ("ttfb_ms", ttfb_ms.map(F64)),
+            ("latency_ms", Some(Millis(latency_us))),
+            ("ttfb_ms", ttfb_us.map(Millis)),
             ("prompt_tokens", self.usage.map(|u| U64(u.prompt_tokens))),
             (
                 "completion_tokens",
