@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::LazyLock;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::IgnoredAny;
@@ -491,12 +492,17 @@ fn model_of(body: &[u8], raw: &RawValue) -> Result<(String, Range<usize>), Inval
 
 /// Replaces the `model` value at `span` with `model`, copying the rest verbatim.
 pub fn rewrite_model(body: &[u8], span: Range<usize>, model: &str) -> Bytes {
-    let quoted = serde_json::Value::from(model).to_string();
-    let mut out = BytesMut::with_capacity(body.len() + quoted.len());
+    let mut out = BytesMut::with_capacity(body.len() + model.len() + 2);
     out.put_slice(&body[..span.start]);
-    out.put_slice(quoted.as_bytes());
+    put_json_string(&mut out, model);
     out.put_slice(&body[span.end..]);
     out.freeze()
+}
+
+/// Appends `s` as a JSON string (quoted, escaped).
+fn put_json_string(out: &mut BytesMut, s: &str) {
+    // serde_json fails only when its writer does, and memory does not.
+    let _ = serde_json::to_writer(out.writer(), s);
 }
 
 /// [`rewrite_model`], and the edit that makes a stream ask for usage.
@@ -512,10 +518,11 @@ pub fn rewrite_model_asking_usage(
         AskUsage::Insert(at) => (*at, *at, INSERT),
         AskUsage::Replace { span, with } => (span.start, span.end, with.as_bytes()),
     };
-    let quoted = serde_json::Value::from(model).to_string();
+    let mut quoted = BytesMut::with_capacity(model.len() + 2);
+    put_json_string(&mut quoted, model);
     // The two edits, in the order they appear in the body (they never overlap).
     let mut edits = [
-        (model_span.start, model_span.end, quoted.as_bytes()),
+        (model_span.start, model_span.end, &quoted[..]),
         (at, cut, with),
     ];
     edits.sort_by_key(|e| e.0);
@@ -570,16 +577,75 @@ pub struct Usage {
 /// follows strings and nesting without building or validating anything
 /// (the answer is relayed as the provider sent it, not judged here). So a
 /// body that is not JSON has no usage, but one that is malformed after its
-/// `usage` still reports it, and of a duplicated `usage` key the first
-/// counts. Inside `usage`, what [`Usage`]'s serde derive refuses is refused
-/// too (a count that is not a whole number, a name given twice).
+/// `usage` still reports it (of a duplicated `usage` key, which serde's
+/// derive refused, the last or the first counts). Inside `usage`, what
+/// [`Usage`]'s serde derive refuses is refused too (a count that is not a
+/// whole number, a name given twice).
 pub fn usage_of(body: &[u8]) -> Option<Usage> {
-    read_usage(body, top_level_value(body, b"usage")?)
+    if let Some(usage) = usage_near_the_end(body) {
+        return Some(usage);
+    }
+    read_usage(body, top_level_value(body, b"usage")?).map(|(usage, _)| usage)
 }
 
-/// The [`Usage`] object that starts at `at`: its three counts read by hand,
-/// anything else skipped.
-fn read_usage(body: &[u8], at: usize) -> Option<Usage> {
+/// The top-level `usage`, found from the end: answers put `usage` among
+/// their last members, so the last `"usage"` key is read, and checked to
+/// be the top level's by scanning only what follows it, instead of the
+/// whole answer. `None` when it is not (or there is none, or the body is
+/// not well formed after it): the scan from the start decides then.
+fn usage_near_the_end(body: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\"";
+    // Searched forward (memchr's reverse search has no vector prefilter),
+    // with the searcher built once.
+    static FINDER: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(KEY));
+    let quote = FINDER.find_iter(body).last()?;
+    // An unescaped quote outside a string starts a key or a value; inside
+    // one it would be escaped (an odd run of backslashes before it).
+    let backslashes = body
+        .get(..quote)?
+        .iter()
+        .rev()
+        .take_while(|&&b| b == b'\\')
+        .count();
+    if backslashes % 2 == 1 {
+        return None;
+    }
+    let colon = skip_ws(body, quote + KEY.len());
+    if body.get(colon) != Some(&b':') {
+        return None;
+    }
+    let (usage, end) = read_usage(body, skip_ws(body, colon + 1))?;
+    // A key at the top level: after its value, what is left closes exactly
+    // one object, the body's.
+    (depth_closed_from(body, end)? == 1).then_some(usage)
+}
+
+/// How many objects and arrays, opened before `from`, the well-formed text
+/// from `from` to the end of `body` closes (`None` if it leaves one of its
+/// own open, or a string unterminated).
+fn depth_closed_from(body: &[u8], from: usize) -> Option<usize> {
+    let mut open = 0usize;
+    let mut closed = 0usize;
+    let mut i = from;
+    while let Some(&b) = body.get(i) {
+        match b {
+            b'"' => i = string_end(body, i + 1)?,
+            b'{' | b'[' => open += 1,
+            b'}' | b']' => match open.checked_sub(1) {
+                Some(still) => open = still,
+                None => closed += 1,
+            },
+            _ => {}
+        }
+        i += 1;
+    }
+    (open == 0).then_some(closed)
+}
+
+/// The [`Usage`] object that starts at `at`, and where it ends: its three
+/// counts read by hand, anything else skipped.
+fn read_usage(body: &[u8], at: usize) -> Option<(Usage, usize)> {
     if body.get(at) != Some(&b'{') {
         return None;
     }
@@ -622,11 +688,13 @@ fn read_usage(body: &[u8], at: usize) -> Option<Usage> {
         }
     }
     let [prompt, completion, total] = counts;
-    Some(Usage {
+    let usage = Usage {
         prompt_tokens: prompt.unwrap_or(0),
         completion_tokens: completion.unwrap_or(0),
         total_tokens: total.unwrap_or(0),
-    })
+    };
+    // `i` is at the object's closing brace.
+    Some((usage, i + 1))
 }
 
 /// A whole, non-negative JSON number at `at` that fits a `u64`, and where
@@ -1184,6 +1252,21 @@ mod tests {
             (r#"{"text":"\"usage\":{\"prompt_tokens\":9}","usage":{"prompt_tokens":2}}"#, u(2, 0, 0)),
             (r#"{"a":"usage","b":["usage",{"usage":1}],"usage":{"completion_tokens":4}}"#, u(0, 4, 0)),
             (r#"{"k\\":"\\","usage":{"total_tokens":6}}"#, u(0, 0, 6)),
+            // Found from the end: a later `usage` that is not the top level's,
+            // or not a key, or inside a string, leaves the search to the scan
+            // from the start.
+            (r#"{"usage":{"prompt_tokens":1},"x":{"usage":{"prompt_tokens":8}}}"#, u(1, 0, 0)),
+            (r#"{"usage":{"prompt_tokens":1},"x":[{"y":1},{"usage":{"prompt_tokens":8}}]}"#, u(1, 0, 0)),
+            (r#"{"usage":{"prompt_tokens":1},"x":["usage"],"y":"usage"}"#, u(1, 0, 0)),
+            (r#"{"usage":{"prompt_tokens":1},"t":"say \"usage\": {}}"}"#, u(1, 0, 0)),
+            (r#"{"usage":{"prompt_tokens":1},"t":"\\\"usage\": {}}"}"#, u(1, 0, 0)),
+            (r#"{"usage":{"prompt_tokens":1},"x\"usage":{"prompt_tokens":5}}"#, u(1, 0, 0)),
+            (r#"{"usage":{"prompt_tokens":1},"x\\\"usage":{"prompt_tokens":5}}"#, u(1, 0, 0)),
+            (r#"{"choices":[],"usage":{"prompt_tokens":3},"service_tier":"default","x":{"a":[1,{}]}}"#, u(3, 0, 0)),
+            (r#"{"choices":[{"usage":{"prompt_tokens":9}}]}"#, None),
+            (r#"{"usage":{"prompt_tokens":2}} "#, u(2, 0, 0)),
+            // (As the scan from the start reads it: it stops at `usage`.)
+            (r#"{"usage":{"prompt_tokens":2},"x":"unterminated}"#, u(2, 0, 0)),
             // Usage nested deeper than the answer's top level, after it.
             (r#"{"x":[[{"y":"}"}]],"usage":{"prompt_tokens":1,"details":{"a":[1,2]}}}"#, u(1, 0, 0)),
             // Not an object, not JSON, a usage of the wrong shape.
@@ -1219,6 +1302,25 @@ mod tests {
         }
     }
 
+    /// Strings end at their first unescaped quote.
+    #[test]
+    fn strings_end_at_their_closing_quote() {
+        for len in 0..72 {
+            for escape_at in std::iter::once(None).chain((0..len).map(Some)) {
+                let mut text = vec![b'a'; len];
+                if let Some(at) = escape_at {
+                    // An escaped quote (`\"`) inside the string, not its end.
+                    text.splice(at..at + 1, *b"\\\"");
+                }
+                let body = [b"\"", &text[..], b"\",\"x\""].concat();
+                let shown = String::from_utf8_lossy(&body);
+                assert_eq!(string_end(&body, 1), Some(1 + text.len()), "{shown}");
+                // Cut before its closing quote, it has no end.
+                assert_eq!(string_end(&body[..=text.len()], 1), None, "{shown}");
+            }
+        }
+    }
+
     #[test]
     fn usage_reads_as_the_full_parse_did_on_every_fixture() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
@@ -1248,7 +1350,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn usage_reads_as_the_full_parse_did(
-            text in "\\PC{0,24}",
+            text in "\\PC{0,48}",
             prompt in 0u64..1_000_000,
             before in proptest::bool::ANY,
             nested in proptest::bool::ANY,
