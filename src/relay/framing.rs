@@ -94,7 +94,10 @@ pub fn first_error_event(events: &[u8]) -> Option<String> {
 /// The first error event's message, after a cheap scan: events that do
 /// not mention `"error"` are not parsed.
 pub fn error_event(events: &[u8]) -> Option<String> {
-    memchr::memmem::find(events, b"\"error\"")?;
+    // Built once: `memmem::find` builds its searcher on every call.
+    static ERROR_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
+    ERROR_KEY.find(events)?;
     first_error_event(events)
 }
 

@@ -540,13 +540,17 @@ pub fn rewrite_model_asking_usage(
     out.freeze()
 }
 
+/// A searcher for the `"usage"` key, built once (`memmem::find` builds one
+/// per call, which costs more than searching a small answer).
+static USAGE_KEY: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+
 /// Whether an SSE data payload holds a `usage` object (not `null`): a
 /// cheap byte scan, so that only such chunks are parsed.
 fn has_usage_object(data: &[u8]) -> bool {
-    const KEY: &[u8] = b"\"usage\"";
     let mut rest = data;
-    while let Some(i) = memchr::memmem::find(rest, KEY) {
-        rest = &rest[i + KEY.len()..];
+    while let Some(i) = USAGE_KEY.find(rest) {
+        rest = &rest[i + USAGE_KEY.needle().len()..];
         let value = rest
             .iter()
             .position(|b| !b.is_ascii_whitespace() && *b != b':')
@@ -594,12 +598,8 @@ pub fn usage_of(body: &[u8]) -> Option<Usage> {
 /// whole answer. `None` when it is not (or there is none, or the body is
 /// not well formed after it): the scan from the start decides then.
 fn usage_near_the_end(body: &[u8]) -> Option<Usage> {
-    const KEY: &[u8] = b"\"usage\"";
-    // Searched forward (memchr's reverse search has no vector prefilter),
-    // with the searcher built once.
-    static FINDER: LazyLock<memchr::memmem::Finder<'static>> =
-        LazyLock::new(|| memchr::memmem::Finder::new(KEY));
-    let quote = FINDER.find_iter(body).last()?;
+    // Searched forward: memchr's reverse search has no vector prefilter.
+    let quote = USAGE_KEY.find_iter(body).last()?;
     // An unescaped quote outside a string starts a key or a value; inside
     // one it would be escaped (an odd run of backslashes before it).
     let backslashes = body
@@ -611,7 +611,7 @@ fn usage_near_the_end(body: &[u8]) -> Option<Usage> {
     if backslashes % 2 == 1 {
         return None;
     }
-    let colon = skip_ws(body, quote + KEY.len());
+    let colon = skip_ws(body, quote + USAGE_KEY.needle().len());
     if body.get(colon) != Some(&b':') {
         return None;
     }
