@@ -13,6 +13,7 @@ pub use detour_protocol as protocol;
 pub mod access;
 pub mod admin;
 pub mod auth;
+pub mod boxed;
 pub mod budget;
 pub mod cache;
 pub mod clock;

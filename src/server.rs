@@ -82,7 +82,8 @@ impl tower::Service<Request> for MainService {
 
     fn call(&mut self, req: Request) -> Self::Future {
         let inner = Arc::clone(&self.0);
-        Box::pin(async move { Ok(inner.handle(req).await) })
+        // Written into its box, not copied in (see `crate::boxed`).
+        crate::boxed::in_place(move || async move { Ok(inner.handle(req).await) })
     }
 }
 

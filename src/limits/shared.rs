@@ -488,7 +488,7 @@ async fn keep_renewing(book: Weak<LeaseBook>) {
         tokio::time::sleep(tick).await;
         let Some(b) = book.upgrade() else { return };
         n += 1;
-        if n % renew_every.max(1) == 0 {
+        if n.is_multiple_of(renew_every.max(1)) {
             let _ = b.renew().await;
         }
         b.refund_idle().await;

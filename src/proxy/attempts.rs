@@ -345,12 +345,14 @@ where
             // Boxed once, here: a future moved into an `async` block is kept
             // twice in it (as the argument and as the awaited value), so
             // `guarded` and the block below would each double the attempt's
-            // size (about 4 KiB), and every move of them copy it all.
+            // size (about 3 KiB), and every move of them copy it all. Written
+            // into its box, not copied in (see `crate::boxed`).
+            let start = &mut self.start;
             let attempt = guarded(
                 probe,
                 Arc::clone(health),
                 delay,
-                Box::pin((self.start)(index)),
+                crate::boxed::in_place(|| start(index)),
             );
             let fate = if candidate.tentative {
                 let settle = Settle {
@@ -364,7 +366,7 @@ where
                 self.in_flight.push(Box::pin(handoff));
                 Some(fate)
             } else {
-                self.in_flight.push(Box::pin(async move {
+                self.in_flight.push(crate::boxed::in_place(|| async move {
                     Ended {
                         index,
                         probe,

@@ -132,8 +132,8 @@ fn write_millis(out: &mut String, micros: u64) -> fmt::Result {
     let digits = [frac / 100, frac / 10 % 10, frac % 10].map(|d| char::from(b'0' + d as u8));
     let shown = match frac {
         0 => 1,
-        _ if frac % 100 == 0 => 1,
-        _ if frac % 10 == 0 => 2,
+        _ if frac.is_multiple_of(100) => 1,
+        _ if frac.is_multiple_of(10) => 2,
         _ => 3,
     };
     out.extend(&digits[..shown]);
