@@ -61,6 +61,17 @@ pub trait App:
     + Sync
     + 'static
 {
+    /// Whether each request carries its connection's peer as axum's
+    /// [`ConnectInfo`] extension (an allocation or three per request: the
+    /// extensions are a map created on first insert).
+    const CONNECT_INFO: bool = true;
+
+    /// The app that serves one connection, from `peer`: this one, unless
+    /// the app keeps the peer itself (and then says `CONNECT_INFO = false`).
+    fn for_connection(&self, peer: SocketAddr) -> Self {
+        let _ = peer;
+        self.clone()
+    }
 }
 
 impl App for axum::Router {}
@@ -240,8 +251,11 @@ impl Connection {
         let service = {
             let activity = Arc::clone(activity);
             let requests = Arc::clone(requests);
+            let app = app.for_connection(peer);
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
+                if S::CONNECT_INFO {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                }
                 let guard = InFlight::start(&activity, &requests);
                 let answer = app.clone().oneshot(req.map(axum::body::Body::new));
                 async move {

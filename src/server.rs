@@ -49,9 +49,15 @@ use crate::ingress::{self, Admitted, RequestId};
 use crate::state::{Gateway, Snapshot};
 use crate::telemetry::RequestRecord;
 
-/// The main listener's service (see the module doc).
+/// The main listener's service (see the module doc). The listener makes one
+/// per connection ([`App::for_connection`](crate::listener::App)), which
+/// keeps the connection's peer for the gate: requests do not carry it as an
+/// extension.
 #[derive(Clone)]
-pub struct MainService(Arc<Inner>);
+pub struct MainService {
+    inner: Arc<Inner>,
+    peer: Option<SocketAddr>,
+}
 
 struct Inner {
     gw: Arc<Gateway>,
@@ -67,7 +73,10 @@ impl MainService {
             .fallback(not_found)
             .method_not_allowed_fallback(not_found)
             .with_state(Arc::clone(&gw));
-        Self(Arc::new(Inner { gw, rest }))
+        Self {
+            inner: Arc::new(Inner { gw, rest }),
+            peer: None,
+        }
     }
 }
 
@@ -81,27 +90,42 @@ impl tower::Service<Request> for MainService {
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        let inner = Arc::clone(&self.0);
+        let (inner, peer) = (Arc::clone(&self.inner), self.peer);
         // Written into its box, not copied in (see `crate::boxed`).
-        crate::boxed::in_place(move || async move { Ok(inner.handle(req).await) })
+        crate::boxed::in_place(move || async move { Ok(inner.handle(peer, req).await) })
     }
 }
 
-impl crate::listener::App for MainService {}
+impl crate::listener::App for MainService {
+    const CONNECT_INFO: bool = false;
+
+    fn for_connection(&self, peer: SocketAddr) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            peer: Some(peer),
+        }
+    }
+}
 
 /// `x-request-id`, parsed once.
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 impl Inner {
-    async fn handle(&self, req: Request) -> Response {
+    async fn handle(&self, peer: Option<SocketAddr>, mut req: Request) -> Response {
         let id = RequestId::from_headers(req.headers());
         let header = HeaderValue::from_str(id.as_str()).ok();
         let mut resp = match Api::of(req.method(), req.uri().path()) {
-            Some(api) => gate(&self.gw, api, id, req).await,
-            None => match self.rest.clone().oneshot(req).await {
-                Ok(resp) => resp,
-                Err(never) => match never {},
-            },
+            Some(api) => gate(&self.gw, api, id, peer, req).await,
+            None => {
+                // axum's handlers find the peer where axum puts it.
+                if let Some(peer) = peer {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                }
+                match self.rest.clone().oneshot(req).await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
+                }
+            }
         };
         if let Some(v) = header {
             resp.headers_mut().insert(X_REQUEST_ID, v);
@@ -156,9 +180,15 @@ impl Api {
 /// The gate of an API route: the request's one config snapshot (see
 /// [`Snapshot`]), then who calls ([`authenticate`]), then whether they may
 /// now ([`admit`]).
-async fn gate(gw: &Gateway, api: Api, id: RequestId, req: Request) -> Response {
+async fn gate(
+    gw: &Gateway,
+    api: Api,
+    id: RequestId,
+    peer: Option<SocketAddr>,
+    req: Request,
+) -> Response {
     let snapshot = gw.snapshot();
-    let caller = match authenticate(gw, &snapshot.live, &req) {
+    let caller = match authenticate(gw, &snapshot.live, peer, &req) {
         Ok(caller) => caller,
         Err(Denied::Blocked(wait)) => return refuse(id, &req, None, "auth", blocked(wait)),
         Err(Denied::Unknown(ip)) => {
@@ -191,10 +221,15 @@ fn blocked(wait: std::time::Duration) -> GatewayError {
 /// Authenticates the caller. The per-IP failure limit is keyed by the
 /// client's address: the TCP peer's, or from a `server.trusted_proxies`
 /// peer the one its `x-forwarded-for` names ([`crate::auth::client_ip`]).
-fn authenticate(gw: &Gateway, live: &crate::state::Live, req: &Request) -> Result<Caller, Denied> {
-    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| {
+fn authenticate(
+    gw: &Gateway,
+    live: &crate::state::Live,
+    peer: Option<SocketAddr>,
+    req: &Request,
+) -> Result<Caller, Denied> {
+    let ip = peer.map(|peer| {
         let trusted = &live.config.server.trusted_proxies;
-        crate::auth::client_ip(c.0.ip(), req.headers(), trusted)
+        crate::auth::client_ip(peer.ip(), req.headers(), trusted)
     });
     // An address that keeps failing to authenticate waits, even with a good key.
     if let Some(wait) = ip.and_then(|ip| gw.auth_failures.blocked(ip)) {
