@@ -738,22 +738,43 @@ pub struct AuthFailures {
     /// Redis: an address blocked by failures on other replicas only is
     /// learned at its first failure here.
     blocked_until: moka::sync::Cache<IpAddr, u64>,
+    /// Entries in `ips` and `blocked_until` together: counted up before an
+    /// address is inserted, down by the caches when one leaves (expired,
+    /// evicted, replaced). At zero no address is counted, and
+    /// [`AuthFailures::blocked`] answers without looking (two cache reads
+    /// on every request otherwise, and what detour serves most is callers
+    /// that have not failed).
+    entries: Arc<AtomicU64>,
+}
+
+/// A cache's eviction listener that counts its entry out of `entries`.
+fn counted_out<V>(
+    entries: &Arc<AtomicU64>,
+) -> impl Fn(Arc<IpAddr>, V, moka::notification::RemovalCause) + Send + Sync + 'static {
+    let entries = Arc::clone(entries);
+    move |_, _, _| {
+        entries.fetch_sub(1, Relaxed);
+    }
 }
 
 impl AuthFailures {
     pub fn new(per_minute: u64, clock: Clock) -> Self {
+        let entries = Arc::new(AtomicU64::new(0));
         Self {
             per_minute: AtomicU64::new(per_minute),
             clock,
             ips: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
+                .eviction_listener(counted_out(&entries))
                 .build(),
             shared: None,
             blocked_until: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(60))
+                .eviction_listener(counted_out(&entries))
                 .build(),
+            entries,
         }
     }
 
@@ -777,6 +798,9 @@ impl AuthFailures {
     /// How long the IP must wait before it may try again, if it must.
     /// Local only (see `blocked_until`).
     pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        if self.entries.load(Relaxed) == 0 {
+            return None;
+        }
         if let Some(until) = self.blocked_until.get(&ip) {
             let now = self.clock.now_ms();
             if until > now {
@@ -792,6 +816,7 @@ impl AuthFailures {
         // Counted here as well, for this replica's share if Redis goes.
         let (per_minute, clock) = (self.local_allowance(), self.clock);
         let bucket = self.ips.get_with(ip, || {
+            self.entries.fetch_add(1, Relaxed);
             Arc::new(Gcra::per_minute(per_minute, per_minute, clock))
         });
         match shared {
@@ -799,6 +824,8 @@ impl AuthFailures {
                 bucket.force(1);
                 if let Some(wait) = answer {
                     let until = self.clock.now_ms().saturating_add(wait.as_millis() as u64);
+                    // One more entry; one less if it replaces one.
+                    self.entries.fetch_add(1, Relaxed);
                     self.blocked_until.insert(ip, until);
                 }
                 answer
@@ -870,6 +897,31 @@ mod tests {
         assert!(f.blocked(ip).is_none(), "the raised allowance applies");
         f.retune(1);
         assert!(f.blocked(ip).is_some());
+    }
+
+    /// The check that skips the caches while nothing is counted keeps
+    /// counting right: up with each address, down as the caches let go.
+    #[tokio::test(start_paused = true)]
+    async fn failed_auth_entries_are_counted_in_and_out() {
+        let f = AuthFailures::new(1, Clock::new());
+        let (a, b): (IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        assert_eq!(f.entries.load(Relaxed), 0);
+        assert!(f.blocked(a).is_none());
+        assert!(f.failed(a).await.is_none());
+        assert_eq!(f.entries.load(Relaxed), 1);
+        assert!(f.blocked(a).is_some(), "1 of 1 used");
+        assert!(f.blocked(b).is_none());
+        assert!(f.failed(a).await.is_some());
+        assert!(f.failed(b).await.is_none());
+        assert_eq!(f.entries.load(Relaxed), 2, "one entry per address");
+        f.ips.invalidate(&a);
+        f.ips.run_pending_tasks();
+        assert_eq!(f.entries.load(Relaxed), 1);
+        assert!(f.blocked(a).is_none(), "forgotten");
+        assert!(f.blocked(b).is_some());
+        f.ips.invalidate_all();
+        f.ips.run_pending_tasks();
+        assert_eq!(f.entries.load(Relaxed), 0);
     }
 
     fn config(rpm: u32, extra: &str) -> Config {
