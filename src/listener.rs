@@ -61,20 +61,20 @@ pub trait App:
     + Sync
     + 'static
 {
-    /// Whether each request carries its connection's peer as axum's
-    /// [`ConnectInfo`] extension (an allocation or three per request: the
-    /// extensions are a map created on first insert).
-    const CONNECT_INFO: bool = true;
-
-    /// The app that serves one connection, from `peer`: this one, unless
-    /// the app keeps the peer itself (and then says `CONNECT_INFO = false`).
-    fn for_connection(&self, peer: SocketAddr) -> Self {
-        let _ = peer;
-        self.clone()
-    }
+    /// The app that serves one connection, from `peer`, which it learns
+    /// its own way.
+    fn for_connection(&self, peer: SocketAddr) -> Self;
 }
 
-impl App for axum::Router {}
+/// An axum router hands the peer to its handlers as axum does: the
+/// [`ConnectInfo`] extension on every request (the extensions are a map
+/// created on first insert: a few allocations per request, fine for the
+/// admin listener; the main listener's service keeps the peer itself).
+impl App for axum::Router {
+    fn for_connection(&self, peer: SocketAddr) -> Self {
+        self.clone().layer(axum::Extension(ConnectInfo(peer)))
+    }
+}
 
 /// How one listener treats its connections.
 #[derive(Debug, Clone, Copy)]
@@ -252,10 +252,7 @@ impl Connection {
             let activity = Arc::clone(activity);
             let requests = Arc::clone(requests);
             let app = app.for_connection(peer);
-            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                if S::CONNECT_INFO {
-                    req.extensions_mut().insert(ConnectInfo(peer));
-                }
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let guard = InFlight::start(&activity, &requests);
                 let answer = app.clone().oneshot(req.map(axum::body::Body::new));
                 async move {

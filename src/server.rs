@@ -97,8 +97,6 @@ impl tower::Service<Request> for MainService {
 }
 
 impl crate::listener::App for MainService {
-    const CONNECT_INFO: bool = false;
-
     fn for_connection(&self, peer: SocketAddr) -> Self {
         Self {
             inner: Arc::clone(&self.inner),

@@ -131,7 +131,6 @@ fn write_millis(out: &mut String, micros: u64) -> fmt::Result {
     let frac = micros % 1000;
     let digits = [frac / 100, frac / 10 % 10, frac % 10].map(|d| char::from(b'0' + d as u8));
     let shown = match frac {
-        0 => 1,
         _ if frac.is_multiple_of(100) => 1,
         _ if frac.is_multiple_of(10) => 2,
         _ => 3,

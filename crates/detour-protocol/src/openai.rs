@@ -616,31 +616,32 @@ fn usage_near_the_end(body: &[u8]) -> Option<Usage> {
         return None;
     }
     let (usage, end) = read_usage(body, skip_ws(body, colon + 1))?;
-    // A key at the top level: after its value, what is left closes exactly
-    // one object, the body's.
-    (depth_closed_from(body, end)? == 1).then_some(usage)
+    // A key at the top level: after its value come the object's other
+    // members, its closing brace, and nothing else.
+    let closed = object_rest(body, end)?;
+    (skip_ws(body, closed) == body.len()).then_some(usage)
 }
 
-/// How many objects and arrays, opened before `from`, the well-formed text
-/// from `from` to the end of `body` closes (`None` if it leaves one of its
-/// own open, or a string unterminated).
-fn depth_closed_from(body: &[u8], from: usize) -> Option<usize> {
-    let mut open = 0usize;
-    let mut closed = 0usize;
-    let mut i = from;
-    while let Some(&b) = body.get(i) {
-        match b {
-            b'"' => i = string_end(body, i + 1)?,
-            b'{' | b'[' => open += 1,
-            b'}' | b']' => match open.checked_sub(1) {
-                Some(still) => open = still,
-                None => closed += 1,
-            },
-            _ => {}
+/// Where the object whose member's value ended at `from` ends: past its
+/// other members (`,"key":value`, values skipped) and its closing brace.
+fn object_rest(body: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        i = skip_ws(body, i);
+        match body.get(i)? {
+            b'}' => return Some(i + 1),
+            b',' => {}
+            _ => return None,
         }
-        i += 1;
+        i = skip_ws(body, i + 1);
+        if body.get(i) != Some(&b'"') {
+            return None;
+        }
+        i = skip_ws(body, string_end(body, i + 1)? + 1);
+        if body.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_value(body, skip_ws(body, i + 1))?;
     }
-    (open == 0).then_some(closed)
 }
 
 /// The [`Usage`] object that starts at `at`, and where it ends: its three
