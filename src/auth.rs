@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 
 use crate::access::{Access, Compiler};
@@ -109,6 +109,9 @@ impl KeyTable {
     }
 }
 
+// Built once: a name given as `&str` is parsed on every lookup.
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 /// The gateway key the request presents: a Bearer `Authorization`, else
 /// `x-api-key`. An `Authorization` of another scheme (a proxy's Basic
 /// credentials) carries no gateway key and does not hide `x-api-key`.
@@ -119,7 +122,7 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, key)| key.trim());
-    bearer.or_else(|| headers.get("x-api-key")?.to_str().ok().map(str::trim))
+    bearer.or_else(|| headers.get(X_API_KEY)?.to_str().ok().map(str::trim))
 }
 
 /// The client's address for per-IP limits. From a peer in `trusted`, the

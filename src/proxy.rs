@@ -671,6 +671,12 @@ fn is_event_stream(headers: &HeaderMap) -> Result<bool, Unexpected> {
     let Some(v) = headers.get(header::CONTENT_TYPE) else {
         return Ok(false);
     };
+    // What providers send, compared as it is before the general reading.
+    match v.as_bytes() {
+        b"application/json" => return Ok(false),
+        b"text/event-stream" => return Ok(true),
+        _ => {}
+    }
     let media = v.to_str().unwrap_or_default();
     let media = media.split(';').next().unwrap_or_default().trim();
     if media.eq_ignore_ascii_case("text/event-stream") {

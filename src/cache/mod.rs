@@ -51,7 +51,7 @@ use std::time::{Duration, SystemTime};
 use axum::body::Body;
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 pub use kept::KeptCache;
 pub use key::{normalise, Key, IGNORED_FIELDS};
@@ -61,8 +61,9 @@ pub use redis::{RedisBackend, MAX_VALUE_BYTES};
 use crate::config::{CacheBackend, CacheStore, RouteCache};
 use crate::protocol::chat::{ClientFormat, Endpoint};
 
-/// The request and response header.
-pub const HEADER: &str = "x-detour-cache";
+/// The request and response header (built once: a name given as `&str` is
+/// parsed on every lookup and insert).
+pub const HEADER: HeaderName = HeaderName::from_static("x-detour-cache");
 
 /// A boxed future, as the object-safe [`Backend`] returns.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -7,7 +7,7 @@ pub mod openai;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use http_body_util::{BodyExt, Limited};
 
 use crate::auth::Caller;
@@ -15,6 +15,9 @@ use crate::error::GatewayError;
 use crate::limits::{estimate_tokens, TokenGate};
 use crate::request::Tracked;
 use crate::telemetry::RequestRecord;
+
+// Built once: a name given as `&str` is parsed on every lookup.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The request id, from the client's `x-request-id` or generated.
 #[derive(Debug, Clone)]
@@ -24,7 +27,7 @@ impl RequestId {
     /// The client's id if it is short printable ASCII, else a fresh one.
     pub fn from_headers(headers: &HeaderMap) -> Self {
         let theirs = headers
-            .get("x-request-id")
+            .get(X_REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
         match theirs {

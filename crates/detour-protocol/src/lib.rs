@@ -11,6 +11,7 @@
 //! crate or another detour crate enters its dependency tree.
 
 pub mod chat;
+pub mod json_check;
 pub mod openai;
 pub mod sse;
 pub mod timefmt;

@@ -373,57 +373,11 @@ fn deserialize_checked<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Inva
 /// included: serde_json skips unknown fields without checking their strings'
 /// UTF-8 or their depth, and a passthrough body is forwarded as it is.
 ///
-/// One more pass over the bytes, allocating only for strings with escapes:
-/// every value goes through `deserialize_any`, which validates strings and
-/// keeps serde_json's nesting limit (128). (`IgnoredAny` would not do: it
-/// skips values the same unchecked way.)
+/// [`super::json_check`] accepts what serde_json would parse (UTF-8 strings,
+/// its nesting limit of 128, numbers an `f64` holds) in one pass without
+/// allocating; the typed check's serde machinery cost as much again.
 pub fn validate_json(body: &[u8]) -> Result<(), InvalidRequest> {
-    use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
-
-    struct Valid;
-    impl<'de> Deserialize<'de> for Valid {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            d.deserialize_any(Valid)
-        }
-    }
-    impl<'de> Visitor<'de> for Valid {
-        type Value = Valid;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("any JSON value")
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Valid, E> {
-            Ok(Valid)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Valid, E> {
-            Ok(Valid)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<Valid, E> {
-            Ok(Valid)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Valid, E> {
-            Ok(Valid)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Valid, E> {
-            Ok(Valid)
-        }
-        fn visit_unit<E>(self) -> Result<Valid, E> {
-            Ok(Valid)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
-            while seq.next_element::<Valid>()?.is_some() {}
-            Ok(Valid)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
-            while map.next_key::<Valid>()?.is_some() {
-                map.next_value::<Valid>()?;
-            }
-            Ok(Valid)
-        }
-    }
-
-    let mut de = serde_json::Deserializer::from_slice(body);
-    Valid::deserialize(&mut de)
-        .and_then(|_| de.end())
+    super::json_check::check(body)
         .map_err(|e| InvalidRequest::new(format!("request body is not valid JSON: {e}"), None))
 }
 
