@@ -67,6 +67,7 @@ use tokio::time::Instant;
 
 mod attempts;
 mod continuation;
+mod in_flight;
 
 use attempts::{Answer, Attempts, Ended, Exhausted, Settle, Tried};
 

@@ -38,7 +38,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::HeaderValue;
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
@@ -51,6 +50,8 @@ use crate::relay::BodyEnd;
 use crate::routing::Candidate;
 use crate::state::RouteState;
 use crate::upstream::UpstreamError;
+
+use super::in_flight::InFlight;
 
 /// What each failed attempt was, for the `x-detour-tried` header and logs.
 #[derive(Debug, Default)]
@@ -234,7 +235,7 @@ pub struct Attempts<'a, T, F> {
     plan: std::vec::IntoIter<Candidate>,
     start: F,
     rng: fastrand::Rng,
-    in_flight: FuturesUnordered<BoxFuture<'a, Ended<T>>>,
+    in_flight: InFlight<'a, Ended<T>>,
     /// Attempts in flight, so that an attempt which loses a hedge race
     /// still tells health how slow it was.
     pending: Vec<Pending>,
@@ -285,7 +286,7 @@ where
             plan: plan.into_iter(),
             start,
             rng,
-            in_flight: FuturesUnordered::new(),
+            in_flight: InFlight::Idle,
             pending: Vec::new(),
             launched: 0,
             hedging: route.hedge_after,
@@ -464,7 +465,7 @@ where
     /// answer's latency now and how it ends when it ends (see [`Settle`]).
     /// Returns the tried list and the number of attempts launched.
     pub fn won(mut self, index: usize, probe: bool, answer: &mut T) -> (Tried, u32) {
-        drop(std::mem::take(&mut self.in_flight));
+        self.in_flight = InFlight::Idle;
         let route = self.route;
         for p in &self.pending {
             let provider = &route.targets[p.index].provider.name;
