@@ -105,9 +105,6 @@ impl crate::listener::App for MainService {
     }
 }
 
-/// `x-request-id`, parsed once.
-const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-
 impl Inner {
     async fn handle(&self, peer: Option<SocketAddr>, mut req: Request) -> Response {
         let id = RequestId::from_headers(req.headers());
@@ -126,7 +123,7 @@ impl Inner {
             }
         };
         if let Some(v) = header {
-            resp.headers_mut().insert(X_REQUEST_ID, v);
+            resp.headers_mut().insert(RequestId::HEADER, v);
         }
         resp
     }

@@ -16,18 +16,19 @@ use crate::limits::{estimate_tokens, TokenGate};
 use crate::request::Tracked;
 use crate::telemetry::RequestRecord;
 
-// Built once: a name given as `&str` is parsed on every lookup.
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
 /// The request id, from the client's `x-request-id` or generated.
 #[derive(Debug, Clone)]
 pub struct RequestId(String);
 
 impl RequestId {
+    /// `x-request-id`, the client's id on the way in and detour's on the way
+    /// out (built once: a name given as `&str` is parsed on every use).
+    pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
     /// The client's id if it is short printable ASCII, else a fresh one.
     pub fn from_headers(headers: &HeaderMap) -> Self {
         let theirs = headers
-            .get(X_REQUEST_ID)
+            .get(Self::HEADER)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
         match theirs {

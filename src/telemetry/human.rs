@@ -367,8 +367,6 @@ mod tests {
         assert_eq!(logged(true, emit), general);
     }
 
-    /// A record's line written straight to the log writer is the line its
-    /// tracing event gets from the formatter, field for field.
     /// Milliseconds written from whole microseconds read as the `f64`
     /// tracing would show.
     #[test]
@@ -394,6 +392,8 @@ mod tests {
         }
     }
 
+    /// A record's line written straight to the log writer is the line its
+    /// tracing event gets from the formatter, field for field.
     #[test]
     fn a_record_written_directly_is_its_tracing_line() {
         use crate::protocol::chat::ClientFormat;

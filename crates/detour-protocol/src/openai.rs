@@ -373,9 +373,9 @@ fn deserialize_checked<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Inva
 /// included: serde_json skips unknown fields without checking their strings'
 /// UTF-8 or their depth, and a passthrough body is forwarded as it is.
 ///
-/// [`super::json_check`] accepts what serde_json would parse (UTF-8 strings,
-/// its nesting limit of 128, numbers an `f64` holds) in one pass without
-/// allocating; the typed check's serde machinery cost as much again.
+/// [`super::json_check`] accepts exactly what serde_json would parse (UTF-8
+/// strings, no lone surrogate escapes, at most 127 nested levels, numbers an
+/// `f64` holds) in one pass without allocating.
 pub fn validate_json(body: &[u8]) -> Result<(), InvalidRequest> {
     super::json_check::check(body)
         .map_err(|e| InvalidRequest::new(format!("request body is not valid JSON: {e}"), None))
