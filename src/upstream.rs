@@ -488,17 +488,30 @@ pub enum ResponseBody {
     Driven(h1::Body),
 }
 
+/// Why reading a provider's answer body failed, by the client it came on.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Pooled(#[from] hyper::Error),
+    #[error(transparent)]
+    Driven(#[from] h1::Error),
+}
+
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            ResponseBody::Pooled(body) => std::pin::Pin::new(body).poll_frame(cx),
-            ResponseBody::Driven(body) => std::pin::Pin::new(body).poll_frame(cx),
+            ResponseBody::Pooled(body) => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BodyError::Pooled))),
+            ResponseBody::Driven(body) => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BodyError::Driven))),
         }
     }
 
@@ -684,10 +697,6 @@ impl Upstream {
     ) -> Result<Answer, UpstreamError> {
         let (limit, kind) = first_deadline(started, timeouts);
         let uri = req.uri.clone();
-        let mut request = http::Request::new(Full::new(req.body));
-        *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = req.uri;
-        *request.headers_mut() = req.headers;
         // Either client's answer head, its body wrapped the same way and a
         // failure reduced to what `classify` reads (boxed: failures only).
         let pooled = |sent: hyper_util::client::legacy::ResponseFuture| {
@@ -696,13 +705,23 @@ impl Upstream {
                 Err(e) => Err((e.is_connect(), Box::new(e) as SendError)),
             })
         };
+        let hyper_request = |req: UpstreamRequest| {
+            let mut request = http::Request::new(Full::new(req.body));
+            *request.method_mut() = http::Method::POST;
+            *request.uri_mut() = req.uri;
+            *request.headers_mut() = req.headers;
+            request
+        };
         let sent = match self.pool() {
-            Pool::Plain(pool) => Either::Left(pool.request(request).map(|sent| match sent {
-                Ok(resp) => Ok(resp.map(ResponseBody::Driven)),
-                Err(e) => Err((e.is_connect(), Box::new(e) as SendError)),
-            })),
-            Pool::Direct(client) => Either::Right(pooled(client.request(request))),
+            Pool::Plain(pool) => Either::Left(async move {
+                match pool.request(&req.uri, &req.headers, req.body).await {
+                    Ok(resp) => Ok(resp.map(ResponseBody::Driven)),
+                    Err(e) => Err((e.is_connect(), Box::new(e) as SendError)),
+                }
+            }),
+            Pool::Direct(client) => Either::Right(pooled(client.request(hyper_request(req)))),
             Pool::Proxied(proxied) => {
+                let mut request = hyper_request(req);
                 if let Some(auth) = &proxied.auth {
                     request
                         .headers_mut()

@@ -819,7 +819,7 @@ fn join(a: Option<Bytes>, b: Option<Bytes>) -> Option<Bytes> {
 fn poll_upstream(
     inner: &mut Option<ResponseBody>,
     cx: &mut Context<'_>,
-) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+) -> Poll<Option<Result<Frame<Bytes>, crate::upstream::BodyError>>> {
     match inner {
         Some(body) => Pin::new(body).poll_frame(cx),
         None => Poll::Ready(None),

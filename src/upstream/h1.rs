@@ -1,29 +1,35 @@
 //! detour's own HTTP/1.1 client for providers reached directly over plain
 //! `http://` (local OpenAI-compatible servers, `detour mock`): keep-alive
-//! connections whose hyper [`http1::Connection`] is driven by the task that
-//! sends on it, not by a task of its own.
+//! connections read and written by the task that sends on them, with the
+//! wire format in [`wire`].
 //!
-//! hyper-util's pooled client spawns a task per connection that reads the
-//! socket and hands the answer's body over one decoded chunk at a time, through
-//! a channel that holds one. The relaying task then sees one SSE event per
-//! wake-up and writes each to the client on its own, even when the provider's
-//! whole stream arrived in one read. Here the relaying task polls the
-//! connection itself whenever the body has nothing ready ([`Body`]), so every
-//! event one read brought is decoded in that one poll and relayed in one write;
-//! and no wake-up crosses between two tasks for a request.
+//! hyper's client (and hyper-util's pool on it) hands an answer over from a
+//! connection task, through channels, one decoded chunk at a time, and
+//! parses every header of the answer into a map with names and values of
+//! their own; a provider sends a dozen that detour never reads. Here the
+//! request's task writes the request in one `writev`, parses the answer's
+//! head where it was read, keeps only the headers detour reads
+//! ([`wire::KEPT`]), and takes the body off the same buffer: every event one
+//! read brought is available in that one poll, and no wake-up crosses
+//! between tasks.
 //!
 //! A connection is checked out for one exchange and back in once its answer
-//! ended whole and hyper says it can take another request. Idle ones are kept
-//! most-recent first, at most [`MAX_IDLE`], for [`super::POOL_IDLE`], and each
-//! is polled once before reuse, so one the provider closed meanwhile is
-//! dropped; a task of the pool's own looks them over every [`SWEEP_EVERY`]
-//! and closes those, so that a provider with no traffic holds no sockets. A
-//! request that a reused connection refused before writing it is sent again
-//! on a new one; nothing else is retried here (that is the proxy's call). TLS
-//! and proxied providers keep hyper-util's client (HTTP/2 by ALPN).
+//! ended whole, with nothing read past it, and the answer allowed another
+//! request (`connection: close`, HTTP/1.0 and bodies that end with the
+//! connection do not). Idle ones are kept most-recent first, at most
+//! [`MAX_IDLE`], for [`super::POOL_IDLE`], and each is looked at once before
+//! reuse, so one the provider closed meanwhile is dropped; a task of the
+//! pool's own looks them over every [`SWEEP_EVERY`] and closes those, so that
+//! a provider with no traffic holds no sockets. A request that a reused
+//! connection refused while it was written is sent again on a new one
+//! (the provider had closed it and read none of it); nothing else is retried
+//! here (that is the proxy's call). TLS and proxied providers keep
+//! hyper-util's client (HTTP/2 by ALPN).
+
+mod wire;
 
 use std::collections::VecDeque;
-use std::future::Future;
+use std::io::IoSlice;
 use std::pin::Pin;
 // The idle list's lock is taken by one thread only: each worker has its own
 // pool (`Upstream::pool`); slot 0, shared by the threads that are not
@@ -35,35 +41,42 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response, Uri};
-use http_body::{Body as _, Frame, SizeHint};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Response, Uri};
+use http_body::{Frame, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::dns::ForConnector;
 
+pub use wire::WireError;
+
 /// Most idle connections one pool keeps; a connection given back beyond it
 /// is closed.
 pub const MAX_IDLE: usize = 1024;
 
-type Driver = http1::Connection<TokioIo<TcpStream>, Full<Bytes>>;
+/// The read buffer's first size, and its largest: it doubles while reads
+/// fill it (a large answer is read in fewer, larger reads).
+const FIRST_READ: usize = 8 * 1024;
+const MAX_READ: usize = 256 * 1024;
 
-/// Why a request could not be sent on this client.
+/// Why a request could not be sent, or its answer read, on this client.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No connection: refused, unreachable, the name did not resolve, or
     /// the provider's connect limit fired.
     #[error("connect error")]
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The exchange failed on an open connection.
-    #[error(transparent)]
-    Http(#[from] hyper::Error),
+    #[error("connection error")]
+    Io(#[from] std::io::Error),
+    #[error("the provider closed the connection before the answer's head ended")]
+    ClosedBeforeHead,
+    #[error("the provider closed the connection before the answer's body ended")]
+    ClosedBeforeEnd,
+    #[error("the provider's answer is not valid HTTP/1.1")]
+    Wire(#[from] WireError),
 }
 
 impl Error {
@@ -94,16 +107,14 @@ struct Idle {
 /// [`super::POOL_IDLE`], and those the provider closed, are closed.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-/// One open connection: the handle requests are sent through and the
-/// connection itself, which makes progress only while it is polled. Boxed
-/// once when it is made (hyper's connection state is about 700 bytes), so that
-/// handing it between the pool, a request and its body moves a pointer.
+/// One open connection and what was read from it and not yet used. Boxed
+/// once when it is made, so that handing it between the pool, a request
+/// and its body moves a pointer.
 struct Conn {
-    send: http1::SendRequest<Full<Bytes>>,
-    /// `None` once it ended (closed or failed). It is dropped then, not kept:
-    /// dropping it is what answers a request still queued on it (hyper
-    /// hands such a request back, unsent).
-    driver: Option<Driver>,
+    io: TcpStream,
+    buf: BytesMut,
+    /// How much the next read asks for, at least.
+    read_size: usize,
 }
 
 impl Pool {
@@ -122,47 +133,43 @@ impl Pool {
         })
     }
 
-    /// Sends `req` (its URI absolute, as the adapters build it: a path joined
-    /// onto the provider's base URL, so one `host` and one set of
-    /// connections serve them all) and waits for the answer's head, driving
-    /// the connection meanwhile. The body is read through the returned
-    /// [`Body`], which gives the connection back when it ends whole.
-    pub async fn request(&self, req: Request<Full<Bytes>>) -> Result<Response<Body>, Error> {
-        let (mut parts, body) = req.into_parts();
-        let address = std::mem::take(&mut parts.uri);
-        if let Some(path) = address.path_and_query() {
-            if path.as_str() != "/" {
-                parts.uri = Uri::from(path.clone());
-            }
-        }
-        parts
-            .headers
-            .entry(http::header::HOST)
-            .or_insert_with(|| self.host.clone());
-        let mut req = Request::from_parts(parts, body);
+    /// POSTs `body` with `headers` to `address` (absolute, as the adapters
+    /// build it: a path joined onto the provider's base URL, so one `host`
+    /// and one set of connections serve them all) and reads the answer's
+    /// head. The body is read through the returned [`Body`], which gives the
+    /// connection back when it ends whole.
+    pub async fn request(
+        &self,
+        address: &Uri,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, Error> {
+        let target = address.path_and_query().map_or("/", |p| p.as_str());
+        let head = wire::request_head(target, &self.host, headers, body.len());
         loop {
             let (mut conn, reused) = match self.checkout() {
                 Some(conn) => (conn, true),
-                None => (self.connect(&address).await?, false),
+                None => (self.connect(address).await?, false),
             };
-            let answer = conn.send.try_send_request(req);
-            match conn.drive_until(answer).await {
-                Ok(resp) => {
-                    return Ok(resp.map(|incoming| Body {
-                        incoming,
-                        conn: Some(conn),
-                        idle: Arc::clone(&self.idle),
-                    }))
-                }
-                // Closed before the request went out: a kept connection
-                // the provider had just closed. The request was not sent.
-                Err(mut e) if reused && e.message().is_some() => {
-                    req = e
-                        .take_message()
-                        .ok_or_else(|| Error::Http(e.into_error()))?;
-                }
-                Err(e) => return Err(Error::Http(e.into_error())),
+            match conn.write(&head, &body).await {
+                Ok(()) => {}
+                // A kept connection the provider had just closed: it read
+                // none of the request.
+                Err(_) if reused => continue,
+                Err(e) => return Err(e.into()),
             }
+            let head = conn.read_head().await?;
+            let mut resp = Response::new(());
+            *resp.status_mut() = head.status;
+            *resp.headers_mut() = head.headers;
+            let body = Body {
+                conn: Some(conn),
+                remaining: wire::Remaining::new(head.framing),
+                reusable: head.reusable,
+                idle: Arc::clone(&self.idle),
+            }
+            .checked_for_end();
+            return Ok(resp.map(|()| body));
         }
     }
 
@@ -170,10 +177,10 @@ impl Pool {
         let io = tower::ServiceExt::oneshot(self.connector.clone(), address.clone())
             .await
             .map_err(|e| Error::Connect(e.into()))?;
-        let (send, driver) = http1::Builder::new().handshake(io).await?;
         Ok(Box::new(Conn {
-            send,
-            driver: Some(driver),
+            io: io.into_inner(),
+            buf: BytesMut::new(),
+            read_size: FIRST_READ,
         }))
     }
 
@@ -186,7 +193,7 @@ impl Pool {
                 self.idle.lock().clear();
                 return None;
             }
-            if conn.settle() {
+            if conn.is_open() {
                 return Some(conn);
             }
         }
@@ -249,55 +256,92 @@ impl Idle {
         let now = Instant::now();
         let mut conns = self.lock();
         conns.retain_mut(|(conn, since)| {
-            now.duration_since(*since) <= super::POOL_IDLE && conn.settle()
+            now.duration_since(*since) <= super::POOL_IDLE && conn.is_open()
         });
     }
 }
 
 impl Conn {
-    /// Polls `answer` to its end, driving the connection while it waits.
-    async fn drive_until<F: Future>(&mut self, answer: F) -> F::Output {
-        let mut answer = std::pin::pin!(answer);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(out) = answer.as_mut().poll(cx) {
-                return Poll::Ready(out);
+    /// Writes the request's head and body, in one `writev` when the socket
+    /// takes them whole.
+    async fn write(&mut self, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+        let mut slices = [IoSlice::new(head), IoSlice::new(body)];
+        let mut slices = &mut slices[..];
+        while !slices.is_empty() {
+            match self.io.write_vectored(slices).await? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n => IoSlice::advance_slices(&mut slices, n),
             }
-            // Once the connection has ended, hyper has answered the request
-            // with the reason (or does so as it is dropped).
-            self.drive(cx);
-            answer.as_mut().poll(cx)
-        })
-        .await
-    }
-
-    /// Polls the connection: it reads and writes what it can, and hands
-    /// the answer's head or next body chunk over. Says whether it is still
-    /// open; one that ended is dropped.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(driver) = &mut self.driver else {
-            return false;
-        };
-        if Pin::new(driver).poll(cx).is_pending() {
-            return true;
         }
-        self.driver = None;
-        false
+        Ok(())
     }
 
-    /// Lets the connection make what progress it can without waiting (an
-    /// exchange that ended goes idle; a close the provider sent is read),
-    /// and says whether it can take another request.
-    fn settle(&mut self) -> bool {
-        self.drive(&mut Context::from_waker(Waker::noop())) && self.send.is_ready()
+    /// Reads until the answer's head is whole, past any 1xx interim ones.
+    async fn read_head(&mut self) -> Result<wire::Head, Error> {
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(head) = wire::parse_head(&self.buf)? {
+                    self.buf.advance(head.len);
+                    if head.status.is_informational() {
+                        continue;
+                    }
+                    return Ok(head);
+                }
+            }
+            if std::future::poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
+                return Err(Error::ClosedBeforeHead);
+            }
+        }
+    }
+
+    /// Reads what the socket has into the buffer: how many bytes (0 at the
+    /// end of the connection).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
+        }
+        loop {
+            std::task::ready!(self.io.poll_read_ready(cx))?;
+            let room = self.buf.capacity() - self.buf.len();
+            match self.io.try_read_buf(&mut self.buf) {
+                Ok(n) => {
+                    if n == room && self.read_size < MAX_READ {
+                        self.read_size *= 2;
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Whether an idle connection can take a request: the provider has
+    /// neither closed it nor sent anything on it since.
+    fn is_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
     }
 }
 
-/// An answer's body on a [`Pool`] connection: reading it drives the
+/// An answer's body on a [`Pool`] connection: reading it reads the
 /// connection, and its end gives the connection back.
 pub struct Body {
-    incoming: Incoming,
-    /// `None` once given back, or once the exchange failed.
+    /// `None` once given back, closed, or once the exchange failed.
     conn: Option<Box<Conn>>,
+    remaining: wire::Remaining,
+    /// Whether the answer allows another request on its connection.
+    reusable: bool,
     idle: Arc<Idle>,
 }
 
@@ -305,27 +349,25 @@ impl std::fmt::Debug for Body {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Body")
             .field("open", &self.conn.is_some())
+            .field("remaining", &self.remaining)
             .finish_non_exhaustive()
     }
 }
 
 impl Body {
-    fn poll_incoming(&mut self, cx: &mut Context<'_>) -> Poll<Option<hyper::Result<Frame<Bytes>>>> {
-        let polled = Pin::new(&mut self.incoming).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.give_back(),
-            Poll::Ready(Some(Ok(_))) if self.incoming.is_end_stream() => self.give_back(),
-            Poll::Ready(Some(Err(_))) => self.conn = None,
-            _ => {}
+    /// A body that is empty from the start gives its connection back now.
+    fn checked_for_end(mut self) -> Self {
+        if self.remaining.is_done() {
+            self.give_back();
         }
-        polled
+        self
     }
 
     /// The exchange is over: the connection goes back to the pool if it can
     /// take another request, else it is closed.
     fn give_back(&mut self) {
         if let Some(mut conn) = self.conn.take() {
-            if conn.settle() {
+            if self.reusable && conn.is_open() {
                 self.idle.give_back(conn);
             }
         }
@@ -334,45 +376,62 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.get_mut();
-        if let Poll::Ready(frame) = this.poll_incoming(cx) {
-            return Poll::Ready(frame);
+        loop {
+            let Some(conn) = &mut this.conn else {
+                // Ended (given back or closed) or failed.
+                return Poll::Ready(None);
+            };
+            match this.remaining.take(&mut conn.buf) {
+                Ok(Some(data)) => {
+                    if this.remaining.is_done() {
+                        this.give_back();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(None) if this.remaining.is_done() => {
+                    this.give_back();
+                    return Poll::Ready(None);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+            match conn.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    this.conn = None;
+                    if matches!(this.remaining, wire::Remaining::UntilClose) {
+                        this.remaining = wire::Remaining::Done;
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(Error::ClosedBeforeEnd)));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
         }
-        // Nothing handed over yet: let the connection decode the next chunk
-        // from what it has read, or read the socket (waking this task when
-        // more arrives).
-        let Some(conn) = &mut this.conn else {
-            return Poll::Pending;
-        };
-        if !conn.drive(cx) {
-            // Closed or failed: the body hears why on the next poll; the
-            // connection is of no further use.
-            this.conn = None;
-        }
-        this.poll_incoming(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.incoming.is_end_stream()
+        self.remaining.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
-    }
-}
-
-impl Drop for Body {
-    fn drop(&mut self) {
-        // Ended whole without the end being polled for (a known length's
-        // last chunk): still reusable.
-        if self.incoming.is_end_stream() {
-            self.give_back();
+        match self.remaining.exact() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
         }
     }
 }
@@ -381,6 +440,7 @@ impl Drop for Body {
 #[allow(clippy::disallowed_types)] // The test provider's record of what it was sent.
 mod tests {
     use super::*;
+    use http_body::Body as _;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -447,13 +507,20 @@ mod tests {
         Pool::new(http, &base).unwrap()
     }
 
-    fn request(addr: std::net::SocketAddr, path: &str) -> Request<Full<Bytes>> {
-        let mut req = Request::new(Full::new(Bytes::from_static(b"{}")));
-        *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = format!("http://{addr}{path}").parse().unwrap();
-        req.headers_mut()
-            .insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("2"));
-        req
+    /// POSTs `{}` to `path`.
+    async fn send(
+        pool: &Pool,
+        addr: std::net::SocketAddr,
+        path: &str,
+    ) -> Result<Response<Body>, Error> {
+        let uri: Uri = format!("http://{addr}{path}").parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer k"),
+        );
+        pool.request(&uri, &headers, Bytes::from_static(b"{}"))
+            .await
     }
 
     fn json(_: &str) -> Vec<u8> {
@@ -494,7 +561,7 @@ mod tests {
     async fn events_that_arrived_together_are_read_without_waiting() {
         let (addr, _, _) = provider(events, 1).await;
         let pool = pool(addr);
-        let resp = pool.request(request(addr, "/v1/chat")).await.unwrap();
+        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
         let mut body = resp.into_body();
         let (chunks, waits) = read_all(&mut body).await;
         assert_eq!(chunks.len(), 10);
@@ -509,7 +576,7 @@ mod tests {
         let (addr, accepted, heads) = provider(json, 2).await;
         let pool = pool(addr);
         for _ in 0..2 {
-            let resp = pool.request(request(addr, "/v1/chat?x=1")).await.unwrap();
+            let resp = send(&pool, addr, "/v1/chat?x=1").await.unwrap();
             let (chunks, _) = read_all(&mut resp.into_body()).await;
             assert_eq!(chunks.concat(), b"{}");
             assert_eq!(pool.idle_count(), 1);
@@ -522,7 +589,7 @@ mod tests {
         // The provider closes its side after two answers; the kept
         // connection is found closed and a new one made, without an error.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let resp = pool.request(request(addr, "/v1/chat?x=1")).await.unwrap();
+        let resp = send(&pool, addr, "/v1/chat?x=1").await.unwrap();
         read_all(&mut resp.into_body()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         let heads = heads.lock().unwrap();
@@ -541,7 +608,7 @@ mod tests {
     async fn idle_connections_the_provider_closed_are_swept_without_traffic() {
         let (addr, _, _) = provider(json, 1).await;
         let pool = pool(addr);
-        let resp = pool.request(request(addr, "/v1/chat")).await.unwrap();
+        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
         read_all(&mut resp.into_body()).await;
         // The provider closes its side 20 ms after its answer; no request
         // comes to notice.
@@ -559,10 +626,10 @@ mod tests {
     async fn a_body_dropped_before_its_end_closes_its_connection() {
         let (addr, accepted, _) = provider(events, 2).await;
         let pool = pool(addr);
-        let resp = pool.request(request(addr, "/v1/chat")).await.unwrap();
+        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
         drop(resp);
         assert_eq!(pool.idle_count(), 0);
-        let resp = pool.request(request(addr, "/v1/chat")).await.unwrap();
+        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
         read_all(&mut resp.into_body()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(pool.idle_count(), 1);
@@ -580,7 +647,7 @@ mod tests {
             }
         });
         let pool = pool(addr);
-        let sent = pool.request(request(addr, "/v1/chat"));
+        let sent = send(&pool, addr, "/v1/chat");
         let e = tokio::time::timeout(std::time::Duration::from_secs(5), sent)
             .await
             .expect("an answer that will not come is an error, not a wait")
@@ -593,10 +660,205 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let e = pool(addr)
-            .request(request(addr, "/v1/chat"))
-            .await
-            .unwrap_err();
+        let e = send(&pool(addr), addr, "/v1/chat").await.unwrap_err();
         assert!(e.is_connect(), "{e:?}");
+    }
+
+    /// A provider that answers one request on each connection with
+    /// `pieces`, written 5 ms apart (so each is read on its own), then
+    /// holds the connection open for a second, or closes it at once.
+    /// Returns its address and the request heads it read.
+    async fn scripted(
+        pieces: Vec<Vec<u8>>,
+        close: bool,
+    ) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&heads);
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let (pieces, seen) = (pieces.clone(), Arc::clone(&seen));
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut more = [0u8; 4096];
+                        match sock.read(&mut more).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&more[..n]),
+                        }
+                    }
+                    seen.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf).into_owned());
+                    for piece in pieces {
+                        if sock.write_all(&piece).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                    if !close {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                });
+            }
+        });
+        (addr, heads)
+    }
+
+    /// Reads the body to its end or its first error.
+    async fn read_to_end(body: &mut Body) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::new();
+        while let Some(frame) = http_body_util::BodyExt::frame(body).await {
+            out.extend_from_slice(&frame?.into_data().unwrap());
+        }
+        Ok(out)
+    }
+
+    /// `whole` cut into pieces of `size` bytes.
+    fn cut(whole: &[u8], size: usize) -> Vec<Vec<u8>> {
+        whole.chunks(size).map(<[u8]>::to_vec).collect()
+    }
+
+    #[tokio::test]
+    async fn the_request_goes_out_as_given_and_only_the_headers_detour_reads_come_back() {
+        let answer = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n\
+            x-request-id: req_1\r\nopenai-processing-ms: 12\r\nRetry-After: 3\r\n\
+            cache-control: no-store\r\nset-cookie: a=b\r\ncontent-length: 2\r\n\r\n{}";
+        let (addr, heads) = scripted(vec![answer.to_vec()], false).await;
+        let pool = pool(addr);
+        let resp = send(&pool, addr, "/v1/chat?a=1").await.unwrap();
+        assert_eq!(resp.status(), 429);
+        let kept: Vec<_> = resp
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("content-type", "application/json"),
+                ("retry-after", "3"),
+                ("cache-control", "no-store")
+            ]
+        );
+        assert_eq!(read_to_end(&mut resp.into_body()).await.unwrap(), b"{}");
+        assert_eq!(pool.idle_count(), 1);
+        let head = heads.lock().unwrap()[0].clone();
+        assert_eq!(
+            head,
+            format!(
+                "POST /v1/chat?a=1 HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer k\r\n\
+                 content-length: 2\r\n\r\n{{}}"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_cut_anywhere_reads_whole_and_its_connection_is_kept() {
+        let mut whole = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        let mut expected = Vec::new();
+        for i in 0..20 {
+            let event = format!("data: {{\"n\":{i}}}\n\n");
+            whole.extend_from_slice(format!("{:x};ext=1\r\n{event}\r\n", event.len()).as_bytes());
+            expected.extend_from_slice(event.as_bytes());
+        }
+        whole.extend_from_slice(b"0\r\ntrailer: x\r\n\r\n");
+        for size in [1, 3, 7, 64] {
+            let (addr, _) = scripted(cut(&whole, size), false).await;
+            let pool = pool(addr);
+            let resp = send(&pool, addr, "/v1/chat").await.unwrap();
+            assert_eq!(
+                read_to_end(&mut resp.into_body()).await.unwrap(),
+                expected,
+                "{size}"
+            );
+            assert_eq!(pool.idle_count(), 1, "cut into {size}-byte pieces");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_off_before_its_length_is_an_error() {
+        let (addr, _) = scripted(
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabcd".to_vec()],
+            true,
+        )
+        .await;
+        let pool = pool(addr);
+        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
+        let e = read_to_end(&mut resp.into_body()).await.unwrap_err();
+        assert!(matches!(e, Error::ClosedBeforeEnd), "{e:?}");
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_ends_with_the_connection_is_read_to_the_end_and_not_kept() {
+        let (addr, _) = scripted(
+            cut(
+                b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nhello there",
+                9,
+            ),
+            true,
+        )
+        .await;
+        let pool = pool(addr);
+        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
+        assert_eq!(
+            read_to_end(&mut resp.into_body()).await.unwrap(),
+            b"hello there"
+        );
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn answers_that_forbid_reuse_close_their_connection() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}"[..],
+            // Both framings: the chunks count, and the connection is not trusted again.
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+        ] {
+            let (addr, _) = scripted(vec![answer.to_vec()], false).await;
+            let pool = pool(addr);
+            let resp = send(&pool, addr, "/v1/chat").await.unwrap();
+            assert_eq!(read_to_end(&mut resp.into_body()).await.unwrap(), b"{}");
+            assert_eq!(pool.idle_count(), 0, "{}", String::from_utf8_lossy(answer));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_interim_answer_is_skipped() {
+        let answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+        let (addr, _) = scripted(cut(answer, 20), false).await;
+        let pool = pool(addr);
+        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(read_to_end(&mut resp.into_body()).await.unwrap(), b"{}");
+    }
+
+    #[tokio::test]
+    async fn what_is_not_http_fails_the_request_or_the_body() {
+        let (addr, _) = scripted(vec![b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec()], false).await;
+        let e = send(&pool(addr), addr, "/v1/chat").await.unwrap_err();
+        assert!(matches!(e, Error::Wire(WireError::Head(_))), "{e:?}");
+
+        let mut endless = b"HTTP/1.1 200 OK\r\nx-filler: ".to_vec();
+        endless.resize(80 * 1024, b'a');
+        let (addr, _) = scripted(cut(&endless, 8192), false).await;
+        let e = send(&pool(addr), addr, "/v1/chat").await.unwrap_err();
+        assert!(matches!(e, Error::Wire(WireError::HeadTooLarge)), "{e:?}");
+
+        let (addr, _) = scripted(
+            vec![
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n".to_vec(),
+            ],
+            false,
+        )
+        .await;
+        let pool = pool(addr);
+        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
+        let e = read_to_end(&mut resp.into_body()).await.unwrap_err();
+        assert!(matches!(e, Error::Wire(WireError::ChunkSize)), "{e:?}");
+        assert_eq!(pool.idle_count(), 0);
     }
 }
