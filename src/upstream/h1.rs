@@ -300,19 +300,27 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
             self.buf.reserve(self.read_size);
         }
-        loop {
-            std::task::ready!(self.io.poll_read_ready(cx))?;
-            let room = self.buf.capacity() - self.buf.len();
-            match self.io.try_read_buf(&mut self.buf) {
-                Ok(n) => {
-                    if n == room && self.read_size < MAX_READ {
-                        self.read_size *= 2;
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        let room = self.buf.capacity() - self.buf.len();
+        // Through `AsyncRead`: a read that fills less than the room clears
+        // the socket's readiness (the kernel's buffer is empty), so neither
+        // the next read nor `is_open` asks the kernel again for nothing.
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == room && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Lets go of a read buffer that large answers grew, so that idle
+    /// connections hold little memory (a pool keeps up to [`MAX_IDLE`]).
+    fn shrink(&mut self) {
+        if self.buf.capacity() > 2 * FIRST_READ {
+            self.buf = BytesMut::new();
+            self.read_size = FIRST_READ;
         }
     }
 
@@ -368,6 +376,7 @@ impl Body {
     fn give_back(&mut self) {
         if let Some(mut conn) = self.conn.take() {
             if self.reusable && conn.is_open() {
+                conn.shrink();
                 self.idle.give_back(conn);
             }
         }
