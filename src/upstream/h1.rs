@@ -870,4 +870,31 @@ mod tests {
         assert!(matches!(e, Error::Wire(WireError::ChunkSize)), "{e:?}");
         assert_eq!(pool.idle_count(), 0);
     }
+
+    #[tokio::test]
+    async fn a_large_answer_is_read_in_growing_reads_and_its_buffer_not_kept_idle() {
+        let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 300000\r\n\r\n".to_vec();
+        let head = answer.len();
+        answer.resize(head + 300_000, b'x');
+        let (addr, _) = scripted(vec![answer], false).await;
+        let pool = pool(addr);
+        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
+        let mut body = resp.into_body();
+        let mut frames = 0;
+        let mut len = 0;
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            len += frame.unwrap().into_data().unwrap().len();
+            frames += 1;
+        }
+        assert_eq!(len, 300_000);
+        assert!(frames < 300_000 / FIRST_READ, "{frames} reads");
+        let idle = pool.idle.lock();
+        assert_eq!(idle.len(), 1);
+        assert!(
+            idle[0].0.buf.capacity() <= 2 * FIRST_READ,
+            "{}",
+            idle[0].0.buf.capacity()
+        );
+        assert_eq!(idle[0].0.read_size, FIRST_READ);
+    }
 }
