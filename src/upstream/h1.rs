@@ -146,27 +146,27 @@ impl Pool {
         body: Bytes,
     ) -> Result<Response<Body>, Error> {
         let target = address.path_and_query().map_or("/", |p| p.as_str());
-        let head = wire::request_head(target, &self.host, headers, body.len());
+        let sent = wire::request_head(target, &self.host, headers, body.len());
         loop {
             let (mut conn, reused) = match self.checkout() {
                 Some(conn) => (conn, true),
                 None => (self.connect(address).await?, false),
             };
-            match conn.write(&head, &body).await {
+            match conn.write(&sent, &body).await {
                 Ok(()) => {}
                 // A kept connection the provider had just closed: it read
                 // none of the request.
                 Err(_) if reused => continue,
                 Err(e) => return Err(e.into()),
             }
-            let head = conn.read_head().await?;
+            let answer = conn.read_head().await?;
             let mut resp = Response::new(());
-            *resp.status_mut() = head.status;
-            *resp.headers_mut() = head.headers;
+            *resp.status_mut() = answer.status;
+            *resp.headers_mut() = answer.headers;
             let body = Body {
                 conn: Some(conn),
-                remaining: wire::Remaining::new(head.framing),
-                reusable: head.reusable,
+                remaining: wire::Remaining::new(answer.framing),
+                reusable: answer.reusable,
                 idle: Arc::clone(&self.idle),
             }
             .checked_for_end();
