@@ -38,14 +38,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 #[allow(clippy::disallowed_types)]
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Response, Uri};
 use http_body::{Frame, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -83,6 +82,23 @@ pub enum Error {
 impl Error {
     pub fn is_connect(&self) -> bool {
         matches!(self, Error::Connect(_))
+    }
+}
+
+/// An exchange that failed, and whether the request can be sent again
+/// elsewhere: its write failed and nothing was answered. (`Failed::sent`:
+/// the provider may have read it.)
+struct Failed {
+    error: Error,
+    unsent: bool,
+}
+
+impl Failed {
+    fn sent(error: Error) -> Self {
+        Self {
+            error,
+            unsent: false,
+        }
     }
 }
 
@@ -152,14 +168,13 @@ impl Pool {
                 Some(conn) => (conn, true),
                 None => (self.connect(address).await?, false),
             };
-            match conn.write(&sent, &body).await {
-                Ok(()) => {}
+            let answer = match conn.exchange(&sent, &body).await {
+                Ok(answer) => answer,
                 // A kept connection the provider had just closed: it read
                 // none of the request.
-                Err(_) if reused => continue,
-                Err(e) => return Err(e.into()),
-            }
-            let answer = conn.read_head().await?;
+                Err(Failed { unsent: true, .. }) if reused => continue,
+                Err(failed) => return Err(failed.error),
+            };
             let mut resp = Response::new(());
             *resp.status_mut() = answer.status;
             *resp.headers_mut() = answer.headers;
@@ -263,34 +278,81 @@ impl Idle {
 }
 
 impl Conn {
-    /// Writes the request's head and body, in one `writev` when the socket
-    /// takes them whole.
-    async fn write(&mut self, head: &[u8], body: &[u8]) -> std::io::Result<()> {
-        let mut slices = [IoSlice::new(head), IoSlice::new(body)];
-        let mut slices = &mut slices[..];
-        while !slices.is_empty() {
-            match self.io.write_vectored(slices).await? {
-                0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                n => IoSlice::advance_slices(&mut slices, n),
-            }
-        }
-        Ok(())
+    /// Writes the request (its head and body in one `writev` when the
+    /// socket takes them whole) and reads the answer's head, past any 1xx
+    /// interim ones. It reads while it writes: an answer that comes before
+    /// the request is all written (a provider refusing a large body without
+    /// reading it) is the answer, and the connection is not reused.
+    async fn exchange(&mut self, head: &[u8], body: &[u8]) -> Result<wire::Head, Failed> {
+        let mut written = 0;
+        let mut write_error = None;
+        std::future::poll_fn(|cx| {
+            self.poll_exchange(cx, [head, body], &mut written, &mut write_error)
+        })
+        .await
     }
 
-    /// Reads until the answer's head is whole, past any 1xx interim ones.
-    async fn read_head(&mut self) -> Result<wire::Head, Error> {
+    fn poll_exchange(
+        &mut self,
+        cx: &mut Context<'_>,
+        [head, body]: [&[u8]; 2],
+        written: &mut usize,
+        write_error: &mut Option<std::io::Error>,
+    ) -> Poll<Result<wire::Head, Failed>> {
+        use tokio::io::AsyncWrite;
+        let total = head.len() + body.len();
+        while *written < total && write_error.is_none() {
+            let rest = match head.get(*written..) {
+                Some(head) if !head.is_empty() => [IoSlice::new(head), IoSlice::new(body)],
+                _ => [
+                    IoSlice::new(&body[*written - head.len()..]),
+                    IoSlice::new(&[]),
+                ],
+            };
+            match Pin::new(&mut self.io).poll_write_vectored(cx, &rest) {
+                Poll::Ready(Ok(0)) => *write_error = Some(std::io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(e)) => *write_error = Some(e),
+                Poll::Pending => break,
+            }
+        }
         loop {
             if !self.buf.is_empty() {
-                if let Some(head) = wire::parse_head(&self.buf)? {
-                    self.buf.advance(head.len);
-                    if head.status.is_informational() {
-                        continue;
+                match wire::parse_head(&self.buf) {
+                    Ok(Some(mut answer)) => {
+                        self.buf.advance(answer.len);
+                        if answer.status.is_informational() {
+                            continue;
+                        }
+                        if *written < total {
+                            answer.reusable = false;
+                        }
+                        return Poll::Ready(Ok(answer));
                     }
-                    return Ok(head);
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Err(Failed::sent(e.into()))),
                 }
             }
-            if std::future::poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
-                return Err(Error::ClosedBeforeHead);
+            let read = self.poll_fill(cx);
+            // A write that failed with no answer to read: the provider
+            // closed the connection and read none of the request whole.
+            if let Some(e) = write_error.take() {
+                if !matches!(read, Poll::Ready(Ok(n)) if n > 0) {
+                    let unsent = self.buf.is_empty();
+                    return Poll::Ready(Err(Failed {
+                        error: e.into(),
+                        unsent,
+                    }));
+                }
+                *write_error = Some(e);
+            }
+            match read {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(Failed::sent(Error::ClosedBeforeHead)))
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::sent(e.into()))),
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
@@ -331,15 +393,12 @@ impl Conn {
         if !self.buf.is_empty() {
             return false;
         }
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-            }
-        }
+        // `try_read` asks the kernel only when the I/O driver saw the socket
+        // become readable (a close, or bytes nobody asked for), and unlike
+        // `poll_read_ready` it draws nothing from the task's budget: a task
+        // out of budget would see every connection as quiet.
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
@@ -452,6 +511,7 @@ mod tests {
     use super::*;
     use http_body::Body as _;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Waker;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -676,7 +736,7 @@ mod tests {
 
     /// A provider that answers one request on each connection with
     /// `pieces`, written 5 ms apart (so each is read on its own), then
-    /// holds the connection open for a second, or closes it at once.
+    /// holds the connection open for three seconds, or closes it at once.
     /// Returns its address and the request heads it read.
     async fn scripted(
         pieces: Vec<Vec<u8>>,
@@ -708,7 +768,7 @@ mod tests {
                         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                     }
                     if !close {
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
                     }
                 });
             }
@@ -897,5 +957,53 @@ mod tests {
             idle[0].0.buf.capacity()
         );
         assert_eq!(idle[0].0.read_size, FIRST_READ);
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_request_is_all_written_is_the_answer() {
+        // The provider reads the head only, refuses the body, and holds the
+        // connection open without reading more: the write cannot finish.
+        let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 2\r\n\r\n{}";
+        let (addr, _) = scripted(vec![answer.to_vec()], false).await;
+        let pool = pool(addr);
+        let uri: Uri = format!("http://{addr}/v1/chat").parse().unwrap();
+        let body = Bytes::from(vec![b' '; 64 << 20]);
+        let headers = HeaderMap::new();
+        let sent = pool.request(&uri, &headers, body);
+        // Well before the provider lets go of the connection (3 s).
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(2), sent)
+            .await
+            .expect("the early answer, not a wait for the write")
+            .unwrap();
+        assert_eq!(resp.status(), 413);
+        assert_eq!(read_to_end(&mut resp.into_body()).await.unwrap(), b"{}");
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "a half-written request's connection is not reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_task_out_of_budget_still_sees_that_the_provider_closed_a_connection() {
+        let (addr, _, _) = provider(json, 1).await;
+        let pool = pool(addr);
+        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
+        read_all(&mut resp.into_body()).await;
+        // The provider closes its side 20 ms after its answer.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let (mut conn, _) = pool.idle.lock().pop_back().unwrap();
+        let open = std::future::poll_fn(|cx| {
+            // Spend the task's budget, as a busy relay would have.
+            loop {
+                let mut spend = std::pin::pin!(tokio::task::consume_budget());
+                if std::future::Future::poll(spend.as_mut(), cx).is_pending() {
+                    break;
+                }
+            }
+            Poll::Ready(conn.is_open())
+        })
+        .await;
+        assert!(!open, "a closed connection looked open");
     }
 }

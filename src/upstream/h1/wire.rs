@@ -45,6 +45,8 @@ pub enum WireError {
     Status(u16),
     #[error("the answer switched protocols, which detour never asks for")]
     Upgrade,
+    #[error("the answer's transfer-encoding is not `chunked` alone (detour asks for no other)")]
+    TransferCoding,
     #[error("the answer's content-length is not one number")]
     ContentLength,
     #[error("a chunk's size line is invalid")]
@@ -133,7 +135,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, WireError> {
     let status = StatusCode::from_u16(code).map_err(|_| WireError::Status(code))?;
     let mut headers = HeaderMap::new();
     let mut length: Option<u64> = None;
-    let mut chunked = None;
+    let mut chunked = false;
     let mut close = answer.version != Some(1);
     for h in answer.headers.iter() {
         let name = h.name.as_bytes();
@@ -144,8 +146,15 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, WireError> {
             }
             length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // The last coding of the last line decides.
-            chunked = Some(last_token(h.value).eq_ignore_ascii_case(b"chunked"));
+            // detour sends no `te`, so a provider may apply only `chunked`,
+            // once (RFC 9112 §7.4); any other coding would reach the client
+            // undecoded.
+            for coding in h.value.split(|&b| b == b',') {
+                if chunked || !coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    return Err(WireError::TransferCoding);
+                }
+                chunked = true;
+            }
         } else if name.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
@@ -174,14 +183,15 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, WireError> {
         Framing::Length(0)
     } else {
         match (chunked, length) {
-            (Some(true), _) => Framing::Chunked,
-            (Some(false), _) => Framing::UntilClose,
-            (None, Some(n)) => Framing::Length(n),
-            (None, None) => Framing::UntilClose,
+            (true, _) => Framing::Chunked,
+            (false, Some(n)) => Framing::Length(n),
+            (false, None) => Framing::UntilClose,
         }
     };
-    // Both framings at once is how requests are smuggled: never reuse.
-    if chunked.is_some() && length.is_some() || framing == Framing::UntilClose {
+    // Both framings at once is how requests are smuggled, and chunks in
+    // HTTP/1.0 are faulty framing (RFC 9112 §6.1): never reuse.
+    if chunked && (length.is_some() || answer.version == Some(0)) || framing == Framing::UntilClose
+    {
         close = true;
     }
     Ok(Some(Head {
@@ -208,14 +218,6 @@ fn content_length(value: &[u8]) -> Result<u64, WireError> {
         out = Some(n);
     }
     out.ok_or(WireError::ContentLength)
-}
-
-fn last_token(value: &[u8]) -> &[u8] {
-    value
-        .rsplit(|&b| b == b',')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii()
 }
 
 /// The body's bytes left to take off the read buffer.
@@ -422,12 +424,12 @@ mod tests {
                 (Chunked, true),
             ),
             (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n",
+                "HTTP/1.1 200 OK\r\ntransfer-encoding:  Chunked \r\n\r\n",
                 (Chunked, true),
             ),
             (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
-                (UntilClose, false),
+                "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n",
+                (Chunked, false),
             ),
             (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
@@ -486,6 +488,11 @@ mod tests {
                 WireError::Upgrade,
             ),
             ("HTTP/1.1 099 Odd\r\n\r\n", WireError::Status(99)),
+            ("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", WireError::TransferCoding),
+            ("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n", WireError::TransferCoding),
+            ("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n", WireError::TransferCoding),
+            ("HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\n", WireError::TransferCoding),
+            ("HTTP/1.1 200 OK\r\ntransfer-encoding:\r\n\r\n", WireError::TransferCoding),
         ] {
             assert_eq!(head(text).unwrap_err(), expected, "{text:?}");
         }
