@@ -768,9 +768,10 @@ async fn read_whole(
             Ok(Some(Ok(frame))) => frame,
             Ok(None) => return Ok(whole.freeze()),
             Ok(Some(Err(e))) => {
-                return Err(adapter
-                    .upstream()
-                    .transport(format!("reading the answer: {e}")))
+                return Err(adapter.upstream().transport(format!(
+                    "reading the answer: {}",
+                    crate::upstream::error_chain(&e)
+                )))
             }
             Err(_) if Instant::now() >= total => {
                 return Err(adapter.upstream().timeout(TimeoutKind::Total, timeouts))

@@ -768,7 +768,7 @@ impl RelayBody {
                 }
                 Poll::Ready(Some(Err(e))) => AfterBatch::Fail(UpstreamError::Transport {
                     provider: self.provider.clone(),
-                    detail: format!("{e}"),
+                    detail: crate::upstream::error_chain(&e),
                 }),
                 Poll::Ready(None) => AfterBatch::End,
                 Poll::Pending if batch.len() > 0 => break,

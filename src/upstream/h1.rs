@@ -929,6 +929,11 @@ mod tests {
         let resp = send(&pool, addr, "/v1/chat").await.unwrap();
         let e = read_to_end(&mut resp.into_body()).await.unwrap_err();
         assert!(matches!(e, Error::Wire(WireError::ChunkSize)), "{e:?}");
+        // What the log's detail says (the relay writes the whole chain).
+        assert_eq!(
+            crate::upstream::error_chain(&e),
+            "the provider's answer is not valid HTTP/1.1: a chunk's size line is invalid"
+        );
         assert_eq!(pool.idle_count(), 0);
     }
 
