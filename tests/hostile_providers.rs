@@ -502,6 +502,35 @@ async fn an_html_200_fails_over() {
 }
 
 #[tokio::test]
+async fn an_answer_whose_framing_cannot_be_trusted_fails_over() {
+    // Each is refused by the plain-http client before a byte reaches the
+    // client: a transfer-coding detour did not ask for, lengths that
+    // disagree, and a head that is not HTTP at all.
+    let replies: [&'static [u8]; 3] = [
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}",
+        b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    ];
+    for reply in replies {
+        let (addr, hits) = hostile(reply, false).await;
+        let backup = upstream(Flavor::Openai).await;
+        let gw = gateway(&config("openai", addr, Some(backup.addr()), "", "")).await;
+        for stream in [false, true] {
+            let resp = post(&gw, Client::OpenAi, stream).await;
+            let what = String::from_utf8_lossy(reply);
+            assert_eq!(resp.status(), 200, "{what}");
+            assert_eq!(header(&resp, "x-detour-provider"), Some("backup"), "{what}");
+            assert_eq!(
+                header(&resp, "x-detour-tried"),
+                Some("primary/gpt-a=transport_error"),
+                "{what}"
+            );
+        }
+        assert!(hits.load(Ordering::SeqCst) >= 1);
+    }
+}
+
+#[tokio::test]
 async fn an_html_200_is_never_cached() {
     let p = upstream(Flavor::Openai).await;
     p.set_faults(faults(json!({"html_200": true})));
