@@ -6,9 +6,10 @@
 //! An answer's head keeps only the headers detour reads ([`KEPT`]); the
 //! rest (a provider's request ids, rate-limit counters, cookies) is parsed
 //! past and never copied. The framing follows RFC 9112 §6.3: a
-//! `transfer-encoding` overrides `content-length` (and the connection is
-//! closed after such an answer), several different lengths are an error,
-//! and an answer with neither runs until the connection closes.
+//! `transfer-encoding` (only `chunked`: detour asks for no other) overrides
+//! `content-length` (and the connection is closed after such an answer),
+//! several different lengths are an error, and an answer with neither runs
+//! until the connection closes.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
