@@ -180,7 +180,7 @@ impl Pool {
             *resp.headers_mut() = answer.headers;
             let body = Body {
                 conn: Some(conn),
-                remaining: wire::Remaining::new(answer.framing),
+                remaining: answer.body,
                 reusable: answer.reusable,
                 idle: Arc::clone(&self.idle),
             }
@@ -641,6 +641,29 @@ mod tests {
         assert!(waits <= 1, "waited {waits} times for events already read");
     }
 
+    /// Waits until the provider's close of every idle connection has reached
+    /// this side (each socket reads as readable: its end), rather than
+    /// guessing how long that takes.
+    async fn until_closed_by_provider(pool: &Pool) {
+        let conns: Vec<_> = pool.idle.lock().drain(..).collect();
+        for (conn, _) in &conns {
+            conn.io.readable().await.unwrap();
+        }
+        pool.idle.lock().extend(conns);
+    }
+
+    /// A pool holding one idle connection that the provider has closed.
+    async fn a_closed_idle_connection() -> Pool {
+        // The provider closes its side 20 ms after its answer.
+        let (addr, _, _) = provider(json, 1).await;
+        let pool = pool(addr);
+        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
+        read_all(&mut resp.into_body()).await;
+        until_closed_by_provider(&pool).await;
+        assert_eq!(pool.idle_count(), 1);
+        pool
+    }
+
     #[tokio::test]
     async fn a_connection_is_reused_and_one_the_provider_closed_is_replaced() {
         let (addr, accepted, heads) = provider(json, 2).await;
@@ -658,7 +681,7 @@ mod tests {
         );
         // The provider closes its side after two answers; the kept
         // connection is found closed and a new one made, without an error.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        until_closed_by_provider(&pool).await;
         let resp = send(&pool, addr, "/v1/chat?x=1").await.unwrap();
         read_all(&mut resp.into_body()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -676,14 +699,8 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_the_provider_closed_are_swept_without_traffic() {
-        let (addr, _, _) = provider(json, 1).await;
-        let pool = pool(addr);
-        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
-        read_all(&mut resp.into_body()).await;
-        // The provider closes its side 20 ms after its answer; no request
-        // comes to notice.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert_eq!(pool.idle_count(), 1);
+        // No request comes to notice the close.
+        let pool = a_closed_idle_connection().await;
         tokio::time::pause();
         tokio::time::advance(SWEEP_EVERY + std::time::Duration::from_secs(1)).await;
         for _ in 0..10 {
@@ -734,13 +751,23 @@ mod tests {
         assert!(e.is_connect(), "{e:?}");
     }
 
-    /// A provider that answers one request on each connection with
-    /// `pieces`, written 5 ms apart (so each is read on its own), then
-    /// holds the connection open for three seconds, or closes it at once.
-    /// Returns its address and the request heads it read.
+    /// What a [`scripted`] provider does once it has answered.
+    #[derive(Clone, Copy)]
+    enum Then {
+        /// Closes the connection.
+        Close,
+        /// Reads on until the client closes it.
+        Wait,
+        /// Neither reads nor closes, for as long as the test runs.
+        Stall,
+    }
+
+    /// A provider that reads one request's head on each connection, answers
+    /// with `pieces`, written 5 ms apart (so each is read on its own), then
+    /// does `then`. Returns its address and the request heads it read.
     async fn scripted(
         pieces: Vec<Vec<u8>>,
-        close: bool,
+        then: Then,
     ) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -767,8 +794,13 @@ mod tests {
                         }
                         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                     }
-                    if !close {
-                        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                    match then {
+                        Then::Close => {}
+                        Then::Wait => {
+                            let mut sink = [0u8; 4096];
+                            while matches!(sock.read(&mut sink).await, Ok(n) if n > 0) {}
+                        }
+                        Then::Stall => std::future::pending().await,
                     }
                 });
             }
@@ -795,7 +827,7 @@ mod tests {
         let answer = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n\
             x-request-id: req_1\r\nopenai-processing-ms: 12\r\nRetry-After: 3\r\n\
             cache-control: no-store\r\nset-cookie: a=b\r\ncontent-length: 2\r\n\r\n{}";
-        let (addr, heads) = scripted(vec![answer.to_vec()], false).await;
+        let (addr, heads) = scripted(vec![answer.to_vec()], Then::Wait).await;
         let pool = pool(addr);
         let resp = send(&pool, addr, "/v1/chat?a=1").await.unwrap();
         assert_eq!(resp.status(), 429);
@@ -835,7 +867,7 @@ mod tests {
         }
         whole.extend_from_slice(b"0\r\ntrailer: x\r\n\r\n");
         for size in [1, 3, 7, 64] {
-            let (addr, _) = scripted(cut(&whole, size), false).await;
+            let (addr, _) = scripted(cut(&whole, size), Then::Wait).await;
             let pool = pool(addr);
             let resp = send(&pool, addr, "/v1/chat").await.unwrap();
             assert_eq!(
@@ -851,7 +883,7 @@ mod tests {
     async fn an_answer_cut_off_before_its_length_is_an_error() {
         let (addr, _) = scripted(
             vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabcd".to_vec()],
-            true,
+            Then::Close,
         )
         .await;
         let pool = pool(addr);
@@ -868,7 +900,7 @@ mod tests {
                 b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nhello there",
                 9,
             ),
-            true,
+            Then::Close,
         )
         .await;
         let pool = pool(addr);
@@ -888,7 +920,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
             b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n{}",
         ] {
-            let (addr, _) = scripted(vec![answer.to_vec()], false).await;
+            let (addr, _) = scripted(vec![answer.to_vec()], Then::Wait).await;
             let pool = pool(addr);
             let resp = send(&pool, addr, "/v1/chat").await.unwrap();
             assert_eq!(read_to_end(&mut resp.into_body()).await.unwrap(), b"{}");
@@ -899,7 +931,7 @@ mod tests {
     #[tokio::test]
     async fn an_interim_answer_is_skipped() {
         let answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
-        let (addr, _) = scripted(cut(answer, 20), false).await;
+        let (addr, _) = scripted(cut(answer, 20), Then::Wait).await;
         let pool = pool(addr);
         let resp = send(&pool, addr, "/v1/chat").await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -908,13 +940,13 @@ mod tests {
 
     #[tokio::test]
     async fn what_is_not_http_fails_the_request_or_the_body() {
-        let (addr, _) = scripted(vec![b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec()], false).await;
+        let (addr, _) = scripted(vec![b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec()], Then::Wait).await;
         let e = send(&pool(addr), addr, "/v1/chat").await.unwrap_err();
         assert!(matches!(e, Error::Wire(WireError::Head(_))), "{e:?}");
 
         let mut endless = b"HTTP/1.1 200 OK\r\nx-filler: ".to_vec();
         endless.resize(80 * 1024, b'a');
-        let (addr, _) = scripted(cut(&endless, 8192), false).await;
+        let (addr, _) = scripted(cut(&endless, 8192), Then::Wait).await;
         let e = send(&pool(addr), addr, "/v1/chat").await.unwrap_err();
         assert!(matches!(e, Error::Wire(WireError::HeadTooLarge)), "{e:?}");
 
@@ -922,7 +954,7 @@ mod tests {
             vec![
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n".to_vec(),
             ],
-            false,
+            Then::Wait,
         )
         .await;
         let pool = pool(addr);
@@ -942,7 +974,7 @@ mod tests {
         let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 300000\r\n\r\n".to_vec();
         let head = answer.len();
         answer.resize(head + 300_000, b'x');
-        let (addr, _) = scripted(vec![answer], false).await;
+        let (addr, _) = scripted(vec![answer], Then::Wait).await;
         let pool = pool(addr);
         let resp = send(&pool, addr, "/v1/chat").await.unwrap();
         let mut body = resp.into_body();
@@ -969,14 +1001,15 @@ mod tests {
         // The provider reads the head only, refuses the body, and holds the
         // connection open without reading more: the write cannot finish.
         let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 2\r\n\r\n{}";
-        let (addr, _) = scripted(vec![answer.to_vec()], false).await;
+        let (addr, _) = scripted(vec![answer.to_vec()], Then::Stall).await;
         let pool = pool(addr);
         let uri: Uri = format!("http://{addr}/v1/chat").parse().unwrap();
         let body = Bytes::from(vec![b' '; 64 << 20]);
         let headers = HeaderMap::new();
         let sent = pool.request(&uri, &headers, body);
-        // Well before the provider lets go of the connection (3 s).
-        let resp = tokio::time::timeout(std::time::Duration::from_secs(2), sent)
+        // Waiting for the write to finish would wait forever; the bound
+        // only turns that hang into a failure.
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(60), sent)
             .await
             .expect("the early answer, not a wait for the write")
             .unwrap();
@@ -991,12 +1024,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_task_out_of_budget_still_sees_that_the_provider_closed_a_connection() {
-        let (addr, _, _) = provider(json, 1).await;
-        let pool = pool(addr);
-        let resp = send(&pool, addr, "/v1/chat").await.unwrap();
-        read_all(&mut resp.into_body()).await;
-        // The provider closes its side 20 ms after its answer.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let pool = a_closed_idle_connection().await;
         let (mut conn, _) = pool.idle.lock().pop_back().unwrap();
         let open = std::future::poll_fn(|cx| {
             // Spend the task's budget, as a busy relay would have.

@@ -98,22 +98,12 @@ pub struct Head {
     pub status: StatusCode,
     /// The [`KEPT`] headers.
     pub headers: HeaderMap,
-    pub framing: Framing,
+    /// How its body ends, as the state that reads it.
+    pub body: Remaining,
     /// Whether the connection can take another request once the body ended.
     pub reusable: bool,
     /// How many bytes of the buffer the head took.
     pub len: usize,
-}
-
-/// How an answer's body ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    /// After this many bytes (`content-length`; none for 1xx, 204 and 304).
-    Length(u64),
-    /// With the last chunk (`transfer-encoding: chunked`).
-    Chunked,
-    /// When the provider closes the connection.
-    UntilClose,
 }
 
 /// Parses the answer head at the start of `buf`: `None` while it is
@@ -177,28 +167,28 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, WireError> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Err(WireError::Upgrade);
     }
-    let framing = if status.is_informational()
+    let body = if status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
-        Framing::Length(0)
+        Remaining::Done
     } else {
         match (chunked, length) {
-            (true, _) => Framing::Chunked,
-            (false, Some(n)) => Framing::Length(n),
-            (false, None) => Framing::UntilClose,
+            (true, _) => Remaining::Chunked(Chunked::Size),
+            (false, Some(0)) => Remaining::Done,
+            (false, Some(n)) => Remaining::Length(n),
+            (false, None) => Remaining::UntilClose,
         }
     };
     // Both framings at once is how requests are smuggled, and chunks in
     // HTTP/1.0 are faulty framing (RFC 9112 §6.1): never reuse.
-    if chunked && (length.is_some() || answer.version == Some(0)) || framing == Framing::UntilClose
-    {
+    if chunked && (length.is_some() || answer.version == Some(0)) || body == Remaining::UntilClose {
         close = true;
     }
     Ok(Some(Head {
         status,
         headers,
-        framing,
+        body,
         reusable: !close,
         len,
     }))
@@ -221,25 +211,21 @@ fn content_length(value: &[u8]) -> Result<u64, WireError> {
     out.ok_or(WireError::ContentLength)
 }
 
-/// The body's bytes left to take off the read buffer.
-#[derive(Debug)]
+/// An answer body's bytes left to take off the read buffer: how it ends
+/// (RFC 9112 §6.3), and how far it got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Remaining {
+    /// This many bytes (`content-length`).
     Length(u64),
+    /// Up to the last chunk (`transfer-encoding: chunked`).
     Chunked(Chunked),
+    /// Whatever comes until the provider closes the connection.
     UntilClose,
+    /// Nothing (all taken, or none for 1xx, 204, 304 and a zero length).
     Done,
 }
 
 impl Remaining {
-    pub fn new(framing: Framing) -> Self {
-        match framing {
-            Framing::Length(0) => Self::Done,
-            Framing::Length(n) => Self::Length(n),
-            Framing::Chunked => Self::Chunked(Chunked::Size),
-            Framing::UntilClose => Self::UntilClose,
-        }
-    }
-
     pub fn is_done(&self) -> bool {
         matches!(self, Self::Done)
     }
@@ -408,9 +394,10 @@ mod tests {
     fn framing_follows_rfc_9112() {
         let framing = |text: &str| {
             let h = head(text).unwrap().unwrap();
-            (h.framing, h.reusable)
+            (h.body, h.reusable)
         };
-        use Framing::*;
+        use Remaining::{Done, Length, UntilClose};
+        let chunks = Remaining::Chunked(Chunked::Size);
         for (text, expected) in [
             (
                 "HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n",
@@ -422,26 +409,26 @@ mod tests {
             ),
             (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
-                (Chunked, true),
+                (chunks, true),
             ),
             (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding:  Chunked \r\n\r\n",
-                (Chunked, true),
+                (chunks, true),
             ),
             (
                 "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n",
-                (Chunked, false),
+                (chunks, false),
             ),
             (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
-                (Chunked, false),
+                (chunks, false),
             ),
             ("HTTP/1.1 200 OK\r\n\r\n", (UntilClose, false)),
             (
                 "HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n",
-                (Length(0), true),
+                (Done, true),
             ),
-            ("HTTP/1.1 304 Not Modified\r\n\r\n", (Length(0), true)),
+            ("HTTP/1.1 304 Not Modified\r\n\r\n", (Done, true)),
             (
                 "HTTP/1.1 200 OK\r\nconnection: keep-alive, Close\r\ncontent-length: 1\r\n\r\n",
                 (Length(1), false),
@@ -549,7 +536,7 @@ mod tests {
     /// Decodes `wire` fed in pieces of the given sizes: the body, or the
     /// first error; `None` if it never ended.
     fn decode(wire: &[u8], cuts: &[usize]) -> Option<Result<Vec<u8>, WireError>> {
-        let mut remaining = Remaining::new(Framing::Chunked);
+        let mut remaining = Remaining::Chunked(Chunked::Size);
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         let mut fed = 0;
@@ -643,7 +630,7 @@ mod tests {
 
     #[test]
     fn a_length_is_taken_exactly_and_what_follows_stays() {
-        let mut remaining = Remaining::new(Framing::Length(5));
+        let mut remaining = Remaining::Length(5);
         let mut buf = BytesMut::from(&b"abcdefg"[..]);
         assert_eq!(remaining.take(&mut buf).unwrap().unwrap(), "abcde");
         assert!(remaining.is_done());
