@@ -378,7 +378,10 @@ impl RelayBody {
                 Poll::Ready(Some(Err(e))) => {
                     return Poll::Ready(Err(UpstreamError::Transport {
                         provider: self.provider.clone(),
-                        detail: format!("stream failed before its first event: {e}"),
+                        detail: format!(
+                            "stream failed before its first event: {}",
+                            crate::upstream::error_chain(&e)
+                        ),
                     }))
                 }
                 Poll::Ready(None) => {
