@@ -12,6 +12,7 @@ pub use detour_protocol as protocol;
 
 pub mod access;
 pub mod admin;
+pub mod after_write;
 pub mod auth;
 pub mod boxed;
 pub mod budget;

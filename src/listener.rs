@@ -173,7 +173,9 @@ where
             let _slot = slot;
             // `detour_open_connections` counts the main listener's.
             let _open = (policy.listener == "main").then(crate::metrics::OpenConnection::new);
-            conn.run(tcp, app, &builder, stopping).await;
+            // What a request leaves for after its response is written runs
+            // when the connection's poll that wrote it returns.
+            crate::after_write::Scope::new(conn.run(tcp, app, &builder, stopping)).await;
         };
         match workers.and_then(Workers::place) {
             Some((worker, placed)) => {
@@ -421,5 +423,100 @@ impl http_body::Body for Tracked {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_types)] // A test's hand-off from the server's thread.
+mod tests {
+    use std::io::Read;
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use http_body::Frame;
+
+    use super::*;
+
+    /// A body of one chunk which, at its end, defers `work` (as the relay
+    /// defers the request's record).
+    struct DefersAtEnd {
+        chunk: Option<Bytes>,
+        work: Option<Box<dyn FnOnce() + Send>>,
+    }
+
+    impl http_body::Body for DefersAtEnd {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            if let Some(chunk) = self.chunk.take() {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            if let Some(work) = self.work.take() {
+                crate::after_write::defer(work);
+            }
+            Poll::Ready(None)
+        }
+    }
+
+    /// What a request defers runs once its whole response is in the client's
+    /// socket: the work reads it from there, without waiting.
+    #[tokio::test]
+    async fn deferred_work_runs_after_the_response_is_written() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = Arc::new(std::net::TcpStream::connect(addr).unwrap());
+        // The work reads what the client's socket holds at that moment.
+        client.set_nonblocking(true).unwrap();
+        let seen = Arc::new(Mutex::new(None::<String>));
+        let (reader, found) = (Arc::clone(&client), Arc::clone(&seen));
+        let work = Arc::new(Mutex::new(Some(Box::new(move || {
+            let mut buf = [0u8; 4096];
+            let got = match (&*reader).read(&mut buf) {
+                Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+                Err(e) => format!("nothing to read: {e}"),
+            };
+            *found.lock().unwrap() = Some(got);
+        }) as Box<dyn FnOnce() + Send>)));
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(move || {
+                let work = work.lock().unwrap().take();
+                async move {
+                    axum::body::Body::new(DefersAtEnd {
+                        chunk: Some(Bytes::from_static(b"the answer")),
+                        work,
+                    })
+                }
+            }),
+        );
+        let policy = Policy {
+            listener: "test",
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+            http2_keep_alive: Duration::from_secs(5),
+            max_connections: 4,
+            shutdown_timeout: Duration::from_secs(1),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(app, listener, policy, None, async {
+            let _ = stopped.await;
+        }));
+        std::io::Write::write_all(&mut &*client, b"GET / HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            if let Some(got) = seen.lock().unwrap().take() {
+                break got;
+            }
+            assert!(Instant::now() < deadline, "the deferred work never ran");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(got.contains("the answer"), "{got}");
+        drop(stop);
+        server.await.unwrap().unwrap();
     }
 }

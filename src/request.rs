@@ -84,17 +84,19 @@ impl Drop for Tracked {
     }
 }
 
+/// A request in a rollout's cohort, whose end is seen in the rollout's view.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::*;
+    use super::Tracked;
     use crate::config::RolloutPolicy;
     use crate::protocol::chat::ClientFormat;
-    use crate::state::Rollout;
+    use crate::state::{CohortTag, Rollout};
+    use crate::telemetry::RequestRecord;
 
-    fn rollout() -> Arc<Rollout> {
+    pub fn rollout() -> Arc<Rollout> {
         let cfg = crate::config::load_str("", "t.toml").unwrap();
         let live = crate::state::Gateway::new(cfg).unwrap().live();
         let policy = RolloutPolicy {
@@ -108,7 +110,7 @@ mod tests {
         Arc::new(Rollout::new(live, health, policy, None))
     }
 
-    fn tracked(rollout: &Arc<Rollout>, canary: bool) -> Tracked {
+    pub fn tracked(rollout: &Arc<Rollout>, canary: bool) -> Tracked {
         let mut t = Tracked::new(RequestRecord::new(
             "id".into(),
             ClientFormat::OpenAi,
@@ -120,6 +122,14 @@ mod tests {
         });
         t
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::testing::{rollout, tracked};
+    use super::*;
 
     #[tokio::test]
     async fn the_cohort_is_told_once_whether_finished_or_dropped() {

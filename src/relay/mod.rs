@@ -452,6 +452,7 @@ impl RelayBody {
     /// The upstream body ended.
     fn on_end(&mut self, cx: &mut Context<'_>) -> Polled {
         let mut tail = None;
+        let mut plain = None;
         match &mut self.mode {
             Mode::Events(events) => {
                 if let Some(r) = &mut self.record {
@@ -489,11 +490,8 @@ impl RelayBody {
                     r.usage = translated.usage();
                 }
             }
-            Mode::Plain(scan) => {
-                if let (Some(usage), Some(r)) = (scan.usage(), &mut self.record) {
-                    r.usage = usage;
-                }
-            }
+            // Read with the record, after the write (below).
+            Mode::Plain(scan) => plain = Some(std::mem::take(scan)),
             Mode::Ready(_) => {}
         }
         // A decoded stream without its end marker (or with an error event)
@@ -539,8 +537,15 @@ impl RelayBody {
         if !self.whole {
             self.count_continuation("broke");
         }
-        if let Some(r) = self.record.take() {
-            r.finish(Outcome::Ok);
+        if let Some(mut r) = self.record.take() {
+            // The answer's usage, the log line, the metrics and the settled
+            // limits wait until the client has the answer.
+            crate::after_write::defer(move || {
+                if let Some(usage) = plain.and_then(|scan| scan.usage()) {
+                    r.usage = usage;
+                }
+                r.finish(Outcome::Ok);
+            });
         }
         match tail {
             Some(bytes) => {
@@ -867,6 +872,39 @@ impl Body for RelayBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The request's record (its line, metrics, settled limits and rollout
+    /// cohort) is written once the connection's poll that wrote the answer
+    /// returns, not before hyper has the answer's end in hand.
+    #[tokio::test]
+    async fn a_request_is_recorded_after_its_answer_is_written() {
+        let rollout = crate::request::testing::rollout();
+        let mut relay = RelayBody::new(
+            None,
+            Shape::Ready(Bytes::from_static(b"{}")),
+            "p".to_owned(),
+            Timeouts::default(),
+            1024,
+            ClientFormat::OpenAi,
+            Instant::now(),
+        );
+        let mut record = crate::request::testing::tracked(&rollout, false);
+        record.status = 200;
+        relay.attach(record);
+        let told = || rollout.view().stable.requests;
+        let mut answered = false;
+        let connection = crate::after_write::Scope::new(std::future::poll_fn(|cx| {
+            let last = Pin::new(&mut *relay).poll_frame(cx);
+            assert!(matches!(last, Poll::Ready(Some(Ok(_)))));
+            assert!(relay.is_end_stream(), "the answer is whole");
+            assert_eq!(told(), 0, "recorded before the answer was written");
+            answered = true;
+            Poll::Ready(())
+        }));
+        connection.await;
+        assert!(answered);
+        assert_eq!(told(), 1, "recorded once the poll that wrote it returned");
+    }
 
     #[test]
     fn a_broken_off_stream_logs_which_limit_or_fault_ended_it() {
