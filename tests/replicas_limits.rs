@@ -20,6 +20,13 @@ use tokio::time::Instant;
 
 const KEY: &str = "dk-replica-key";
 
+/// The process's metrics are global, and `cargo test` runs this file's tests
+/// as threads of one process: the test that counts Redis calls in them runs
+/// alone (it takes this for writing), the others beside each other (for
+/// reading). nextest runs each test in a process of its own, where this
+/// changes nothing.
+static METRICS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn state(redis: &str, extra: &str) -> String {
     format!("[state]\nbackend = \"redis\"\nredis_url = \"{redis}\"\ntimeout = \"250ms\"\n{extra}\n")
 }
@@ -96,6 +103,7 @@ async fn replicas(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_per_minute_hold_exactly_across_three_processes() {
+    let _metrics = METRICS.read().await;
     let redis = RedisServer::start();
     let upstream = mock().await;
     // 300 a minute: a minute's worth at once, then one every 200 ms.
@@ -197,6 +205,7 @@ async fn requests_per_minute_hold_exactly_across_three_processes() {
 
 #[tokio::test]
 async fn concurrency_is_leased_across_replicas_and_a_dead_replica_gives_its_leases_back() {
+    let _metrics = METRICS.read().await;
     let redis = RedisServer::start();
     let upstream = mock_with(MockOptions::default()).await;
     upstream.set_faults(faults(serde_json::json!({"latency_ms": 1500})));
@@ -264,6 +273,7 @@ async fn concurrency_is_leased_across_replicas_and_a_dead_replica_gives_its_leas
 
 #[tokio::test]
 async fn tokens_are_reserved_then_settled_across_replicas() {
+    let _metrics = METRICS.read().await;
     let redis = RedisServer::start();
     let upstream = mock().await;
     upstream.set_faults(faults(serde_json::json!({"latency_ms": 1000})));
@@ -296,6 +306,7 @@ async fn tokens_are_reserved_then_settled_across_replicas() {
 
 #[tokio::test]
 async fn failed_authentications_are_counted_by_every_replica_together() {
+    let _metrics = METRICS.read().await;
     let redis = RedisServer::start();
     let upstream = mock().await;
     let st = state(&redis.url(), "");
@@ -333,6 +344,7 @@ async fn statuses(addr: SocketAddr, n: usize) -> Vec<u16> {
 
 #[tokio::test]
 async fn with_redis_gone_each_replica_enforces_its_share_and_shared_limits_come_back() {
+    let _metrics = METRICS.read().await;
     let mut redis = RedisServer::start();
     let upstream = mock().await;
     let st = state(&redis.url(), "");
@@ -369,6 +381,7 @@ async fn with_redis_gone_each_replica_enforces_its_share_and_shared_limits_come_
 
 #[tokio::test]
 async fn on_redis_failure_open_admits_and_closed_refuses_with_503() {
+    let _metrics = METRICS.read().await;
     let redis = RedisServer::start();
     let upstream = mock().await;
     let open = replicas(
@@ -410,6 +423,7 @@ async fn on_redis_failure_open_admits_and_closed_refuses_with_503() {
 
 #[tokio::test]
 async fn a_paused_redis_costs_no_request_more_than_the_timeout() {
+    let _metrics = METRICS.read().await;
     let redis = RedisServer::start();
     let upstream = mock().await;
     let st = "[state]\nbackend = \"redis\"\nredis_url = \"URL\"\ntimeout = \"30ms\"\n"
@@ -468,6 +482,7 @@ async fn redis_calls(gw: &detour::server::Running, op: &str) -> u64 {
 
 #[tokio::test]
 async fn a_large_limit_is_admitted_from_allowances_without_a_call_each() {
+    let _metrics = METRICS.write().await;
     // Record from the first request on.
     let _ = detour::metrics::handle();
     let redis = RedisServer::start();
@@ -500,6 +515,7 @@ async fn a_large_limit_is_admitted_from_allowances_without_a_call_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowances_never_let_the_replicas_admit_past_the_limit() {
+    let _metrics = METRICS.read().await;
     let redis = RedisServer::start();
     let upstream = mock().await;
     // 1,000 a minute over two replicas: each takes 2 ahead of need.
