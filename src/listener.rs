@@ -462,22 +462,25 @@ mod tests {
         }
     }
 
-    /// What a request defers runs once its whole response is in the client's
-    /// socket: the work reads it from there, without waiting.
+    /// What a request defers runs once its response is in the client's
+    /// socket: the work reads it from there.
     #[tokio::test]
     async fn deferred_work_runs_after_the_response_is_written() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = Arc::new(std::net::TcpStream::connect(addr).unwrap());
-        // The work reads what the client's socket holds at that moment.
-        client.set_nonblocking(true).unwrap();
+        // The work reads the client's socket on the server's thread: were it
+        // run before the write, the write could not happen while it waits.
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         let seen = Arc::new(Mutex::new(None::<String>));
         let (reader, found) = (Arc::clone(&client), Arc::clone(&seen));
         let work = Arc::new(Mutex::new(Some(Box::new(move || {
             let mut buf = [0u8; 4096];
             let got = match (&*reader).read(&mut buf) {
                 Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
-                Err(e) => format!("nothing to read: {e}"),
+                Err(e) => format!("nothing to read within 2 s: {e}"),
             };
             *found.lock().unwrap() = Some(got);
         }) as Box<dyn FnOnce() + Send>)));
