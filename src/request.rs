@@ -11,7 +11,8 @@
 //! [`Tracked`] only holds them together and ends them once, in that order:
 //! when told ([`Tracked::finish`]) or when dropped (the client went away).
 //! It travels with the request: ingress makes it, `proxy` fills it in, the
-//! committed `relay::RelayBody` keeps it until the body ends.
+//! committed `relay::RelayBody` keeps it until the body ends, and ends it
+//! once the answer is written (`crate::after_write`).
 
 use std::ops::{Deref, DerefMut};
 

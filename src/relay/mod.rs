@@ -19,9 +19,11 @@
 //! failure can still fail over unseen), ends a failed stream with a
 //! well-formed error event in the client's format (never a hang, never
 //! truncated JSON), and holds the request (`request::Tracked`: its log
-//! record and what is settled with it), ending it when the body ends. It
-//! tells the target's health how a committed body ended ([`BodyEnd`], once:
-//! whole, broken off, or dropped) through the hook the proxy gives it.
+//! record and what is settled with it), ending it when the body ends: the
+//! usage read and the record written once the end is written to the client
+//! ([`crate::after_write`]). It tells the target's health how a committed
+//! body ended ([`BodyEnd`], once: whole, broken off, or dropped) through the
+//! hook the proxy gives it.
 //!
 //! On a route with `continue_streams = true`, a re-encoded text stream keeps
 //! the text it sent ([`translate::Translated::keep_text`]; nothing is kept
