@@ -12,9 +12,10 @@
 //! [`Scope`] wraps a client connection's task: while it polls, [`defer`]
 //! queues; when the poll returns (hyper has written what that poll produced,
 //! as far as the client's socket took it), the queue runs, on the same
-//! thread, before the task yields. Outside a scope (an HTTP/2 stream's own task, a test driving a
-//! body by hand), [`defer`] runs the work at once. Nothing queued is ever
-//! left: a scope's poll ends by running its queue, even when it unwinds.
+//! thread, before the task yields. Outside a scope (an HTTP/2 stream's own
+//! task, a test driving a body by hand), [`defer`] runs the work at once.
+//! Nothing queued is ever left: a scope's poll ends by running its queue,
+//! even when it unwinds.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
