@@ -107,6 +107,20 @@ fn header<'a>(resp: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     resp.headers().get(name).map(|v| v.to_str().unwrap())
 }
 
+/// The backup answered, after the primary failed for `reason` (`what` names
+/// the case in a failure's message).
+#[track_caller]
+fn answered_by_backup_after(resp: &reqwest::Response, reason: &str, what: &str) {
+    assert_eq!(resp.status(), 200, "{what}");
+    assert_eq!(header(resp, "x-detour-provider"), Some("backup"), "{what}");
+    let tried = format!("primary/gpt-a={reason}");
+    assert_eq!(
+        header(resp, "x-detour-tried"),
+        Some(tried.as_str()),
+        "{what}"
+    );
+}
+
 /// A one-trick upstream: answers every request with `reply`, then closes the
 /// connection, or with `hold` keeps it open and silent. Counts requests.
 async fn hostile(reply: &'static [u8], hold: bool) -> (SocketAddr, Arc<AtomicUsize>) {
@@ -202,12 +216,7 @@ async fn a_retry_after_past_durations_range_cools_the_target_down_and_fails_over
     .await;
 
     let resp = post(&gw, Client::OpenAi, false).await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(header(&resp, "x-detour-provider"), Some("backup"));
-    assert_eq!(
-        header(&resp, "x-detour-tried"),
-        Some("primary/gpt-a=status_429")
-    );
+    answered_by_backup_after(&resp, "status_429", "");
     // The cool-down was recorded: the next request goes straight to the backup.
     let resp = post(&gw, Client::OpenAi, false).await;
     assert_eq!(resp.status(), 200);
@@ -315,13 +324,7 @@ async fn an_endless_first_event_fails_over_once_it_passes_the_cap() {
     .await;
     for format in [Client::OpenAi, Client::Anthropic] {
         let resp = post(&gw, format, true).await;
-        assert_eq!(resp.status(), 200, "{format:?}");
-        assert_eq!(header(&resp, "x-detour-provider"), Some("backup"));
-        assert_eq!(
-            header(&resp, "x-detour-tried"),
-            Some("primary/gpt-a=event_too_large"),
-            "{format:?}"
-        );
+        answered_by_backup_after(&resp, "event_too_large", &format!("{format:?}"));
         let body = text(resp).await;
         assert!(!body.contains("xxxx"), "{format:?}");
     }
@@ -461,13 +464,8 @@ async fn a_gzip_answer_that_must_be_read_fails_over() {
     // A stream, and an answer to translate: neither can be read compressed.
     for (format, stream) in [(Client::OpenAi, true), (Client::Anthropic, false)] {
         let resp = post(&gw, format, stream).await;
-        assert_eq!(resp.status(), 200, "{format:?}");
-        assert_eq!(header(&resp, "x-detour-provider"), Some("backup"));
-        assert_eq!(
-            header(&resp, "x-detour-tried"),
-            Some("primary/gpt-a=unexpected_encoding"),
-            "{format:?} stream={stream}"
-        );
+        let what = format!("{format:?} stream={stream}");
+        answered_by_backup_after(&resp, "unexpected_encoding", &what);
         assert_eq!(header(&resp, "content-encoding"), None);
         let body = text(resp).await;
         assert!(body.contains("local-b"), "{body}");
@@ -491,12 +489,10 @@ async fn an_html_200_fails_over() {
     .await;
     for stream in [false, true] {
         let resp = post(&gw, Client::OpenAi, stream).await;
-        assert_eq!(resp.status(), 200);
-        assert_eq!(header(&resp, "x-detour-provider"), Some("backup"));
-        assert_eq!(
-            header(&resp, "x-detour-tried"),
-            Some("primary/gpt-a=unexpected_content_type"),
-            "stream={stream}"
+        answered_by_backup_after(
+            &resp,
+            "unexpected_content_type",
+            &format!("stream={stream}"),
         );
     }
 }
@@ -517,14 +513,8 @@ async fn an_answer_whose_framing_cannot_be_trusted_fails_over() {
         let gw = gateway(&config("openai", addr, Some(backup.addr()), "", "")).await;
         for stream in [false, true] {
             let resp = post(&gw, Client::OpenAi, stream).await;
-            let what = String::from_utf8_lossy(reply);
-            assert_eq!(resp.status(), 200, "{what}");
-            assert_eq!(header(&resp, "x-detour-provider"), Some("backup"), "{what}");
-            assert_eq!(
-                header(&resp, "x-detour-tried"),
-                Some("primary/gpt-a=transport_error"),
-                "{what}"
-            );
+            let what = format!("{} stream={stream}", String::from_utf8_lossy(reply));
+            answered_by_backup_after(&resp, "transport_error", &what);
         }
         assert!(hits.load(Ordering::SeqCst) >= 1);
     }
@@ -582,13 +572,7 @@ async fn a_provider_404_for_the_targets_model_fails_over_as_misconfigured() {
         primary.set_faults(faults(json!({"error_rate": 1.0, "error_status": 404})));
         let gw = gateway(&config(kind, primary.addr(), Some(backup.addr()), "", "")).await;
         let resp = post(&gw, Client::OpenAi, false).await;
-        assert_eq!(resp.status(), 200, "{kind}");
-        assert_eq!(header(&resp, "x-detour-provider"), Some("backup"), "{kind}");
-        assert_eq!(
-            header(&resp, "x-detour-tried"),
-            Some("primary/gpt-a=model_not_found"),
-            "{kind}"
-        );
+        answered_by_backup_after(&resp, "model_not_found", kind);
         // Marked misconfigured: skipped for a while.
         let resp = post(&gw, Client::OpenAi, false).await;
         assert_eq!(header(&resp, "x-detour-attempts"), Some("1"), "{kind}");
@@ -629,12 +613,7 @@ async fn an_answer_to_translate_that_is_not_json_fails_over() {
     ))
     .await;
     let resp = post(&gw, Client::Anthropic, false).await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(header(&resp, "x-detour-provider"), Some("backup"));
-    assert_eq!(
-        header(&resp, "x-detour-tried"),
-        Some("primary/gpt-a=invalid_json")
-    );
+    answered_by_backup_after(&resp, "invalid_json", "");
 }
 
 #[tokio::test]
