@@ -237,7 +237,7 @@ def sccs(edges):
 # given a layer here. Nodes of other crates (`detour_mock::…`) are not layered:
 # a crate cannot import the gateway at all.
 LAYERS = [
-    ("leaves", {"after_write", "boxed", "config", "clock", "metrics", "mock", "workers"}),
+    ("leaves", {"after_write", "boxed", "config", "clock", "metrics", "mock", "when_woken", "workers"}),
     ("shared state", {"shared"}),
     ("policy", {"access", "auth", "health", "budget", "limits", "routing", "cache", "incidents"}),
     ("data plane", {"dns", "upstream", "providers", "state", "health_sync", "request", "telemetry", "traces",

@@ -45,4 +45,5 @@ pub mod status_pages;
 pub mod telemetry;
 pub mod traces;
 pub mod upstream;
+pub mod when_woken;
 pub mod workers;

@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::config::Server;
+use crate::when_woken::WhenWoken;
 use crate::workers::Workers;
 
 /// After a graceful close of an idle connection (HTTP/2: GOAWAY and a ping),
@@ -269,18 +270,22 @@ impl Connection {
             })
         };
         let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(tcp), service));
-        let mut watchdog = pin!(self.watchdog());
+        // The task wakes for every socket event of every request; the
+        // watchdog and the shutdown signal are polled only when they fired.
+        let mut watchdog = pin!(WhenWoken::new(self.watchdog()));
+        let mut stop = pin!(WhenWoken::new(stopping.wait_for(|s| *s)));
         let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut closing = false;
         loop {
             tokio::select! {
+                biased;
                 ended = conn.as_mut() => {
                     if let Err(e) = ended {
                         tracing::debug!(listener = self.policy.listener, %peer, "connection ended: {e}");
                     }
                     return;
                 }
-                _ = stopping.wait_for(|s| *s), if !closing => {
+                _ = &mut stop, if !closing => {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
