@@ -85,6 +85,10 @@ impl Drop for Open {
             return;
         }
         OPEN.with(|open| open.set(false));
+        // Most polls end no request.
+        if QUEUE.with(|q| q.borrow().is_empty()) {
+            return;
+        }
         // Taken out first: the work may defer more (it then runs at once,
         // the scope being closed) or poll a scope of its own.
         let mut work = QUEUE.with(|q| std::mem::take(&mut *q.borrow_mut()));

@@ -42,13 +42,14 @@ impl RequestId {
     fn fresh() -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let bits = fastrand::u128(..);
-        let mut id = String::with_capacity(36);
-        id.push_str("req_");
-        for shift in (0..32).rev() {
-            let digit = (bits >> (shift * 4)) as usize & 0xf;
-            id.push(char::from(HEX[digit]));
+        let mut id = [0u8; 36];
+        id[..4].copy_from_slice(b"req_");
+        for (i, digit) in id[4..].iter_mut().enumerate() {
+            *digit = HEX[(bits >> ((31 - i) * 4)) as usize & 0xf];
         }
-        Self(id)
+        // ASCII by construction: the check is a few instructions and cannot
+        // fail.
+        Self(String::from_utf8(id.to_vec()).unwrap_or_default())
     }
 
     pub fn as_str(&self) -> &str {
@@ -221,13 +222,17 @@ pub fn rate_limited(l: crate::limits::Limited) -> GatewayError {
 }
 
 /// Starts handling `req`; a body that cannot be read ends it in `format`.
-pub async fn start(
+///
+/// Its future (two kilobytes: it reads the body) is made in its own box, so
+/// that the handler's future neither holds it nor copies it in and out.
+pub fn start(
     admitted: Admitted,
     format: crate::error::ClientFormat,
     endpoint: crate::providers::Endpoint,
     req: axum::extract::Request,
-) -> Result<Started, axum::response::Response> {
-    start_as(admitted, format, endpoint.as_str(), req).await
+) -> std::pin::Pin<Box<impl std::future::Future<Output = Result<Started, axum::response::Response>>>>
+{
+    crate::boxed::in_place(move || start_as(admitted, format, endpoint.as_str(), req))
 }
 
 /// [`start`] for a call that is not one of the proxied endpoints, named

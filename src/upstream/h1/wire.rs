@@ -109,9 +109,16 @@ pub struct Head {
 /// Parses the answer head at the start of `buf`: `None` while it is
 /// incomplete.
 pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, WireError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut answer = httparse::Response::new(&mut slots);
-    let len = match answer.parse(buf) {
+    // Left uninitialized: httparse writes the lines it parses, and setting
+    // all hundred slots first would write 3.2 KB per answer.
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut answer = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut answer,
+        buf,
+        &mut slots,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
             return Err(WireError::HeadTooLarge)
