@@ -44,8 +44,9 @@ impl RequestId {
         let bits = fastrand::u128(..);
         let mut id = [0u8; 36];
         id[..4].copy_from_slice(b"req_");
-        for (i, digit) in id[4..].iter_mut().enumerate() {
-            *digit = HEX[(bits >> ((31 - i) * 4)) as usize & 0xf];
+        for (pair, byte) in id[4..].chunks_exact_mut(2).zip(bits.to_be_bytes()) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0xf)];
         }
         // ASCII by construction: the check is a few instructions and cannot
         // fail.
