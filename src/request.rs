@@ -22,45 +22,69 @@ use crate::telemetry::{Outcome, RequestRecord};
 
 /// A request's log record and the guards settled when it ends. Reads and
 /// writes of the record's fields go through to it ([`Deref`]).
+///
+/// Boxed: it travels through every layer of the handler and into the relay,
+/// and each layer moves it; a pointer costs less to move than its 380 bytes.
 #[derive(Debug)]
 pub struct Tracked {
+    held: Box<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
     record: RequestRecord,
-    /// Tokens charged to rate limits before the call, settled from `usage`.
-    pub charge: Option<TokenCharge>,
-    /// The rollout cohort the request ran in, if a rollout is baking.
-    pub cohort: Option<CohortTag>,
-    /// A limit's permit held for as long as the request lives (open streams).
-    pub hold: Option<crate::limits::StreamPermit>,
+    charge: Option<TokenCharge>,
+    cohort: Option<CohortTag>,
+    hold: Option<crate::limits::StreamPermit>,
 }
 
 impl Tracked {
     pub fn new(record: RequestRecord) -> Self {
         Self {
-            record,
-            charge: None,
-            cohort: None,
-            hold: None,
+            held: Box::new(Held {
+                record,
+                charge: None,
+                cohort: None,
+                hold: None,
+            }),
         }
+    }
+
+    /// Tokens charged to rate limits before the call, settled from `usage`.
+    pub fn set_charge(&mut self, charge: Option<TokenCharge>) {
+        self.held.charge = charge;
+    }
+
+    /// The rollout cohort the request ran in, if a rollout is baking.
+    pub fn set_cohort(&mut self, cohort: Option<CohortTag>) {
+        self.held.cohort = cohort;
+    }
+
+    /// A limit's permit, held for as long as the request lives (open
+    /// streams).
+    pub fn set_hold(&mut self, hold: Option<crate::limits::StreamPermit>) {
+        self.held.hold = hold;
     }
 
     /// Ends the request now with `outcome` (instead of on drop).
     pub fn finish(mut self, outcome: Outcome) {
-        self.record.outcome = outcome;
+        self.held.record.outcome = outcome;
         self.end();
     }
 
     /// Writes the record, then settles the charge and the cohort from it;
     /// once. The permit goes when `self` does.
     fn end(&mut self) {
-        if !self.record.write() {
+        let held = &mut *self.held;
+        if !held.record.write() {
             return;
         }
-        if let (Some(charge), Some(usage)) = (self.charge.take(), self.record.usage) {
+        if let (Some(charge), Some(usage)) = (held.charge.take(), held.record.usage) {
             charge.settle(usage.prompt_tokens + usage.completion_tokens);
         }
-        if let Some(c) = self.cohort.take() {
-            let latency = self.record.started.elapsed();
-            c.rollout.record(c.canary, self.record.status, latency);
+        if let Some(c) = held.cohort.take() {
+            let latency = held.record.started.elapsed();
+            c.rollout.record(c.canary, held.record.status, latency);
         }
     }
 }
@@ -69,13 +93,13 @@ impl Deref for Tracked {
     type Target = RequestRecord;
 
     fn deref(&self) -> &RequestRecord {
-        &self.record
+        &self.held.record
     }
 }
 
 impl DerefMut for Tracked {
     fn deref_mut(&mut self) -> &mut RequestRecord {
-        &mut self.record
+        &mut self.held.record
     }
 }
 
@@ -117,10 +141,10 @@ pub(crate) mod testing {
             ClientFormat::OpenAi,
             "chat",
         ));
-        t.cohort = Some(CohortTag {
+        t.set_cohort(Some(CohortTag {
             rollout: Arc::clone(rollout),
             canary,
-        });
+        }));
         t
     }
 }
@@ -150,7 +174,7 @@ mod tests {
     async fn the_permit_is_held_until_the_request_ends() {
         let streams = Arc::new(crate::limits::Slots::new(1));
         let mut t = tracked(&rollout(), false);
-        t.hold = Some(streams.try_take().unwrap().into());
+        t.set_hold(Some(streams.try_take().unwrap().into()));
         assert_eq!(streams.in_flight(), 1);
         t.finish(Outcome::Ok);
         assert_eq!(streams.in_flight(), 0);

@@ -47,7 +47,7 @@ pub async fn messages(admitted: Admitted, req: Request) -> Response {
     }
     if ir.stream {
         match live.limits.stream_permit(&caller).await {
-            Ok(permit) => record.hold = permit,
+            Ok(permit) => record.set_hold(permit),
             Err(e) => return reject(record, FORMAT, rate_limited(e)),
         }
     }

@@ -206,7 +206,7 @@ async fn charge_tokens(
     max_tokens: Option<u64>,
 ) -> Result<(), crate::limits::Limited> {
     let estimate = estimate_tokens(u64::try_from(body_len).unwrap_or(u64::MAX), max_tokens);
-    record.charge = tokens.charge(estimate).await?;
+    record.set_charge(tokens.charge(estimate).await?);
     Ok(())
 }
 
@@ -252,7 +252,7 @@ pub async fn start_as(
     } = admitted;
     let (parts, body) = req.into_parts();
     let mut record = Tracked::new(RequestRecord::new(id.into_string(), format, endpoint));
-    record.cohort = cohort;
+    record.set_cohort(cohort);
     record.span = live
         .traces
         .as_ref()

@@ -101,7 +101,7 @@ async fn accept_and_forward(started: Started, c: Checked) -> Response {
     }
     if c.stream {
         match live.limits.stream_permit(&caller).await {
-            Ok(permit) => record.hold = permit,
+            Ok(permit) => record.set_hold(permit),
             Err(e) => return reject(record, c.format, rate_limited(e)),
         }
     }

@@ -409,6 +409,9 @@ where
                 }
             };
             tokio::select! {
+                // The attempts first: an answer and the hedge delay ready at
+                // once is the answer (and no random start per poll).
+                biased;
                 Some(ended) = self.in_flight.next() => {
                     self.pending.retain(|p| p.index != ended.index);
                     return Some(ended);
