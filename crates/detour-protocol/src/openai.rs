@@ -700,6 +700,15 @@ pub fn rewrite_model(body: &[u8], span: Range<usize>, model: &str) -> Bytes {
 
 /// Appends `s` as a JSON string (quoted, escaped).
 fn put_json_string(out: &mut BytesMut, s: &str) {
+    // A name with nothing to escape (serde_json escapes `"`, `\\` and
+    // control characters) is written as it is.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.put_u8(b'"');
+        out.put_slice(s.as_bytes());
+        out.put_u8(b'"');
+        return;
+    }
     // serde_json fails only when its writer does, and memory does not.
     let _ = serde_json::to_writer(out.writer(), s);
 }
@@ -1682,5 +1691,50 @@ mod tests {
         assert_eq!(fields.messages, 1);
         assert_eq!(fields.stream, Some(true));
         assert_eq!(fields.max_tokens, Some(5));
+    }
+
+    #[test]
+    fn a_string_ends_at_its_first_unescaped_quote_wherever_that_is() {
+        // Escapes anywhere, strings short and long.
+        for len in 0..40 {
+            for escape_at in [None, Some(0), Some(len / 2), Some(14), Some(15), Some(16)] {
+                let mut text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+                if let Some(at) = escape_at.filter(|&at| at < len) {
+                    text.splice(at..at, *br#"\""#);
+                }
+                let body = [b"\"".as_slice(), &text, b"\" tail".as_slice()].concat();
+                let want = serde_json::from_slice::<String>(&body[..text.len() + 2]).ok();
+                assert!(want.is_some(), "{}", String::from_utf8_lossy(&body));
+                assert_eq!(
+                    string_end(&body, 1),
+                    Some(text.len() + 1),
+                    "{}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+        }
+        assert_eq!(string_end(br#""abc"#, 1), None, "unterminated");
+        assert_eq!(string_end(br#""ab\"#, 1), None, "an escape at the end");
+    }
+
+    #[test]
+    fn a_model_name_is_written_as_serde_json_writes_it() {
+        for name in [
+            "gpt-4o",
+            "",
+            "a\"b",
+            "back\\slash",
+            "tab\there",
+            "caf\u{e9}",
+            "del\u{7f}",
+        ] {
+            let mut out = BytesMut::new();
+            put_json_string(&mut out, name);
+            assert_eq!(
+                &out[..],
+                serde_json::to_string(name).unwrap().as_bytes(),
+                "{name:?}"
+            );
+        }
     }
 }
