@@ -52,6 +52,8 @@
 #                              at RATE req/s and 64 conns
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SCRIPT=bench
+source scripts/lib.sh
 
 DURATION=${DURATION:-5}
 ROUNDS=${ROUNDS:-3}
@@ -81,25 +83,7 @@ DETOUR_LOG=${RUST_LOG:-info}
 
 command -v jq >/dev/null || { echo "bench: jq is required" >&2; exit 1; }
 
-# The native floor: Debian's nginx-light, installed when missing. Its package
-# would start the system service; a policy-rc.d that refuses keeps it stopped
-# (this script runs its own instance and never touches the system one).
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-if [[ ! -x "$NGINX" ]]; then
-    echo "bench: installing nginx-light (the native floor)" >&2
-    sudo=""
-    [[ "$(id -u)" -eq 0 ]] || sudo="sudo"
-    policy_added=""
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
-        $sudo chmod 755 /usr/sbin/policy-rc.d
-        policy_added=1
-    fi
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx-light >/dev/null
-    if [[ -n "$policy_added" ]]; then $sudo rm -f /usr/sbin/policy-rc.d; fi
-    NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-fi
+ensure_nginx
 
 if [[ "$REDIS_BENCH" == 1 ]] && ! command -v redis-server >/dev/null; then
     echo "bench: installing redis-server (the shared-limits comparison)" >&2
@@ -109,26 +93,8 @@ if [[ "$REDIS_BENCH" == 1 ]] && ! command -v redis-server >/dev/null; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 fi
 
-DETOUR=${DETOUR:-target/release/detour}
-LOADGEN=target/release/examples/loadgen
-if [[ -z "${NO_BUILD:-}" ]]; then
-    cargo build --release --examples --bins
-fi
-
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+release_binaries
+scratch_and_cleanup
 
 # Replaces the (sub)shell with "$@", under taskset when a CPU list is given, so
 # that `$!` is the program's PID. Call it only in a subshell: `... &` or `$(...)`.

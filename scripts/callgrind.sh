@@ -22,6 +22,8 @@
 #        `callgrind_annotate --inclusive=yes --tree=caller`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SCRIPT=callgrind
+source scripts/lib.sh
 
 DURATION=${DURATION:-5}
 WARMUP_REQUESTS=${WARMUP_REQUESTS:-50}
@@ -32,33 +34,8 @@ for tool in valgrind callgrind_control callgrind_annotate jq; do
     command -v "$tool" >/dev/null || { echo "callgrind: $tool is required" >&2; exit 1; }
 done
 
-DETOUR=${DETOUR:-target/release/detour}
-LOADGEN=target/release/examples/loadgen
-if [[ -z "${NO_BUILD:-}" ]]; then
-    cargo build --release --examples --bins
-fi
-
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    local port=$1 i
-    for i in $(seq 600); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "callgrind: nothing listens on $port" >&2
-    exit 1
-}
+release_binaries
+scratch_and_cleanup
 
 OPENAI_PORT=$(free_port)
 "$DETOUR" mock --flavor openai --listen "127.0.0.1:$OPENAI_PORT" --seed 1 >"$TMP/openai.log" 2>&1 &

@@ -9,6 +9,8 @@
 # Knobs: PROVIDERS=200 ROUTES=2001 KEYS=20000 DURATION=5 MOCK_PORT=18801 DETOUR_PORT=18802 DETOUR=path
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SCRIPT=config-memory
+source scripts/lib.sh
 
 PROVIDERS=${PROVIDERS:-200}
 ROUTES=${ROUTES:-2001}
@@ -17,19 +19,8 @@ DURATION=${DURATION:-5}
 MOCK_PORT=${MOCK_PORT:-18801}
 DETOUR_PORT=${DETOUR_PORT:-18802}
 
-DETOUR=${DETOUR:-target/release/detour}
-LOADGEN=target/release/examples/loadgen
-if [[ -z "${NO_BUILD:-}" ]]; then
-    cargo build --release --examples --bins
-fi
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+release_binaries
+scratch_and_cleanup
 
 # The large config: providers p0..pN (all the mock), routes r0..rN over two
 # providers each plus "bench", keys k0..kN each with an rpm, and the bench key.
@@ -64,14 +55,6 @@ PIDS+=($!)
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
-wait_port() {
-    for _ in $(seq 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listens on $1" >&2
-    exit 1
-}
 wait_port "$MOCK_PORT"
 
 # measure NAME: idle RSS after start (KiB), req/s at 64 connections, RSS

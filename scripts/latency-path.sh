@@ -26,43 +26,21 @@
 # Knobs: NO_BUILD=1 DETOUR=path RATE=50 DURATION=4 KEEP_DUMPS=dir
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SCRIPT=latency-path
+source scripts/lib.sh
 
 RATE=${RATE:-50}
 DURATION=${DURATION:-4}
 for tool in valgrind callgrind_control python3 jq; do
     command -v "$tool" >/dev/null || { echo "latency-path: $tool is required" >&2; exit 1; }
 done
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-
-DETOUR=${DETOUR:-target/release/detour}
-LOADGEN=target/release/examples/loadgen
-if [[ -z "${NO_BUILD:-}" ]]; then
-    cargo build --release --examples --bins
-fi
-
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+ensure_nginx
+release_binaries
+scratch_and_cleanup
+before_cleanup() {
     if [[ -n "${KEEP_DUMPS:-}" ]]; then
-        mkdir -p "$KEEP_DUMPS" && cp -r "$TMP"/dumps-* "$KEEP_DUMPS"/ 2>/dev/null || true
+        mkdir -p "$KEEP_DUMPS" && cp -r "$TMP"/dumps-* "$KEEP_DUMPS"/ 2>/dev/null
     fi
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    local port=$1 i
-    for i in $(seq 600); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "latency-path: nothing listens on $port" >&2
-    exit 1
 }
 
 MOCK_PORT=$(free_port)
@@ -188,8 +166,4 @@ echo "detour: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --
 echo
 printf '%-8s %-24s  %8s %8s %8s  %10s  %8s\n' "" "" request wait answer "before write" after
 measure detour "$DETOUR_PORT" bench "$DETOUR" serve --config "$TMP/conf/detour.toml"
-if [[ -x "$NGINX" ]]; then
-    measure nginx "$NGINX_PORT" gpt-4o-mini "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf"
-else
-    echo "nginx: not installed (scripts/bench.sh installs Debian's nginx-light)"
-fi
+measure nginx "$NGINX_PORT" gpt-4o-mini "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf"
