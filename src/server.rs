@@ -91,7 +91,11 @@ impl tower::Service<Request> for MainService {
 
     fn call(&mut self, req: Request) -> Self::Future {
         let (inner, peer) = (Arc::clone(&self.inner), self.peer);
-        // Written into its box, not copied in (see `crate::boxed`).
+        // The request (240 bytes) in a box of its own, so that each layer of
+        // the handler passes a pointer on, not the request by value into its
+        // future and out again; the future written into its box, not copied
+        // in (see `crate::boxed`).
+        let req = Box::new(req);
         crate::boxed::in_place(move || async move { Ok(inner.handle(peer, req).await) })
     }
 }
@@ -106,7 +110,7 @@ impl crate::listener::App for MainService {
 }
 
 impl Inner {
-    async fn handle(&self, peer: Option<SocketAddr>, mut req: Request) -> Response {
+    async fn handle(&self, peer: Option<SocketAddr>, mut req: Box<Request>) -> Response {
         let id = RequestId::from_headers(req.headers());
         let header = HeaderValue::from_str(id.as_str()).ok();
         let mut resp = match Api::of(req.method(), req.uri().path()) {
@@ -116,7 +120,7 @@ impl Inner {
                 if let Some(peer) = peer {
                     req.extensions_mut().insert(ConnectInfo(peer));
                 }
-                match self.rest.clone().oneshot(req).await {
+                match self.rest.clone().oneshot(*req).await {
                     Ok(resp) => resp,
                     Err(never) => match never {},
                 }
@@ -160,12 +164,12 @@ impl Api {
         allowed.then_some(api)
     }
 
-    async fn run(self, admitted: Admitted, req: Request) -> Response {
+    async fn run(self, admitted: Box<Admitted>, req: Box<Request>) -> Response {
         match self {
             Self::ChatCompletions => ingress::openai::chat_completions(admitted, req).await,
             Self::Responses => ingress::openai::responses(admitted, req).await,
             Self::Embeddings => ingress::openai::embeddings(admitted, req).await,
-            Self::Models => ingress::models(admitted, req),
+            Self::Models => ingress::models(admitted, &req),
             Self::Messages => ingress::anthropic::messages(admitted, req).await,
             Self::CountTokens => ingress::anthropic_meta::count_tokens(admitted, req).await,
         }
@@ -180,7 +184,7 @@ async fn gate(
     api: Api,
     id: RequestId,
     peer: Option<SocketAddr>,
-    req: Request,
+    req: Box<Request>,
 ) -> Response {
     let snapshot = gw.snapshot();
     let caller = match authenticate(gw, &snapshot.live, peer, &req) {
@@ -267,7 +271,7 @@ async fn admit(
     id: RequestId,
     snapshot: Snapshot,
     caller: Caller,
-    req: Request,
+    req: Box<Request>,
 ) -> Response {
     let live = &snapshot.live;
     let (held, tokens) = match live.limits.admit(&caller).await {
@@ -286,12 +290,13 @@ async fn admit(
             return drain_then_refuse(id, req, caller, error).await;
         }
     };
-    let admitted = Admitted {
+    // Boxed, as the request is (see `MainService::call`).
+    let admitted = Box::new(Admitted {
         id,
         snapshot,
         caller,
         tokens,
-    };
+    });
     let resp = api.run(admitted, req).await;
     let (parts, body) = resp.into_parts();
     let holding = Holding {
@@ -305,14 +310,13 @@ async fn admit(
 /// client is still sending makes some clients lose the answer.
 async fn drain_then_refuse(
     id: RequestId,
-    req: Request,
+    mut req: Box<Request>,
     caller: Caller,
     error: GatewayError,
 ) -> Response {
-    let (parts, body) = req.into_parts();
+    let body = std::mem::take(req.body_mut());
     let drain = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, 256 * 1024));
     let _ = tokio::time::timeout(std::time::Duration::from_millis(500), drain).await;
-    let req = Request::from_parts(parts, axum::body::Body::empty());
     refuse(id, &req, Some(caller.tenant), "limits", error)
 }
 

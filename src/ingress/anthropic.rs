@@ -17,7 +17,7 @@ use crate::proxy::{forward, reject, Forward};
 
 const FORMAT: ClientFormat = ClientFormat::Anthropic;
 
-pub async fn messages(admitted: Admitted, req: Request) -> Response {
+pub async fn messages(admitted: Box<Admitted>, req: Box<Request>) -> Response {
     let Started {
         live,
         caller,

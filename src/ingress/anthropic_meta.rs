@@ -169,7 +169,7 @@ pub fn estimate(body: &Value) -> u64 {
 }
 
 /// `POST /v1/messages/count_tokens` (see the module doc).
-pub async fn count_tokens(admitted: Admitted, req: Request) -> Response {
+pub async fn count_tokens(admitted: Box<Admitted>, req: Box<Request>) -> Response {
     let Started {
         live,
         caller,

@@ -75,10 +75,10 @@ pub struct Admitted {
 /// `GET /v1/models`: the aliases the caller may call, in Anthropic's shape
 /// for an Anthropic caller ([`anthropic_meta::speaks_anthropic`]), else in
 /// OpenAI's.
-pub fn models(admitted: Admitted, req: axum::extract::Request) -> axum::response::Response {
+pub fn models(admitted: Box<Admitted>, req: &axum::extract::Request) -> axum::response::Response {
     let Admitted {
         snapshot, caller, ..
-    } = admitted;
+    } = *admitted;
     if anthropic_meta::speaks_anthropic(req.headers()) {
         return anthropic_meta::models(&snapshot.live, &caller, req.uri().query());
     }
@@ -227,29 +227,30 @@ pub fn rate_limited(l: crate::limits::Limited) -> GatewayError {
 /// Its future (two kilobytes: it reads the body) is made in its own box, so
 /// that the handler's future neither holds it nor copies it in and out.
 pub fn start(
-    admitted: Admitted,
+    admitted: Box<Admitted>,
     format: crate::error::ClientFormat,
     endpoint: crate::providers::Endpoint,
-    req: axum::extract::Request,
-) -> std::pin::Pin<Box<impl std::future::Future<Output = Result<Started, axum::response::Response>>>>
-{
+    req: Box<axum::extract::Request>,
+) -> std::pin::Pin<
+    Box<impl std::future::Future<Output = Result<Started, axum::response::Response>>>,
+> {
     crate::boxed::in_place(move || start_as(admitted, format, endpoint.as_str(), req))
 }
 
 /// [`start`] for a call that is not one of the proxied endpoints, named
 /// `endpoint` in the log line and metrics.
 pub async fn start_as(
-    admitted: Admitted,
+    admitted: Box<Admitted>,
     format: crate::error::ClientFormat,
     endpoint: &'static str,
-    req: axum::extract::Request,
+    req: Box<axum::extract::Request>,
 ) -> Result<Started, axum::response::Response> {
     let Admitted {
         id,
         snapshot: crate::state::Snapshot { live, cohort },
         caller,
         tokens,
-    } = admitted;
+    } = *admitted;
     let (parts, body) = req.into_parts();
     let mut record = Tracked::new(RequestRecord::new(id.into_string(), format, endpoint));
     record.set_cohort(cohort);

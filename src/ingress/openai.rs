@@ -19,7 +19,7 @@ use crate::proxy::{forward, reject, Forward};
 
 const FORMAT: ClientFormat = ClientFormat::OpenAi;
 
-pub async fn chat_completions(admitted: Admitted, req: Request) -> Response {
+pub async fn chat_completions(admitted: Box<Admitted>, req: Box<Request>) -> Response {
     let started = match start(admitted, FORMAT, Endpoint::ChatCompletions, req).await {
         Ok(s) => s,
         Err(resp) => return resp,
@@ -46,7 +46,7 @@ pub async fn chat_completions(admitted: Admitted, req: Request) -> Response {
 /// providers and translated for the others (`protocol::translate::responses`).
 /// Its errors are in OpenAI's shape; a stream that fails after it started
 /// ends with Responses events (`response.failed`, `error`).
-pub async fn responses(admitted: Admitted, req: Request) -> Response {
+pub async fn responses(admitted: Box<Admitted>, req: Box<Request>) -> Response {
     const FORMAT: ClientFormat = ClientFormat::Responses;
     let started = match start(admitted, FORMAT, Endpoint::Responses, req).await {
         Ok(s) => s,
@@ -124,7 +124,7 @@ async fn accept_and_forward(started: Started, c: Checked) -> Response {
     forward(&live, std::sync::Arc::new(fwd), record).await
 }
 
-pub async fn embeddings(admitted: Admitted, req: Request) -> Response {
+pub async fn embeddings(admitted: Box<Admitted>, req: Box<Request>) -> Response {
     let Started {
         live,
         caller,
