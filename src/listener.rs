@@ -527,4 +527,53 @@ mod tests {
         drop(stop);
         server.await.unwrap().unwrap();
     }
+
+    /// Counts the wakes of the connection's task.
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A request whose whole body came with its head is read, answered and
+    /// written in one poll of its connection, and reading the body does not
+    /// wake the connection's task for nothing: hyper's body channel woke the
+    /// sender's stale waker after the sender was gone, which ran the task
+    /// once more per request. detour's patch of hyper (`vendor/README.md`)
+    /// stops that; this fails if the patch is lost in an upgrade.
+    #[tokio::test]
+    async fn reading_a_whole_body_does_not_wake_the_connection() {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (mut client, server) = tokio::io::duplex(16 * 1024);
+        client
+            .write_all(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nhello")
+            .await
+            .unwrap();
+        let service =
+            hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                let body = req.into_body().collect().await?.to_bytes();
+                Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(body)))
+            });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(server), service);
+        let mut conn = pin!(conn);
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&wakes));
+        let poll = conn.as_mut().poll(&mut Context::from_waker(&waker));
+        assert!(poll.is_pending(), "the connection stays open: {poll:?}");
+        let mut answer = vec![0u8; 1024];
+        let n = client.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("hello"), "{answer}");
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0, "the task was woken");
+    }
 }

@@ -231,9 +231,8 @@ pub fn start(
     format: crate::error::ClientFormat,
     endpoint: crate::providers::Endpoint,
     req: Box<axum::extract::Request>,
-) -> std::pin::Pin<
-    Box<impl std::future::Future<Output = Result<Started, axum::response::Response>>>,
-> {
+) -> std::pin::Pin<Box<impl std::future::Future<Output = Result<Started, axum::response::Response>>>>
+{
     crate::boxed::in_place(move || start_as(admitted, format, endpoint.as_str(), req))
 }
 
