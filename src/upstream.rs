@@ -42,11 +42,13 @@ mod egress;
 mod h1;
 mod tls;
 
-/// A request ready to go to a provider.
+/// A request ready to go to a provider. The URI and headers are the
+/// adapter's, made once per provider (a Gemini URI names the model, so it is
+/// made per request): borrowed, the plain pool writes them without a copy.
 #[derive(Debug)]
-pub struct UpstreamRequest {
-    pub uri: http::Uri,
-    pub headers: HeaderMap,
+pub struct UpstreamRequest<'a> {
+    pub uri: std::borrow::Cow<'a, http::Uri>,
+    pub headers: &'a HeaderMap,
     pub body: Bytes,
 }
 
@@ -691,12 +693,12 @@ impl Upstream {
     /// are read (bounded) and returned as [`UpstreamError::Status`].
     pub async fn send(
         &self,
-        req: UpstreamRequest,
+        req: UpstreamRequest<'_>,
         timeouts: &Timeouts,
         started: Instant,
     ) -> Result<Answer, UpstreamError> {
         let (limit, kind) = first_deadline(started, timeouts);
-        let uri = req.uri.clone();
+        let UpstreamRequest { uri, headers, body } = req;
         // Either client's answer head, its body wrapped the same way and a
         // failure reduced to what `classify` reads (boxed: failures only).
         let pooled = |sent: hyper_util::client::legacy::ResponseFuture| {
@@ -705,23 +707,24 @@ impl Upstream {
                 Err(e) => Err((e.is_connect(), Box::new(e) as SendError)),
             })
         };
-        let hyper_request = |req: UpstreamRequest| {
-            let mut request = http::Request::new(Full::new(req.body));
+        // hyper's client takes the request whole: its own copies.
+        let hyper_request = |body: Bytes| {
+            let mut request = http::Request::new(Full::new(body));
             *request.method_mut() = http::Method::POST;
-            *request.uri_mut() = req.uri;
-            *request.headers_mut() = req.headers;
+            *request.uri_mut() = uri.as_ref().clone();
+            *request.headers_mut() = headers.clone();
             request
         };
         let sent = match self.pool() {
-            Pool::Plain(pool) => Either::Left(async move {
-                match pool.request(&req.uri, &req.headers, req.body).await {
+            Pool::Plain(pool) => Either::Left(async {
+                match pool.request(&uri, headers, body).await {
                     Ok(resp) => Ok(resp.map(ResponseBody::Driven)),
                     Err(e) => Err((e.is_connect(), Box::new(e) as SendError)),
                 }
             }),
-            Pool::Direct(client) => Either::Right(pooled(client.request(hyper_request(req)))),
+            Pool::Direct(client) => Either::Right(pooled(client.request(hyper_request(body)))),
             Pool::Proxied(proxied) => {
-                let mut request = hyper_request(req);
+                let mut request = hyper_request(body);
                 if let Some(auth) = &proxied.auth {
                     request
                         .headers_mut()

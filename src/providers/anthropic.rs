@@ -1,6 +1,8 @@
 //! Providers of kind `anthropic`: the Messages API (`x-api-key`,
 //! `anthropic-version`). Anthropic-format clients pass through.
 
+use std::borrow::Cow;
+
 use http::{HeaderMap, HeaderValue};
 
 use super::{join, json_headers, secret_header, AdapterError, Endpoint, Outgoing};
@@ -40,10 +42,10 @@ impl AnthropicAdapter {
 
     /// A `count_tokens` request: the client's body, `model` already the
     /// target's.
-    pub fn count_tokens(&self, body: bytes::Bytes) -> UpstreamRequest {
+    pub fn count_tokens(&self, body: bytes::Bytes) -> UpstreamRequest<'_> {
         UpstreamRequest {
-            uri: self.count_tokens_uri.clone(),
-            headers: self.headers.clone(),
+            uri: Cow::Borrowed(&self.count_tokens_uri),
+            headers: &self.headers,
             body,
         }
     }
@@ -52,7 +54,7 @@ impl AnthropicAdapter {
         &self,
         out: &Outgoing<'_>,
         model: &str,
-    ) -> Result<UpstreamRequest, TranslateError> {
+    ) -> Result<UpstreamRequest<'_>, TranslateError> {
         let body = match (out.endpoint, out.format) {
             (Endpoint::Embeddings, _) => {
                 return Err(TranslateError::Untranslatable {
@@ -64,8 +66,8 @@ impl AnthropicAdapter {
             _ => anthropic::encode_request((out.ir)()?, model, self.default_max_tokens)?,
         };
         Ok(UpstreamRequest {
-            uri: self.uri.clone(),
-            headers: self.headers.clone(),
+            uri: Cow::Borrowed(&self.uri),
+            headers: &self.headers,
             body,
         })
     }

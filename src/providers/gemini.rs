@@ -3,6 +3,8 @@
 //! query); the key in `x-goog-api-key`. The model is part of the URL, so URLs
 //! are built per request.
 
+use std::borrow::Cow;
+
 use http::HeaderMap;
 use url::Url;
 
@@ -37,7 +39,7 @@ impl GeminiAdapter {
         &self,
         out: &Outgoing<'_>,
         model: &str,
-    ) -> Result<UpstreamRequest, TranslateError> {
+    ) -> Result<UpstreamRequest<'_>, TranslateError> {
         if out.endpoint == Endpoint::Embeddings {
             return Err(TranslateError::Untranslatable {
                 feature: "embeddings".to_owned(),
@@ -67,8 +69,8 @@ impl GeminiAdapter {
             target: Format::Gemini,
         })?;
         Ok(UpstreamRequest {
-            uri,
-            headers: self.headers.clone(),
+            uri: Cow::Owned(uri),
+            headers: &self.headers,
             body,
         })
     }

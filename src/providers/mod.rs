@@ -117,7 +117,7 @@ impl Adapter {
         &self,
         out: &Outgoing<'_>,
         model: &str,
-    ) -> Result<UpstreamRequest, UpstreamError> {
+    ) -> Result<UpstreamRequest<'_>, UpstreamError> {
         let untranslatable = |e: TranslateError| UpstreamError::Untranslatable {
             provider: self.upstream().provider().to_owned(),
             message: e.to_string(),

@@ -4,6 +4,8 @@
 //! passed through the same way to kind `openai` (its `/responses`), and
 //! translated to Chat Completions for `openai-compatible` servers.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use http::Uri;
 use http::{header, HeaderMap};
@@ -67,23 +69,23 @@ impl OpenAiAdapter {
         &self,
         out: &Outgoing<'_>,
         model: &str,
-    ) -> Result<UpstreamRequest, TranslateError> {
+    ) -> Result<UpstreamRequest<'_>, TranslateError> {
         let (uri, body) = match (out.endpoint, out.format) {
-            (Endpoint::Embeddings, _) => (self.embeddings_uri.clone(), out.spliced(model)),
+            (Endpoint::Embeddings, _) => (&self.embeddings_uri, out.spliced(model)),
             // Only `model` changes; a Responses stream always ends with its
             // usage.
             (Endpoint::Responses, _) if self.serves_responses => {
-                (self.responses_uri.clone(), out.spliced(model))
+                (&self.responses_uri, out.spliced(model))
             }
-            (Endpoint::Responses, _) => (self.chat_uri.clone(), self.translated(out, model)?),
+            (Endpoint::Responses, _) => (&self.chat_uri, self.translated(out, model)?),
             // Usage is asked for even when the client did not (the relay
             // strips it): rate limits are settled from real counts.
-            (_, Format::OpenAi) => (self.chat_uri.clone(), out.spliced_asking_usage(model)),
-            _ => (self.chat_uri.clone(), self.translated(out, model)?),
+            (_, Format::OpenAi) => (&self.chat_uri, out.spliced_asking_usage(model)),
+            _ => (&self.chat_uri, self.translated(out, model)?),
         };
         Ok(UpstreamRequest {
-            uri,
-            headers: self.headers.clone(),
+            uri: Cow::Borrowed(uri),
+            headers: &self.headers,
             body,
         })
     }
