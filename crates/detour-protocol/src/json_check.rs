@@ -55,12 +55,55 @@ fn error(body: &[u8], at: usize, what: &'static str) -> JsonError {
     JsonError { what, line, column }
 }
 
-struct Scan<'a> {
+/// A cursor that checks what it walks over. [`check`] walks a whole
+/// document with it; a reader that picks fields out of a body can walk the
+/// body with it instead (`openai::ChatFields::read`), so that the body is
+/// checked and read in one pass.
+pub(crate) struct Scan<'a> {
     b: &'a [u8],
     i: usize,
 }
 
-impl Scan<'_> {
+impl<'a> Scan<'a> {
+    /// At the start of `body`; `None` if it is not UTF-8.
+    pub(crate) fn new(body: &'a [u8]) -> Option<Self> {
+        std::str::from_utf8(body).ok()?;
+        Some(Scan { b: body, i: 0 })
+    }
+
+    /// The next byte after whitespace, not consumed.
+    pub(crate) fn next_byte(&mut self) -> Option<u8> {
+        self.skip_ws();
+        self.peek()
+    }
+
+    /// Consumes `byte` if it comes next after whitespace.
+    pub(crate) fn eat(&mut self, byte: u8) -> bool {
+        let next = self.next_byte() == Some(byte);
+        self.i += usize::from(next);
+        next
+    }
+
+    /// An object's key and its colon, after whitespace: where the key is
+    /// written, between its quotes.
+    pub(crate) fn member_key(&mut self) -> Result<std::ops::Range<usize>, JsonError> {
+        self.expect(b'"', "key must be a string")?;
+        let start = self.i;
+        self.string()?;
+        let end = self.i - 1;
+        self.expect(b':', "expected `:`")?;
+        Ok(start..end)
+    }
+
+    /// Only whitespace is left.
+    pub(crate) fn finish(&mut self) -> Result<(), JsonError> {
+        self.skip_ws();
+        match self.peek() {
+            None => Ok(()),
+            Some(_) => Err(self.fail("trailing characters")),
+        }
+    }
+
     fn fail(&self, what: &'static str) -> JsonError {
         error(self.b, self.i, what)
     }
@@ -87,16 +130,23 @@ impl Scan<'_> {
 
     /// An object's key and its colon.
     fn key(&mut self) -> Result<(), JsonError> {
-        self.expect(b'"', "key must be a string")?;
-        self.string()?;
-        self.expect(b':', "expected `:`")
+        self.member_key().map(drop)
     }
 
-    /// The whole document. Open containers are a stack of bits (1: an
-    /// object), as deep as the limit allows.
+    /// The whole document.
     fn document(&mut self) -> Result<(), JsonError> {
+        self.value(0)?;
+        self.finish()
+    }
+
+    /// One whole value, after whitespace, inside `outer` open containers:
+    /// where it is. The containers it opens are a stack of bits (1: an
+    /// object), as deep as the limit allows.
+    pub(crate) fn value(&mut self, outer: u32) -> Result<std::ops::Range<usize>, JsonError> {
         let mut objects: u128 = 0;
-        let mut depth: u32 = 0;
+        let mut depth = outer;
+        self.skip_ws();
+        let start = self.i;
         loop {
             // A value is expected here.
             self.skip_ws();
@@ -137,13 +187,10 @@ impl Scan<'_> {
             }
             // A value ended: close containers until one goes on.
             loop {
-                self.skip_ws();
-                if depth == 0 {
-                    return match self.peek() {
-                        None => Ok(()),
-                        Some(_) => Err(self.fail("trailing characters")),
-                    };
+                if depth == outer {
+                    return Ok(start..self.i);
                 }
+                self.skip_ws();
                 let object = objects & 1 == 1;
                 match (self.peek(), object) {
                     (Some(b','), _) => {
