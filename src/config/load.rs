@@ -212,7 +212,7 @@ impl Loader<'_> {
             .collect();
 
         let mut routes = Vec::new();
-        let mut route_index = HashMap::new();
+        let mut route_index = HashMap::default();
         for (i, r) in raw.routes.iter().enumerate() {
             if let Some(route) = self.route(i, r, &by_name, &known) {
                 if route_index
