@@ -324,9 +324,10 @@ async fn the_logged_detail_of_a_failed_connection_masks_the_urls_secrets() {
     );
     let cfg = detour::config::load_str(&config, "t.toml").unwrap();
     let upstream = detour::upstream::Upstream::new(&cfg.providers[0]).unwrap();
+    let headers = http::HeaderMap::new();
     let req = detour::upstream::UpstreamRequest {
-        uri: format!("{base}/chat/completions").parse().unwrap(),
-        headers: Default::default(),
+        uri: std::borrow::Cow::Owned(format!("{base}/chat/completions").parse().unwrap()),
+        headers: &headers,
         body: Default::default(),
     };
     let timeouts = cfg.routes[0].timeouts;
