@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Instructions on a request's latency path: what detour runs between reading
 # the client's request and writing its answer, beside nginx's for the same
-# proxying, counted by valgrind's callgrind. The added p50 at a low rate
-# follows this figure (about 1 us per 1,000 instructions on this machine,
-# BENCHMARKS.md "Session 11" and "Session 13"): work after the answer's write
-# (the log line, metrics) does not delay the client, and work on the path
-# runs on cold caches. Not a timed test, and not in CI.
+# proxying, counted by valgrind's callgrind, and the L1 cache misses they
+# make in callgrind's simulated caches. Work after the answer's write (the log
+# line, metrics) does not delay the client; work on the path runs on cold
+# caches. Sessions 11-13 found the added p50 at a low rate following the
+# instructions (about 1 us per 1,000); session 14 cut 5.7k of them without
+# moving it, and found the gap to nginx in line with the misses instead
+# (BENCHMARKS.md "Session 14"): the misses are the figure to cut. Not a timed
+# test, and not in CI.
 #
 # Each proxy runs under callgrind with a dump at every socket read and
 # write of its worker thread (--dump-after=recv*, --dump-before=writev,
@@ -20,7 +23,10 @@
 #   after     the answer written -> the next request read (deferred work:
 #             log line, metrics; then the park)
 #
-# "before the write" is request + wait + answer. Medians per request.
+# "before the write" is request + wait + answer. "L1 miss I / D" is the
+# instruction and the data (read and write) L1 misses before the write, in
+# caches that stay warm between requests: the lines the path needs beyond
+# what L1 holds, a floor for what a cold core fetches. Medians per request.
 #
 # Usage: scripts/latency-path.sh     (about 1 minute)
 # Knobs: NO_BUILD=1 DETOUR=path RATE=50 DURATION=4 KEEP_DUMPS=dir
@@ -95,7 +101,7 @@ measure() {
     local name=$1 port=$2 model=$3
     shift 3
     local dumps="$TMP/dumps-$name"
-    RUST_LOG=info valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes \
+    RUST_LOG=info valgrind --tool=callgrind --cache-sim=yes --instr-atstart=no --separate-threads=yes \
         --dump-after='recv*' --dump-before=writev --dump-before=write \
         --callgrind-out-file="$dumps/cg" "$@" >"$TMP/$name.log" 2>&1 &
     local pid=$!
@@ -130,7 +136,10 @@ for _, path in sorted(parts[thread]):
             if line.startswith("desc: Trigger:"):
                 trigger = line.split("--dump-", 1)[-1].strip()
             elif line.startswith("totals:"):
-                total = int(line.split()[1])
+                # Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw; trailing zeros
+                # are left out.
+                counts = [int(x) for x in line.split()[1:]] + [0] * 9
+                total = (counts[0], counts[3], counts[4] + counts[5])
                 break
     if trigger and total is not None:
         seq.append((trigger, total))
@@ -148,22 +157,25 @@ while i + 4 < len(seq):
         continue
     j, after = i + 4, 0
     while j < len(seq) and not seq[j][0].startswith("after=recv"):
-        after += seq[j][1]
+        after += seq[j][1][0]
         j += 1
     if j == len(seq):
         break
-    rows.append((a[1], p[1], b[1], after + seq[j][1]))
+    rows.append((a[1], p[1], b[1], after + seq[j][1][0]))
     i = j
 if len(rows) < 20:
     sys.exit(f"latency-path: only {len(rows)} whole requests in {name}'s dumps")
 rows = rows[5:-5]
-med = [statistics.median(r[k] for r in rows) for k in range(4)]
-print(f"{name:<8} {requests:>4} requests ({errors} errors)  {med[0]:>8,.0f} {med[1]:>8,.0f} {med[2]:>8,.0f}  {sum(med[:3]):>10,.0f}  {med[3]:>8,.0f}")
+med = [statistics.median(r[k][0] for r in rows) for k in range(3)]
+after = statistics.median(r[3] for r in rows)
+# L1 misses before the write, instruction and data (simulated caches).
+i1, d1 = (statistics.median(sum(r[k][m] for k in range(3)) for r in rows) for m in (1, 2))
+print(f"{name:<8} {requests:>4} requests ({errors} errors)  {med[0]:>8,.0f} {med[1]:>8,.0f} {med[2]:>8,.0f}  {sum(med):>10,.0f}  {after:>8,.0f}  {i1:>6,.0f} {d1:>6,.0f}")
 PY
 }
 
 echo "detour: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes)'), $(valgrind --version), non-streamed, $RATE req/s on one connection"
 echo
-printf '%-8s %-24s  %8s %8s %8s  %10s  %8s\n' "" "" request wait answer "before write" after
+printf '%-8s %-24s  %8s %8s %8s  %10s  %8s  %13s\n' "" "" request wait answer "before write" after "L1 miss I / D"
 measure detour "$DETOUR_PORT" bench "$DETOUR" serve --config "$TMP/conf/detour.toml"
 measure nginx "$NGINX_PORT" gpt-4o-mini "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf"
