@@ -84,15 +84,15 @@ impl<'a> Scan<'a> {
         next
     }
 
-    /// An object's key and its colon, after whitespace: where the key is
-    /// written, between its quotes.
-    pub(crate) fn member_key(&mut self) -> Result<std::ops::Range<usize>, JsonError> {
+    /// An object's key and its colon, after whitespace: the key as written,
+    /// between its quotes.
+    pub(crate) fn member_key(&mut self) -> Result<&'a [u8], JsonError> {
         self.expect(b'"', "key must be a string")?;
         let start = self.i;
         self.string()?;
-        let end = self.i - 1;
+        let key = self.b.get(start..self.i - 1).unwrap_or_default();
         self.expect(b':', "expected `:`")?;
-        Ok(start..end)
+        Ok(key)
     }
 
     /// Only whitespace is left.

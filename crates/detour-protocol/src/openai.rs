@@ -321,7 +321,7 @@ impl ChatFields {
         let mut max_completion_tokens = None;
         let mut seen = [false; CHAT_FIELDS.len()];
         loop {
-            let key = plain_key(body, &mut s)?;
+            let key = plain_key(&mut s)?;
             let field = CHAT_FIELDS.iter().position(|f| f.as_bytes() == key);
             let Some(n) = field else {
                 s.value(1).ok()?;
@@ -334,9 +334,13 @@ impl ChatFields {
                 return None;
             }
             match CHAT_FIELDS[n] {
-                "messages" => messages = Some(objects_with_string(body, &mut s, b"role")?),
-                "tools" if s.next_byte() != Some(b'n') => {
-                    objects_with_string(body, &mut s, b"type")?;
+                "messages" => messages = Some(objects_with_string(&mut s, b"role")?),
+                // `null`, or tools that each have a string `type`.
+                "tools" if s.next_byte() == Some(b'n') => {
+                    s.value(1).ok()?;
+                }
+                "tools" => {
+                    objects_with_string(&mut s, b"type")?;
                 }
                 field => {
                     let span = s.value(1).ok()?;
@@ -366,7 +370,6 @@ impl ChatFields {
                         "max_completion_tokens" => {
                             max_completion_tokens = count_or_null(body, value, end)?;
                         }
-                        // "tools": null
                         _ => {}
                     }
                 }
@@ -406,15 +409,15 @@ const CHAT_FIELDS: [&str; 10] = [
 
 /// The next member's key (checked, with its colon) as written; `None` for
 /// a key with escapes, or one that is not JSON.
-fn plain_key<'a>(body: &'a [u8], s: &mut Scan<'_>) -> Option<&'a [u8]> {
-    let key = body.get(s.member_key().ok()?)?;
+fn plain_key<'a>(s: &mut Scan<'a>) -> Option<&'a [u8]> {
+    let key = s.member_key().ok()?;
     (!key.contains(&b'\\')).then_some(key)
 }
 
 /// Checks the array that comes next in the top-level object, each element
 /// an object whose `key` is a string (given once), and says how many there
 /// are; `None` otherwise.
-fn objects_with_string(body: &[u8], s: &mut Scan<'_>, key: &[u8]) -> Option<usize> {
+fn objects_with_string(s: &mut Scan<'_>, key: &[u8]) -> Option<usize> {
     // The array is two deep, its objects three.
     if !s.eat(b'[') {
         return None;
@@ -430,10 +433,11 @@ fn objects_with_string(body: &[u8], s: &mut Scan<'_>, key: &[u8]) -> Option<usiz
         let mut found = false;
         if !s.eat(b'}') {
             loop {
-                let name = plain_key(body, s)?;
-                let value = s.value(3).ok()?;
+                let name = plain_key(s)?;
+                let string = s.next_byte() == Some(b'"');
+                s.value(3).ok()?;
                 if name == key {
-                    if found || body.get(value.start) != Some(&b'"') {
+                    if found || !string {
                         return None;
                     }
                     found = true;
