@@ -17,7 +17,8 @@
 # the figures are medians over rounds, each round's direct and detour runs paired.
 # Results and how to read them: BENCHMARKS.md.
 #
-# Usage: scripts/bench.sh            (about 6 minutes on a quiet machine)
+# Usage: scripts/bench.sh            (about 6 minutes on a quiet machine, after the
+#                                    builds: about 11 more for scripts/pgo.sh)
 # Knobs (environment):
 #   DURATION=5 WARMUP=1        measured / warm-up seconds per loadgen run
 #   ROUNDS=3                   repetitions of the whole set; figures are medians
@@ -40,8 +41,12 @@
 #   NOISE_PCT=10               a round whose runs saw other processes use more than
 #                              this % of the machine is left out of the medians,
 #                              unless no cleaner round exists
-#   NO_BUILD=1                 skip `cargo build --release --examples --bins`
-#   DETOUR=path                the detour binary to measure (default target/release/detour)
+#   BUILD=pgo                  the detour measured: pgo, the production build
+#                              (scripts/pgo.sh, profile-guided: target/pgo/release/detour),
+#                              or plain (`cargo build --release`: target/release/detour)
+#   NO_BUILD=1                 skip the builds (`cargo build --release --examples --bins`,
+#                              and scripts/pgo.sh for BUILD=pgo)
+#   DETOUR=path                the detour binary to measure (overrides BUILD)
 #   ONLY=plain-c64,stream-c64  run only these scenarios (names as in the table)
 #   MAIN_BENCH=1               the scenarios above (0: only the Redis comparison)
 #   REDIS_BENCH=1              then limits on Redis against limits in memory
@@ -93,7 +98,20 @@ if [[ "$REDIS_BENCH" == 1 ]] && ! command -v redis-server >/dev/null; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 fi
 
+BUILD=${BUILD:-pgo}
+[[ -n "${DETOUR:-}" ]] && BUILD=given
 release_binaries
+# The mock is always the plain build: its speed is the baseline of every figure.
+MOCK_BIN=target/release/detour
+case "$BUILD" in
+    pgo)
+        [[ -n "${NO_BUILD:-}" ]] || NO_BUILD=1 scripts/pgo.sh
+        DETOUR=target/pgo/release/detour
+        ;;
+    plain | given) ;;
+    *) echo "bench: BUILD is pgo or plain, not '$BUILD'" >&2; exit 1 ;;
+esac
+[[ -x "$DETOUR" ]] || { echo "bench: no detour binary at $DETOUR" >&2; exit 1; }
 scratch_and_cleanup
 
 # Replaces the (sub)shell with "$@", under taskset when a CPU list is given, so
@@ -190,7 +208,7 @@ http {
 }
 EOF
 
-exec_pinned "$MOCK_CPUS" "$DETOUR" mock --flavor openai --listen "127.0.0.1:$MOCK_PORT" --seed 1 \
+exec_pinned "$MOCK_CPUS" "$MOCK_BIN" mock --flavor openai --listen "127.0.0.1:$MOCK_PORT" --seed 1 \
     >"$TMP/mock.log" 2>&1 &
 MOCK_PID=$!
 PIDS+=("$MOCK_PID")
@@ -239,7 +257,7 @@ OUT=bench-results/$STAMP.jsonl
 
 CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 echo "machine: $(nproc) CPUs ($CPU_MODEL), $(uname -sr)"
-echo "detour: built $(date -u -r "$DETOUR" +%Y-%m-%dT%H:%M:%SZ) from $(git rev-parse --short HEAD 2>/dev/null || echo 'a tree with no commit')$(git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes)')"
+echo "detour: $BUILD build $DETOUR, built $(date -u -r "$DETOUR" +%Y-%m-%dT%H:%M:%SZ) from $(git rev-parse --short HEAD 2>/dev/null || echo 'a tree with no commit')$(git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes)')"
 echo "nginx: $("$NGINX" -v 2>&1 | sed 's/.*: //'), $NGINX_WORKERS worker(s); detour log level: $DETOUR_LOG (to a file)"
 echo "pinning: mock=${MOCK_CPUS:-none} loadgen=${LOADGEN_CPUS:-none} (threads $LOADGEN_THREADS) detour=${DETOUR_CPUS:-none} nginx=${NGINX_CPUS:-none}"
 echo "runs: ${WARMUP}s warm-up + ${DURATION}s measured each, $ROUNDS round(s); raw results: $OUT"
@@ -297,8 +315,9 @@ run_loadgen() {
         --argjson ours "$(((m1 - m0) + (d1 - d0) + (n1 - n0)))" --argjson busy "$((busy1 - busy0))" \
         --argjson steal "$((steal1 - steal0))" \
         --argjson capacity "$(((t1 - t0) / 1000000 * TICK * NCPU / 1000))" \
-        --argjson round "${ROUND:-1}" \
-        '. + {scenario: $scenario, target: $target, round: $round, server_cpu_ms: $cpu_ms,
+        --argjson round "${ROUND:-1}" --arg build "$BUILD" \
+        '. + {scenario: $scenario, target: $target, round: $round, build: $build,
+              server_cpu_ms: $cpu_ms,
               server_cpu_ms_per_1k: (if .requests_total > 0
                   then ($cpu_ms * 1000 / .requests_total * 10 | round / 10) else null end),
               server_peak_rss_kib: $peak_rss_kib,

@@ -6,7 +6,7 @@
 # generator, built unless NO_BUILD is set.
 release_binaries() {
     DETOUR=${DETOUR:-target/release/detour}
-    LOADGEN=target/release/examples/loadgen
+    LOADGEN=${LOADGEN:-target/release/examples/loadgen}
     if [[ -z "${NO_BUILD:-}" ]]; then
         cargo build --release --examples --bins
     fi

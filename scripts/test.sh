@@ -68,4 +68,9 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --locked --workspace --all-targets --no-fail-fast || status=1
 fi
+# The production build's training (scripts/pgo.sh, step 2) on the debug build
+# the tests just made: every request it sends must be served, or the profile
+# would lay out the wrong paths.
+INSTRUMENTED=target/debug/detour DETOUR=target/debug/detour LOADGEN=target/debug/examples/loadgen \
+  TRAIN_ONLY=1 TRAIN_SECONDS=1 scripts/pgo.sh || status=1
 exit $status
