@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command, on a fresh machine or an old one: installs what the tests
 # need (Debian's chromium for the status-page test, redis-server for the
-# replica tests, which start their own on free ports, python3-venv and a venv with
+# replica tests, which start their own on free ports, curl and jq for the
+# production build's training, python3-venv and a venv with
 # the official Python SDKs, Node.js with the official Node SDKs in
 # tests/node/node_modules), then runs every test. Safe to run again; fast when
 # set up.
@@ -13,6 +14,10 @@ missing=()
 python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# The production build's training (the last phase) drives detour with curl and
+# reads the load generator's JSON with jq.
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v jq >/dev/null 2>&1 || missing+=(jq)
 # Node.js 18 or newer for the Node SDK tests; Debian's is fine.
 if ! command -v node >/dev/null 2>&1; then
   missing+=(nodejs npm)
