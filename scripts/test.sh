@@ -74,8 +74,9 @@ else
   cargo test --locked --workspace --all-targets --no-fail-fast || status=1
 fi
 # The production build's training (scripts/pgo.sh, step 2) on the debug build
-# the tests just made: every request it sends must be served, or the profile
-# would lay out the wrong paths.
+# (the tests' build does not put the load generator at its plain path): every
+# request it sends must be served, or the profile would lay out the wrong paths.
+cargo build --locked --bin detour --example loadgen || status=1
 INSTRUMENTED=target/debug/detour DETOUR=target/debug/detour LOADGEN=target/debug/examples/loadgen \
   TRAIN_ONLY=1 TRAIN_SECONDS=1 scripts/pgo.sh || status=1
 exit $status
