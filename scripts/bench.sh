@@ -18,7 +18,7 @@
 # Results and how to read them: BENCHMARKS.md.
 #
 # Usage: scripts/bench.sh            (about 6 minutes on a quiet machine, after the
-#                                    builds: about 11 more for scripts/pgo.sh)
+#                                    builds: about 12 more for scripts/pgo.sh)
 # Knobs (environment):
 #   DURATION=5 WARMUP=1        measured / warm-up seconds per loadgen run
 #   ROUNDS=3                   repetitions of the whole set; figures are medians
@@ -111,7 +111,10 @@ case "$BUILD" in
     plain | given) ;;
     *) echo "bench: BUILD is pgo or plain, not '$BUILD'" >&2; exit 1 ;;
 esac
-[[ -x "$DETOUR" ]] || { echo "bench: no detour binary at $DETOUR" >&2; exit 1; }
+[[ -x "$DETOUR" ]] || {
+    echo "bench: no detour binary at $DETOUR (build it: scripts/pgo.sh, or cargo build --release)" >&2
+    exit 1
+}
 scratch_and_cleanup
 
 # Replaces the (sub)shell with "$@", under taskset when a CPU list is given, so
