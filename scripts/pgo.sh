@@ -173,9 +173,14 @@ for _ in $(seq 50); do
     curl -s -o /dev/null "$chat" -H 'content-type: application/json' -d '{"model":'
     curl -s -o /dev/null "http://127.0.0.1:$DETOUR_PORT/v1/models"
 done
-# The profile is written when the process exits.
+# The profile is written when the process exits, which it does cleanly (0)
+# on SIGTERM.
 kill -TERM "$SERVE_PID"
-wait "$SERVE_PID" || true
+if ! wait "$SERVE_PID"; then
+    echo "$SCRIPT: the trained detour did not stop cleanly; the end of its log:" >&2
+    tail -n 20 "$TMP/detour.log" >&2
+    exit 1
+fi
 if [[ -n "${TRAIN_ONLY:-}" ]]; then
     echo "$SCRIPT: training served every request" >&2
     exit 0
