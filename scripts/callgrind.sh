@@ -37,14 +37,8 @@ done
 release_binaries
 scratch_and_cleanup
 
-OPENAI_PORT=$(free_port)
-"$DETOUR" mock --flavor openai --listen "127.0.0.1:$OPENAI_PORT" --seed 1 >"$TMP/openai.log" 2>&1 &
-PIDS+=($!)
-ANTHROPIC_PORT=$(free_port)
-"$DETOUR" mock --flavor anthropic --listen "127.0.0.1:$ANTHROPIC_PORT" --seed 1 >"$TMP/anthropic.log" 2>&1 &
-PIDS+=($!)
-wait_port "$OPENAI_PORT"
-wait_port "$ANTHROPIC_PORT"
+start_mock OPENAI_PORT openai
+start_mock ANTHROPIC_PORT anthropic
 
 DETOUR_PORT=$(free_port)
 cat >"$TMP/detour.toml" <<EOF

@@ -49,10 +49,7 @@ before_cleanup() {
     fi
 }
 
-MOCK_PORT=$(free_port)
-"$DETOUR" mock --flavor openai --listen "127.0.0.1:$MOCK_PORT" --seed 1 >"$TMP/mock.log" 2>&1 &
-PIDS+=($!)
-wait_port "$MOCK_PORT"
+start_mock MOCK_PORT openai
 
 # Dumps go beside the config's directory, never into it: the config watcher
 # would wake for each dump file written.

@@ -30,6 +30,17 @@ cleanup() {
     rm -rf "$TMP"
 }
 
+# start_mock VAR FLAVOR: `$DETOUR mock --flavor FLAVOR --seed 1` on a free port,
+# which it puts in VAR, stopped with the script (PIDS); returns once it listens.
+# Its log: $TMP/mock-FLAVOR.log.
+start_mock() {
+    local -n port_out=$1
+    port_out=$(free_port)
+    "$DETOUR" mock --flavor "$2" --listen "127.0.0.1:$port_out" --seed 1 >"$TMP/mock-$2.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$port_out"
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # Waits up to a minute for something to listen on 127.0.0.1:PORT.

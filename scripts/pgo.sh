@@ -74,20 +74,11 @@ if [[ -z "${INSTRUMENTED:-}" ]]; then
     INSTRUMENTED=$OUT/gen/release/detour
 fi
 
-OPENAI_PORT=$(free_port)
-ANTHROPIC_PORT=$(free_port)
-GEMINI_PORT=$(free_port)
+start_mock OPENAI_PORT openai
+start_mock ANTHROPIC_PORT anthropic
+start_mock GEMINI_PORT gemini
 DEAD_PORT=$(free_port)
 DETOUR_PORT=$(free_port)
-"$DETOUR" mock --flavor openai --listen "127.0.0.1:$OPENAI_PORT" --seed 1 >"$TMP/openai.log" 2>&1 &
-PIDS+=($!)
-"$DETOUR" mock --flavor anthropic --listen "127.0.0.1:$ANTHROPIC_PORT" --seed 1 >"$TMP/anthropic.log" 2>&1 &
-PIDS+=($!)
-"$DETOUR" mock --flavor gemini --listen "127.0.0.1:$GEMINI_PORT" --seed 1 >"$TMP/gemini.log" 2>&1 &
-PIDS+=($!)
-wait_port "$OPENAI_PORT"
-wait_port "$ANTHROPIC_PORT"
-wait_port "$GEMINI_PORT"
 
 mkdir -p "$TMP/conf"
 cat >"$TMP/conf/detour.toml" <<EOF
